@@ -1,0 +1,132 @@
+//! Structs shared by bindtrace's eBPF programs and its userspace loader.
+//!
+//! Every struct is `#[repr(C)]`, ordered largest field first and padded explicitly so that the
+//! kernel and userspace agree on the layout byte for byte (no hidden padding, no `bool`).
+#![no_std]
+
+/// Which kernel hook saw a refusal. Fixed values: they travel in events.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookKind {
+    /// `tp_btf/tcp_send_reset` with reason NO_SOCKET (kernels from about 6.10).
+    TcpSendReset = 1,
+    /// `tp_btf/kfree_skb` with drop reason NO_SOCKET (kernels from 5.17).
+    KfreeSkb = 2,
+}
+
+impl HookKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::TcpSendReset),
+            2 => Some(Self::KfreeSkb),
+            _ => None,
+        }
+    }
+}
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+/// IP protocol numbers.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// An interface in scope: the container-side end of a veth whose peer is a port of a selected
+/// bridge. Keyed by namespace cookie (never reused, unlike inode numbers) and ifindex (only unique
+/// within one namespace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScopeKey {
+    pub netns_cookie: u64,
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+/// What the scope map stores for an interface: the index of its bridge in userspace's table.
+pub type BridgeId = u32;
+
+/// The kernel's exact count of refusals is kept per CPU under this key. Client addresses and
+/// ephemeral ports are deliberately absent: they would make the map unbounded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CountKey {
+    pub netns_cookie: u64,
+    pub ifindex: u32,
+    /// Destination port of the refused SYN, host byte order.
+    pub port: u16,
+    pub family: u8,
+    pub proto: u8,
+}
+
+/// Per-CPU value under a [`CountKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountValue {
+    /// Refusals seen on this CPU, exact.
+    pub count: u64,
+    /// `bpf_ktime_get_ns` of the last event this CPU sent for the key; throttles the ring buffer.
+    pub last_event_ns: u64,
+}
+
+/// Slots of the per-CPU `STATS` array.
+pub const STAT_RINGBUF_LOST: u32 = 0;
+/// Refusals that could not get their own key because `COUNTS` was full (counted, not lost).
+pub const STAT_COUNT_OVERFLOW: u32 = 1;
+pub const STAT_SLOTS: u32 = 2;
+
+/// Capacity of the `COUNTS` map: (namespace, interface, port, family, proto) keys.
+pub const COUNTS_MAX_ENTRIES: u32 = 16_384;
+/// Capacity of the `SCOPE` map: container-side interfaces on selected bridges.
+pub const SCOPE_MAX_ENTRIES: u32 = 16_384;
+
+/// A refused connection attempt, sent through the `EVENTS` ring buffer: at most one per key,
+/// per CPU, per fold window. Everything else is only counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusalEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the kernel refused the SYN.
+    pub ktime_ns: u64,
+    pub netns_cookie: u64,
+    /// Namespace inode, for display and for finding the namespace's files.
+    pub netns_ino: u32,
+    /// Ingress interface in that namespace (the container-side veth).
+    pub ifindex: u32,
+    pub bridge: BridgeId,
+    /// Client (source of the SYN) and target (its destination) ports, host byte order.
+    pub client_port: u16,
+    pub target_port: u16,
+    pub family: u8,
+    pub proto: u8,
+    /// A [`HookKind`] value.
+    pub hook: u8,
+    pub _pad0: u8,
+    /// Addresses in network byte order; IPv4 uses the first 4 bytes.
+    pub client_addr: [u8; 16],
+    pub target_addr: [u8; 16],
+    pub _pad1: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` integers and byte arrays with explicit padding: every bit
+    // pattern is valid.
+    unsafe impl aya::Pod for ScopeKey {}
+    unsafe impl aya::Pod for CountKey {}
+    unsafe impl aya::Pod for CountValue {}
+    unsafe impl aya::Pod for RefusalEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<ScopeKey>(), 16);
+        assert_eq!(size_of::<CountKey>(), 16);
+        assert_eq!(size_of::<CountValue>(), 16);
+        assert_eq!(size_of::<RefusalEvent>(), 72);
+    }
+}

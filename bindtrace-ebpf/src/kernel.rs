@@ -1,0 +1,71 @@
+//! Reads of kernel structs at offsets the loader resolved from the running kernel's BTF.
+//!
+//! aya has no CO-RE relocations for Rust programs, so every offset is a global the loader
+//! overrides before load (like libbpf's `const volatile`). The defaults below are never used for
+//! real: the loader refuses to start without resolved values.
+use aya_ebpf::{Global, helpers::bpf_probe_read_kernel};
+
+#[unsafe(no_mangle)]
+static OFF_SKB_DEV: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_SKB_HEAD: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_SKB_NETWORK_HEADER: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_SKB_TRANSPORT_HEADER: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_DEV_IFINDEX: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_DEV_ND_NET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_NET_COOKIE: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_NET_NS_INUM: Global<u32> = Global::new(0);
+
+#[inline(always)]
+pub fn read<T>(addr: u64) -> Option<T> {
+    if addr == 0 {
+        return None;
+    }
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+/// Where a packet came in: its device's namespace and the device's index there.
+pub struct Ingress {
+    pub netns_cookie: u64,
+    pub netns_ino: u32,
+    pub ifindex: u32,
+}
+
+/// `skb->dev->ifindex` and `skb->dev->nd_net`'s cookie and inode. The device, not a socket:
+/// a refused SYN has none, and `bpf_get_netns_cookie` would answer for the root namespace.
+#[inline(always)]
+pub fn ingress_of(skb: u64) -> Option<Ingress> {
+    // The verifier types `skb` as a trusted-or-NULL sk_buff pointer and allows arithmetic on it
+    // only after a NULL check.
+    if skb == 0 {
+        return None;
+    }
+    let dev: u64 = read(skb + OFF_SKB_DEV.load() as u64)?;
+    let ifindex: u32 = read(dev + OFF_DEV_IFINDEX.load() as u64)?;
+    let net: u64 = read(dev + OFF_DEV_ND_NET.load() as u64)?;
+    let netns_cookie: u64 = read(net + OFF_NET_COOKIE.load() as u64)?;
+    let netns_ino: u32 = read(net + OFF_NET_NS_INUM.load() as u64)?;
+    Some(Ingress { netns_cookie, netns_ino, ifindex })
+}
+
+/// Start of the network and transport headers of `skb` (`head` + the u16 offsets).
+#[inline(always)]
+pub fn header_addrs(skb: u64) -> Option<(u64, u64)> {
+    if skb == 0 {
+        return None;
+    }
+    let head: u64 = read(skb + OFF_SKB_HEAD.load() as u64)?;
+    let network: u16 = read(skb + OFF_SKB_NETWORK_HEADER.load() as u64)?;
+    let transport: u16 = read(skb + OFF_SKB_TRANSPORT_HEADER.load() as u64)?;
+    // 0xffff means "not set" (skb_transport_header_was_set() is false).
+    if network == u16::MAX || transport == u16::MAX {
+        return None;
+    }
+    Some((head + network as u64, head + transport as u64))
+}

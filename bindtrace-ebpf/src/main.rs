@@ -1,0 +1,34 @@
+//! bindtrace's kernel side.
+//!
+//! Why these hooks: a SYN to a port where nothing in the container's namespace accepts it is
+//! answered by the kernel itself, with no socket involved, so socket-based tracers (tcpdrop,
+//! trace_tcpdrop) return early and see nothing. Two places see it without kprobes or fentry
+//! (both unavailable on some hosts):
+//! - `tp_btf/tcp_send_reset` with reason NO_SOCKET: the reset itself (kernels from about 6.10);
+//! - `tp_btf/kfree_skb` with drop reason NO_SOCKET: the refused SYN being freed (from 5.17).
+//!
+//! Both are BTF tracepoints, so they need no tracefs (they work under `ip netns exec`), and get
+//! the `sk_buff` pointer directly. The loader attaches exactly one of them.
+//!
+//! Per event the work is: one compare on the reason, a few reads to find the namespace and
+//! interface, one scope lookup, a SYN check, one per-CPU counter update. A ring-buffer record is
+//! sent only when userspace needs something new: the first refusal of a key on a CPU, then at most
+//! one per fold window.
+#![no_std]
+#![no_main]
+
+mod kernel;
+mod packet;
+mod probes;
+mod refusal;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// GPL-compatible: the helpers used (probe_read_kernel, ktime, ring buffer) require it.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

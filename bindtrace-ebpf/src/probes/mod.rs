@@ -1,0 +1,3 @@
+//! One file per kernel hook.
+mod kfree_skb;
+mod tcp_send_reset;

@@ -1,0 +1,82 @@
+//! Turns a folded line (kernel key, count, sample) into a full report: the namespace's
+//! listeners, the verdict, the processes, the hint.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use bindtrace_common::{AF_INET6, HookKind, RefusalEvent};
+
+use crate::{
+    fold::Line,
+    hint::hint,
+    report::{ListenerReport, Report, now_rfc3339},
+    scope::{Bridges, Port},
+    sockets,
+    verdict::{self, Verdict},
+};
+
+pub fn addr_of(family: u8, bytes: &[u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    }
+}
+
+fn hook_name(sample: Option<&RefusalEvent>, fallback: &'static str) -> &'static str {
+    match sample.and_then(|s| HookKind::from_u8(s.hook)) {
+        Some(HookKind::TcpSendReset) => "tcp-send-reset",
+        Some(HookKind::KfreeSkb) => "kfree-skb",
+        None => fallback,
+    }
+}
+
+/// Builds the report for `line`. `port` is None when the interface left scope before we got
+/// here (the container stopped): the verdict is then `unknown`.
+pub fn report(line: &Line, port: Option<&Port>, bridges: &Bridges, hook: &'static str) -> Report {
+    let sample = line.sample.as_ref();
+    let family = line.key.family;
+    let target_ip = sample.map(|s| addr_of(family, &s.target_addr));
+    let (verdict, listeners) = match port.map(|p| (p, sockets::listeners_in(&p.ns))) {
+        Some((p, Ok(all))) => {
+            let unspecified = if family == AF_INET6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+            let decision = verdict::decide(target_ip.unwrap_or(unspecified), line.key.port, &all);
+            let inodes: Vec<u64> = decision.listeners.iter().map(|l| l.inode).collect();
+            let holders = sockets::holders(&inodes, p.ns.inode);
+            let listeners = decision
+                .listeners
+                .iter()
+                .map(|l| ListenerReport {
+                    ip: l.addr,
+                    port: l.port,
+                    pids: holders.get(&l.inode).cloned().unwrap_or_default(),
+                })
+                .collect();
+            (decision.verdict, listeners)
+        }
+        Some((_, Err(e))) => {
+            log::debug!("reading listeners: {e}");
+            (Verdict::Unknown, Vec::new())
+        }
+        None => (Verdict::Unknown, Vec::new()),
+    };
+    Report {
+        time: now_rfc3339(),
+        ktime_ns: sample.map(|s| s.ktime_ns),
+        event: "refused",
+        verdict,
+        proto: "tcp",
+        family: if family == AF_INET6 { "ipv6" } else { "ipv4" },
+        target_ip,
+        target_port: line.key.port,
+        client_ip: sample.map(|s| addr_of(family, &s.client_addr)),
+        client_port: sample.map(|s| s.client_port),
+        netns: port.map(|p| p.ns.inode).or(sample.map(|s| s.netns_ino as u64)).unwrap_or(0),
+        netns_cookie: line.key.netns_cookie,
+        bridge: port.map(|p| bridges.name(p.bridge).to_owned()).or(sample.map(|s| bridges.name(s.bridge).to_owned())).unwrap_or_default(),
+        ifindex: line.key.ifindex,
+        veth: port.map(|p| p.host_ifname.clone()).unwrap_or_default(),
+        hook: hook_name(sample, hook),
+        hint: hint(verdict, target_ip, line.key.port, &listeners),
+        listeners,
+        count: line.count,
+    }
+}

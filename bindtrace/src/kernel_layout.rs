@@ -1,0 +1,210 @@
+//! The few kernel facts the eBPF programs need, read from the running kernel's BTF.
+//!
+//! Struct layouts and enum values move between kernel versions and configs (sk_buff changes
+//! almost every release, the drop reasons are renumbered as reasons are added), so nothing
+//! here is hard-coded: everything is resolved once at start and handed to the eBPF object as
+//! globals.
+
+use crate::btf::{Btf, BtfError};
+
+/// Everything the kernel side needs from the running kernel's BTF, resolved once at start; the eBPF
+/// object receives these as globals. Never hard-coded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelLayout {
+    pub skb_dev: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub dev_ifindex: u32,
+    /// net_device.nd_net.net (possible_net_t wraps the pointer)
+    pub dev_nd_net: u32,
+    /// struct net: net_cookie (u64)
+    pub net_cookie: u32,
+    /// struct net: ns.inum (u32)
+    pub net_ns_inum: u32,
+    /// `SK_RST_REASON_NO_SOCKET` when tcp:tcp_send_reset carries an `enum sk_rst_reason` argument (about 6.10+), else None.
+    pub rst_reason_no_socket: Option<u32>,
+    /// `SKB_DROP_REASON_NO_SOCKET` when skb:kfree_skb carries a drop reason (5.17+), else None.
+    pub drop_reason_no_socket: Option<u32>,
+}
+
+/// The eBPF side reads pointers as 8 bytes (bindtrace runs on 64-bit kernels only).
+const PTR: u32 = 8;
+
+impl KernelLayout {
+    pub fn resolve(btf: &Btf) -> Result<KernelLayout, BtfError> {
+        Ok(KernelLayout {
+            skb_dev: offset(btf, "sk_buff.dev", PTR)?,
+            skb_head: offset(btf, "sk_buff.head", PTR)?,
+            skb_network_header: offset(btf, "sk_buff.network_header", 2)?,
+            skb_transport_header: offset(btf, "sk_buff.transport_header", 2)?,
+            dev_ifindex: offset(btf, "net_device.ifindex", 4)?,
+            dev_nd_net: offset(btf, "net_device.nd_net.net", PTR)?,
+            // atomic64_t before 5.12, u64 since: both 8 bytes, which is all the reader cares about.
+            net_cookie: offset(btf, "net.net_cookie", 8)?,
+            net_ns_inum: offset(btf, "net.ns.inum", 4)?,
+            rst_reason_no_socket: reason(
+                btf,
+                "btf_trace_tcp_send_reset",
+                "sk_rst_reason",
+                "SK_RST_REASON_NO_SOCKET",
+            )?,
+            drop_reason_no_socket: reason(
+                btf,
+                "btf_trace_kfree_skb",
+                "skb_drop_reason",
+                "SKB_DROP_REASON_NO_SOCKET",
+            )?,
+        })
+    }
+}
+
+/// Offset of a member the eBPF programs read with a fixed width: a member of another size
+/// would be read wrong in the kernel, so it is an error here.
+fn offset(btf: &Btf, path: &str, expected: u32) -> Result<u32, BtfError> {
+    let member = btf.member(path)?;
+    if member.size != expected {
+        return Err(BtfError::WrongSize {
+            path: path.to_owned(),
+            size: member.size,
+            expected,
+        });
+    }
+    Ok(member.offset)
+}
+
+/// `enumerator` of `enum <enum_name>` if the tracepoint prototype behind `typedef`
+/// (`btf_trace_<event>`) takes an argument of that enum type, else None. Decided from the
+/// prototype rather than the version: distributions backport such arguments.
+fn reason(
+    btf: &Btf,
+    typedef: &str,
+    enum_name: &str,
+    enumerator: &str,
+) -> Result<Option<u32>, BtfError> {
+    let params = match btf.func_proto_params(typedef) {
+        Ok(params) => params,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let wanted = format!("enum {enum_name}");
+    if !params
+        .iter()
+        .any(|p| p.strip_prefix("const ").unwrap_or(p) == wanted)
+    {
+        return Ok(None);
+    }
+    let value = match btf.enum_value(enum_name, enumerator) {
+        Ok(value) => value,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    u32::try_from(value)
+        .map(Some)
+        .map_err(|_| BtfError::EnumOutOfRange {
+            enum_name: enum_name.to_owned(),
+            enumerator: enumerator.to_owned(),
+            value,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::btf::tests::{V5_10, V6_1, V6_18, fixture};
+
+    #[test]
+    fn layout_6_18() {
+        // Offsets from pahole on the 6.18 kernel this fixture was taken from.
+        let expected = KernelLayout {
+            skb_dev: 16,
+            skb_head: 192,
+            skb_network_header: 180,
+            skb_transport_header: 178,
+            dev_ifindex: 224,
+            dev_nd_net: 264,
+            net_cookie: 4160,
+            net_ns_inum: 176,
+            rst_reason_no_socket: Some(1),
+            drop_reason_no_socket: Some(3),
+        };
+        assert_eq!(KernelLayout::resolve(fixture(V6_18)).unwrap(), expected);
+    }
+
+    #[test]
+    fn layout_6_1() {
+        // No reason argument on tcp_send_reset yet; drop reasons exist but are numbered
+        // differently; sk_buff, net_device and ns_common all differ from 6.18 (pahole agrees).
+        let expected = KernelLayout {
+            skb_dev: 16,
+            skb_head: 200,
+            skb_network_header: 184,
+            skb_transport_header: 182,
+            dev_ifindex: 216,
+            dev_nd_net: 1280,
+            net_cookie: 4096,
+            net_ns_inum: 144,
+            rst_reason_no_socket: None,
+            drop_reason_no_socket: Some(2),
+        };
+        assert_eq!(KernelLayout::resolve(fixture(V6_1)).unwrap(), expected);
+    }
+
+    #[test]
+    fn layout_5_10() {
+        let expected = KernelLayout {
+            skb_dev: 16,
+            skb_head: 192,
+            skb_network_header: 180,
+            skb_transport_header: 178,
+            dev_ifindex: 256,
+            dev_nd_net: 1264,
+            net_cookie: 4480,
+            net_ns_inum: 144,
+            rst_reason_no_socket: None,
+            drop_reason_no_socket: None,
+        };
+        assert_eq!(KernelLayout::resolve(fixture(V5_10)).unwrap(), expected);
+    }
+
+    #[test]
+    fn reason_comes_from_the_prototype() {
+        let btf = fixture(V6_18);
+        // The enum exists on 6.18, but kfree_skb does not take it: no reason.
+        let rst = ("sk_rst_reason", "SK_RST_REASON_NO_SOCKET");
+        assert_eq!(
+            reason(btf, "btf_trace_kfree_skb", rst.0, rst.1).unwrap(),
+            None
+        );
+        assert_eq!(
+            reason(btf, "btf_trace_tcp_send_reset", rst.0, rst.1).unwrap(),
+            Some(1)
+        );
+        assert_eq!(
+            reason(btf, "btf_trace_tcp_send_reset", rst.0, "NOPE").unwrap(),
+            None
+        );
+        assert_eq!(
+            reason(btf, "btf_trace_no_such_event", rst.0, rst.1).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn wrong_size_is_an_error() {
+        let e = offset(fixture(V6_18), "sk_buff.dev", 4).unwrap_err();
+        assert_eq!(e.to_string(), "`sk_buff.dev` is 8 bytes, expected 4");
+    }
+
+    #[test]
+    fn running_kernel() {
+        if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+            println!("skipped: /sys/kernel/btf/vmlinux does not exist on this machine");
+            return;
+        }
+        let btf = Btf::from_sys_fs().unwrap();
+        let layout = KernelLayout::resolve(&btf).unwrap();
+        println!("running kernel: {layout:?}");
+        assert!(layout.skb_dev < layout.skb_head);
+    }
+}

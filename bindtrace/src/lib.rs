@@ -1,0 +1,21 @@
+//! bindtrace: finds connections to containers refused because the service inside listens on
+//! loopback (or the wrong address, family or port), as they happen, and says how to fix it.
+//!
+//! One module per concern; `main.rs` only parses arguments and calls [`run`].
+pub mod btf;
+pub mod cli;
+pub mod enrich;
+pub mod fold;
+pub mod hint;
+pub mod hook;
+pub mod kernel_layout;
+pub mod loader;
+pub mod netlink;
+pub mod netns;
+pub mod output;
+pub mod privileges;
+pub mod report;
+pub mod run;
+pub mod scope;
+pub mod sockets;
+pub mod verdict;

@@ -1,0 +1,118 @@
+//! Loads the embedded eBPF object with this kernel's offsets and attaches one hook.
+//!
+//! Everything loaded is owned by [`Loaded`]: dropping it (on SIGINT, SIGTERM, an error, a
+//! panic) closes the program, link and map descriptors, which detaches everything.
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::BtfTracePoint,
+};
+use bindtrace_common::{BridgeId, CountKey, CountValue, STAT_COUNT_OVERFLOW, STAT_RINGBUF_LOST, ScopeKey};
+
+use crate::{hook::Hook, kernel_layout::KernelLayout};
+
+/// The object `build.rs` built; empty when the build skipped eBPF.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bindtrace"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this bindtrace binary was built with BINDTRACE_SKIP_EBPF=1 and carries no eBPF programs; \
+         rebuild it after `sudo ./x setup`"
+    )]
+    NoObject,
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no program or map `{0}` (build mismatch)")]
+    Missing(&'static str),
+    #[error("attaching {what} failed: {source}")]
+    Attach { what: String, source: aya::programs::ProgramError },
+    #[error("opening map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+}
+
+/// Knobs the kernel side takes as globals.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub ringbuf_bytes: u32,
+    pub fold_window_ns: u64,
+    /// aya-log level for kernel-side messages (0 = off).
+    pub kernel_log_level: u8,
+}
+
+pub struct Loaded {
+    /// Holds the programs, the link and the aya-log buffer: dropped last.
+    pub ebpf: Ebpf,
+    pub scope: HashMap<MapData, ScopeKey, BridgeId>,
+    pub counts: PerCpuHashMap<MapData, CountKey, CountValue>,
+    pub stats: PerCpuArray<MapData, u64>,
+    pub events: Option<RingBuf<MapData>>,
+    pub hook: Hook,
+}
+
+impl Loaded {
+    pub fn load(layout: &KernelLayout, hook: Hook, btf: &Btf, opts: &LoadOptions) -> Result<Loaded, LoadError> {
+        if OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        let mut loader = EbpfLoader::new();
+        // `must_exist` everywhere: a global the object lacks means the object and loader disagree.
+        loader
+            .btf(Some(btf))
+            .override_global("OFF_SKB_DEV", &layout.skb_dev, true)
+            .override_global("OFF_SKB_HEAD", &layout.skb_head, true)
+            .override_global("OFF_SKB_NETWORK_HEADER", &layout.skb_network_header, true)
+            .override_global("OFF_SKB_TRANSPORT_HEADER", &layout.skb_transport_header, true)
+            .override_global("OFF_DEV_IFINDEX", &layout.dev_ifindex, true)
+            .override_global("OFF_DEV_ND_NET", &layout.dev_nd_net, true)
+            .override_global("OFF_NET_COOKIE", &layout.net_cookie, true)
+            .override_global("OFF_NET_NS_INUM", &layout.net_ns_inum, true)
+            .override_global("FOLD_WINDOW_NS", &opts.fold_window_ns, true)
+            .override_global(aya_log::LEVEL, &opts.kernel_log_level, false)
+            .map_max_entries("EVENTS", opts.ringbuf_bytes);
+        // The reason values this kernel uses; u32::MAX (never a reason) for the hook not attached.
+        let rst = layout.rst_reason_no_socket.unwrap_or(u32::MAX);
+        let drop = layout.drop_reason_no_socket.unwrap_or(u32::MAX);
+        loader
+            .override_global("RST_REASON_NO_SOCKET", &rst, true)
+            .override_global("DROP_REASON_NO_SOCKET", &drop, true);
+        let mut ebpf = loader.load(OBJECT).map_err(LoadError::Load)?;
+
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(hook.program())
+            .ok_or(LoadError::Missing("hook program"))?
+            .try_into()
+            .map_err(|source| LoadError::Attach { what: hook.program().into(), source })?;
+        let what = || format!("tp_btf/{} ({})", hook.tracepoint(), hook.program());
+        program.load(hook.tracepoint(), btf).map_err(|source| LoadError::Attach { what: what(), source })?;
+        program.attach().map_err(|source| LoadError::Attach { what: what(), source })?;
+
+        let scope = take(&mut ebpf, "SCOPE").and_then(|m| HashMap::try_from(m).map_err(|source| LoadError::Map { name: "SCOPE", source }))?;
+        let counts = take(&mut ebpf, "COUNTS").and_then(|m| PerCpuHashMap::try_from(m).map_err(|source| LoadError::Map { name: "COUNTS", source }))?;
+        let stats = take(&mut ebpf, "STATS").and_then(|m| PerCpuArray::try_from(m).map_err(|source| LoadError::Map { name: "STATS", source }))?;
+        let events = take(&mut ebpf, "EVENTS").and_then(|m| RingBuf::try_from(m).map_err(|source| LoadError::Map { name: "EVENTS", source }))?;
+        Ok(Loaded { ebpf, scope, counts, stats, events: Some(events), hook })
+    }
+
+    /// Kernel-side counters summed over CPUs: (ring-buffer reservations that failed, refusals
+    /// counted in the overflow slot because COUNTS was full).
+    pub fn stats(&self) -> (u64, u64) {
+        let sum = |slot: u32| {
+            self.stats.get(&slot, 0).map(|v| v.iter().copied().sum::<u64>()).unwrap_or(0)
+        };
+        (sum(STAT_RINGBUF_LOST), sum(STAT_COUNT_OVERFLOW))
+    }
+
+    /// Exact per-key totals, summed over CPUs.
+    pub fn totals(&self) -> std::collections::HashMap<CountKey, u64> {
+        self.counts
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, v.iter().map(|c| c.count).sum()))
+            .collect()
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
+    ebpf.take_map(name).ok_or(LoadError::Missing(name))
+}

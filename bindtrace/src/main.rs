@@ -1,0 +1,35 @@
+use clap::Parser as _;
+
+use bindtrace::{cli::Args, output::Output, run};
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let level = match args.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bindtrace: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let detector = run::setup(&args)?;
+        let stdout = std::io::stdout().lock();
+        let mut out = Output::new(args.format, std::io::LineWriter::new(stdout));
+        detector.run(&mut out, args.duration).await
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bindtrace: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Network namespaces: entering one from a helper thread, telling them apart, finding them.
+//!
+//! Namespaces are identified by their cookie (`SO_NETNS_COOKIE`, never reused while the machine
+//! runs) rather than their inode number (reused as soon as a namespace dies). An open file of a
+//! namespace keeps it alive, so while we hold one its inode and cookie stay valid.
+use std::{
+    collections::HashSet,
+    fs::{self, File},
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
+};
+
+/// `SO_NETNS_COOKIE` (linux/asm-generic/socket.h); libc does not export it on every target.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// Directories where namespace handles live without any process in them: iproute2's
+/// `ip netns add` and Docker's sandboxes.
+pub const HANDLE_DIRS: &[&str] = &["/run/netns", "/run/docker/netns", "/var/run/netns"];
+
+/// Runs `f` on a scoped helper thread that has joined the network namespace of `ns`. `setns`
+/// changes only the calling thread, so the rest of the process stays where it is.
+pub fn run_in<R: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<R> + Send) -> io::Result<R> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("namespace helper thread panicked")))
+    })
+}
+
+/// The cookie of the calling thread's current network namespace.
+pub fn current_cookie() -> io::Result<u64> {
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+    };
+    let err = io::Error::last_os_error();
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err);
+    }
+    Ok(cookie)
+}
+
+/// An open network namespace: holding it keeps the namespace (and so its inode) alive.
+#[derive(Debug)]
+pub struct Netns {
+    pub file: File,
+    pub inode: u64,
+    pub cookie: u64,
+    /// Where it was found, for messages.
+    pub path: PathBuf,
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> io::Result<Netns> {
+        let file = File::open(path)?;
+        let inode = file.metadata()?.ino();
+        let cookie = run_in(file.as_fd(), current_cookie)?;
+        Ok(Netns { file, inode, cookie, path: path.to_owned() })
+    }
+
+    /// The namespace this process runs in.
+    pub fn own() -> io::Result<Netns> {
+        Self::open(Path::new("/proc/self/ns/net"))
+    }
+
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> io::Result<R> + Send) -> io::Result<R> {
+        run_in(self.file.as_fd(), f)
+    }
+}
+
+/// A namespace file found on the system, not yet opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub path: PathBuf,
+    pub inode: u64,
+}
+
+/// Every network namespace reachable from here, once each: handles under [`HANDLE_DIRS`]
+/// first (they name namespaces with no process), then `/proc/PID/ns/net` of every process.
+pub fn candidates() -> Vec<Candidate> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut consider = |path: PathBuf| {
+        if let Ok(meta) = fs::metadata(&path)
+            && seen.insert(meta.ino())
+        {
+            out.push(Candidate { path, inode: meta.ino() });
+        }
+    };
+    for dir in HANDLE_DIRS {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                consider(entry.path());
+            }
+        }
+    }
+    for pid in pids() {
+        consider(PathBuf::from(format!("/proc/{pid}/ns/net")));
+    }
+    out
+}
+
+/// Numeric entries of /proc.
+pub fn pids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
+}
+
+/// Inode of the network namespace of `pid`, if it still exists.
+pub fn inode_of_pid(pid: u32) -> Option<u64> {
+    fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> bool {
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    #[test]
+    fn own_namespace_has_a_stable_cookie() {
+        if !root() {
+            eprintln!("skipped: needs root (setns)");
+            return;
+        }
+        let a = Netns::own().unwrap();
+        let b = Netns::own().unwrap();
+        assert_eq!(a.cookie, b.cookie);
+        assert_eq!(a.inode, b.inode);
+        assert_eq!(current_cookie().unwrap(), a.cookie);
+    }
+
+    #[test]
+    fn candidates_include_our_own_namespace_once() {
+        let own = fs::metadata("/proc/self/ns/net").unwrap().ino();
+        let found: Vec<_> = candidates().into_iter().filter(|c| c.inode == own).collect();
+        assert_eq!(found.len(), 1);
+    }
+}

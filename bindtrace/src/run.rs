@@ -1,0 +1,254 @@
+//! The detector's main loop: load, attach, keep the scope current, turn kernel samples and
+//! counts into lines, detach on SIGINT/SIGTERM.
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::RingBuf;
+use bindtrace_common::{CountKey, RefusalEvent, ScopeKey};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    btf::Btf,
+    cli::Args,
+    enrich,
+    fold::{Folder, Line},
+    hook,
+    kernel_layout::KernelLayout,
+    loader::{LoadOptions, Loaded},
+    netlink::LinkWatcher,
+    output::Output,
+    privileges,
+    report::{LostReport, now_rfc3339},
+    scope::{self, Bridges, Port, Resolver},
+};
+
+/// How often the kernel counters are read when nothing is pending: this is the only periodic
+/// wake-up while idle.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Link notifications come in bursts (a container start is several); wait this long for the
+/// burst to end before recomputing the scope.
+const RESCAN_DEBOUNCE: Duration = Duration::from_millis(20);
+/// How long the details of an interface that left scope are kept, for lines still in flight.
+const DEPARTED_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything set up before the loop, in the order it must be checked.
+pub struct Detector {
+    loaded: Loaded,
+    bridges: Bridges,
+    resolver: Resolver,
+    ports: BTreeMap<ScopeKey, Port>,
+    departed: HashMap<ScopeKey, (Port, Instant)>,
+    folder: Folder,
+    hook_name: &'static str,
+    lost_reported: u64,
+}
+
+pub fn setup(args: &Args) -> anyhow::Result<Detector> {
+    privileges::check()?;
+    privileges::raise_memlock();
+    let btf = Btf::from_sys_fs()?;
+    let layout = KernelLayout::resolve(&btf).context("reading this kernel's layout from BTF")?;
+    drop(btf);
+    let (hook, why) = hook::choose(args.hook, &layout)?;
+    let bridges = scope::validate(&args.ifaces)?;
+    let aya_btf = aya::Btf::from_sys_fs().context("loading /sys/kernel/btf/vmlinux")?;
+    let opts = LoadOptions {
+        ringbuf_bytes: args.ringbuf_size,
+        fold_window_ns: args.fold_window.as_nanos() as u64,
+        kernel_log_level: kernel_log_level(),
+    };
+    let loaded = Loaded::load(&layout, hook, &aya_btf, &opts)?;
+    log::info!("attached tp_btf/{} (hook {hook}: {why})", hook.tracepoint());
+    let mut detector = Detector {
+        loaded,
+        bridges,
+        resolver: Resolver::new().context("opening bindtrace's own network namespace")?,
+        ports: BTreeMap::new(),
+        departed: HashMap::new(),
+        folder: Folder::new(args.fold_window),
+        hook_name: hook.name(),
+        lost_reported: 0,
+    };
+    detector.rescan()?;
+    Ok(detector)
+}
+
+/// aya-log's level global: kernel-side messages follow the userspace log level.
+fn kernel_log_level() -> u8 {
+    match log::max_level() {
+        log::LevelFilter::Off => 0,
+        log::LevelFilter::Error => 1,
+        log::LevelFilter::Warn => 2,
+        log::LevelFilter::Info => 3,
+        log::LevelFilter::Debug => 4,
+        log::LevelFilter::Trace => 5,
+    }
+}
+
+impl Detector {
+    /// Recomputes the scope and brings the kernel's SCOPE map in line with it.
+    fn rescan(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let fresh = self.resolver.resolve(&self.bridges).context("resolving bridge ports")?;
+        for key in self.ports.keys().filter(|k| !fresh.contains_key(k)).copied().collect::<Vec<_>>() {
+            if let Err(e) = self.loaded.scope.remove(&key) {
+                log::warn!("removing {key:?} from scope: {e}");
+            }
+            if let Some(port) = self.ports.remove(&key) {
+                log::info!("{}: port {} left scope", self.bridges.name(port.bridge), port.host_ifname);
+                self.departed.insert(key, (port, now));
+            }
+        }
+        for (key, port) in &fresh {
+            if !self.ports.contains_key(key) {
+                self.loaded.scope.insert(*key, port.bridge, 0).context("updating the SCOPE map")?;
+                log::info!(
+                    "{}: watching {} (netns {}, ifindex {})",
+                    self.bridges.name(port.bridge),
+                    port.host_ifname,
+                    port.ns.inode,
+                    port.ifindex
+                );
+            }
+        }
+        self.ports = fresh;
+        self.departed.retain(|_, (_, since)| now.duration_since(*since) < DEPARTED_GRACE);
+        Ok(())
+    }
+
+    fn port_for(&self, key: &CountKey) -> Option<&Port> {
+        let scope_key = ScopeKey { netns_cookie: key.netns_cookie, ifindex: key.ifindex, _pad: 0 };
+        self.ports.get(&scope_key).or_else(|| self.departed.get(&scope_key).map(|(p, _)| p))
+    }
+
+    fn print<W: Write>(&self, out: &mut Output<W>, lines: &[Line]) -> anyhow::Result<()> {
+        for line in lines {
+            let report = enrich::report(line, self.port_for(&line.key), &self.bridges, self.hook_name);
+            out.refusal(&report).context("writing output")?;
+        }
+        Ok(())
+    }
+
+    fn key_total(&self, key: &CountKey) -> u64 {
+        self.loaded.counts.get(key, 0).map(|v| v.iter().map(|c| c.count).sum()).unwrap_or(0)
+    }
+
+    /// Reports samples the kernel could not deliver since the last call.
+    fn report_lost<W: Write>(&mut self, out: &mut Output<W>) -> anyhow::Result<()> {
+        let (ringbuf_lost, overflow) = self.loaded.stats();
+        if ringbuf_lost > self.lost_reported {
+            out.lost(&LostReport {
+                time: now_rfc3339(),
+                event: "lost",
+                stage: "kernel_ringbuf",
+                count: ringbuf_lost - self.lost_reported,
+            })?;
+            self.lost_reported = ringbuf_lost;
+        }
+        if overflow > 0 {
+            log::warn!("{overflow} refusals did not fit in the COUNTS map (counted as overflow)");
+        }
+        Ok(())
+    }
+
+    /// Runs until a signal, the optional duration, or an error.
+    pub async fn run<W: Write>(mut self, out: &mut Output<W>, duration: Option<Duration>) -> anyhow::Result<()> {
+        let ring: RingBuf<_> = self.loaded.events.take().context("ring buffer already taken")?;
+        // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer, so the fd
+        // stays open for as long as it is registered.
+        let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
+        let mut links = LinkWatcher::new().context("subscribing to link changes")?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+        let stop_at = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stop_at);
+
+        log::info!(
+            "ready: watching {} ({} container interfaces)",
+            self.bridges.names.join(", "),
+            self.ports.len()
+        );
+        // Tests and scripts wait for this line on stderr.
+        eprintln!("bindtrace: ready");
+
+        let mut next_poll = Instant::now() + IDLE_POLL;
+        loop {
+            let sleep = tokio::time::sleep_until(next_poll.into());
+            tokio::select! {
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = &mut stop_at => break,
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let mut samples = Vec::new();
+                    while let Some(item) = guard.get_inner_mut().next() {
+                        if item.len() >= size_of::<RefusalEvent>() {
+                            // SAFETY: RefusalEvent is Pod and the item is at least that long.
+                            samples.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RefusalEvent>()) });
+                        }
+                    }
+                    guard.clear_ready();
+                    let now = Instant::now();
+                    let mut lines = Vec::new();
+                    for ev in samples {
+                        let total = self.key_total(&crate::fold::key_of(&ev));
+                        lines.extend(self.folder.on_event(ev, total, now));
+                    }
+                    self.print(out, &lines)?;
+                }
+                changed = links.changed() => {
+                    changed.context("reading link notifications")?;
+                    tokio::time::sleep(RESCAN_DEBOUNCE).await;
+                    // Drain what arrived during the pause: one rescan covers the burst.
+                    let _ = tokio::time::timeout(Duration::ZERO, links.changed()).await;
+                    self.rescan()?;
+                }
+                _ = sleep => {}
+            }
+            let now = Instant::now();
+            if now >= next_poll {
+                let totals = self.loaded.totals();
+                let lines = self.folder.on_totals(&totals, now, false);
+                self.print(out, &lines)?;
+                self.report_lost(out)?;
+                next_poll = self.next_poll(&totals, now);
+            } else if let Some(deadline) = self.folder.next_deadline(now) {
+                // A window closes before the idle poll: flush it on time.
+                next_poll = next_poll.min(deadline);
+            }
+        }
+
+        // Nothing counted stays unprinted.
+        let totals = self.loaded.totals();
+        let lines = self.folder.on_totals(&totals, Instant::now(), true);
+        self.print(out, &lines)?;
+        self.report_lost(out)?;
+        let total: u64 = totals.values().sum();
+        log::info!("detaching; {total} refusals counted since start");
+        drop(self);
+        eprintln!("bindtrace: detached");
+        Ok(())
+    }
+
+    fn next_poll(&self, totals: &HashMap<CountKey, u64>, now: Instant) -> Instant {
+        let idle = now + IDLE_POLL;
+        if self.folder.pending(totals) {
+            self.folder.next_deadline(now).unwrap_or(idle).min(idle)
+        } else {
+            idle
+        }
+    }
+}

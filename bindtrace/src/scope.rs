@@ -1,0 +1,152 @@
+//! Which interfaces are in scope: the container-side ends of veths whose host-side end is a port
+//! of a selected bridge, identified by (namespace cookie, ifindex).
+//!
+//! An address in the bridge's prefix would not do: docker-in-docker and parallel test
+//! topologies reuse 172.17.0.0/16, and a container on two networks must be reported on the
+//! bridge its SYN came through. The set is recomputed whenever rtnetlink reports a link change,
+//! which covers Docker's order (the host-side veth is enslaved while its peer is still in the
+//! host's namespace, then the peer moves) and ports that leave.
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io,
+    os::fd::AsFd,
+    sync::Arc,
+};
+
+use bindtrace_common::{BridgeId, ScopeKey};
+
+use crate::{
+    netlink::{self, Link},
+    netns::{self, Netns},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeError {
+    #[error("no interface named {name} in bindtrace's network namespace; bridges here: {}", list_or_none(.bridges))]
+    NoSuchInterface { name: String, bridges: Vec<String> },
+    #[error("{name} is not a bridge (it is a {kind} interface); bridges here: {}", list_or_none(.bridges))]
+    NotABridge { name: String, kind: String, bridges: Vec<String> },
+    #[error("reading network interfaces (rtnetlink): {0}")]
+    Netlink(#[from] io::Error),
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() { "none".into() } else { v.join(", ") }
+}
+
+/// A container-side interface in scope, with the namespace it lives in (held open).
+#[derive(Debug, Clone)]
+pub struct Port {
+    pub bridge: BridgeId,
+    /// Host-side veth name, e.g. `veth1a2b3c`.
+    pub host_ifname: String,
+    pub ns: Arc<Netns>,
+    pub ifindex: u32,
+}
+
+/// The selected bridges, by name, in the order given; their index is the [`BridgeId`].
+#[derive(Debug, Clone)]
+pub struct Bridges {
+    pub names: Vec<String>,
+}
+
+impl Bridges {
+    pub fn name(&self, id: BridgeId) -> &str {
+        self.names.get(id as usize).map(String::as_str).unwrap_or("?")
+    }
+}
+
+/// Checks that every selected name is a bridge of this namespace.
+pub fn validate(names: &[String]) -> Result<Bridges, ScopeError> {
+    let links = netlink::dump_links()?;
+    let bridges: Vec<String> =
+        links.iter().filter(|l| l.kind.as_deref() == Some("bridge")).map(|l| l.name.clone()).collect();
+    for name in names {
+        match links.iter().find(|l| &l.name == name) {
+            None => return Err(ScopeError::NoSuchInterface { name: name.clone(), bridges }),
+            Some(l) if l.kind.as_deref() != Some("bridge") => {
+                return Err(ScopeError::NotABridge {
+                    name: name.clone(),
+                    kind: l.kind.clone().unwrap_or_else(|| "plain".into()),
+                    bridges,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(Bridges { names: names.to_vec() })
+}
+
+/// Resolves bridge ports to namespaces, caching open namespaces by the id our namespace gives
+/// them. Namespaces are held open only while a port of theirs is in scope.
+pub struct Resolver {
+    own: Arc<Netns>,
+    by_nsid: HashMap<i32, Arc<Netns>>,
+}
+
+impl Resolver {
+    pub fn new() -> io::Result<Resolver> {
+        Ok(Resolver { own: Arc::new(Netns::own()?), by_nsid: HashMap::new() })
+    }
+
+    /// The current scope: every container-side interface of every port of `bridges`. A bridge
+    /// that has disappeared simply has no ports.
+    pub fn resolve(&mut self, bridges: &Bridges) -> io::Result<BTreeMap<ScopeKey, Port>> {
+        let links = netlink::dump_links()?;
+        let bridge_ids: HashMap<u32, BridgeId> = links
+            .iter()
+            .filter(|l| l.kind.as_deref() == Some("bridge"))
+            .filter_map(|l| Some((l.ifindex, bridges.names.iter().position(|n| *n == l.name)? as BridgeId)))
+            .collect();
+        let mut scope = BTreeMap::new();
+        let mut used = HashMap::new();
+        for link in &links {
+            let Some(&bridge) = link.master.and_then(|m| bridge_ids.get(&m)) else { continue };
+            let Some(peer_ifindex) = link.peer_ifindex.filter(|_| is_veth(link)) else { continue };
+            let ns = match link.peer_netnsid {
+                // Peer still in our namespace (Docker moves it an instant later).
+                None => self.own.clone(),
+                Some(nsid) => match self.namespace(nsid) {
+                    Some(ns) => ns,
+                    None => {
+                        log::debug!("port {}: no namespace found for nsid {nsid} yet", link.name);
+                        continue;
+                    }
+                },
+            };
+            if let Some(nsid) = link.peer_netnsid {
+                used.insert(nsid, ns.clone());
+            }
+            let key = ScopeKey { netns_cookie: ns.cookie, ifindex: peer_ifindex, _pad: 0 };
+            scope.insert(key, Port { bridge, host_ifname: link.name.clone(), ns, ifindex: peer_ifindex });
+        }
+        // Let go of namespaces no port refers to any more, so they can be freed.
+        self.by_nsid = used;
+        Ok(scope)
+    }
+
+    /// The namespace our namespace calls `nsid`. A cached one is re-checked (ids are reused
+    /// once a namespace dies); otherwise every namespace reachable from here is asked.
+    fn namespace(&mut self, nsid: i32) -> Option<Arc<Netns>> {
+        if let Some(ns) = self.by_nsid.get(&nsid)
+            && netlink::netnsid_of(ns.file.as_fd()).ok().flatten() == Some(nsid)
+        {
+            return Some(ns.clone());
+        }
+        for candidate in netns::candidates() {
+            let Ok(file) = File::open(&candidate.path) else { continue };
+            if netlink::netnsid_of(file.as_fd()).ok().flatten() == Some(nsid) {
+                let ns = Netns::open(&candidate.path).ok()?;
+                let ns = Arc::new(ns);
+                self.by_nsid.insert(nsid, ns.clone());
+                return Some(ns);
+            }
+        }
+        None
+    }
+}
+
+fn is_veth(link: &Link) -> bool {
+    link.kind.as_deref() == Some("veth")
+}

@@ -1,0 +1,158 @@
+//! Listening TCP sockets of a namespace and the processes that hold them.
+//!
+//! The listeners come from `/proc/thread-self/net/tcp{,6}` read by a thread that joined the
+//! namespace, so namespaces without any process (a handle under /run/netns) work too. The
+//! processes come from `/proc/PID/fd`, restricted to processes of that namespace.
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use serde::Serialize;
+
+use crate::netns::{self, Netns};
+
+/// `TCP_LISTEN` in /proc/net/tcp's `st` column.
+const TCP_LISTEN: u8 = 0x0A;
+
+/// One listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Socket inode, to find the processes holding it.
+    pub inode: u64,
+}
+
+/// A process holding a socket, as seen from the host's pid namespace.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Holder {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// Parses `/proc/net/tcp` or `/proc/net/tcp6` and keeps the listening sockets.
+pub fn parse_proc_net_tcp(text: &str) -> Vec<Listener> {
+    text.lines().skip(1).filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<Listener> {
+    // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    if fields.len() < 10 || u8::from_str_radix(fields[3], 16).ok()? != TCP_LISTEN {
+        return None;
+    }
+    let (addr_hex, port_hex) = fields[1].split_once(':')?;
+    Some(Listener {
+        addr: parse_hex_addr(addr_hex)?,
+        port: u16::from_str_radix(port_hex, 16).ok()?,
+        inode: fields[9].parse().ok()?,
+    })
+}
+
+/// The kernel prints addresses as native-endian 32-bit words in hex (`%08X` per word).
+fn parse_hex_addr(hex: &str) -> Option<IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(w.to_ne_bytes())
+    };
+    match hex.len() {
+        8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
+    }
+}
+
+/// Listening sockets of the namespace, IPv4 and IPv6 tables together.
+pub fn listeners_in(ns: &Netns) -> io::Result<Vec<Listener>> {
+    ns.run(|| {
+        let mut all = parse_proc_net_tcp(&fs::read_to_string("/proc/thread-self/net/tcp")?);
+        // tcp6 is absent when IPv6 is disabled: that is not an error.
+        if let Ok(text) = fs::read_to_string("/proc/thread-self/net/tcp6") {
+            all.extend(parse_proc_net_tcp(&text));
+        }
+        Ok(all)
+    })
+}
+
+/// The processes holding each of `inodes`, among the processes of the namespace `netns_inode`
+/// (all of them share one listening socket when a server pre-forks). Sorted by pid.
+pub fn holders(inodes: &[u64], netns_inode: u64) -> BTreeMap<u64, Vec<Holder>> {
+    let mut found: BTreeMap<u64, Vec<Holder>> = BTreeMap::new();
+    if inodes.is_empty() {
+        return found;
+    }
+    let wanted: HashMap<String, u64> =
+        inodes.iter().map(|i| (format!("socket:[{i}]"), *i)).collect();
+    for pid in netns::pids() {
+        if netns::inode_of_pid(pid) != Some(netns_inode) {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else { continue };
+            if let Some(inode) = target.to_str().and_then(|t| wanted.get(t)) {
+                let holders = found.entry(*inode).or_default();
+                if !holders.iter().any(|h| h.pid == pid) {
+                    holders.push(Holder { pid, comm: comm_of(pid) });
+                }
+            }
+        }
+    }
+    for holders in found.values_mut() {
+        holders.sort();
+    }
+    found
+}
+
+pub fn comm_of(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim_end().to_owned()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000 100 0 0 10 0
+   1: 00000000:0BB8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12346 1 0000000000000000 100 0 0 10 0
+   2: 020011AC:1F40 010011AC:B8E6 01 00000000:00000000 00:00000000 00000000     0        0 12347 1 0000000000000000 100 0 0 10 0
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:1F40 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 222 1 0000000000000000 100 0 0 10 0
+   1: 0000000000000000FFFF00000100007F:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 223 1 0000000000000000 100 0 0 10 0
+";
+
+    #[test]
+    fn parses_ipv4_listeners_and_skips_other_states() {
+        let l = parse_proc_net_tcp(TCP);
+        assert_eq!(
+            l,
+            vec![
+                Listener { addr: "127.0.0.1".parse().unwrap(), port: 8000, inode: 12345 },
+                Listener { addr: "0.0.0.0".parse().unwrap(), port: 3000, inode: 12346 },
+            ]
+        );
+    }
+
+    #[test]
+    fn parses_ipv6_and_mapped_listeners() {
+        let l = parse_proc_net_tcp(TCP6);
+        assert_eq!(l[0].addr, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(l[0].port, 8000);
+        assert_eq!(l[1].addr, "::ffff:127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(l[1].port, 80);
+    }
+
+    #[test]
+    fn malformed_lines_are_skipped() {
+        assert!(parse_proc_net_tcp("header\n garbage\n 0: zz:zz 0 0A\n").is_empty());
+    }
+}

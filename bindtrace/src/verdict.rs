@@ -1,0 +1,154 @@
+//! Why a connection attempt was refused, decided from the listeners of the namespace it hit.
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::sockets::Listener;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Something listens on the port, bound only to 127.0.0.0/8, ::1 or ::ffff:127.x: the
+    /// container's own loopback, which forwarded traffic never reaches.
+    LoopbackOnly,
+    /// A listener on the port exists for the other address family only.
+    WrongFamily,
+    /// A listener on the port is bound to another specific address.
+    OtherAddress,
+    /// Nothing listens on the port.
+    NoListener,
+    /// A listener accepts this address now: it was not there yet when the SYN came (a service
+    /// starting or restarting).
+    ListeningNow,
+    /// The namespace was gone before it could be inspected.
+    Unknown,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::LoopbackOnly => "loopback_only",
+            Verdict::WrongFamily => "wrong_family",
+            Verdict::OtherAddress => "other_address",
+            Verdict::NoListener => "no_listener",
+            Verdict::ListeningNow => "listening_now",
+            Verdict::Unknown => "unknown",
+        }
+    }
+}
+
+/// The verdict and the listeners that explain it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// Listeners on the refused port (for `no_listener`: every listener of the namespace, to show
+    /// what does listen there).
+    pub listeners: Vec<Listener>,
+}
+
+pub fn is_loopback(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => a.is_loopback(),
+        IpAddr::V6(a) => a.is_loopback() || a.to_ipv4_mapped().is_some_and(|m| m.is_loopback()),
+    }
+}
+
+fn is_unspecified_v4(addr: IpAddr) -> bool {
+    matches!(addr, IpAddr::V4(a) if a.is_unspecified())
+}
+
+fn is_unspecified_v6(addr: IpAddr) -> bool {
+    matches!(addr, IpAddr::V6(a) if a.is_unspecified())
+}
+
+/// Would a socket bound to `bound` accept a connection to `target`? `[::]` is taken to accept
+/// IPv6 only: when an IPv4 SYN was refused while `[::]:P` listened, that socket has IPV6_V6ONLY.
+fn accepts(bound: IpAddr, target: IpAddr) -> bool {
+    match (bound, target) {
+        (IpAddr::V4(b), IpAddr::V4(t)) => b.is_unspecified() || b == t,
+        (IpAddr::V6(b), IpAddr::V6(t)) => b.is_unspecified() || b == t,
+        (IpAddr::V6(b), IpAddr::V4(t)) => b.to_ipv4_mapped() == Some(t),
+        (IpAddr::V4(_), IpAddr::V6(_)) => false,
+    }
+}
+
+/// Decides why a SYN to `target:port` was refused, given the namespace's listeners now.
+pub fn decide(target: IpAddr, port: u16, listeners: &[Listener]) -> Decision {
+    let on_port: Vec<Listener> = listeners.iter().filter(|l| l.port == port).cloned().collect();
+    let verdict = if on_port.is_empty() {
+        Verdict::NoListener
+    } else if on_port.iter().any(|l| accepts(l.addr, target)) {
+        Verdict::ListeningNow
+    } else if on_port.iter().any(|l| is_loopback(l.addr)) {
+        Verdict::LoopbackOnly
+    } else if on_port.iter().any(|l| {
+        (target.is_ipv4() && is_unspecified_v6(l.addr)) || (target.is_ipv6() && is_unspecified_v4(l.addr))
+    }) {
+        Verdict::WrongFamily
+    } else {
+        Verdict::OtherAddress
+    };
+    let listeners = if verdict == Verdict::NoListener { listeners.to_vec() } else { on_port };
+    Decision { verdict, listeners }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(addr: &str, port: u16) -> Listener {
+        Listener { addr: addr.parse().unwrap(), port, inode: 1 }
+    }
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn loopback_v4_v6_and_mapped() {
+        for bound in ["127.0.0.1", "127.0.0.53", "::1", "::ffff:127.0.0.1"] {
+            let d = decide(ip("172.17.0.2"), 8000, &[l(bound, 8000), l("0.0.0.0", 22)]);
+            assert_eq!(d.verdict, Verdict::LoopbackOnly, "{bound}");
+            assert_eq!(d.listeners, vec![l(bound, 8000)]);
+        }
+        let d = decide(ip("fd00::2"), 8000, &[l("::1", 8000)]);
+        assert_eq!(d.verdict, Verdict::LoopbackOnly);
+    }
+
+    #[test]
+    fn no_listener_lists_what_does_listen() {
+        let all = [l("0.0.0.0", 3000), l("127.0.0.11", 41000)];
+        let d = decide(ip("172.17.0.2"), 8000, &all);
+        assert_eq!(d.verdict, Verdict::NoListener);
+        assert_eq!(d.listeners, all.to_vec());
+        assert_eq!(decide(ip("172.17.0.2"), 8000, &[]).verdict, Verdict::NoListener);
+    }
+
+    #[test]
+    fn wrong_family_both_ways() {
+        assert_eq!(decide(ip("fd00::2"), 80, &[l("0.0.0.0", 80)]).verdict, Verdict::WrongFamily);
+        // [::] did not take an IPv4 SYN: it must be IPV6_V6ONLY.
+        assert_eq!(decide(ip("172.17.0.2"), 80, &[l("::", 80)]).verdict, Verdict::WrongFamily);
+    }
+
+    #[test]
+    fn other_specific_address() {
+        let d = decide(ip("172.17.0.2"), 80, &[l("172.18.0.5", 80)]);
+        assert_eq!(d.verdict, Verdict::OtherAddress);
+        let d = decide(ip("fd00::2"), 80, &[l("fd00::9", 80)]);
+        assert_eq!(d.verdict, Verdict::OtherAddress);
+    }
+
+    #[test]
+    fn a_listener_that_accepts_now_means_it_came_late() {
+        for bound in ["0.0.0.0", "172.17.0.2", "::ffff:172.17.0.2"] {
+            assert_eq!(decide(ip("172.17.0.2"), 80, &[l(bound, 80)]).verdict, Verdict::ListeningNow);
+        }
+        assert_eq!(decide(ip("fd00::2"), 80, &[l("::", 80)]).verdict, Verdict::ListeningNow);
+    }
+
+    #[test]
+    fn loopback_wins_over_other_address() {
+        let d = decide(ip("172.17.0.2"), 80, &[l("10.0.0.1", 80), l("127.0.0.1", 80)]);
+        assert_eq!(d.verdict, Verdict::LoopbackOnly);
+    }
+}

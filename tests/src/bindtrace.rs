@@ -1,0 +1,196 @@
+//! A bindtrace process under test, run in a topology's host namespace, with its JSON lines
+//! collected as they arrive.
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::net::Netns;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    TcpSendReset,
+    KfreeSkb,
+}
+
+impl Hook {
+    pub fn arg(self) -> &'static str {
+        match self {
+            Hook::TcpSendReset => "tcp-send-reset",
+            Hook::KfreeSkb => "kfree-skb",
+        }
+    }
+}
+
+pub fn binary() -> String {
+    std::env::var("BINDTRACE_BIN").expect("BINDTRACE_BIN: run these tests through `sudo ./x test`")
+}
+
+#[derive(Default)]
+struct Shared {
+    lines: Vec<Value>,
+    stderr: Vec<String>,
+    ready: bool,
+    exited: bool,
+}
+
+pub struct Bindtrace {
+    child: Option<Child>,
+    shared: Arc<(Mutex<Shared>, Condvar)>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Bindtrace {
+    /// Starts `bindtrace --format json --hook HOOK ARGS...` inside `host` and waits until it says
+    /// it is ready.
+    pub fn start(host: &Netns, hook: Hook, args: &[&str]) -> Bindtrace {
+        let mut bt = Self::spawn(host, hook, args);
+        if !bt.wait_ready(Duration::from_secs(20)) {
+            let stderr = bt.stderr();
+            panic!("bindtrace did not become ready:\n{stderr}");
+        }
+        bt
+    }
+
+    /// Starts it without waiting (for tests of start-up errors).
+    pub fn spawn(host: &Netns, hook: Hook, args: &[&str]) -> Bindtrace {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &host.name, &binary(), "--format", "json", "--hook", hook.arg()]).args(args);
+        Self::spawn_cmd(cmd)
+    }
+
+    pub fn spawn_cmd(mut cmd: Command) -> Bindtrace {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start bindtrace");
+        let shared: Arc<(Mutex<Shared>, Condvar)> = Arc::default();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let s1 = shared.clone();
+        let out_reader = std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("bindtrace wrote a line that is not JSON ({e}): {line}"));
+                let (m, cv) = &*s1;
+                m.lock().unwrap().lines.push(value);
+                cv.notify_all();
+            }
+            let (m, cv) = &*s1;
+            m.lock().unwrap().exited = true;
+            cv.notify_all();
+        });
+        let s2 = shared.clone();
+        let err_reader = std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let (m, cv) = &*s2;
+                let mut g = m.lock().unwrap();
+                if line.contains("bindtrace: ready") {
+                    g.ready = true;
+                }
+                g.stderr.push(line);
+                cv.notify_all();
+            }
+        });
+        Bindtrace { child: Some(child), shared, readers: vec![out_reader, err_reader] }
+    }
+
+    fn wait_until(&self, timeout: Duration, mut done: impl FnMut(&Shared) -> bool) -> bool {
+        let (m, cv) = &*self.shared;
+        let deadline = Instant::now() + timeout;
+        let mut g = m.lock().unwrap();
+        loop {
+            if done(&g) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn wait_ready(&mut self, timeout: Duration) -> bool {
+        self.wait_until(timeout, |s| s.ready || s.exited)
+            && self.shared.0.lock().unwrap().ready
+    }
+
+    /// Waits for a line matching `pred` and returns it.
+    pub fn expect_line(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let mut found = None;
+        self.wait_until(timeout, |s| {
+            found = s.lines.iter().find(|l| pred(l)).cloned();
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!("no bindtrace line {what} within {timeout:?}; lines: {:#?}\nstderr:\n{}", self.lines(), self.stderr())
+        })
+    }
+
+    /// Waits for a `refused` line for `port` and returns it.
+    pub fn expect_refused(&self, port: u16) -> Value {
+        self.expect_line(&format!("refused on port {port}"), Duration::from_secs(5), |l| {
+            l["event"] == "refused" && l["target_port"] == port
+        })
+    }
+
+    /// Asserts no `refused` line for `port` appears within `quiet`.
+    pub fn expect_no_refused(&self, port: u16, quiet: Duration) {
+        std::thread::sleep(quiet);
+        let hits: Vec<Value> =
+            self.lines().into_iter().filter(|l| l["event"] == "refused" && l["target_port"] == port).collect();
+        assert!(hits.is_empty(), "unexpected refused lines for port {port}: {hits:#?}");
+    }
+
+    pub fn lines(&self) -> Vec<Value> {
+        self.shared.0.lock().unwrap().lines.clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.shared.0.lock().unwrap().stderr.join("\n")
+    }
+
+    /// SIGTERM, wait for exit; returns the exit code. Output readers are drained.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().ok();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        status.and_then(|s| s.code())
+    }
+
+    /// Waits for the process to exit by itself (start-up errors); returns exit code and stderr.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, String) {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        let code = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("bindtrace did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        (code, self.stderr())
+    }
+}
+
+impl Drop for Bindtrace {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

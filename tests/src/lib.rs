@@ -1,0 +1,11 @@
+//! Test harness: network namespaces, veth topologies, listeners, clients and a bindtrace
+//! process, each owned by a guard that cleans up on drop (also when a test panics).
+//!
+//! Every address used lives in namespaces these guards create; nothing leaves the machine.
+pub mod bindtrace;
+pub mod net;
+pub mod proc;
+
+pub use bindtrace::{Bindtrace, Hook};
+pub use net::{Container, Netns, Topology, connect, snmp_out_rsts};
+pub use proc::{Listener, is_root};

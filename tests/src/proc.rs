@@ -1,0 +1,52 @@
+//! Processes started by tests: listeners in a namespace.
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+};
+
+const LISTENER_PY: &str = include_str!("listener.py");
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A python listener (see listener.py) running in a namespace; killed on drop.
+pub struct Listener {
+    child: Child,
+    /// Every process holding the socket(s), host pid namespace.
+    pub pids: Vec<u32>,
+}
+
+impl Listener {
+    /// `ip netns exec NS python3 listener.py ADDR PORT EXTRA...`; returns once it listens.
+    pub fn start(ns: &str, addr: &str, port: u16, extra: &[&str]) -> Listener {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", LISTENER_PY, addr, &port.to_string()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start python3 listener");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("read listener");
+        let pids: Vec<u32> = line
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("listener on {addr}:{port} in {ns} did not start: {line:?}"))
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(pids[0], child.id(), "ip netns exec execs the command");
+        Listener { child, pids }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,84 @@
+//! Bad input and bad environments: clear errors, non-zero exits, nothing left loaded.
+use std::{process::Command, time::Duration};
+
+use bindtrace_tests::{Bindtrace, Hook, Topology, bindtrace::binary, is_root};
+
+fn our_programs() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| p.name_as_str().map(str::to_owned))
+        .filter(|n| n.starts_with("bt_"))
+        .collect()
+}
+
+#[test]
+fn unknown_interface_lists_the_bridges() {
+    if !is_root() {
+        return eprintln!("skipped: needs root");
+    }
+    let topo = Topology::new();
+    let mut bt = Bindtrace::spawn(&topo.host, Hook::KfreeSkb, &["-i", "nosuch0"]);
+    let (code, stderr) = bt.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no interface named nosuch0"), "{stderr}");
+    assert!(stderr.contains("bridges here: docker0"), "{stderr}");
+    assert!(our_programs().is_empty(), "nothing stays loaded");
+}
+
+#[test]
+fn not_a_bridge_is_refused() {
+    if !is_root() {
+        return eprintln!("skipped: needs root");
+    }
+    let topo = Topology::new();
+    let mut bt = Bindtrace::spawn(&topo.host, Hook::KfreeSkb, &["-i", "lo"]);
+    let (code, stderr) = bt.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("lo is not a bridge"), "{stderr}");
+}
+
+#[test]
+fn unprivileged_run_names_the_capabilities() {
+    if !is_root() {
+        return eprintln!("skipped: needs root (to drop to nobody)");
+    }
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", &binary()]);
+    let mut bt = Bindtrace::spawn_cmd(cmd);
+    let (code, stderr) = bt.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{stderr}");
+    for cap in ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "sudo"] {
+        assert!(stderr.contains(cap), "missing {cap} in: {stderr}");
+    }
+}
+
+#[test]
+fn sigterm_detaches_everything() {
+    if !is_root() {
+        return eprintln!("skipped: needs root");
+    }
+    for hook in [Hook::TcpSendReset, Hook::KfreeSkb] {
+        let topo = Topology::new();
+        let mut bt = Bindtrace::start(&topo.host, hook, &[]);
+        assert!(!our_programs().is_empty(), "loaded while running");
+        assert_eq!(bt.stop(), Some(0), "{}", bt.stderr());
+        assert!(bt.stderr().contains("bindtrace: detached"));
+        // Program teardown after the last fd closes is asynchronous (RCU): allow a moment.
+        let mut left = our_programs();
+        for _ in 0..50 {
+            if left.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            left = our_programs();
+        }
+        assert!(left.is_empty(), "left loaded after SIGTERM: {left:?}");
+    }
+}
+
+#[test]
+fn bad_flags_are_explained() {
+    let out = Command::new(binary()).args(["--ringbuf-size", "1000"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
+}

@@ -1,0 +1,36 @@
+//! The whole test suite, in the order that fails fastest: lint, unit tests (no root), release
+//! build, then the integration tests, which need root and run one at a time because they load
+//! eBPF programs and create network namespaces.
+use crate::util::{cargo, root, run};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Skip fmt and clippy.
+    #[arg(long)]
+    no_lint: bool,
+    /// Only integration tests whose name contains this.
+    filter: Option<String>,
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    if !opts.no_lint {
+        crate::lint::run()?;
+    }
+    let mut unit = cargo();
+    unit.args(["test", "--workspace", "--exclude", "bindtrace-tests", "--exclude", "bindtrace-ebpf"]);
+    run(unit)?;
+
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "bindtrace"]);
+    run(build)?;
+
+    let mut integration = cargo();
+    integration
+        .args(["test", "--release", "-p", "bindtrace-tests", "--"])
+        .arg("--test-threads=1")
+        .env("BINDTRACE_BIN", root().join("target/release/bindtrace"));
+    if let Some(filter) = &opts.filter {
+        integration.arg(filter);
+    }
+    run(integration)
+}
