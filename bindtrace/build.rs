@@ -14,7 +14,9 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed={SKIP}");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     if env::var(SKIP).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
-        println!("cargo:warning={SKIP} is set: building without eBPF programs; this binary will refuse to run");
+        println!(
+            "cargo:warning={SKIP} is set: building without eBPF programs; this binary will refuse to run"
+        );
         fs::write(out_dir.join("bindtrace"), b"")?;
         return Ok(());
     }

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use bindtrace_common::{
-    BridgeId, COUNTS_MAX_ENTRIES, CountKey, CountValue, RefusalEvent, SCOPE_MAX_ENTRIES,
-    STAT_COUNT_OVERFLOW, STAT_RINGBUF_LOST, STAT_SLOTS, ScopeKey,
+    BridgeId, COUNTS_MAX_ENTRIES, CountKey, CountValue, RefusalEvent, SCOPE_MAX_ENTRIES, STAT_COUNT_OVERFLOW,
+    STAT_RINGBUF_LOST, STAT_SLOTS, ScopeKey,
 };
 
 use crate::{kernel::Ingress, packet::Segment};
@@ -22,8 +22,7 @@ static SCOPE: HashMap<ScopeKey, BridgeId> = HashMap::with_max_entries(SCOPE_MAX_
 /// Exact refusal counts. Preallocated: an insert into a full map fails (it never evicts), and
 /// the refusal is then counted in `STATS[STAT_COUNT_OVERFLOW]` instead.
 #[map]
-static COUNTS: PerCpuHashMap<CountKey, CountValue> =
-    PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
+static COUNTS: PerCpuHashMap<CountKey, CountValue> = PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
 
 /// Per-CPU counters of what could not be delivered as it happened.
 #[map]
@@ -74,9 +73,7 @@ pub fn record<C: aya_ebpf::EbpfContext>(
     let send = match COUNTS.get_ptr_mut(&key) {
         Some(value) => unsafe {
             (*value).count += 1;
-            if now.wrapping_sub((*value).last_event_ns) >= FOLD_WINDOW_NS.load()
-                || (*value).count == 1
-            {
+            if now.wrapping_sub((*value).last_event_ns) >= FOLD_WINDOW_NS.load() || (*value).count == 1 {
                 (*value).last_event_ns = now;
                 true
             } else {

@@ -24,10 +24,7 @@ const MAX_DEPTH: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     #[error("cannot read BTF from {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(
         "cannot read {SYS_FS_PATH} ({source}): bindtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
     )]
@@ -39,12 +36,7 @@ pub enum BtfError {
     #[error("unsupported BTF header: {0}")]
     BadHeader(String),
     #[error("BTF is truncated: {what} needs bytes {start}..{end}, the blob has {len}")]
-    Truncated {
-        what: String,
-        start: usize,
-        end: usize,
-        len: usize,
-    },
+    Truncated { what: String, start: usize, end: usize, len: usize },
     #[error("BTF type {id} has unknown kind {kind}")]
     UnknownKind { id: u32, kind: u8 },
     #[error("BTF refers to type {id}, but there are only {count} types")]
@@ -68,22 +60,11 @@ pub enum BtfError {
     #[error("offset or size of `{path}` does not fit in 32 bits")]
     TooLarge { path: String },
     #[error("`{path}` is {size} bytes, expected {expected}")]
-    WrongSize {
-        path: String,
-        size: u32,
-        expected: u32,
-    },
+    WrongSize { path: String, size: u32, expected: u32 },
     #[error("{enum_name}::{enumerator} is {value}, which does not fit in a u32")]
-    EnumOutOfRange {
-        enum_name: String,
-        enumerator: String,
-        value: i64,
-    },
+    EnumOutOfRange { enum_name: String, enumerator: String, value: i64 },
     #[error("enum {enum_name} has no enumerator `{enumerator}`")]
-    NoEnumerator {
-        enum_name: String,
-        enumerator: String,
-    },
+    NoEnumerator { enum_name: String, enumerator: String },
     #[error("typedef {name} is `{ty}`, not a function prototype or a pointer to one")]
     NotFuncProto { name: String, ty: String },
 }
@@ -92,10 +73,7 @@ impl BtfError {
     /// True when the blob is fine but the thing asked for is not in it (a kernel difference,
     /// not corruption): callers use this to treat optional kernel features as absent.
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self,
-            Self::NoType { .. } | Self::NoMember { .. } | Self::NoEnumerator { .. }
-        )
+        matches!(self, Self::NoType { .. } | Self::NoMember { .. } | Self::NoEnumerator { .. })
     }
 }
 
@@ -135,8 +113,8 @@ impl Kind {
     fn from_raw(raw: u8) -> Option<Kind> {
         use Kind::*;
         const ALL: [Kind; 19] = [
-            Int, Ptr, Array, Struct, Union, Enum, Fwd, Typedef, Volatile, Const, Restrict, Func,
-            FuncProto, Var, Datasec, Float, DeclTag, TypeTag, Enum64,
+            Int, Ptr, Array, Struct, Union, Enum, Fwd, Typedef, Volatile, Const, Restrict, Func, FuncProto,
+            Var, Datasec, Float, DeclTag, TypeTag, Enum64,
         ];
         ALL.get(usize::from(raw).checked_sub(1)?).copied()
     }
@@ -146,11 +124,11 @@ impl Kind {
     fn trailing_len(self, vlen: usize) -> usize {
         use Kind::*;
         match self {
-            Int | Var | DeclTag => 4, // u32 encoding / linkage / component_idx
-            Array => 12,              // struct btf_array
+            Int | Var | DeclTag => 4,              // u32 encoding / linkage / component_idx
+            Array => 12,                           // struct btf_array
             Struct | Union | Datasec => 12 * vlen, // btf_member / btf_var_secinfo
-            Enum | FuncProto => 8 * vlen, // btf_enum / btf_param
-            Enum64 => 12 * vlen,      // btf_enum64
+            Enum | FuncProto => 8 * vlen,          // btf_enum / btf_param
+            Enum64 => 12 * vlen,                   // btf_enum64
             Ptr | Fwd | Typedef | Volatile | Const | Restrict | Func | Float | TypeTag => 0,
         }
     }
@@ -223,10 +201,7 @@ pub struct Btf {
 
 impl std::fmt::Debug for Btf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Btf")
-            .field("bytes", &self.data.len())
-            .field("types", &self.offsets.len())
-            .finish()
+        f.debug_struct("Btf").field("bytes", &self.data.len()).field("types", &self.offsets.len()).finish()
     }
 }
 
@@ -236,10 +211,7 @@ impl Btf {
     }
 
     pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
-        let data = std::fs::read(path).map_err(|source| BtfError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let data = std::fs::read(path).map_err(|source| BtfError::Io { path: path.to_owned(), source })?;
         Self::from_vec(data)
     }
 
@@ -287,39 +259,26 @@ impl Btf {
     /// Types named `name`, in ascending id order.
     fn named<'s>(&'s self, name: &str) -> impl Iterator<Item = Type<'s>> {
         let first = self.names.get(&name_hash(name.as_bytes())).copied();
-        let next = |&id: &u32| {
-            self.name_chain
-                .get(id as usize)
-                .copied()
-                .filter(|&n| n != 0)
-        };
+        let next = |&id: &u32| self.name_chain.get(id as usize).copied().filter(|&n| n != 0);
         std::iter::successors(first, next)
             .filter_map(|id| self.ty(id).ok())
             .filter(move |t| self.str_bytes(t.name_off).ok() == Some(name.as_bytes()))
     }
 
     fn ty(&self, id: u32) -> Result<Type<'_>, BtfError> {
-        let bad_id = || BtfError::BadTypeId {
-            id,
-            count: self.offsets.len(),
-        };
+        let bad_id = || BtfError::BadTypeId { id, count: self.offsets.len() };
         if id == 0 {
             return Err(bad_id());
         }
         let pos = *self.offsets.get(id as usize).ok_or_else(bad_id)? as usize;
         // index_types checked every record, so this only fails if the blob changed under us.
-        decode_type(&self.data, pos, usize::MAX)
-            .map(|(t, _)| Type { id, ..t })
-            .map_err(|_| bad_id())
+        decode_type(&self.data, pos, usize::MAX).map(|(t, _)| Type { id, ..t }).map_err(|_| bad_id())
     }
 
     fn str_bytes(&self, offset: u32) -> Result<&[u8], BtfError> {
         let (start, end) = self.strs;
         let bad = || BtfError::BadString { offset };
-        let from = start
-            .checked_add(offset as usize)
-            .filter(|&s| s < end)
-            .ok_or_else(bad)?;
+        let from = start.checked_add(offset as usize).filter(|&s| s < end).ok_or_else(bad)?;
         let rest = self.data.get(from..end).ok_or_else(bad)?;
         let len = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;
         Ok(&rest[..len])
@@ -346,9 +305,7 @@ impl Btf {
 
     /// Size in bytes of a type, as `sizeof` would give it.
     fn size_of(&self, id: u32) -> Result<u32, BtfError> {
-        let no_size = || BtfError::NoSize {
-            ty: self.render(id),
-        };
+        let no_size = || BtfError::NoSize { ty: self.render(id) };
         let id = self.skip_aliases(id)?;
         if id == 0 {
             return Err(no_size());
@@ -376,16 +333,12 @@ impl Btf {
                 Ok(t) if t.kind == Kind::Array => {
                     count = count
                         .checked_mul(le32(t.extra, 8))
-                        .ok_or(BtfError::NoSize {
-                            ty: self.render(elem),
-                        })?;
+                        .ok_or(BtfError::NoSize { ty: self.render(elem) })?;
                     id = self.skip_aliases(le32(t.extra, 0))?;
                 }
                 _ => {
                     let size = self.size_of(id)?;
-                    return size.checked_mul(count).ok_or(BtfError::NoSize {
-                        ty: self.render(elem),
-                    });
+                    return size.checked_mul(count).ok_or(BtfError::NoSize { ty: self.render(elem) });
                 }
             }
         }
@@ -408,10 +361,8 @@ impl Btf {
                 best = Some(c);
             }
         }
-        best.map(|(_, t)| t).ok_or_else(|| BtfError::NoType {
-            what: "struct or union",
-            name: name.to_owned(),
-        })
+        best.map(|(_, t)| t)
+            .ok_or_else(|| BtfError::NoType { what: "struct or union", name: name.to_owned() })
     }
 
     /// The struct/union behind `id` after typedefs and qualifiers, if it is one.
@@ -426,21 +377,13 @@ impl Btf {
 
     /// Finds member `name` of a struct/union. C puts the members of anonymous structs/unions
     /// in the enclosing scope (sk_buff hides most fields that way), so those are searched too.
-    fn find_member(
-        &self,
-        outer: Type<'_>,
-        name: &[u8],
-        depth: usize,
-    ) -> Result<Option<Found>, BtfError> {
+    fn find_member(&self, outer: Type<'_>, name: &[u8], depth: usize) -> Result<Option<Found>, BtfError> {
         if depth > MAX_DEPTH {
             return Err(BtfError::TooDeep { id: outer.id });
         }
         for m in outer.members() {
-            let (bit_offset, bitfield_size) = if outer.kind_flag() {
-                (m.offset & 0x00ff_ffff, m.offset >> 24)
-            } else {
-                (m.offset, 0)
-            };
+            let (bit_offset, bitfield_size) =
+                if outer.kind_flag() { (m.offset & 0x00ff_ffff, m.offset >> 24) } else { (m.offset, 0) };
             if m.name_off != 0 {
                 if self.str_bytes(m.name_off)? == name {
                     return Ok(Some(Found {
@@ -452,10 +395,7 @@ impl Btf {
             } else if let Some(inner) = self.composite(m.ty)?
                 && let Some(found) = self.find_member(inner, name, depth + 1)?
             {
-                return Ok(Some(Found {
-                    bit_offset: found.bit_offset + u64::from(bit_offset),
-                    ..found
-                }));
+                return Ok(Some(Found { bit_offset: found.bit_offset + u64::from(bit_offset), ..found }));
             }
         }
         Ok(None)
@@ -498,42 +438,28 @@ impl Btf {
         let mut bit_offset = 0u64;
         for (i, step) in members.iter().enumerate() {
             let walked = steps[..i + 2].join(".");
-            let found = self
-                .find_member(outer, step.as_bytes(), 0)?
-                .ok_or_else(|| BtfError::NoMember {
-                    container: container.clone(),
-                    member: (*step).to_owned(),
-                })?;
+            let found = self.find_member(outer, step.as_bytes(), 0)?.ok_or_else(|| BtfError::NoMember {
+                container: container.clone(),
+                member: (*step).to_owned(),
+            })?;
             bit_offset += found.bit_offset;
             if i + 1 == members.len() {
                 return self.finish_member(&walked, bit_offset, &found);
             }
             outer = self
                 .composite(found.ty)?
-                .ok_or_else(|| BtfError::NotComposite {
-                    path: walked.clone(),
-                    ty: self.render(found.ty),
-                })?;
+                .ok_or_else(|| BtfError::NotComposite { path: walked.clone(), ty: self.render(found.ty) })?;
             container = self.render(found.ty);
         }
         Err(BtfError::BadPath { path: path.into() })
     }
 
-    fn finish_member(
-        &self,
-        path: &str,
-        bit_offset: u64,
-        found: &Found,
-    ) -> Result<Member, BtfError> {
+    fn finish_member(&self, path: &str, bit_offset: u64, found: &Found) -> Result<Member, BtfError> {
         if found.bitfield || !bit_offset.is_multiple_of(8) || self.is_int_bitfield(found.ty)? {
             return Err(BtfError::Bitfield { path: path.into() });
         }
-        let offset =
-            u32::try_from(bit_offset / 8).map_err(|_| BtfError::TooLarge { path: path.into() })?;
-        Ok(Member {
-            offset,
-            size: self.size_of(found.ty)?,
-        })
+        let offset = u32::try_from(bit_offset / 8).map_err(|_| BtfError::TooLarge { path: path.into() })?;
+        Ok(Member { offset, size: self.size_of(found.ty)? })
     }
 
     /// Value of an enumerator of a named enum (ENUM or ENUM64). An unsigned ENUM64 value above
@@ -550,15 +476,9 @@ impl Btf {
             }
         }
         Err(if saw_enum {
-            BtfError::NoEnumerator {
-                enum_name: enum_name.to_owned(),
-                enumerator: enumerator.to_owned(),
-            }
+            BtfError::NoEnumerator { enum_name: enum_name.to_owned(), enumerator: enumerator.to_owned() }
         } else {
-            BtfError::NoType {
-                what: "enum",
-                name: enum_name.to_owned(),
-            }
+            BtfError::NoType { what: "enum", name: enum_name.to_owned() }
         })
     }
 
@@ -586,10 +506,7 @@ impl Btf {
         let typedef = self
             .named(typedef_name)
             .find(|t| t.kind == Kind::Typedef)
-            .ok_or_else(|| BtfError::NoType {
-                what: "typedef",
-                name: typedef_name.to_owned(),
-            })?;
+            .ok_or_else(|| BtfError::NoType { what: "typedef", name: typedef_name.to_owned() })?;
         let not_proto = || BtfError::NotFuncProto {
             name: typedef_name.to_owned(),
             ty: self.render(typedef.size_or_type),
@@ -644,9 +561,7 @@ impl Btf {
         };
         let inner = || self.render_depth(t.size_or_type, depth + 1);
         match t.kind {
-            Kind::Int | Kind::Float | Kind::Typedef | Kind::Func | Kind::Var | Kind::Datasec => {
-                name.into()
-            }
+            Kind::Int | Kind::Float | Kind::Typedef | Kind::Func | Kind::Var | Kind::Datasec => name.into(),
             Kind::Struct => format!("struct {name}"),
             Kind::Union => format!("union {name}"),
             Kind::Enum | Kind::Enum64 => format!("enum {name}"),
@@ -682,11 +597,7 @@ impl Btf {
             return self.render_proto(proto, "(*)", depth);
         }
         let inner = self.render_depth(target, depth + 1);
-        if inner.ends_with('*') {
-            format!("{inner}*")
-        } else {
-            format!("{inner} *")
-        }
+        if inner.ends_with('*') { format!("{inner}*") } else { format!("{inner} *") }
     }
 
     fn skip_tags(&self, mut id: u32) -> u32 {
@@ -702,11 +613,7 @@ impl Btf {
     fn render_proto(&self, proto: Type<'_>, declarator: &str, depth: usize) -> String {
         let ret = self.render_depth(proto.size_or_type, depth + 1);
         let params = self.params(proto);
-        let params = if params.is_empty() {
-            "void".into()
-        } else {
-            params.join(", ")
-        };
+        let params = if params.is_empty() { "void".into() } else { params.join(", ") };
         format!("{ret} {declarator}({params})")
     }
 }
@@ -737,17 +644,13 @@ impl Header {
         }
         let version = field(2, 1)?[0];
         if version != 1 {
-            return Err(BtfError::BadHeader(format!(
-                "version {version}, expected 1"
-            )));
+            return Err(BtfError::BadHeader(format!("version {version}, expected 1")));
         }
         let word = |i: usize| field(4 + 4 * i, 4).map(|b| le32(b, 0));
         let (hdr_len, type_off, type_len, str_off, str_len) =
             (word(0)?, word(1)?, word(2)?, word(3)?, word(4)?);
         if hdr_len < HEADER_LEN {
-            return Err(BtfError::BadHeader(format!(
-                "hdr_len {hdr_len} is shorter than {HEADER_LEN}"
-            )));
+            return Err(BtfError::BadHeader(format!("hdr_len {hdr_len} is shorter than {HEADER_LEN}")));
         }
         if u32::try_from(data.len()).is_err() {
             return Err(BtfError::BadHeader("blob larger than 4 GiB".into()));
@@ -760,22 +663,11 @@ impl Header {
 }
 
 /// Byte range of a section given relative to the end of the header, checked against the blob.
-fn section(
-    len: usize,
-    hdr_len: u32,
-    off: u32,
-    size: u32,
-    what: &str,
-) -> Result<(usize, usize), BtfError> {
+fn section(len: usize, hdr_len: u32, off: u32, size: u32, what: &str) -> Result<(usize, usize), BtfError> {
     let start = u64::from(hdr_len) + u64::from(off);
     let end = start + u64::from(size);
     if end > len as u64 {
-        return Err(BtfError::Truncated {
-            what: what.into(),
-            start: start as usize,
-            end: end as usize,
-            len,
-        });
+        return Err(BtfError::Truncated { what: what.into(), start: start as usize, end: end as usize, len });
     }
     Ok((start as usize, end as usize))
 }
@@ -791,14 +683,9 @@ fn index_types(data: &[u8], (start, end): (usize, usize)) -> Result<Vec<u32>, Bt
         let id = offsets.len() as u32;
         let (_, next) = decode_type(data, pos, end).map_err(|e| match e {
             BtfError::UnknownKind { kind, .. } => BtfError::UnknownKind { id, kind },
-            BtfError::Truncated {
-                start, end, len, ..
-            } => BtfError::Truncated {
-                what: format!("type {id}"),
-                start,
-                end,
-                len,
-            },
+            BtfError::Truncated { start, end, len, .. } => {
+                BtfError::Truncated { what: format!("type {id}"), start, end, len }
+            }
             other => other,
         })?;
         offsets.push(pos as u32);
@@ -811,55 +698,27 @@ fn index_types(data: &[u8], (start, end): (usize, usize)) -> Result<Vec<u32>, Bt
 /// of the next record. The returned type has id 0; callers fill it in.
 fn decode_type(data: &[u8], pos: usize, limit: usize) -> Result<(Type<'_>, usize), BtfError> {
     let limit = limit.min(data.len());
-    let truncated = |end: usize| BtfError::Truncated {
-        what: "type".into(),
-        start: pos,
-        end,
-        len: limit,
-    };
-    let head_end = pos
-        .checked_add(TYPE_LEN)
-        .ok_or_else(|| truncated(usize::MAX))?;
-    let head = data
-        .get(pos..head_end)
-        .filter(|_| head_end <= limit)
-        .ok_or_else(|| truncated(head_end))?;
+    let truncated = |end: usize| BtfError::Truncated { what: "type".into(), start: pos, end, len: limit };
+    let head_end = pos.checked_add(TYPE_LEN).ok_or_else(|| truncated(usize::MAX))?;
+    let head = data.get(pos..head_end).filter(|_| head_end <= limit).ok_or_else(|| truncated(head_end))?;
     let info = le32(head, 4);
     let raw_kind = ((info >> 24) & 0x1f) as u8;
-    let kind = Kind::from_raw(raw_kind).ok_or(BtfError::UnknownKind {
-        id: 0,
-        kind: raw_kind,
-    })?;
+    let kind = Kind::from_raw(raw_kind).ok_or(BtfError::UnknownKind { id: 0, kind: raw_kind })?;
     let end = head_end + kind.trailing_len((info & 0xffff) as usize);
-    let extra = data
-        .get(head_end..end)
-        .filter(|_| end <= limit)
-        .ok_or_else(|| truncated(end))?;
-    let t = Type {
-        id: 0,
-        name_off: le32(head, 0),
-        kind,
-        info,
-        size_or_type: le32(head, 8),
-        extra,
-    };
+    let extra = data.get(head_end..end).filter(|_| end <= limit).ok_or_else(|| truncated(end))?;
+    let t = Type { id: 0, name_off: le32(head, 0), kind, info, size_or_type: le32(head, 8), extra };
     Ok((t, end))
 }
 
 /// Little-endian u32 at `at`; callers only pass slices whose length was checked when the
 /// record was indexed, so the 0 fallback is never seen for a parsed blob.
 fn le32(bytes: &[u8], at: usize) -> u32 {
-    bytes
-        .get(at..at + 4)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u32::from_le_bytes)
+    bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes)
 }
 
 /// FNV-1a: cheap, and good enough to spread identifier names over the map.
 fn name_hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[cfg(test)]
@@ -874,9 +733,7 @@ pub(crate) mod tests {
         let path = format!("{}/testdata/btf/{name}", env!("CARGO_MANIFEST_DIR"));
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let mut raw = Vec::new();
-        flate2::read::GzDecoder::new(file)
-            .read_to_end(&mut raw)
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        flate2::read::GzDecoder::new(file).read_to_end(&mut raw).unwrap_or_else(|e| panic!("{path}: {e}"));
         raw
     }
 
@@ -885,8 +742,7 @@ pub(crate) mod tests {
         static CACHE: OnceLock<Mutex<HashMap<String, &'static Btf>>> = OnceLock::new();
         let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
         cache.entry(name.to_owned()).or_insert_with(|| {
-            let btf =
-                Btf::from_bytes(&fixture_bytes(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let btf = Btf::from_bytes(&fixture_bytes(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
             Box::leak(Box::new(btf))
         })
     }
@@ -898,9 +754,7 @@ pub(crate) mod tests {
     fn kinds(btf: &Btf) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
         for id in 1..btf.type_count() as u32 {
-            *counts
-                .entry(format!("{:?}", btf.ty(id).unwrap().kind))
-                .or_default() += 1;
+            *counts.entry(format!("{:?}", btf.ty(id).unwrap().kind)).or_default() += 1;
         }
         counts
     }
@@ -997,19 +851,9 @@ pub(crate) mod tests {
     fn enum_values_differ_between_kernels() {
         let reason = |btf: &Btf, e, v| btf.enum_value(e, v).unwrap();
         let v6_18 = fixture(V6_18);
-        assert_eq!(
-            reason(v6_18, "skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET"),
-            3
-        );
+        assert_eq!(reason(v6_18, "skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET"), 3);
         assert_eq!(reason(v6_18, "sk_rst_reason", "SK_RST_REASON_NO_SOCKET"), 1);
-        assert_eq!(
-            reason(
-                fixture(V6_1),
-                "skb_drop_reason",
-                "SKB_DROP_REASON_NO_SOCKET"
-            ),
-            2
-        );
+        assert_eq!(reason(fixture(V6_1), "skb_drop_reason", "SKB_DROP_REASON_NO_SOCKET"), 2);
         assert_eq!(
             err(fixture(V6_1).enum_value("sk_rst_reason", "SK_RST_REASON_NO_SOCKET")),
             "no enum named `sk_rst_reason` in the BTF"
@@ -1025,22 +869,11 @@ pub(crate) mod tests {
         let params = |name, btf: &Btf| btf.func_proto_params(name).unwrap();
         assert_eq!(
             params("btf_trace_tcp_send_reset", fixture(V6_18)),
-            [
-                "void *",
-                "const struct sock *",
-                "const struct sk_buff *",
-                "const enum sk_rst_reason"
-            ]
+            ["void *", "const struct sock *", "const struct sk_buff *", "const enum sk_rst_reason"]
         );
         assert_eq!(
             params("btf_trace_kfree_skb", fixture(V6_18)),
-            [
-                "void *",
-                "struct sk_buff *",
-                "void *",
-                "enum skb_drop_reason",
-                "struct sock *"
-            ]
+            ["void *", "struct sk_buff *", "void *", "enum skb_drop_reason", "struct sock *"]
         );
         assert_eq!(
             params("btf_trace_tcp_send_reset", fixture(V6_1)),
@@ -1048,17 +881,9 @@ pub(crate) mod tests {
         );
         assert_eq!(
             params("btf_trace_kfree_skb", fixture(V6_1)),
-            [
-                "void *",
-                "struct sk_buff *",
-                "void *",
-                "enum skb_drop_reason"
-            ]
+            ["void *", "struct sk_buff *", "void *", "enum skb_drop_reason"]
         );
-        assert_eq!(
-            params("btf_trace_kfree_skb", fixture(V5_10)),
-            ["void *", "struct sk_buff *", "void *"]
-        );
+        assert_eq!(params("btf_trace_kfree_skb", fixture(V5_10)), ["void *", "struct sk_buff *", "void *"]);
     }
 
     #[test]
@@ -1068,18 +893,9 @@ pub(crate) mod tests {
             err(btf.member("no_such_struct.x")),
             "no struct or union named `no_such_struct` in the BTF"
         );
-        assert_eq!(
-            err(btf.member("sk_buff.no_such")),
-            "struct sk_buff has no member `no_such`"
-        );
-        assert_eq!(
-            err(btf.member("net.ns.no_such")),
-            "struct ns_common has no member `no_such`"
-        );
-        assert_eq!(
-            err(btf.member("net_device.nd_net.x")),
-            "possible_net_t has no member `x`"
-        );
+        assert_eq!(err(btf.member("sk_buff.no_such")), "struct sk_buff has no member `no_such`");
+        assert_eq!(err(btf.member("net.ns.no_such")), "struct ns_common has no member `no_such`");
+        assert_eq!(err(btf.member("net_device.nd_net.x")), "possible_net_t has no member `x`");
         assert_eq!(
             err(btf.member("sk_buff.dev.ifindex")),
             "`sk_buff.dev` has type `struct net_device *`, which is not a struct or union"
@@ -1089,10 +905,7 @@ pub(crate) mod tests {
             "`sk_buff.pkt_type` is a bitfield; it has no byte offset and size"
         );
         for path in ["sk_buff", "sk_buff.", "sk_buff..dev", ""] {
-            assert!(
-                err(btf.member(path)).contains("is not a member path"),
-                "{path}"
-            );
+            assert!(err(btf.member(path)).contains("is not a member path"), "{path}");
         }
         assert_eq!(
             err(btf.enum_value("skb_drop_reason", "NOPE")),
@@ -1113,42 +926,17 @@ pub(crate) mod tests {
     fn rejects_wrong_magic() {
         let mut raw = Builder::default().build();
         raw[0] = 0x7f;
-        assert_eq!(
-            err(Btf::from_bytes(&raw)),
-            "not BTF data: magic is 0xeb7f, expected 0xeb9f"
-        );
+        assert_eq!(err(Btf::from_bytes(&raw)), "not BTF data: magic is 0xeb7f, expected 0xeb9f");
         raw[..2].copy_from_slice(&[0xeb, 0x9f]);
-        assert_eq!(
-            err(Btf::from_bytes(&raw)),
-            "big-endian BTF is not supported"
-        );
-        assert!(matches!(
-            Btf::from_bytes(b"\x7fELF\x02\x01\x01"),
-            Err(BtfError::BadMagic { .. })
-        ));
+        assert_eq!(err(Btf::from_bytes(&raw)), "big-endian BTF is not supported");
+        assert!(matches!(Btf::from_bytes(b"\x7fELF\x02\x01\x01"), Err(BtfError::BadMagic { .. })));
     }
 
     #[test]
     fn truncated_prefixes_are_errors() {
         let raw = fixture_bytes(V5_10);
         let n = raw.len();
-        for cut in [
-            0,
-            1,
-            2,
-            3,
-            4,
-            12,
-            23,
-            24,
-            25,
-            36,
-            1000,
-            n / 3,
-            n / 2,
-            n - 2,
-            n - 1,
-        ] {
+        for cut in [0, 1, 2, 3, 4, 12, 23, 24, 25, 36, 1000, n / 3, n / 2, n - 2, n - 1] {
             let e = Btf::from_bytes(&raw[..cut]).expect_err("truncated blob parsed");
             assert!(e.to_string().contains("truncated"), "cut {cut}: {e}");
         }
@@ -1177,11 +965,7 @@ pub(crate) mod tests {
         let raw = fixture_bytes(V6_18);
         let start = std::time::Instant::now();
         Btf::from_bytes(&raw).unwrap();
-        assert!(
-            start.elapsed().as_secs() < 5,
-            "parse took {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed().as_secs() < 5, "parse took {:?}", start.elapsed());
     }
 
     /// `cargo test --release --lib -- --ignored --nocapture parse_time`
@@ -1226,14 +1010,7 @@ pub(crate) mod tests {
         }
 
         /// Appends a type: `kind | KIND_FLAG`, size or type, trailing words. Returns its id.
-        fn add(
-            &mut self,
-            name: &str,
-            kind: u32,
-            vlen: u32,
-            size_or_type: u32,
-            extra: &[u32],
-        ) -> u32 {
+        fn add(&mut self, name: &str, kind: u32, vlen: u32, size_or_type: u32, extra: &[u32]) -> u32 {
             let name_off = self.str(name);
             let info = ((kind & 0x1f) << 24) | (kind & KIND_FLAG) | vlen;
             for word in [name_off, info, size_or_type].iter().chain(extra) {
@@ -1335,15 +1112,9 @@ pub(crate) mod tests {
         assert_eq!(member(&btf, "outer.arr"), (24, 8));
         assert_eq!(member(&btf, "outer.f"), (32, 8));
         assert_eq!(member(&btf, "inner_t.c"), (6, 2));
-        assert!(matches!(
-            btf.member("outer.in.bf"),
-            Err(BtfError::Bitfield { .. })
-        ));
+        assert!(matches!(btf.member("outer.in.bf"), Err(BtfError::Bitfield { .. })));
         assert_eq!(err(btf.member("outer.in.zz")), "inner_t has no member `zz`");
-        assert!(matches!(
-            btf.member("looped.m"),
-            Err(BtfError::TooDeep { .. })
-        ));
+        assert!(matches!(btf.member("looped.m"), Err(BtfError::TooDeep { .. })));
     }
 
     #[test]
@@ -1355,49 +1126,26 @@ pub(crate) mod tests {
         assert_eq!(btf.enum_value("big", "HUGE").unwrap(), 0x1_0000_0002);
         assert_eq!(
             btf.func_proto_params("btf_trace_x").unwrap(),
-            [
-                "void *",
-                "void * restrict",
-                "int",
-                "void * const",
-                "void **",
-                "volatile int",
-                "..."
-            ]
+            ["void *", "void * restrict", "int", "void * const", "void **", "volatile int", "..."]
         );
-        let fp = btf
-            .composite_by_name("has_fp")
-            .unwrap()
-            .members()
-            .next()
-            .unwrap()
-            .ty;
+        let fp = btf.composite_by_name("has_fp").unwrap().members().next().unwrap().ty;
         assert_eq!(
             btf.render(fp),
             "int (*)(void *, void * restrict, int, void * const, void **, volatile int, ...)"
         );
-        assert!(matches!(
-            btf.func_proto_params("loop_a"),
-            Err(BtfError::TooDeep { .. })
-        ));
+        assert!(matches!(btf.func_proto_params("loop_a"), Err(BtfError::TooDeep { .. })));
     }
 
     #[test]
     fn unknown_kind_and_corruption() {
         let mut b = Builder::default();
         b.add("x", 31, 0, 0, &[]);
-        assert_eq!(
-            err(Btf::from_bytes(&b.build())),
-            "BTF type 1 has unknown kind 31"
-        );
+        assert_eq!(err(Btf::from_bytes(&b.build())), "BTF type 1 has unknown kind 31");
 
         // Every prefix, and every byte set to a few values: parse and look up, never panic.
         let good = synthetic();
         for cut in 0..good.len() {
-            assert!(
-                Btf::from_bytes(&good[..cut]).is_err(),
-                "prefix of {cut} bytes parsed"
-            );
+            assert!(Btf::from_bytes(&good[..cut]).is_err(), "prefix of {cut} bytes parsed");
         }
         for i in 0..good.len() {
             for value in [0x00, 0x01, 0x7f, 0x80, 0xff] {

@@ -44,7 +44,9 @@ pub struct Args {
 fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|e| format!("{s:?} is not a byte count: {e}"))?;
     if n < 4096 || !n.is_power_of_two() {
-        return Err(format!("{n} must be a power of two of at least 4096 (the page size), e.g. 4096 or 262144"));
+        return Err(format!(
+            "{n} must be a power of two of at least 4096 (the page size), e.g. 4096 or 262144"
+        ));
     }
     Ok(n)
 }
@@ -72,7 +74,18 @@ mod tests {
 
     #[test]
     fn repeated_ifaces_and_hooks() {
-        let a = Args::try_parse_from(["bindtrace", "-i", "docker0", "--iface", "br-1", "--hook", "kfree-skb", "--format", "json"]).unwrap();
+        let a = Args::try_parse_from([
+            "bindtrace",
+            "-i",
+            "docker0",
+            "--iface",
+            "br-1",
+            "--hook",
+            "kfree-skb",
+            "--format",
+            "json",
+        ])
+        .unwrap();
         assert_eq!(a.ifaces, vec!["docker0", "br-1"]);
         assert_eq!(a.hook, HookChoice::KfreeSkb);
         assert_eq!(a.format, Format::Json);

@@ -37,7 +37,11 @@ pub fn report(line: &Line, port: Option<&Port>, bridges: &Bridges, hook: &'stati
     let target_ip = sample.map(|s| addr_of(family, &s.target_addr));
     let (verdict, listeners) = match port.map(|p| (p, sockets::listeners_in(&p.ns))) {
         Some((p, Ok(all))) => {
-            let unspecified = if family == AF_INET6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+            let unspecified = if family == AF_INET6 {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            };
             let decision = verdict::decide(target_ip.unwrap_or(unspecified), line.key.port, &all);
             let inodes: Vec<u64> = decision.listeners.iter().map(|l| l.inode).collect();
             let holders = sockets::holders(&inodes, p.ns.inode);
@@ -71,7 +75,10 @@ pub fn report(line: &Line, port: Option<&Port>, bridges: &Bridges, hook: &'stati
         client_port: sample.map(|s| s.client_port),
         netns: port.map(|p| p.ns.inode).or(sample.map(|s| s.netns_ino as u64)).unwrap_or(0),
         netns_cookie: line.key.netns_cookie,
-        bridge: port.map(|p| bridges.name(p.bridge).to_owned()).or(sample.map(|s| bridges.name(s.bridge).to_owned())).unwrap_or_default(),
+        bridge: port
+            .map(|p| bridges.name(p.bridge).to_owned())
+            .or(sample.map(|s| bridges.name(s.bridge).to_owned()))
+            .unwrap_or_default(),
         ifindex: line.key.ifindex,
         veth: port.map(|p| p.host_ifname.clone()).unwrap_or_default(),
         hook: hook_name(sample, hook),

@@ -56,7 +56,6 @@ impl Folder {
         Folder { window, keys: HashMap::new() }
     }
 
-
     /// A sample arrived; `total` is the key's kernel total read just now (it includes this
     /// refusal: the kernel counts before it sends). A line is due at once unless the key had
     /// one within the window.
@@ -80,7 +79,12 @@ impl Folder {
     /// Periodic pass over the kernel's totals: a line for every key whose total grew and whose
     /// window has closed (keys whose samples were all lost are found here too). With `final_flush`
     /// windows are ignored, so that nothing counted is left unprinted at exit.
-    pub fn on_totals(&mut self, totals: &HashMap<CountKey, u64>, now: Instant, final_flush: bool) -> Vec<Line> {
+    pub fn on_totals(
+        &mut self,
+        totals: &HashMap<CountKey, u64>,
+        now: Instant,
+        final_flush: bool,
+    ) -> Vec<Line> {
         let mut lines = Vec::new();
         for (key, &total) in totals {
             let state = self.keys.entry(*key).or_default();
@@ -116,7 +120,14 @@ mod tests {
     use super::*;
 
     fn ev(port: u16) -> RefusalEvent {
-        RefusalEvent { netns_cookie: 7, ifindex: 2, target_port: port, family: 2, proto: 6, ..Default::default() }
+        RefusalEvent {
+            netns_cookie: 7,
+            ifindex: 2,
+            target_port: port,
+            family: 2,
+            proto: 6,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -147,7 +158,8 @@ mod tests {
             if i % 2 == 0 {
                 printed += f.on_event(ev(80), total, now).map_or(0, |l| l.count);
             }
-            printed += f.on_totals(&HashMap::from([(k, total)]), now, false).iter().map(|l| l.count).sum::<u64>();
+            printed +=
+                f.on_totals(&HashMap::from([(k, total)]), now, false).iter().map(|l| l.count).sum::<u64>();
         }
         printed += f.on_totals(&HashMap::from([(k, 100)]), t0, true).iter().map(|l| l.count).sum::<u64>();
         assert_eq!(printed, 100);

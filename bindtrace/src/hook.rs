@@ -71,10 +71,9 @@ pub fn choose(choice: HookChoice, layout: &KernelLayout) -> Result<(Hook, String
         HookChoice::TcpSendReset => Err(HookError::NoSendResetReason),
         HookChoice::KfreeSkb if kfree => Ok((Hook::KfreeSkb, "chosen with --hook".into())),
         HookChoice::KfreeSkb => Err(HookError::NoDropReason),
-        HookChoice::Auto if send_reset => Ok((
-            Hook::TcpSendReset,
-            "BTF: tcp_send_reset carries enum sk_rst_reason".into(),
-        )),
+        HookChoice::Auto if send_reset => {
+            Ok((Hook::TcpSendReset, "BTF: tcp_send_reset carries enum sk_rst_reason".into()))
+        }
         HookChoice::Auto if kfree => Ok((
             Hook::KfreeSkb,
             "BTF: tcp_send_reset has no reset reason here; kfree_skb carries enum skb_drop_reason".into(),

@@ -64,11 +64,7 @@ impl KernelLayout {
 fn offset(btf: &Btf, path: &str, expected: u32) -> Result<u32, BtfError> {
     let member = btf.member(path)?;
     if member.size != expected {
-        return Err(BtfError::WrongSize {
-            path: path.to_owned(),
-            size: member.size,
-            expected,
-        });
+        return Err(BtfError::WrongSize { path: path.to_owned(), size: member.size, expected });
     }
     Ok(member.offset)
 }
@@ -76,22 +72,14 @@ fn offset(btf: &Btf, path: &str, expected: u32) -> Result<u32, BtfError> {
 /// `enumerator` of `enum <enum_name>` if the tracepoint prototype behind `typedef`
 /// (`btf_trace_<event>`) takes an argument of that enum type, else None. Decided from the
 /// prototype rather than the version: distributions backport such arguments.
-fn reason(
-    btf: &Btf,
-    typedef: &str,
-    enum_name: &str,
-    enumerator: &str,
-) -> Result<Option<u32>, BtfError> {
+fn reason(btf: &Btf, typedef: &str, enum_name: &str, enumerator: &str) -> Result<Option<u32>, BtfError> {
     let params = match btf.func_proto_params(typedef) {
         Ok(params) => params,
         Err(e) if e.is_not_found() => return Ok(None),
         Err(e) => return Err(e),
     };
     let wanted = format!("enum {enum_name}");
-    if !params
-        .iter()
-        .any(|p| p.strip_prefix("const ").unwrap_or(p) == wanted)
-    {
+    if !params.iter().any(|p| p.strip_prefix("const ").unwrap_or(p) == wanted) {
         return Ok(None);
     }
     let value = match btf.enum_value(enum_name, enumerator) {
@@ -99,13 +87,11 @@ fn reason(
         Err(e) if e.is_not_found() => return Ok(None),
         Err(e) => return Err(e),
     };
-    u32::try_from(value)
-        .map(Some)
-        .map_err(|_| BtfError::EnumOutOfRange {
-            enum_name: enum_name.to_owned(),
-            enumerator: enumerator.to_owned(),
-            value,
-        })
+    u32::try_from(value).map(Some).map_err(|_| BtfError::EnumOutOfRange {
+        enum_name: enum_name.to_owned(),
+        enumerator: enumerator.to_owned(),
+        value,
+    })
 }
 
 #[cfg(test)]
@@ -172,22 +158,10 @@ mod tests {
         let btf = fixture(V6_18);
         // The enum exists on 6.18, but kfree_skb does not take it: no reason.
         let rst = ("sk_rst_reason", "SK_RST_REASON_NO_SOCKET");
-        assert_eq!(
-            reason(btf, "btf_trace_kfree_skb", rst.0, rst.1).unwrap(),
-            None
-        );
-        assert_eq!(
-            reason(btf, "btf_trace_tcp_send_reset", rst.0, rst.1).unwrap(),
-            Some(1)
-        );
-        assert_eq!(
-            reason(btf, "btf_trace_tcp_send_reset", rst.0, "NOPE").unwrap(),
-            None
-        );
-        assert_eq!(
-            reason(btf, "btf_trace_no_such_event", rst.0, rst.1).unwrap(),
-            None
-        );
+        assert_eq!(reason(btf, "btf_trace_kfree_skb", rst.0, rst.1).unwrap(), None);
+        assert_eq!(reason(btf, "btf_trace_tcp_send_reset", rst.0, rst.1).unwrap(), Some(1));
+        assert_eq!(reason(btf, "btf_trace_tcp_send_reset", rst.0, "NOPE").unwrap(), None);
+        assert_eq!(reason(btf, "btf_trace_no_such_event", rst.0, rst.1).unwrap(), None);
     }
 
     #[test]

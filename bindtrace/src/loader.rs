@@ -51,7 +51,12 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    pub fn load(layout: &KernelLayout, hook: Hook, btf: &Btf, opts: &LoadOptions) -> Result<Loaded, LoadError> {
+    pub fn load(
+        layout: &KernelLayout,
+        hook: Hook,
+        btf: &Btf,
+        opts: &LoadOptions,
+    ) -> Result<Loaded, LoadError> {
         if OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
@@ -73,9 +78,11 @@ impl Loaded {
         // The reason values this kernel uses; u32::MAX (never a reason) for the hook not attached.
         let rst = layout.rst_reason_no_socket.unwrap_or(u32::MAX);
         let drop = layout.drop_reason_no_socket.unwrap_or(u32::MAX);
-        loader
-            .override_global("RST_REASON_NO_SOCKET", &rst, true)
-            .override_global("DROP_REASON_NO_SOCKET", &drop, true);
+        loader.override_global("RST_REASON_NO_SOCKET", &rst, true).override_global(
+            "DROP_REASON_NO_SOCKET",
+            &drop,
+            true,
+        );
         let mut ebpf = loader.load(OBJECT).map_err(LoadError::Load)?;
 
         let program: &mut BtfTracePoint = ebpf
@@ -87,29 +94,29 @@ impl Loaded {
         program.load(hook.tracepoint(), btf).map_err(|source| LoadError::Attach { what: what(), source })?;
         program.attach().map_err(|source| LoadError::Attach { what: what(), source })?;
 
-        let scope = take(&mut ebpf, "SCOPE").and_then(|m| HashMap::try_from(m).map_err(|source| LoadError::Map { name: "SCOPE", source }))?;
-        let counts = take(&mut ebpf, "COUNTS").and_then(|m| PerCpuHashMap::try_from(m).map_err(|source| LoadError::Map { name: "COUNTS", source }))?;
-        let stats = take(&mut ebpf, "STATS").and_then(|m| PerCpuArray::try_from(m).map_err(|source| LoadError::Map { name: "STATS", source }))?;
-        let events = take(&mut ebpf, "EVENTS").and_then(|m| RingBuf::try_from(m).map_err(|source| LoadError::Map { name: "EVENTS", source }))?;
+        let scope = take(&mut ebpf, "SCOPE")
+            .and_then(|m| HashMap::try_from(m).map_err(|source| LoadError::Map { name: "SCOPE", source }))?;
+        let counts = take(&mut ebpf, "COUNTS").and_then(|m| {
+            PerCpuHashMap::try_from(m).map_err(|source| LoadError::Map { name: "COUNTS", source })
+        })?;
+        let stats = take(&mut ebpf, "STATS").and_then(|m| {
+            PerCpuArray::try_from(m).map_err(|source| LoadError::Map { name: "STATS", source })
+        })?;
+        let events = take(&mut ebpf, "EVENTS")
+            .and_then(|m| RingBuf::try_from(m).map_err(|source| LoadError::Map { name: "EVENTS", source }))?;
         Ok(Loaded { ebpf, scope, counts, stats, events: Some(events), hook })
     }
 
     /// Kernel-side counters summed over CPUs: (ring-buffer reservations that failed, refusals
     /// counted in the overflow slot because COUNTS was full).
     pub fn stats(&self) -> (u64, u64) {
-        let sum = |slot: u32| {
-            self.stats.get(&slot, 0).map(|v| v.iter().copied().sum::<u64>()).unwrap_or(0)
-        };
+        let sum = |slot: u32| self.stats.get(&slot, 0).map(|v| v.iter().copied().sum::<u64>()).unwrap_or(0);
         (sum(STAT_RINGBUF_LOST), sum(STAT_COUNT_OVERFLOW))
     }
 
     /// Exact per-key totals, summed over CPUs.
     pub fn totals(&self) -> std::collections::HashMap<CountKey, u64> {
-        self.counts
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k, v.iter().map(|c| c.count).sum()))
-            .collect()
+        self.counts.iter().filter_map(Result::ok).map(|(k, v)| (k, v.iter().map(|c| c.count).sum())).collect()
     }
 }
 

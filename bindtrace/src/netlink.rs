@@ -125,10 +125,7 @@ pub fn dump_links() -> io::Result<Vec<Link>> {
         }
         log::debug!("link dump interrupted by a concurrent change, restarting");
     }
-    Err(io::Error::new(
-        io::ErrorKind::Interrupted,
-        "link dump kept being interrupted by concurrent changes",
-    ))
+    Err(io::Error::new(io::ErrorKind::Interrupted, "link dump kept being interrupted by concurrent changes"))
 }
 
 /// RTM_GETNSID with NETNSA_FD: the id this namespace gives to the namespace behind `ns` (an open
@@ -142,30 +139,22 @@ pub fn netnsid_of(ns: BorrowedFd<'_>) -> io::Result<Option<i32>> {
     push_attr(&mut body, NETNSA_FD, &(ns.as_raw_fd() as u32).to_ne_bytes());
 
     let mut nsid = None;
-    transact(
-        libc::RTM_GETNSID,
-        libc::NLM_F_REQUEST as u16,
-        &body,
-        |msg_type, payload| {
-            if msg_type == libc::RTM_NEWNSID {
-                nsid = payload
-                    .get(RTGENMSG_LEN..)
-                    .into_iter()
-                    .flat_map(Attrs::new)
-                    .find(|&(ty, _)| ty == NETNSA_NSID)
-                    .and_then(|(_, v)| read_u32(v))
-                    .map(|v| v as i32);
-            }
-            Ok(())
-        },
-    )?;
+    transact(libc::RTM_GETNSID, libc::NLM_F_REQUEST as u16, &body, |msg_type, payload| {
+        if msg_type == libc::RTM_NEWNSID {
+            nsid = payload
+                .get(RTGENMSG_LEN..)
+                .into_iter()
+                .flat_map(Attrs::new)
+                .find(|&(ty, _)| ty == NETNSA_NSID)
+                .and_then(|(_, v)| read_u32(v))
+                .map(|v| v as i32);
+        }
+        Ok(())
+    })?;
     match nsid {
         Some(NETNSA_NSID_NOT_ASSIGNED) => Ok(None),
         Some(id) => Ok(Some(id)),
-        None => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "RTM_GETNSID reply without NETNSA_NSID",
-        )),
+        None => Err(io::Error::new(io::ErrorKind::InvalidData, "RTM_GETNSID reply without NETNSA_NSID")),
     }
 }
 
@@ -180,9 +169,7 @@ pub struct LinkWatcher {
 
 impl std::fmt::Debug for LinkWatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkWatcher")
-            .field("fd", &self.fd.get_ref().as_raw_fd())
-            .finish()
+        f.debug_struct("LinkWatcher").field("fd", &self.fd.get_ref().as_raw_fd()).finish()
     }
 }
 
@@ -191,9 +178,7 @@ impl LinkWatcher {
     /// tokio runtime with IO enabled (an error is returned otherwise).
     pub fn new() -> io::Result<LinkWatcher> {
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err(io::Error::other(
-                "LinkWatcher::new needs a tokio runtime with IO enabled",
-            ));
+            return Err(io::Error::other("LinkWatcher::new needs a tokio runtime with IO enabled"));
         }
         let sock = NlSocket::open(true)?;
         // Link changes (new/changed/deleted interfaces, master changes) and namespace ids: a
@@ -207,21 +192,13 @@ impl LinkWatcher {
                 group as libc::c_int,
             )?;
         }
-        if let Err(e) = setsockopt_int(
-            sock.fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            WATCH_RCVBUF,
-        ) {
+        if let Err(e) = setsockopt_int(sock.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, WATCH_RCVBUF) {
             log::debug!("netlink watcher: SO_RCVBUF not raised: {e}");
         }
         // Only readability matters; registering for writes would just wake us for nothing.
         // SAFETY: an OwnedFd stays open and keeps its number until the AsyncFd drops it.
         let fd = unsafe { AsyncFd::register_with_interest(sock.fd, Interest::READABLE) }?;
-        Ok(LinkWatcher {
-            fd,
-            buf: vec![0; RECV_BUF_LEN],
-        })
+        Ok(LinkWatcher { fd, buf: vec![0; RECV_BUF_LEN] })
     }
 
     /// Waits until at least one link/nsid notification arrives, drains every queued message
@@ -270,10 +247,7 @@ impl LinkWatcher {
                     .filter(|m| {
                         matches!(
                             m.msg_type,
-                            libc::RTM_NEWLINK
-                                | libc::RTM_DELLINK
-                                | libc::RTM_NEWNSID
-                                | libc::RTM_DELNSID
+                            libc::RTM_NEWLINK | libc::RTM_DELLINK | libc::RTM_NEWNSID | libc::RTM_DELNSID
                         )
                     })
                     .count();
@@ -313,9 +287,8 @@ fn parse_link(payload: &[u8]) -> Option<Link> {
             libc::IFLA_LINK => link.peer_ifindex = read_u32(value).filter(|&i| i != 0),
             libc::IFLA_LINK_NETNSID => link.peer_netnsid = read_u32(value).map(|v| v as i32),
             libc::IFLA_LINKINFO => {
-                link.kind = Attrs::new(value)
-                    .find(|&(t, _)| t == libc::IFLA_INFO_KIND)
-                    .map(|(_, v)| read_string(v));
+                link.kind =
+                    Attrs::new(value).find(|&(t, _)| t == libc::IFLA_INFO_KIND).map(|(_, v)| read_string(v));
             }
             _ => {}
         }
@@ -339,10 +312,7 @@ fn transact(
     mut on_msg: impl FnMut(u16, &[u8]) -> io::Result<()>,
 ) -> io::Result<Outcome> {
     let mut sock = NlSocket::open(false)?;
-    let timeout = libc::timeval {
-        tv_sec: REPLY_TIMEOUT_SECS,
-        tv_usec: 0,
-    };
+    let timeout = libc::timeval { tv_sec: REPLY_TIMEOUT_SECS, tv_usec: 0 };
     // SAFETY: `timeout` is a valid timeval for the duration of the call.
     let rc = unsafe {
         libc::setsockopt(
@@ -397,10 +367,7 @@ fn transact(
                     return Ok(outcome);
                 }
                 libc::NLMSG_OVERRUN => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "netlink reply overrun",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "netlink reply overrun"));
                 }
                 _ => {
                     on_msg(msg.msg_type, msg.payload)?;
@@ -450,11 +417,7 @@ impl NlSocket {
         if unsafe { libc::getsockname(fd.as_raw_fd(), (&raw mut addr).cast(), &mut len) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(NlSocket {
-            fd,
-            portid: addr.nl_pid,
-            buf: Vec::new(),
-        })
+        Ok(NlSocket { fd, portid: addr.nl_pid, buf: Vec::new() })
     }
 
     /// Sends one datagram to the kernel.
@@ -510,10 +473,7 @@ fn recv_retry(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize
             io::ErrorKind::Interrupted => {}
             // SO_RCVTIMEO expired on the (blocking) request socket.
             io::ErrorKind::WouldBlock => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no netlink reply from the kernel",
-                ));
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no netlink reply from the kernel"));
             }
             _ => return Err(err),
         }
@@ -527,12 +487,7 @@ fn sockaddr_nl_zeroed() -> libc::sockaddr_nl {
     addr
 }
 
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
+fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: `value` is a valid c_int for the duration of the call.
     let rc = unsafe {
         libc::setsockopt(
@@ -543,11 +498,7 @@ fn setsockopt_int(
             mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// A netlink message: header + `body`, with the header's length filled in.
@@ -622,10 +573,7 @@ impl<'a> Iterator for Messages<'a> {
         if rest.len() < NLMSG_HDRLEN || len < NLMSG_HDRLEN || len > rest.len() {
             return Some(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "malformed netlink message (length {len}, {} bytes left)",
-                    rest.len()
-                ),
+                format!("malformed netlink message (length {len}, {} bytes left)", rest.len()),
             )));
         }
         let msg = Msg {
@@ -695,11 +643,7 @@ mod tests {
 
     impl NetNs {
         fn new() -> NetNs {
-            let name = format!(
-                "bt-nl-{}-{}",
-                std::process::id(),
-                NS_COUNT.fetch_add(1, Ordering::Relaxed)
-            );
+            let name = format!("bt-nl-{}-{}", std::process::id(), NS_COUNT.fetch_add(1, Ordering::Relaxed));
             run_ip(&["netns", "add", &name]);
             NetNs { name }
         }
@@ -750,9 +694,7 @@ mod tests {
                     drop(ns);
                     f()
                 });
-                handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
             })
         }
     }
@@ -760,54 +702,30 @@ mod tests {
     impl Drop for NetNs {
         fn drop(&mut self) {
             // Never panic here: this also runs while a failed test unwinds.
-            match Command::new("ip")
-                .args(["netns", "del", &self.name])
-                .output()
-            {
+            match Command::new("ip").args(["netns", "del", &self.name]).output() {
                 Ok(out) if out.status.success() => {}
-                Ok(out) => eprintln!(
-                    "ip netns del {}: {}",
-                    self.name,
-                    String::from_utf8_lossy(&out.stderr)
-                ),
+                Ok(out) => eprintln!("ip netns del {}: {}", self.name, String::from_utf8_lossy(&out.stderr)),
                 Err(e) => eprintln!("ip netns del {}: {e}", self.name),
             }
         }
     }
 
     fn run_ip(args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "ip {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("ip").args(args).output().unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+        assert!(out.status.success(), "ip {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
     }
 
     fn find<'a>(links: &'a [Link], name: &str) -> &'a Link {
-        links
-            .iter()
-            .find(|l| l.name == name)
-            .unwrap_or_else(|| panic!("{name} not in dump: {links:#?}"))
+        links.iter().find(|l| l.name == name).unwrap_or_else(|| panic!("{name} not in dump: {links:#?}"))
     }
 
     fn ports(links: &[Link], bridge: u32) -> Vec<&str> {
-        links
-            .iter()
-            .filter(|l| l.master == Some(bridge))
-            .map(|l| l.name.as_str())
-            .collect()
+        links.iter().filter(|l| l.master == Some(bridge)).map(|l| l.name.as_str()).collect()
     }
 
     /// Reads whatever notifications are still queued, so the next `changed` reflects only what
@@ -842,9 +760,7 @@ mod tests {
         let host = NetNs::new();
         let ctr = NetNs::new();
         let bridge = add_bridge(&host);
-        host.ip(&[
-            "link", "add", "vethA", "type", "veth", "peer", "name", "eth0",
-        ]);
+        host.ip(&["link", "add", "vethA", "type", "veth", "peer", "name", "eth0"]);
         host.ip(&["link", "set", "eth0", "netns", &ctr.name]);
         host.ip(&["link", "set", "vethA", "master", "docker0", "up"]);
         let eth0 = ctr.ifindex("eth0");
@@ -868,22 +784,13 @@ mod tests {
         assert_eq!(v.master, Some(bridge));
         assert_eq!(v.peer_ifindex, Some(eth0));
         assert!(v.up);
-        let id = v
-            .peer_netnsid
-            .expect("peer_netnsid for a peer in another namespace");
-        assert_eq!(
-            nsid,
-            Some(id),
-            "netnsid_of(ctr) disagrees with IFLA_LINK_NETNSID"
-        );
+        let id = v.peer_netnsid.expect("peer_netnsid for a peer in another namespace");
+        assert_eq!(nsid, Some(id), "netnsid_of(ctr) disagrees with IFLA_LINK_NETNSID");
         assert_eq!(host.list_id(&ctr), Some(id), "ip netns list-id disagrees");
         assert_eq!(ports(&links, bridge), ["vethA"]);
 
         let lo = find(&links, "lo");
-        assert_eq!(
-            (lo.kind.as_deref(), lo.master, lo.peer_netnsid),
-            (None, None, None)
-        );
+        assert_eq!((lo.kind.as_deref(), lo.master, lo.peer_netnsid), (None, None, None));
 
         // And from the other side: eth0 points back at vethA in the host namespace.
         let (ctr_links, host_id) = ctr.run(|| {
@@ -906,9 +813,7 @@ mod tests {
         let ctr = NetNs::new();
         let bridge = add_bridge(&host);
         // Docker creates the pair on the host, enslaves the host side, then moves the peer.
-        host.ip(&[
-            "link", "add", "vethA", "type", "veth", "peer", "name", "eth0",
-        ]);
+        host.ip(&["link", "add", "vethA", "type", "veth", "peer", "name", "eth0"]);
         host.ip(&["link", "set", "vethA", "master", "docker0", "up"]);
 
         host.run(|| {
@@ -971,10 +876,7 @@ mod tests {
                 host.ip(&["link", "del", "vethB"]);
                 expect_change(&mut w, "deleting vethB").await;
                 let links = dump_links().expect("dump_links");
-                assert!(
-                    links.iter().all(|l| l.name != "vethB"),
-                    "vethB still listed"
-                );
+                assert!(links.iter().all(|l| l.name != "vethB"), "vethB still listed");
                 assert!(ports(&links, bridge).is_empty());
             })
         });
@@ -991,9 +893,7 @@ mod tests {
         // multipart path (and NLMSG_DONE at the end) is exercised for real.
         const PAIRS: usize = 300;
         let host = NetNs::new();
-        let batch: String = (0..PAIRS)
-            .map(|i| format!("link add v{i} type veth peer name p{i}\n"))
-            .collect();
+        let batch: String = (0..PAIRS).map(|i| format!("link add v{i} type veth peer name p{i}\n")).collect();
         let mut child = Command::new("ip")
             .args(["-n", &host.name, "-batch", "-"])
             .stdin(std::process::Stdio::piped())
@@ -1004,10 +904,7 @@ mod tests {
             let mut stdin = child.stdin.take().expect("stdin");
             stdin.write_all(batch.as_bytes()).expect("write batch");
         }
-        assert!(
-            child.wait().expect("ip -batch").success(),
-            "ip -batch failed"
-        );
+        assert!(child.wait().expect("ip -batch").success(), "ip -batch failed");
 
         let links = host.run(|| dump_links().expect("dump_links"));
         assert_eq!(links.len(), 1 + 2 * PAIRS, "lo plus every veth end");
@@ -1096,9 +993,7 @@ mod tests {
         assert_eq!(parse_link(&bad), None);
 
         let msg = build_message(libc::RTM_NEWLINK, 0, 9, &payload);
-        let parsed: Vec<_> = Messages::new(&msg)
-            .collect::<Result<_, _>>()
-            .expect("valid");
+        let parsed: Vec<_> = Messages::new(&msg).collect::<Result<_, _>>().expect("valid");
         assert_eq!(parsed.len(), 1);
         assert_eq!((parsed[0].msg_type, parsed[0].seq), (libc::RTM_NEWLINK, 9));
         for n in 1..msg.len() {

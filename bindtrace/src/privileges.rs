@@ -75,7 +75,10 @@ mod tests {
     #[test]
     fn names_each_missing_capability() {
         let err = missing_from(0).unwrap_err();
-        assert_eq!(err.missing, vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"]);
+        assert_eq!(
+            err.missing,
+            vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"]
+        );
         assert!(err.to_string().contains("sudo bindtrace"));
     }
 

@@ -159,7 +159,11 @@ impl Detector {
     }
 
     /// Runs until a signal, the optional duration, or an error.
-    pub async fn run<W: Write>(mut self, out: &mut Output<W>, duration: Option<Duration>) -> anyhow::Result<()> {
+    pub async fn run<W: Write>(
+        mut self,
+        out: &mut Output<W>,
+        duration: Option<Duration>,
+    ) -> anyhow::Result<()> {
         let ring: RingBuf<_> = self.loaded.events.take().context("ring buffer already taken")?;
         // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer, so the fd
         // stays open for as long as it is registered.

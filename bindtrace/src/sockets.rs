@@ -89,8 +89,7 @@ pub fn holders(inodes: &[u64], netns_inode: u64) -> BTreeMap<u64, Vec<Holder>> {
     if inodes.is_empty() {
         return found;
     }
-    let wanted: HashMap<String, u64> =
-        inodes.iter().map(|i| (format!("socket:[{i}]"), *i)).collect();
+    let wanted: HashMap<String, u64> = inodes.iter().map(|i| (format!("socket:[{i}]"), *i)).collect();
     for pid in netns::pids() {
         if netns::inode_of_pid(pid) != Some(netns_inode) {
             continue;

@@ -59,7 +59,8 @@ impl Bindtrace {
     /// Starts it without waiting (for tests of start-up errors).
     pub fn spawn(host: &Netns, hook: Hook, args: &[&str]) -> Bindtrace {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &host.name, &binary(), "--format", "json", "--hook", hook.arg()]).args(args);
+        cmd.args(["netns", "exec", &host.name, &binary(), "--format", "json", "--hook", hook.arg()])
+            .args(args);
         Self::spawn_cmd(cmd)
     }
 
@@ -118,8 +119,7 @@ impl Bindtrace {
     }
 
     pub fn wait_ready(&mut self, timeout: Duration) -> bool {
-        self.wait_until(timeout, |s| s.ready || s.exited)
-            && self.shared.0.lock().unwrap().ready
+        self.wait_until(timeout, |s| s.ready || s.exited) && self.shared.0.lock().unwrap().ready
     }
 
     /// Waits for a line matching `pred` and returns it.
@@ -130,7 +130,11 @@ impl Bindtrace {
             found.is_some()
         });
         found.unwrap_or_else(|| {
-            panic!("no bindtrace line {what} within {timeout:?}; lines: {:#?}\nstderr:\n{}", self.lines(), self.stderr())
+            panic!(
+                "no bindtrace line {what} within {timeout:?}; lines: {:#?}\nstderr:\n{}",
+                self.lines(),
+                self.stderr()
+            )
         })
     }
 
@@ -144,9 +148,16 @@ impl Bindtrace {
     /// Asserts no `refused` line for `port` appears within `quiet`.
     pub fn expect_no_refused(&self, port: u16, quiet: Duration) {
         std::thread::sleep(quiet);
-        let hits: Vec<Value> =
-            self.lines().into_iter().filter(|l| l["event"] == "refused" && l["target_port"] == port).collect();
+        let hits: Vec<Value> = self
+            .lines()
+            .into_iter()
+            .filter(|l| l["event"] == "refused" && l["target_port"] == port)
+            .collect();
         assert!(hits.is_empty(), "unexpected refused lines for port {port}: {hits:#?}");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     pub fn lines(&self) -> Vec<Value> {

@@ -148,7 +148,16 @@ impl Topology {
     /// with 172.NET.0.N and fd00:b7:NET::N. Docker's order: the host side is enslaved while
     /// the peer is still in the host namespace, then the peer moves.
     #[allow(clippy::too_many_arguments)]
-    pub fn attach(&self, ns: &Netns, host_veth: &str, ifname: &str, bridge: &str, net: u8, n: u8, default_route: bool) {
+    pub fn attach(
+        &self,
+        ns: &Netns,
+        host_veth: &str,
+        ifname: &str,
+        bridge: &str,
+        net: u8,
+        n: u8,
+        default_route: bool,
+    ) {
         let tmp = unique("vp");
         self.host.ip(&["link", "add", host_veth, "type", "veth", "peer", "name", &tmp]);
         self.host.ip(&["link", "set", host_veth, "master", bridge, "up"]);

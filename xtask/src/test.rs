@@ -1,7 +1,7 @@
 //! The whole test suite, in the order that fails fastest: lint, unit tests (no root), release
 //! build, then the integration tests, which need root and run one at a time because they load
 //! eBPF programs and create network namespaces.
-use crate::util::{cargo, root, run};
+use crate::util::{cargo, root, run_cmd};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -18,11 +18,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     let mut unit = cargo();
     unit.args(["test", "--workspace", "--exclude", "bindtrace-tests", "--exclude", "bindtrace-ebpf"]);
-    run(unit)?;
+    run_cmd(unit)?;
 
     let mut build = cargo();
     build.args(["build", "--release", "-p", "bindtrace"]);
-    run(build)?;
+    run_cmd(build)?;
 
     let mut integration = cargo();
     integration
@@ -32,5 +32,5 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if let Some(filter) = &opts.filter {
         integration.arg(filter);
     }
-    run(integration)
+    run_cmd(integration)
 }

@@ -14,7 +14,7 @@ pub fn cargo() -> Command {
 }
 
 /// Runs `cmd`, echoing it, and fails with its exit status.
-pub fn run(mut cmd: Command) -> anyhow::Result<()> {
+pub fn run_cmd(mut cmd: Command) -> anyhow::Result<()> {
     eprintln!("xtask: running {cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
