@@ -4,6 +4,7 @@
 //! One module per concern; `main.rs` only parses arguments and calls [`run`].
 pub mod btf;
 pub mod cli;
+pub mod docker;
 pub mod enrich;
 pub mod fold;
 pub mod hint;

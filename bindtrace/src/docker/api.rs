@@ -1,0 +1,293 @@
+//! The parts of the Docker Engine API's JSON that bindtrace reads, and their conversion into
+//! the inventory. Requests carry no version prefix, so the daemon answers in its own current
+//! version; every field used here has the same shape from API 1.24 (Docker 1.12) to today's.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+};
+
+use serde::Deserialize;
+
+use super::{Binding, Container, Endpoint, Network, PortMapping};
+
+#[derive(Debug, Deserialize)]
+pub struct ContainerSummary {
+    #[serde(rename = "Id")]
+    pub id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerJson {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub state: State,
+    #[serde(default)]
+    pub config: Config,
+    #[serde(default)]
+    pub host_config: HostConfig,
+    #[serde(default)]
+    pub network_settings: NetworkSettings,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct State {
+    #[serde(default)]
+    pub running: bool,
+    #[serde(default)]
+    pub pid: u32,
+    #[serde(default)]
+    pub started_at: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Config {
+    #[serde(default)]
+    pub image: String,
+    #[serde(default)]
+    pub labels: Option<HashMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HostConfig {
+    #[serde(default)]
+    pub network_mode: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NetworkSettings {
+    #[serde(default)]
+    pub sandbox_key: String,
+    #[serde(default)]
+    pub ports: Option<HashMap<String, Option<Vec<PortBindingJson>>>>,
+    #[serde(default)]
+    pub networks: Option<HashMap<String, EndpointJson>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PortBindingJson {
+    #[serde(rename = "HostIp", default)]
+    pub host_ip: String,
+    #[serde(rename = "HostPort", default)]
+    pub host_port: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EndpointJson {
+    #[serde(rename = "NetworkID", default)]
+    pub network_id: String,
+    #[serde(rename = "IPAddress", default)]
+    pub ip_address: String,
+    #[serde(rename = "GlobalIPv6Address", default)]
+    pub global_ipv6_address: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NetworkJson {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub driver: String,
+    #[serde(default)]
+    pub options: Option<HashMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventJson {
+    #[serde(rename = "Type", default)]
+    pub kind: String,
+    #[serde(rename = "Action", default)]
+    pub action: String,
+    #[serde(rename = "Actor", default)]
+    pub actor: Actor,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Actor {
+    #[serde(rename = "ID", default)]
+    pub id: String,
+    #[serde(rename = "Attributes", default)]
+    pub attributes: Option<HashMap<String, String>>,
+}
+
+impl EventJson {
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.actor.attributes.as_ref()?.get(key).map(String::as_str)
+    }
+}
+
+/// The bridge Docker made for a network of the bridge driver.
+pub fn bridge_name(n: &NetworkJson) -> Option<String> {
+    if n.driver != "bridge" {
+        return None;
+    }
+    if let Some(name) = n.options.as_ref().and_then(|o| o.get("com.docker.network.bridge.name"))
+        && !name.is_empty()
+    {
+        return Some(name.clone());
+    }
+    Some(format!("br-{}", n.id.get(..12).unwrap_or(&n.id)))
+}
+
+impl From<&NetworkJson> for Network {
+    fn from(n: &NetworkJson) -> Network {
+        Network { id: n.id.clone(), name: n.name.clone(), driver: n.driver.clone(), bridge: bridge_name(n) }
+    }
+}
+
+fn inode_of(path: &str) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// `"8000/tcp"` -> (8000, "tcp").
+fn parse_port_key(key: &str) -> Option<(u16, String)> {
+    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+    Some((port.parse().ok()?, proto.to_owned()))
+}
+
+impl ContainerJson {
+    pub fn into_container(self) -> Container {
+        let labels = self.config.labels.unwrap_or_default();
+        let mut ports: Vec<PortMapping> = self
+            .network_settings
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(key, bindings)| {
+                let (container_port, proto) = parse_port_key(&key)?;
+                let bindings: Vec<Binding> = bindings
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|b| {
+                        let host_ip: IpAddr = if b.host_ip.is_empty() {
+                            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                        } else {
+                            b.host_ip.parse().ok()?
+                        };
+                        Some(Binding { host_ip, host_port: b.host_port.parse().ok()? })
+                    })
+                    .collect();
+                Some(PortMapping { container_port, proto, bindings })
+            })
+            .collect();
+        ports.sort_by(|a, b| (a.container_port, &a.proto).cmp(&(b.container_port, &b.proto)));
+        let mut networks: Vec<Endpoint> = self
+            .network_settings
+            .networks
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, e)| Endpoint {
+                network: name,
+                network_id: e.network_id,
+                ipv4: e.ip_address.parse().ok(),
+                ipv6: e.global_ipv6_address.parse().ok(),
+            })
+            .collect();
+        networks.sort_by(|a, b| a.network.cmp(&b.network));
+        let sandbox_key = Some(self.network_settings.sandbox_key).filter(|s| !s.is_empty());
+        let mut netns_inodes = Vec::new();
+        // Both ways to the namespace: the sandbox handle (exists without any process) and the
+        // main process's /proc entry (when the handle is not visible from here).
+        if let Some(ino) = sandbox_key.as_deref().and_then(inode_of) {
+            netns_inodes.push(ino);
+        }
+        if self.state.pid > 0
+            && let Some(ino) = inode_of(&format!("/proc/{}/ns/net", self.state.pid))
+            && !netns_inodes.contains(&ino)
+        {
+            netns_inodes.push(ino);
+        }
+        Container {
+            name: self.name.trim_start_matches('/').to_owned(),
+            image: self.config.image,
+            compose_project: labels.get("com.docker.compose.project").cloned(),
+            compose_service: labels.get("com.docker.compose.service").cloned(),
+            running: self.state.running,
+            pid: self.state.pid,
+            started_at: humantime::parse_rfc3339_weak(&self.state.started_at).ok(),
+            sandbox_key: sandbox_key.map(PathBuf::from),
+            network_mode: self.host_config.network_mode,
+            netns_inodes,
+            networks,
+            ports,
+            id: self.id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Trimmed from a real `GET /containers/{id}/json` of Docker 20.10 (API 1.41).
+    const INSPECT: &str = r#"{
+        "Id": "845422a94cb48e2fe935caa44c301a2bab8698e1985c6aee631b4545505eb6b1",
+        "Name": "/btdk-explore1",
+        "State": {"Status": "running", "Running": true, "Pid": 1731, "StartedAt": "2026-11-26T11:56:58.514272978Z"},
+        "Config": {"Image": "btdk-explore:1", "Labels": {"com.docker.compose.project": "shop", "com.docker.compose.service": "web"}},
+        "HostConfig": {"NetworkMode": "default", "PortBindings": {"8000/tcp": [{"HostIp": "", "HostPort": "8000"}]}},
+        "NetworkSettings": {
+            "SandboxKey": "/var/run/docker/netns/b2fe5d1d8f0f",
+            "Ports": {"8000/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8000"}, {"HostIp": "::", "HostPort": "8000"}], "9000/tcp": null, "53/udp": [{"HostIp": "127.0.0.1", "HostPort": "5353"}]},
+            "Networks": {"bridge": {"NetworkID": "0009e84c43871a829910d7e3972fb17eb4860362bb0c3f01d1e79e64f21d8ad5", "IPAddress": "172.17.0.2", "GlobalIPv6Address": "", "Gateway": "172.17.0.1"}}
+        }
+    }"#;
+
+    #[test]
+    fn inspect_becomes_a_container() {
+        let c: ContainerJson = serde_json::from_str(INSPECT).unwrap();
+        let c = c.into_container();
+        assert_eq!(c.name, "btdk-explore1");
+        assert_eq!(c.short_id(), "845422a94cb4");
+        assert_eq!(c.image, "btdk-explore:1");
+        assert_eq!(c.compose_project.as_deref(), Some("shop"));
+        assert_eq!(c.compose_service.as_deref(), Some("web"));
+        assert!(c.running);
+        assert!(c.started_at.is_some());
+        assert_eq!(c.ports.len(), 3);
+        let p = c.port(8000, "tcp").unwrap();
+        assert_eq!(p.bindings.len(), 2);
+        assert_eq!(p.bindings[1].host_ip, "::".parse::<IpAddr>().unwrap());
+        assert!(c.port(9000, "tcp").unwrap().bindings.is_empty());
+        assert_eq!(c.port(53, "udp").unwrap().bindings[0].host_port, 5353);
+        assert_eq!(c.networks[0].ipv4, Some("172.17.0.2".parse().unwrap()));
+        assert_eq!(c.networks[0].ipv6, None);
+    }
+
+    #[test]
+    fn bridge_names() {
+        let n: NetworkJson = serde_json::from_str(
+            r#"{"Name":"bridge","Id":"0009e84c4387abc","Driver":"bridge","Options":{"com.docker.network.bridge.name":"docker0"}}"#,
+        )
+        .unwrap();
+        assert_eq!(bridge_name(&n).as_deref(), Some("docker0"));
+        let n: NetworkJson = serde_json::from_str(
+            r#"{"Name":"app","Id":"5c1f0e2d9a8b7c6d5e4f","Driver":"bridge","Options":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(bridge_name(&n).as_deref(), Some("br-5c1f0e2d9a8b"));
+        let n: NetworkJson =
+            serde_json::from_str(r#"{"Name":"host","Id":"b574513bc67c","Driver":"host"}"#).unwrap();
+        assert_eq!(bridge_name(&n), None);
+    }
+
+    #[test]
+    fn events_parse() {
+        let e: EventJson = serde_json::from_str(
+            r#"{"status":"connect","Type":"network","Action":"connect","Actor":{"ID":"net1","Attributes":{"container":"c1","name":"app"}},"scope":"local","time":1,"timeNano":1}"#,
+        )
+        .unwrap();
+        assert_eq!(e.kind, "network");
+        assert_eq!(e.attribute("container"), Some("c1"));
+    }
+}

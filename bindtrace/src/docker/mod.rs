@@ -1,0 +1,248 @@
+//! Docker: which container a namespace is, what it publishes, which bridges Docker's networks
+//! use, kept current from the Engine API's event stream.
+//!
+//! Everything here is optional to the detector: without a reachable daemon (podman, plain
+//! namespaces, a stopped dockerd) bindtrace reports by namespace and address, warns once, and
+//! picks Docker up again when it comes back ([`watch`]).
+pub mod api;
+pub mod http;
+pub mod watch;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    sync::Arc,
+    time::SystemTime,
+};
+
+pub use http::{Client, DockerError};
+
+/// Where the Docker API is when nothing says otherwise.
+pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+
+/// The socket to use: `--docker-host`, else `DOCKER_HOST`, else the default. Only unix
+/// sockets are supported (`unix:///path` or a plain path).
+pub fn socket_path(flag: Option<&str>) -> Result<PathBuf, String> {
+    let env = std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty());
+    let (value, from) = match (flag, env.as_deref()) {
+        (Some(f), _) => (f, "--docker-host"),
+        (None, Some(e)) => (e, "DOCKER_HOST"),
+        (None, None) => return Ok(PathBuf::from(DEFAULT_SOCKET)),
+    };
+    parse_host(value).ok_or_else(|| {
+        format!(
+            "{from}={value}: bindtrace talks to the Docker API over a unix socket only \
+             (unix:///var/run/docker.sock or a path); it must run on the Docker host anyway"
+        )
+    })
+}
+
+fn parse_host(value: &str) -> Option<PathBuf> {
+    if let Some(path) = value.strip_prefix("unix://") {
+        return (!path.is_empty()).then(|| PathBuf::from(path));
+    }
+    (!value.contains("://")).then(|| PathBuf::from(value))
+}
+
+/// A container's address on one network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Network name (`bridge`, or a user-defined network).
+    pub network: String,
+    pub network_id: String,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+/// One host address a container port is published on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Binding {
+    pub host_ip: IpAddr,
+    pub host_port: u16,
+}
+
+/// A container port and where the host publishes it (empty when exposed but not published).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortMapping {
+    pub container_port: u16,
+    pub proto: String,
+    pub bindings: Vec<Binding>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub compose_project: Option<String>,
+    pub compose_service: Option<String>,
+    pub running: bool,
+    /// Main process, host pid namespace (0 when not running).
+    pub pid: u32,
+    pub started_at: Option<SystemTime>,
+    /// `NetworkSettings.SandboxKey`: the namespace handle under /run/docker/netns.
+    pub sandbox_key: Option<PathBuf>,
+    /// `HostConfig.NetworkMode`: `default`, `bridge`, a network name, `host`, `container:ID`.
+    pub network_mode: String,
+    /// Inodes of the container's network namespace, through the sandbox handle and through
+    /// `/proc/PID/ns/net` (normally the same one).
+    pub netns_inodes: Vec<u64>,
+    pub networks: Vec<Endpoint>,
+    pub ports: Vec<PortMapping>,
+}
+
+impl Container {
+    pub fn short_id(&self) -> &str {
+        self.id.get(..12).unwrap_or(&self.id)
+    }
+
+    pub fn port(&self, container_port: u16, proto: &str) -> Option<&PortMapping> {
+        self.ports.iter().find(|p| p.container_port == container_port && p.proto == proto)
+    }
+
+    /// Published TCP ports (those with at least one host binding).
+    pub fn published_tcp(&self) -> impl Iterator<Item = &PortMapping> {
+        self.ports.iter().filter(|p| p.proto == "tcp" && !p.bindings.is_empty())
+    }
+
+    /// The address forwarded connections arrive at: the first IPv4 address, else IPv6.
+    pub fn address(&self) -> Option<IpAddr> {
+        self.networks
+            .iter()
+            .find_map(|e| e.ipv4.map(IpAddr::V4))
+            .or_else(|| self.networks.iter().find_map(|e| e.ipv6.map(IpAddr::V6)))
+    }
+
+    /// Whether the container has a network namespace of its own (not `host`, not another
+    /// container's).
+    pub fn owns_netns(&self) -> bool {
+        self.network_mode != "host" && !self.network_mode.starts_with("container:")
+    }
+}
+
+/// A Docker network; `bridge` is the Linux bridge of a bridge-driver network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    pub id: String,
+    pub name: String,
+    pub driver: String,
+    pub bridge: Option<String>,
+}
+
+/// What the daemon said last: running containers and networks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    pub containers: BTreeMap<String, Arc<Container>>,
+    pub networks: BTreeMap<String, Network>,
+}
+
+impl Inventory {
+    /// The container whose network namespace has this inode. When several share it
+    /// (`--network container:X`), the one that owns it.
+    pub fn by_netns(&self, inode: u64) -> Option<&Arc<Container>> {
+        let mut found = self.containers.values().filter(|c| c.netns_inodes.contains(&inode));
+        let first = found.next()?;
+        if first.owns_netns() {
+            return Some(first);
+        }
+        found.find(|c| c.owns_netns()).or(Some(first))
+    }
+
+    /// Bridges of every bridge-driver network, sorted.
+    pub fn bridges(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.networks.values().filter_map(|n| n.bridge.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    pub fn bridge_of_network(&self, network_id: &str) -> Option<&str> {
+        self.networks.get(network_id).and_then(|n| n.bridge.as_deref())
+    }
+}
+
+/// One complete read of the daemon's state.
+pub async fn snapshot(client: &Client) -> Result<Inventory, DockerError> {
+    let mut inv = Inventory::default();
+    refresh_networks(client, &mut inv).await?;
+    let list: Vec<api::ContainerSummary> = client.get_json("/containers/json").await?;
+    for c in list {
+        refresh_container(client, &mut inv, &c.id).await?;
+    }
+    Ok(inv)
+}
+
+pub async fn refresh_networks(client: &Client, inv: &mut Inventory) -> Result<(), DockerError> {
+    let list: Vec<api::NetworkJson> = client.get_json("/networks").await?;
+    inv.networks = list.iter().map(|n| (n.id.clone(), Network::from(n))).collect();
+    Ok(())
+}
+
+/// Re-reads one container: kept when running, dropped when stopped or gone.
+pub async fn refresh_container(client: &Client, inv: &mut Inventory, id: &str) -> Result<(), DockerError> {
+    match client.get_json::<api::ContainerJson>(&format!("/containers/{}/json", http::encode_query(id))).await
+    {
+        Ok(json) => {
+            let c = json.into_container();
+            if c.running {
+                inv.containers.insert(c.id.clone(), Arc::new(c));
+            } else {
+                inv.containers.remove(&c.id);
+            }
+            Ok(())
+        }
+        Err(e) if e.is_not_found() => {
+            inv.containers.retain(|cid, _| !cid.starts_with(id));
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_host_forms() {
+        assert_eq!(
+            parse_host("unix:///run/user/1000/docker.sock"),
+            Some("/run/user/1000/docker.sock".into())
+        );
+        assert_eq!(parse_host("/tmp/relay.sock"), Some("/tmp/relay.sock".into()));
+        assert_eq!(parse_host("tcp://10.0.0.1:2375"), None);
+        assert_eq!(parse_host("unix://"), None);
+        assert!(socket_path(Some("tcp://x:1")).unwrap_err().contains("unix socket"));
+        assert_eq!(socket_path(Some("/a.sock")).unwrap(), PathBuf::from("/a.sock"));
+    }
+
+    fn container(id: &str, inodes: &[u64], mode: &str) -> Arc<Container> {
+        Arc::new(Container {
+            id: id.into(),
+            name: id.into(),
+            image: "img".into(),
+            compose_project: None,
+            compose_service: None,
+            running: true,
+            pid: 1,
+            started_at: None,
+            sandbox_key: None,
+            network_mode: mode.into(),
+            netns_inodes: inodes.to_vec(),
+            networks: vec![],
+            ports: vec![],
+        })
+    }
+
+    #[test]
+    fn namespace_owner_wins() {
+        let mut inv = Inventory::default();
+        inv.containers.insert("a".into(), container("a", &[5], "container:b"));
+        inv.containers.insert("b".into(), container("b", &[5], "default"));
+        inv.containers.insert("c".into(), container("c", &[6, 7], "default"));
+        assert_eq!(inv.by_netns(5).unwrap().id, "b");
+        assert_eq!(inv.by_netns(7).unwrap().id, "c");
+        assert!(inv.by_netns(8).is_none());
+    }
+}
