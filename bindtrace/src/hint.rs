@@ -2,6 +2,7 @@
 use std::net::IpAddr;
 
 use crate::{
+    framework::BindFix,
     report::ListenerReport,
     verdict::{Verdict, is_loopback},
 };
@@ -18,7 +19,10 @@ fn who(listeners: &[ListenerReport]) -> String {
     let mut names: Vec<String> = Vec::new();
     for l in listeners {
         for p in &l.pids {
-            let name = format!("{} (pid {})", p.comm, p.pid);
+            let name = match p.container_pid {
+                Some(inner) => format!("{} (pid {}, {inner} in the container)", p.comm, p.pid),
+                None => format!("{} (pid {})", p.comm, p.pid),
+            };
             if !names.contains(&name) {
                 names.push(name);
             }
@@ -40,17 +44,49 @@ fn wildcard_for(target: Option<IpAddr>) -> &'static str {
 }
 
 pub fn hint(verdict: Verdict, target: Option<IpAddr>, port: u16, listeners: &[ListenerReport]) -> String {
+    hint_in(&HintContext::default(), verdict, target, port, listeners)
+}
+
+/// What is known around a refusal that makes the hint exact: the host port it was published
+/// on (for the `-p` forms).
+#[derive(Debug, Clone, Default)]
+pub struct HintContext {
+    pub host_port: Option<u16>,
+}
+
+/// The server-specific fix for a loopback bind, from the listeners' command lines.
+fn bind_fix(listeners: &[ListenerReport], port: u16, any: &str) -> Option<BindFix> {
+    let any = any.trim_start_matches('[').trim_end_matches(']');
+    listeners
+        .iter()
+        .filter(|l| is_loopback(l.ip))
+        .flat_map(|l| &l.pids)
+        .find_map(|p| crate::framework::bind_fix(&p.argv, &p.exe, port, any))
+}
+
+pub fn hint_in(
+    ctx: &HintContext,
+    verdict: Verdict,
+    target: Option<IpAddr>,
+    port: u16,
+    listeners: &[ListenerReport],
+) -> String {
     let bound: Vec<String> = listeners.iter().map(|l| endpoint(l.ip, l.port)).collect();
     let bound = bound.join(", ");
     let any = wildcard_for(target);
+    let host_port = ctx.host_port.unwrap_or(port);
     match verdict {
         Verdict::LoopbackOnly => {
             let lo: Vec<&ListenerReport> = listeners.iter().filter(|l| is_loopback(l.ip)).collect();
             let lo_addrs: Vec<String> = lo.iter().map(|l| endpoint(l.ip, l.port)).collect();
+            let fix = match bind_fix(listeners, port, any) {
+                Some(fix) => format!("Bind to {any}:{port} instead: {}", fix.advice),
+                None => format!("Bind to {any}:{port} instead (e.g. `--host 0.0.0.0`)"),
+            };
             format!(
                 "{} listens on {} only: that is the container's own loopback, which forwarded \
-                 connections never reach. Bind to {any}:{port} instead (e.g. `--host 0.0.0.0`); \
-                 to keep it private, publish it on the host's loopback: -p 127.0.0.1:{port}:{port}",
+                 connections never reach. {fix}; to keep it private, publish it on the host's \
+                 loopback: -p 127.0.0.1:{host_port}:{port}",
                 who(listeners),
                 lo_addrs.join(", ")
             )
@@ -83,7 +119,7 @@ pub fn hint(verdict: Verdict, target: Option<IpAddr>, port: u16, listeners: &[Li
             let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
             format!(
                 "nothing listens on port {port} here; this namespace listens on {} ({bound}). \
-                 Publish the port the service uses (e.g. -p {port}:{}) or make it listen on {any}:{port}",
+                 Publish the port the service uses (e.g. -p {host_port}:{}) or make it listen on {any}:{port}",
                 ports.join(", "),
                 ports[0]
             )
@@ -95,5 +131,57 @@ pub fn hint(verdict: Verdict, target: Option<IpAddr>, port: u16, listeners: &[Li
         Verdict::Unknown => {
             "the namespace was gone before it could be inspected (the container stopped?)".into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sockets::Holder;
+
+    fn listener(ip: &str, port: u16, holder: Holder) -> ListenerReport {
+        ListenerReport { ip: ip.parse().unwrap(), port, pids: vec![holder] }
+    }
+
+    fn httpd() -> Holder {
+        let argv: Vec<String> =
+            ["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"].map(String::from).to_vec();
+        Holder {
+            pid: 31455,
+            comm: "httpd".into(),
+            container_pid: Some(1),
+            cmdline: argv.join(" "),
+            argv,
+            exe: "busybox".into(),
+        }
+    }
+
+    #[test]
+    fn loopback_hint_names_the_flag_and_the_published_port() {
+        let l = [listener("127.0.0.1", 8000, httpd())];
+        let ctx = HintContext { host_port: Some(18000) };
+        let h = hint_in(&ctx, Verdict::LoopbackOnly, Some("172.17.0.2".parse().unwrap()), 8000, &l);
+        assert!(h.starts_with("httpd (pid 31455, 1 in the container) listens on 127.0.0.1:8000 only"), "{h}");
+        assert!(
+            h.contains("busybox httpd is started with `-p 127.0.0.1:8000`: use `-p 0.0.0.0:8000`"),
+            "{h}"
+        );
+        assert!(h.ends_with("-p 127.0.0.1:18000:8000"), "{h}");
+    }
+
+    #[test]
+    fn plain_hint_is_unchanged_without_context() {
+        let l = [listener("127.0.0.1", 8000, Holder::new(7, "python3"))];
+        let h = hint(Verdict::LoopbackOnly, Some("172.17.0.2".parse().unwrap()), 8000, &l);
+        assert!(h.contains("Bind to 0.0.0.0:8000 instead (e.g. `--host 0.0.0.0`)"), "{h}");
+        assert!(h.ends_with("-p 127.0.0.1:8000:8000"), "{h}");
+    }
+
+    #[test]
+    fn port_mismatch_uses_the_host_port() {
+        let l = [listener("0.0.0.0", 3000, Holder::new(7, "node"))];
+        let ctx = HintContext { host_port: Some(8000) };
+        let h = hint_in(&ctx, Verdict::NoListener, Some("172.17.0.2".parse().unwrap()), 8000, &l);
+        assert!(h.contains("listens on 3000") && h.contains("-p 8000:3000"), "{h}");
     }
 }

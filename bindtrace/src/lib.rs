@@ -7,6 +7,7 @@ pub mod cli;
 pub mod docker;
 pub mod enrich;
 pub mod fold;
+pub mod framework;
 pub mod hint;
 pub mod hook;
 pub mod kernel_layout;

@@ -30,6 +30,76 @@ pub struct Listener {
 pub struct Holder {
     pub pid: u32,
     pub comm: String,
+    /// The pid inside the process's own pid namespace (the container's), from `NSpid`; absent
+    /// when it is the host's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_pid: Option<u32>,
+    /// The command line, arguments joined by spaces.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub cmdline: String,
+    /// The arguments one by one, and the executable's file name (`busybox` for its applets).
+    #[serde(skip)]
+    pub argv: Vec<String>,
+    #[serde(skip)]
+    pub exe: String,
+}
+
+impl Holder {
+    /// A holder known only by pid and command name.
+    pub fn new(pid: u32, comm: impl Into<String>) -> Holder {
+        Holder {
+            pid,
+            comm: comm.into(),
+            container_pid: None,
+            cmdline: String::new(),
+            argv: Vec::new(),
+            exe: String::new(),
+        }
+    }
+
+    /// Everything /proc says about `pid` that helps a reader: comm, the pid inside its
+    /// namespace, the command line and the executable.
+    pub fn describe(pid: u32) -> Holder {
+        let argv = argv_of(pid);
+        Holder {
+            pid,
+            comm: comm_of(pid),
+            container_pid: nspid_of(pid),
+            cmdline: argv.join(" "),
+            argv,
+            exe: fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .and_then(|p| {
+                    p.file_name().map(|n| n.to_string_lossy().trim_end_matches(" (deleted)").to_owned())
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// `/proc/PID/cmdline` split at NULs.
+pub fn argv_of(pid: u32) -> Vec<String> {
+    let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else { return Vec::new() };
+    raw.split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The pid of `pid` in its own pid namespace (last field of `NSpid:` in /proc/PID/status),
+/// when that namespace is not the one bindtrace sees it from.
+pub fn nspid_of(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_nspid(&status)
+}
+
+fn parse_nspid(status: &str) -> Option<u32> {
+    let fields: Vec<&str> =
+        status.lines().find_map(|l| l.strip_prefix("NSpid:"))?.split_whitespace().collect();
+    if fields.len() < 2 {
+        return None;
+    }
+    fields.last()?.parse().ok()
 }
 
 /// Parses `/proc/net/tcp` or `/proc/net/tcp6` and keeps the listening sockets.
@@ -100,7 +170,7 @@ pub fn holders(inodes: &[u64], netns_inode: u64) -> BTreeMap<u64, Vec<Holder>> {
             if let Some(inode) = target.to_str().and_then(|t| wanted.get(t)) {
                 let holders = found.entry(*inode).or_default();
                 if !holders.iter().any(|h| h.pid == pid) {
-                    holders.push(Holder { pid, comm: comm_of(pid) });
+                    holders.push(Holder::describe(pid));
                 }
             }
         }
@@ -148,6 +218,21 @@ mod tests {
         assert_eq!(l[0].port, 8000);
         assert_eq!(l[1].addr, "::ffff:127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(l[1].port, 80);
+    }
+
+    #[test]
+    fn nspid_is_the_innermost() {
+        assert_eq!(parse_nspid("Name:\thttpd\nNSpid:\t31455\t1\n"), Some(1));
+        assert_eq!(parse_nspid("NSpid:\t812\n"), None);
+        assert_eq!(parse_nspid("Name: x\n"), None);
+    }
+
+    #[test]
+    fn describe_reads_our_own_process() {
+        let me = Holder::describe(std::process::id());
+        assert!(!me.argv.is_empty());
+        assert_eq!(me.cmdline, me.argv.join(" "));
+        assert!(!me.exe.is_empty());
     }
 
     #[test]
