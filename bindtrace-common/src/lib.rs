@@ -106,6 +106,63 @@ pub struct RefusalEvent {
     pub _pad1: u32,
 }
 
+/// TCP states (include/net/tcp_states.h). These numbers are ABI: /proc/net/tcp's `st` column and
+/// `sock:inet_sock_set_state` report them, and they have not changed since Linux 2.x.
+pub const TCP_SYN_SENT: u32 = 2;
+pub const TCP_CLOSE: u32 = 7;
+
+/// Capacity of `CONNECT_PENDING` (connects in flight to a watched prefix, by socket) and of
+/// `CONNECTORS` (refused connects, by 4-tuple). Both are LRU maps: old entries make room.
+pub const CONNECT_MAX_ENTRIES: u32 = 8_192;
+/// Capacity of `CONNECT_DESTS`: address prefixes of the watched bridges.
+pub const CONNECT_DESTS_MAX_ENTRIES: u32 = 1_024;
+
+/// Who started a TCP connection to a watched prefix, recorded in the connecting task's context
+/// when its socket enters SYN_SENT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Connector {
+    /// `bpf_ktime_get_ns()` when the connection started.
+    pub ktime_ns: u64,
+    /// Network namespace of the connecting socket.
+    pub netns_cookie: u64,
+    pub netns_ino: u32,
+    /// Process (thread group) and thread ids in the initial pid namespace.
+    pub tgid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    /// The thread's `comm`, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// A refused connection's 4-tuple as the connecting socket saw it. IPv4 addresses are stored
+/// IPv4-mapped (`::ffff:a.b.c.d`), so one key type serves both families; a dual-stack socket
+/// connecting to an IPv4 address gives the same key as an IPv4 socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnectKey {
+    pub client_addr: [u8; 16],
+    pub target_addr: [u8; 16],
+    /// Host byte order.
+    pub client_port: u16,
+    pub target_port: u16,
+    pub _pad: u32,
+}
+
+/// An IPv6 (or IPv4-mapped) address as the data of an LPM-trie key.
+pub type Addr16 = [u8; 16];
+
+/// `addr` (network byte order, IPv4 in the first 4 bytes when `family` is AF_INET) as stored in
+/// [`ConnectKey`] and `CONNECT_DESTS`: IPv4 becomes `::ffff:a.b.c.d`.
+#[inline(always)]
+pub fn mapped(family: u8, addr: &[u8; 16]) -> [u8; 16] {
+    if family == AF_INET {
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
+    } else {
+        *addr
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -115,6 +172,8 @@ mod pod {
     unsafe impl aya::Pod for CountKey {}
     unsafe impl aya::Pod for CountValue {}
     unsafe impl aya::Pod for RefusalEvent {}
+    unsafe impl aya::Pod for Connector {}
+    unsafe impl aya::Pod for ConnectKey {}
 }
 
 #[cfg(test)]
@@ -128,5 +187,15 @@ mod tests {
         assert_eq!(size_of::<CountKey>(), 16);
         assert_eq!(size_of::<CountValue>(), 16);
         assert_eq!(size_of::<RefusalEvent>(), 72);
+        assert_eq!(size_of::<Connector>(), 48);
+        assert_eq!(size_of::<ConnectKey>(), 40);
+    }
+
+    #[test]
+    fn ipv4_is_mapped() {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&[172, 17, 0, 2]);
+        assert_eq!(mapped(AF_INET, &a)[10..], [0xff, 0xff, 172, 17, 0, 2]);
+        assert_eq!(mapped(AF_INET6, &a), a);
     }
 }

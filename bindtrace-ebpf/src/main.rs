@@ -10,6 +10,10 @@
 //! Both are BTF tracepoints, so they need no tracefs (they work under `ip netns exec`), and get
 //! the `sk_buff` pointer directly. The loader attaches exactly one of them.
 //!
+//! A third program, `tp_btf/inet_sock_set_state` (`connect.rs`), records who connects to the
+//! watched bridges' addresses, so a refusal can say whether docker-proxy, a host process or
+//! another container made the connection.
+//!
 //! Per event the work is: one compare on the reason, a few reads to find the namespace and
 //! interface, one scope lookup, a SYN check, one per-CPU counter update. A ring-buffer record is
 //! sent only when userspace needs something new: the first refusal of a key on a CPU, then at most
@@ -17,6 +21,7 @@
 #![no_std]
 #![no_main]
 
+mod connect;
 mod kernel;
 mod packet;
 mod probes;

@@ -1,18 +1,36 @@
 //! Command-line interface.
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
-use crate::{hook::HookChoice, output::Format};
+use crate::{audit, check::CheckArgs, hook::HookChoice, output::Format};
 
 /// Reports, as it happens, every connection to a container that was refused because the service
 /// inside listens on loopback (or on the wrong address, family or port), and how to fix it.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "bindtrace", version, about, long_about = None)]
+#[command(name = "bindtrace", version, about, long_about = None, args_conflicts_with_subcommands = true)]
 pub struct Args {
-    /// Bridge to watch, in bindtrace's own network namespace (repeatable).
-    #[arg(short = 'i', long = "iface", value_name = "NAME", default_value = "docker0")]
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Bridge to watch, in bindtrace's own network namespace (repeatable). Default: docker0 and
+    /// the bridge of every Docker network, followed as networks come and go.
+    #[arg(short = 'i', long = "iface", value_name = "NAME")]
     pub ifaces: Vec<String>,
+
+    /// Docker API socket (unix:///path or a path; default: $DOCKER_HOST, else
+    /// /var/run/docker.sock).
+    #[arg(long, value_name = "SOCKET")]
+    pub docker_host: Option<String>,
+
+    /// Do not talk to Docker: no container names, published ports, audit or network following.
+    #[arg(long, conflicts_with = "docker_host")]
+    pub no_docker: bool,
+
+    /// How long a started container may have nothing listening on a published port before the
+    /// audit reports it (loopback-only and other misbindings are reported at once).
+    #[arg(long, value_name = "DURATION", default_value = audit::DEFAULT_GRACE, value_parser = humantime::parse_duration)]
+    pub audit_grace: Duration,
 
     /// Kernel hook: `auto` picks tcp-send-reset when this kernel's BTF shows the reset reason,
     /// else kfree-skb.
@@ -41,6 +59,13 @@ pub struct Args {
     pub verbose: u8,
 }
 
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Audit every running container's published ports once and exit: 0 all reachable, 1 any
+    /// loopback-only, 2 other misbindings, 3 the check could not run.
+    Check(CheckArgs),
+}
+
 fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|e| format!("{s:?} is not a byte count: {e}"))?;
     if n < 4096 || !n.is_power_of_two() {
@@ -64,9 +89,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_watch_docker0() {
+    fn defaults_follow_docker() {
         let a = Args::try_parse_from(["bindtrace"]).unwrap();
-        assert_eq!(a.ifaces, vec!["docker0"]);
+        assert!(a.ifaces.is_empty(), "no -i: docker0 and Docker's networks");
+        assert!(!a.no_docker);
+        assert!(a.command.is_none());
+        assert_eq!(a.audit_grace, Duration::from_secs(30));
         assert_eq!(a.hook, HookChoice::Auto);
         assert_eq!(a.format, Format::Text);
         assert_eq!(a.fold_window, Duration::from_secs(1));
@@ -97,5 +125,17 @@ mod tests {
         assert!(e.contains("power of two"), "{e}");
         assert!(Args::try_parse_from(["bindtrace", "--hook", "kprobe"]).is_err());
         assert!(Args::try_parse_from(["bindtrace", "--fold-window", "0s"]).is_err());
+        assert!(Args::try_parse_from(["bindtrace", "--no-docker", "--docker-host", "/x"]).is_err());
+    }
+
+    #[test]
+    fn check_is_a_subcommand() {
+        let a = Args::try_parse_from(["bindtrace", "check", "--format", "json", "web", "db"]).unwrap();
+        let Some(Command::Check(c)) = a.command else { panic!("not check") };
+        assert_eq!(c.containers, vec!["web", "db"]);
+        assert_eq!(c.format, Format::Json);
+        assert_eq!(c.audit_grace, Duration::from_secs(30));
+        // Detector options belong to the detector.
+        assert!(Args::try_parse_from(["bindtrace", "-i", "docker0", "check"]).is_err());
     }
 }

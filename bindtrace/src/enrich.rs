@@ -85,5 +85,6 @@ pub fn report(line: &Line, port: Option<&Port>, bridges: &Bridges, hook: &'stati
         hint: hint(verdict, target_ip, line.key.port, &listeners),
         listeners,
         count: line.count,
+        docker: Default::default(),
     }
 }

@@ -2,8 +2,12 @@
 //! loopback (or the wrong address, family or port), as they happen, and says how to fix it.
 //!
 //! One module per concern; `main.rs` only parses arguments and calls [`run`].
+pub mod audit;
 pub mod btf;
+pub mod check;
 pub mod cli;
+pub mod connect;
+pub mod conntrack;
 pub mod docker;
 pub mod enrich;
 pub mod fold;
@@ -19,5 +23,8 @@ pub mod privileges;
 pub mod report;
 pub mod run;
 pub mod scope;
+pub mod sock_layout;
 pub mod sockets;
+pub mod v6only;
 pub mod verdict;
+pub mod via;

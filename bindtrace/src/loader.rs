@@ -38,6 +38,8 @@ pub struct LoadOptions {
     pub fold_window_ns: u64,
     /// aya-log level for kernel-side messages (0 = off).
     pub kernel_log_level: u8,
+    /// Further u32 globals by name (the connect tracker's offsets, `sock_layout.rs`).
+    pub globals: Vec<(&'static str, u32)>,
 }
 
 pub struct Loaded {
@@ -83,6 +85,9 @@ impl Loaded {
             &drop,
             true,
         );
+        for (name, value) in &opts.globals {
+            loader.override_global(name, value, true);
+        }
         let mut ebpf = loader.load(OBJECT).map_err(LoadError::Load)?;
 
         let program: &mut BtfTracePoint = ebpf

@@ -1,9 +1,29 @@
 use clap::Parser as _;
 
-use bindtrace::{cli::Args, output::Output, run};
+use bindtrace::{
+    check,
+    cli::{Args, Command},
+    output::Output,
+    run,
+};
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    std::process::ExitCode::SUCCESS
+                }
+                // `check` promises 3 for "could not run", bad usage included.
+                _ if std::env::args().any(|a| a == "check") => {
+                    std::process::ExitCode::from(check::EXIT_CANNOT_RUN)
+                }
+                _ => std::process::ExitCode::from(2),
+            };
+        }
+    };
     let level = match args.verbose {
         0 => "info",
         1 => "debug",
@@ -19,6 +39,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Check(check_args)) = &args.command {
+        let mut stdout = std::io::stdout().lock();
+        return std::process::ExitCode::from(runtime.block_on(check::run(check_args, &mut stdout)));
+    }
     let result = runtime.block_on(async {
         let detector = run::setup(&args)?;
         let stdout = std::io::stdout().lock();

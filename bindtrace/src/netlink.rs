@@ -297,9 +297,9 @@ fn parse_link(payload: &[u8]) -> Option<Link> {
 }
 
 /// What a finished request reported besides its messages.
-struct Outcome {
+pub(crate) struct Outcome {
     /// The kernel flagged the dump NLM_F_DUMP_INTR: the result may be inconsistent.
-    interrupted: bool,
+    pub(crate) interrupted: bool,
 }
 
 /// Sends one request on a fresh socket and passes each reply message (type, payload after the
@@ -309,9 +309,20 @@ fn transact(
     msg_type: u16,
     flags: u16,
     body: &[u8],
+    on_msg: impl FnMut(u16, &[u8]) -> io::Result<()>,
+) -> io::Result<Outcome> {
+    transact_on(libc::NETLINK_ROUTE, msg_type, flags, body, on_msg)
+}
+
+/// [`transact`] on a socket of another netlink family (sock_diag, for `v6only.rs`).
+pub(crate) fn transact_on(
+    protocol: libc::c_int,
+    msg_type: u16,
+    flags: u16,
+    body: &[u8],
     mut on_msg: impl FnMut(u16, &[u8]) -> io::Result<()>,
 ) -> io::Result<Outcome> {
-    let mut sock = NlSocket::open(false)?;
+    let mut sock = NlSocket::open_with(protocol, false)?;
     let timeout = libc::timeval { tv_sec: REPLY_TIMEOUT_SECS, tv_usec: 0 };
     // SAFETY: `timeout` is a valid timeval for the duration of the call.
     let rc = unsafe {
@@ -384,21 +395,26 @@ fn short(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("short {what} message"))
 }
 
-/// A NETLINK_ROUTE socket bound to a kernel-assigned port id.
-struct NlSocket {
-    fd: OwnedFd,
+/// A netlink socket (NETLINK_ROUTE unless opened with [`NlSocket::open_with`]) bound to a
+/// kernel-assigned port id.
+pub(crate) struct NlSocket {
+    pub(crate) fd: OwnedFd,
     portid: u32,
     buf: Vec<u8>,
 }
 
 impl NlSocket {
     fn open(nonblocking: bool) -> io::Result<NlSocket> {
+        Self::open_with(libc::NETLINK_ROUTE, nonblocking)
+    }
+
+    pub(crate) fn open_with(protocol: libc::c_int, nonblocking: bool) -> io::Result<NlSocket> {
         let mut ty = libc::SOCK_RAW | libc::SOCK_CLOEXEC;
         if nonblocking {
             ty |= libc::SOCK_NONBLOCK;
         }
         // SAFETY: plain syscall; the result is checked before it is wrapped.
-        let raw = unsafe { libc::socket(libc::AF_NETLINK, ty, libc::NETLINK_ROUTE) };
+        let raw = unsafe { libc::socket(libc::AF_NETLINK, ty, protocol) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -487,7 +503,12 @@ fn sockaddr_nl_zeroed() -> libc::sockaddr_nl {
     addr
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+pub(crate) fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `value` is a valid c_int for the duration of the call.
     let rc = unsafe {
         libc::setsockopt(
@@ -526,11 +547,11 @@ const fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
 
-fn read_u32(b: &[u8]) -> Option<u32> {
+pub(crate) fn read_u32(b: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(..4)?.try_into().ok()?))
 }
 
-fn read_u16(b: &[u8]) -> Option<u16> {
+pub(crate) fn read_u16(b: &[u8]) -> Option<u16> {
     Some(u16::from_ne_bytes(b.get(..2)?.try_into().ok()?))
 }
 
@@ -541,22 +562,22 @@ fn read_string(b: &[u8]) -> String {
 }
 
 /// One netlink message inside a datagram.
-struct Msg<'a> {
-    msg_type: u16,
+pub(crate) struct Msg<'a> {
+    pub(crate) msg_type: u16,
     flags: u16,
     seq: u32,
     pid: u32,
-    payload: &'a [u8],
+    pub(crate) payload: &'a [u8],
 }
 
 /// The messages of one datagram. A header that claims more bytes than remain yields one error
 /// and ends the iteration.
-struct Messages<'a> {
+pub(crate) struct Messages<'a> {
     rest: &'a [u8],
 }
 
 impl<'a> Messages<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
         Messages { rest: buf }
     }
 }
@@ -590,12 +611,12 @@ impl<'a> Iterator for Messages<'a> {
 
 /// The attributes in a byte range, as (type without the NLA_F_NESTED/NLA_F_NET_BYTEORDER bits,
 /// value). Stops at the first attribute whose length does not fit.
-struct Attrs<'a> {
+pub(crate) struct Attrs<'a> {
     rest: &'a [u8],
 }
 
 impl<'a> Attrs<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
         Attrs { rest: buf }
     }
 }

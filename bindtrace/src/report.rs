@@ -3,7 +3,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::{sockets::Holder, verdict::Verdict};
+use crate::{docker::Binding, sockets::Holder, verdict::Verdict};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ListenerReport {
@@ -38,6 +38,115 @@ pub struct Report {
     pub listeners: Vec<ListenerReport>,
     /// Refusals this line stands for (exact: from the kernel's counters).
     pub count: u64,
+    pub hint: String,
+    /// Which container, which published port, how the connection got there.
+    #[serde(flatten)]
+    pub docker: DockerContext,
+}
+
+/// The Docker side of a refusal (every field null when unknown: no Docker, or not a container).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DockerContext {
+    pub container: Option<ContainerReport>,
+    /// The host address the connection was published through (for `direct`, none).
+    pub published: Option<Binding>,
+    pub via: Option<Via>,
+    /// The process that connected, when it ran on this host (docker-proxy, a host process,
+    /// another container's process).
+    pub client_process: Option<ClientProcess>,
+    /// The container the connection came from, when it came from one.
+    pub client_container: Option<ContainerRef>,
+    /// For `dnat`: the connection as the client sent it, before translation.
+    pub original: Option<OriginalTuple>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContainerReport {
+    /// Short id (12 hex digits).
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub compose_project: Option<String>,
+    pub compose_service: Option<String>,
+}
+
+impl From<&crate::docker::Container> for ContainerReport {
+    fn from(c: &crate::docker::Container) -> Self {
+        ContainerReport {
+            id: c.short_id().to_owned(),
+            name: c.name.clone(),
+            image: c.image.clone(),
+            compose_project: c.compose_project.clone(),
+            compose_service: c.compose_service.clone(),
+        }
+    }
+}
+
+/// How a refused connection reached the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Via {
+    /// Docker's userland proxy accepted on the host and dialed the container.
+    #[serde(rename = "docker-proxy")]
+    DockerProxy,
+    /// Destination NAT of a published port (another machine, or the proxy off).
+    #[serde(rename = "dnat")]
+    Dnat,
+    /// Straight to the container's address (a host process or another container).
+    #[serde(rename = "direct")]
+    Direct,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::DockerProxy => "docker-proxy",
+            Via::Dnat => "dnat",
+            Via::Direct => "direct",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClientProcess {
+    /// Host pid namespace.
+    pub pid: u32,
+    pub comm: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContainerRef {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OriginalTuple {
+    pub client_ip: IpAddr,
+    pub client_port: u16,
+    /// The published address the client dialed.
+    pub target_ip: IpAddr,
+    pub target_port: u16,
+}
+
+/// A published port checked before anyone connects (`event: "audit"`), or a row of
+/// `bindtrace check`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditReport {
+    pub time: String,
+    pub event: &'static str,
+    /// A [`Verdict`]'s name, or `ok` (only `bindtrace check` lists healthy ports).
+    pub verdict: &'static str,
+    pub proto: &'static str,
+    pub family: &'static str,
+    /// The container address forwarded connections arrive at.
+    pub target_ip: Option<IpAddr>,
+    pub target_port: u16,
+    pub netns: u64,
+    pub container: ContainerReport,
+    /// The first host binding of the port, and all of them.
+    pub published: Option<Binding>,
+    pub bindings: Vec<Binding>,
+    pub listeners: Vec<ListenerReport>,
     pub hint: String,
 }
 

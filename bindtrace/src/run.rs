@@ -1,8 +1,9 @@
 //! The detector's main loop: load, attach, keep the scope current, turn kernel samples and
 //! counts into lines, detach on SIGINT/SIGTERM.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io::Write,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -12,21 +13,30 @@ use bindtrace_common::{CountKey, RefusalEvent, ScopeKey};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
+    sync::watch,
 };
 
 use crate::{
+    audit::Auditor,
     btf::Btf,
     cli::Args,
+    connect::{self, ConnectTracker, Prefix},
+    conntrack::Conntrack,
+    docker::{self, Inventory, watch::DockerState},
     enrich,
     fold::{Folder, Line},
+    hint::{HintContext, hint_in},
     hook,
     kernel_layout::KernelLayout,
     loader::{LoadOptions, Loaded},
     netlink::LinkWatcher,
+    netns::Netns,
     output::Output,
     privileges,
-    report::{LostReport, now_rfc3339},
+    report::{LostReport, Report, now_rfc3339},
     scope::{self, Bridges, Port, Resolver},
+    sock_layout::SockLayout,
+    via,
 };
 
 /// How often the kernel counters are read when nothing is pending: this is the only periodic
@@ -37,6 +47,14 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 const RESCAN_DEBOUNCE: Duration = Duration::from_millis(20);
 /// How long the details of an interface that left scope are kept, for lines still in flight.
 const DEPARTED_GRACE: Duration = Duration::from_secs(10);
+/// How long the start waits for the Docker API's first answer before reporting ready anyway.
+const DOCKER_START_WAIT: Duration = Duration::from_secs(5);
+/// A refusal whose connector is not known yet is looked up once more after this: the reset
+/// that completes the connector's record, and the conntrack event, arrive right after the
+/// refusal itself.
+const ATTRIBUTION_RETRY: Duration = Duration::from_millis(30);
+/// Samples older than this get no retry (folded lines; their flows are long recorded).
+const FRESH_SAMPLE: Duration = Duration::from_millis(500);
 
 /// Everything set up before the loop, in the order it must be checked.
 pub struct Detector {
@@ -48,6 +66,21 @@ pub struct Detector {
     folder: Folder,
     hook_name: &'static str,
     lost_reported: u64,
+    docker: DockerSide,
+}
+
+/// What the Docker integration adds: containers and networks from the Engine API, who
+/// connected (connect tracker, conntrack), and the proactive audit.
+struct DockerSide {
+    /// No `-i`: the bridges of Docker's networks are followed.
+    auto_bridges: bool,
+    /// The watcher's channel (None with --no-docker); taken into `run`'s loop.
+    state: Option<watch::Receiver<DockerState>>,
+    inventory: Option<Arc<Inventory>>,
+    connect: Option<ConnectTracker>,
+    conntrack: Option<Conntrack>,
+    prefixes: BTreeSet<Prefix>,
+    auditor: Auditor,
 }
 
 pub fn setup(args: &Args) -> anyhow::Result<Detector> {
@@ -55,17 +88,54 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
     privileges::raise_memlock();
     let btf = Btf::from_sys_fs()?;
     let layout = KernelLayout::resolve(&btf).context("reading this kernel's layout from BTF")?;
+    let sock_layout = SockLayout::resolve(&btf);
     drop(btf);
     let (hook, why) = hook::choose(args.hook, &layout)?;
-    let bridges = scope::validate(&args.ifaces)?;
+    let auto_bridges = args.ifaces.is_empty();
+    let bridges =
+        if auto_bridges { scope::validate_auto(!args.no_docker)? } else { scope::validate(&args.ifaces)? };
+    let docker_socket = match args.no_docker {
+        true => None,
+        false => Some(docker::socket_path(args.docker_host.as_deref()).map_err(anyhow::Error::msg)?),
+    };
     let aya_btf = aya::Btf::from_sys_fs().context("loading /sys/kernel/btf/vmlinux")?;
     let opts = LoadOptions {
         ringbuf_bytes: args.ringbuf_size,
         fold_window_ns: args.fold_window.as_nanos() as u64,
         kernel_log_level: kernel_log_level(),
+        globals: match &sock_layout {
+            Ok(s) => s.globals(&layout),
+            Err(_) => SockLayout::unresolved_globals(),
+        },
     };
-    let loaded = Loaded::load(&layout, hook, &aya_btf, &opts)?;
+    let mut loaded = Loaded::load(&layout, hook, &aya_btf, &opts)?;
     log::info!("attached tp_btf/{} (hook {hook}: {why})", hook.tracepoint());
+    let connect = match sock_layout {
+        Ok(_) => match ConnectTracker::attach(&mut loaded.ebpf, &aya_btf) {
+            Ok(c) => {
+                log::info!("attached tp_btf/inet_sock_set_state (who connects to the watched bridges)");
+                Some(c)
+            }
+            Err(e) => {
+                log::warn!("not tracking who connects ({e:#}): `via` docker-proxy/direct will be missing");
+                None
+            }
+        },
+        Err(e) => {
+            log::warn!(
+                "not tracking who connects (struct sock layout: {e}): `via` docker-proxy/direct will be missing"
+            );
+            None
+        }
+    };
+    let conntrack = match Conntrack::spawn() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn!("no conntrack events ({e}): NATed connections will not be reported as `via` dnat");
+            None
+        }
+    };
+    let docker_state = docker_socket.map(|path| docker::watch::spawn(docker::Client::new(path)));
     let mut detector = Detector {
         loaded,
         bridges,
@@ -75,6 +145,15 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
         folder: Folder::new(args.fold_window),
         hook_name: hook.name(),
         lost_reported: 0,
+        docker: DockerSide {
+            auto_bridges,
+            state: docker_state,
+            inventory: None,
+            connect,
+            conntrack,
+            prefixes: BTreeSet::new(),
+            auditor: Auditor::new(args.audit_grace),
+        },
     };
     detector.rescan()?;
     Ok(detector)
@@ -120,7 +199,97 @@ impl Detector {
         }
         self.ports = fresh;
         self.departed.retain(|_, (_, since)| now.duration_since(*since) < DEPARTED_GRACE);
+        self.refresh_prefixes();
         Ok(())
+    }
+
+    /// The watched bridges' address prefixes, for the connect tracker and conntrack.
+    fn refresh_prefixes(&mut self) {
+        let prefixes = match connect::interface_prefixes(&self.bridges.names) {
+            Ok(p) => p,
+            Err(e) => {
+                log::debug!("reading the bridges' addresses: {e}");
+                return;
+            }
+        };
+        if prefixes == self.docker.prefixes {
+            return;
+        }
+        let shown: Vec<String> = prefixes.iter().map(connect::show_prefix).collect();
+        log::debug!("watched prefixes: {}", shown.join(", "));
+        if let Some(c) = &mut self.docker.connect {
+            c.set_prefixes(&prefixes);
+        }
+        if let Some(c) = &self.docker.conntrack {
+            c.set_prefixes(&prefixes);
+        }
+        self.docker.prefixes = prefixes;
+    }
+
+    /// Takes in what the Docker watcher reports: new networks' bridges (without `-i`), the
+    /// inventory for names and published ports, and container starts for the audit.
+    fn apply_docker(&mut self, state: &DockerState) -> anyhow::Result<()> {
+        let Some(inv) = state.inventory().cloned() else { return Ok(()) };
+        let mut added = false;
+        if self.docker.auto_bridges {
+            for bridge in inv.bridges() {
+                if self.bridges.add(&bridge) {
+                    log::info!("following Docker network bridge {bridge}");
+                    added = true;
+                }
+            }
+        }
+        self.docker.inventory = Some(inv.clone());
+        if added {
+            self.rescan()?;
+        }
+        if state.is_up() {
+            self.docker.auditor.on_inventory(&inv, Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Runs the audit checks that are due and prints what they find.
+    fn run_audits<W: Write>(&mut self, out: &mut Output<W>) -> anyhow::Result<()> {
+        let Some(inv) = self.docker.inventory.clone() else { return Ok(()) };
+        let in_scope: HashMap<u64, Arc<Netns>> =
+            self.ports.values().map(|p| (p.ns.inode, p.ns.clone())).collect();
+        for report in self.docker.auditor.run(&inv, &in_scope, Instant::now()) {
+            out.audit(&report).context("writing output")?;
+        }
+        Ok(())
+    }
+
+    /// Fills in the container, the published port and `via` (see `via.rs`).
+    async fn attribute(&self, report: &mut Report, line: &Line) {
+        let lookup = |r: &Report| {
+            via::docker_context(
+                r,
+                self.docker.inventory.as_deref(),
+                self.docker.connect.as_ref(),
+                self.docker.conntrack.as_ref(),
+            )
+        };
+        // Let the conntrack reader catch up with events queued meanwhile.
+        tokio::task::yield_now().await;
+        let mut ctx = lookup(report);
+        let fresh = line
+            .sample
+            .is_some_and(|s| monotonic_ns().saturating_sub(s.ktime_ns) < FRESH_SAMPLE.as_nanos() as u64);
+        if ctx.via.is_none() && fresh && (self.docker.connect.is_some() || self.docker.conntrack.is_some()) {
+            tokio::time::sleep(ATTRIBUTION_RETRY).await;
+            ctx = lookup(report);
+        }
+        if let Some(p) = ctx.published {
+            report.hint = hint_in(
+                &HintContext { host_port: Some(p.host_port) },
+                report.verdict,
+                report.target_ip,
+                report.target_port,
+                &report.listeners,
+            );
+        }
+        report.docker = ctx;
     }
 
     fn port_for(&self, key: &CountKey) -> Option<&Port> {
@@ -128,9 +297,10 @@ impl Detector {
         self.ports.get(&scope_key).or_else(|| self.departed.get(&scope_key).map(|(p, _)| p))
     }
 
-    fn print<W: Write>(&self, out: &mut Output<W>, lines: &[Line]) -> anyhow::Result<()> {
+    async fn print<W: Write>(&self, out: &mut Output<W>, lines: &[Line]) -> anyhow::Result<()> {
         for line in lines {
-            let report = enrich::report(line, self.port_for(&line.key), &self.bridges, self.hook_name);
+            let mut report = enrich::report(line, self.port_for(&line.key), &self.bridges, self.hook_name);
+            self.attribute(&mut report, line).await;
             out.refusal(&report).context("writing output")?;
         }
         Ok(())
@@ -180,6 +350,27 @@ impl Detector {
         };
         tokio::pin!(stop_at);
 
+        let mut docker_state = self.docker.state.take();
+        if let Some(rx) = docker_state.as_mut() {
+            let _ = tokio::time::timeout(
+                DOCKER_START_WAIT,
+                rx.wait_for(|s| !matches!(s, DockerState::Connecting)),
+            )
+            .await;
+            let state = rx.borrow_and_update().clone();
+            self.apply_docker(&state)?;
+            if self.bridges.names.is_empty()
+                && let DockerState::Down { error, .. } = &state
+            {
+                anyhow::bail!(
+                    "no bridge to watch: there is no {} here and the Docker API is unavailable ({error}); \
+                     name the bridges with -i",
+                    scope::DOCKER0
+                );
+            }
+        }
+        self.run_audits(out)?;
+
         log::info!(
             "ready: watching {} ({} container interfaces)",
             self.bridges.names.join(", "),
@@ -191,6 +382,7 @@ impl Detector {
         let mut next_poll = Instant::now() + IDLE_POLL;
         loop {
             let sleep = tokio::time::sleep_until(next_poll.into());
+            let audit_at = self.docker.auditor.next_due();
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
@@ -211,8 +403,13 @@ impl Detector {
                         let total = self.key_total(&crate::fold::key_of(&ev));
                         lines.extend(self.folder.on_event(ev, total, now));
                     }
-                    self.print(out, &lines)?;
+                    self.print(out, &lines).await?;
                 }
+                state = docker_changed(&mut docker_state) => {
+                    self.apply_docker(&state)?;
+                    self.run_audits(out)?;
+                }
+                _ = sleep_until_opt(audit_at) => self.run_audits(out)?,
                 changed = links.changed() => {
                     changed.context("reading link notifications")?;
                     tokio::time::sleep(RESCAN_DEBOUNCE).await;
@@ -226,7 +423,7 @@ impl Detector {
             if now >= next_poll {
                 let totals = self.loaded.totals();
                 let lines = self.folder.on_totals(&totals, now, false);
-                self.print(out, &lines)?;
+                self.print(out, &lines).await?;
                 self.report_lost(out)?;
                 next_poll = self.next_poll(&totals, now);
             } else if let Some(deadline) = self.folder.next_deadline(now) {
@@ -238,7 +435,7 @@ impl Detector {
         // Nothing counted stays unprinted.
         let totals = self.loaded.totals();
         let lines = self.folder.on_totals(&totals, Instant::now(), true);
-        self.print(out, &lines)?;
+        self.print(out, &lines).await?;
         self.report_lost(out)?;
         let total: u64 = totals.values().sum();
         log::info!("detaching; {total} refusals counted since start");
@@ -255,4 +452,30 @@ impl Detector {
             idle
         }
     }
+}
+
+/// The next Docker state (never resolves without Docker, or once the watcher is gone).
+async fn docker_changed(rx: &mut Option<watch::Receiver<DockerState>>) -> DockerState {
+    if let Some(r) = rx.as_mut()
+        && r.changed().await.is_ok()
+    {
+        return r.borrow_and_update().clone();
+    }
+    *rx = None;
+    std::future::pending().await
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -55,6 +55,29 @@ impl Bridges {
     pub fn name(&self, id: BridgeId) -> &str {
         self.names.get(id as usize).map(String::as_str).unwrap_or("?")
     }
+
+    /// Adds a bridge to watch (a Docker network created while running); true if it is new.
+    /// Names are never removed, so ids stay valid: a bridge that is gone just has no ports.
+    pub fn add(&mut self, name: &str) -> bool {
+        if self.names.iter().any(|n| n == name) {
+            return false;
+        }
+        self.names.push(name.to_owned());
+        true
+    }
+}
+
+/// The bridge Docker creates by default.
+pub const DOCKER0: &str = "docker0";
+
+/// The start set when no `-i` is given: docker0 when it exists here (Docker's networks are
+/// added as the Docker API reports them). Without Docker, docker0 must exist, as with `-i`.
+pub fn validate_auto(docker: bool) -> Result<Bridges, ScopeError> {
+    match validate(&[DOCKER0.to_owned()]) {
+        Ok(b) => Ok(b),
+        Err(ScopeError::NoSuchInterface { .. }) if docker => Ok(Bridges { names: Vec::new() }),
+        Err(e) => Err(e),
+    }
 }
 
 /// Checks that every selected name is a bridge of this namespace.

@@ -1,0 +1,286 @@
+//! The proactive audit: each published TCP port of a running container is checked against
+//! the listeners inside the container, before any client connects.
+//!
+//! A port is reachable when some listener on it accepts the container's address (`0.0.0.0`,
+//! that address, or `[::]` without IPV6_V6ONLY). Otherwise the refusal verdicts apply as they
+//! would to a connection: loopback-only, wrong family, another address, or nothing listening.
+//! "Nothing listening" is only reported once the container has been up for the grace period
+//! (`--audit-grace`): a service that is still starting is not a misconfiguration.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    io,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use crate::{
+    docker::{Container, Inventory, PortMapping},
+    hint::{HintContext, hint_in},
+    netns::Netns,
+    report::{AuditReport, ContainerReport, ListenerReport, now_rfc3339},
+    sockets::{self, Listener},
+    v6only,
+    verdict::{self, Verdict},
+};
+
+/// Default of `--audit-grace`: how long a container may take to start listening on a
+/// published port before "nothing listens" is reported. Long enough for interpreters and
+/// frameworks that load a lot at start (Rails, Spring, Next.js builds take tens of seconds).
+pub const DEFAULT_GRACE: &str = "30s";
+/// How often a port that has no listener yet is looked at again during the grace period.
+pub const POLL: Duration = Duration::from_millis(500);
+
+/// The outcome for one published port.
+#[derive(Debug, Clone)]
+pub struct PortCheck {
+    pub mapping: PortMapping,
+    /// None when the port is reachable.
+    pub verdict: Option<Verdict>,
+    pub target: Option<IpAddr>,
+    pub listeners: Vec<ListenerReport>,
+}
+
+/// Opens the container's network namespace: its sandbox handle, else its main process's.
+pub fn open_netns(c: &Container) -> io::Result<Netns> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the container has no network namespace handle");
+    if let Some(key) = &c.sandbox_key {
+        match Netns::open(key) {
+            Ok(ns) => return Ok(ns),
+            Err(e) => last = e,
+        }
+    }
+    if c.pid > 0 {
+        match Netns::open(Path::new(&format!("/proc/{}/ns/net", c.pid))) {
+            Ok(ns) => return Ok(ns),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Would `l` accept a connection to `target`, knowing which `[::]` listeners are V6ONLY?
+fn accepts(l: &Listener, target: IpAddr, v6only: &HashSet<u64>) -> bool {
+    match (l.addr, target) {
+        (IpAddr::V4(b), IpAddr::V4(t)) => b.is_unspecified() || b == t,
+        (IpAddr::V6(b), IpAddr::V4(t)) => {
+            (b.is_unspecified() && !v6only.contains(&l.inode)) || b.to_ipv4_mapped() == Some(t)
+        }
+        (IpAddr::V6(b), IpAddr::V6(t)) => b.is_unspecified() || b == t,
+        (IpAddr::V4(_), IpAddr::V6(_)) => false,
+    }
+}
+
+/// Decides one port from the namespace's listeners (pure: the tests feed it).
+pub fn decide(
+    target: IpAddr,
+    port: u16,
+    all: &[Listener],
+    v6only: &HashSet<u64>,
+) -> (Option<Verdict>, Vec<Listener>) {
+    let on_port: Vec<Listener> = all.iter().filter(|l| l.port == port).cloned().collect();
+    if on_port.iter().any(|l| accepts(l, target, v6only)) {
+        return (None, on_port);
+    }
+    let d = verdict::decide(target, port, all);
+    match d.verdict {
+        Verdict::ListeningNow => (None, d.listeners),
+        v => (Some(v), d.listeners),
+    }
+}
+
+/// Checks one published port of `c`, whose namespace is `ns`.
+pub fn check_port(c: &Container, mapping: &PortMapping, ns: &Netns) -> io::Result<PortCheck> {
+    let all = sockets::listeners_in(ns)?;
+    let v6only = v6only::v6only_listeners(ns).unwrap_or_else(|e| {
+        log::debug!("sock_diag in {}: {e} (treating [::] listeners as dual-stack)", c.name);
+        HashSet::new()
+    });
+    let target = c.address();
+    let (verdict, listeners) =
+        decide(target.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), mapping.container_port, &all, &v6only);
+    let inodes: Vec<u64> = listeners.iter().map(|l| l.inode).collect();
+    let holders = sockets::holders(&inodes, ns.inode);
+    let listeners = listeners
+        .iter()
+        .map(|l| ListenerReport {
+            ip: l.addr,
+            port: l.port,
+            pids: holders.get(&l.inode).cloned().unwrap_or_default(),
+        })
+        .collect();
+    Ok(PortCheck { mapping: mapping.clone(), verdict, target, listeners })
+}
+
+/// The audit record for a checked port.
+pub fn report(c: &Container, check: &PortCheck, netns: u64) -> AuditReport {
+    let port = check.mapping.container_port;
+    let published = preferred(&check.mapping);
+    let hint = match check.verdict {
+        Some(v) => hint_in(
+            &HintContext { host_port: published.map(|b| b.host_port) },
+            v,
+            check.target,
+            port,
+            &check.listeners,
+        ),
+        None => String::new(),
+    };
+    AuditReport {
+        time: now_rfc3339(),
+        event: "audit",
+        verdict: check.verdict.map_or("ok", Verdict::as_str),
+        proto: "tcp",
+        family: if check.target.is_some_and(|t| t.is_ipv6()) { "ipv6" } else { "ipv4" },
+        target_ip: check.target,
+        target_port: port,
+        netns,
+        container: ContainerReport::from(c),
+        published,
+        bindings: check.mapping.bindings.clone(),
+        listeners: check.listeners.clone(),
+        hint,
+    }
+}
+
+/// The binding to show first: IPv4 before IPv6, as `docker ps` does.
+fn preferred(m: &PortMapping) -> Option<crate::docker::Binding> {
+    m.bindings.iter().find(|b| b.host_ip.is_ipv4()).or(m.bindings.first()).copied()
+}
+
+/// How long after its start a container's ports may still have no listener.
+pub fn deadline(c: &Container, grace: Duration, now: Instant) -> Instant {
+    let age = c.started_at.and_then(|t| SystemTime::now().duration_since(t).ok()).unwrap_or(Duration::ZERO);
+    now + grace.saturating_sub(age)
+}
+
+struct Pending {
+    deadline: Instant,
+    next: Instant,
+}
+
+/// The detector's audit schedule: every published port of every container start, checked at
+/// once, then again every [`POLL`] while nothing listens, until the grace period ends.
+pub struct Auditor {
+    grace: Duration,
+    pending: BTreeMap<(String, u16), Pending>,
+    /// Container starts already scheduled (id -> start time), so each start is audited once.
+    scheduled: HashMap<String, Option<SystemTime>>,
+}
+
+impl Auditor {
+    pub fn new(grace: Duration) -> Auditor {
+        Auditor { grace, pending: BTreeMap::new(), scheduled: HashMap::new() }
+    }
+
+    /// Schedules the ports of containers that started since the last inventory.
+    pub fn on_inventory(&mut self, inv: &Inventory, now: Instant) {
+        for c in inv.containers.values().filter(|c| c.owns_netns()) {
+            if self.scheduled.get(&c.id) == Some(&c.started_at) {
+                continue;
+            }
+            self.scheduled.insert(c.id.clone(), c.started_at);
+            let deadline = deadline(c, self.grace, now);
+            for m in c.published_tcp() {
+                self.pending.insert((c.id.clone(), m.container_port), Pending { deadline, next: now });
+            }
+        }
+        self.scheduled.retain(|id, _| inv.containers.contains_key(id));
+        self.pending.retain(|(id, _), _| inv.containers.contains_key(id));
+    }
+
+    pub fn next_due(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.next).min()
+    }
+
+    /// Runs the checks that are due. `in_scope` maps namespace inodes of watched container
+    /// interfaces to their open namespaces: containers not on a watched bridge are skipped.
+    pub fn run(
+        &mut self,
+        inv: &Inventory,
+        in_scope: &HashMap<u64, Arc<Netns>>,
+        now: Instant,
+    ) -> Vec<AuditReport> {
+        let mut out = Vec::new();
+        let due: Vec<(String, u16)> =
+            self.pending.iter().filter(|(_, p)| p.next <= now).map(|(k, _)| k.clone()).collect();
+        for key in due {
+            let Some(p) = self.pending.get_mut(&key) else { continue };
+            let expired = now >= p.deadline;
+            let Some(c) = inv.containers.get(&key.0) else {
+                self.pending.remove(&key);
+                continue;
+            };
+            let Some(ns) = c.netns_inodes.iter().find_map(|i| in_scope.get(i)) else {
+                // Not (yet) on a watched bridge: Docker may report the start before the veth
+                // is in place. Give up once the grace period is over.
+                if expired {
+                    self.pending.remove(&key);
+                } else {
+                    p.next = now + POLL;
+                }
+                continue;
+            };
+            let Some(mapping) = c.port(key.1, "tcp") else {
+                self.pending.remove(&key);
+                continue;
+            };
+            match check_port(c, mapping, ns) {
+                Err(e) => {
+                    log::debug!("auditing {}:{}: {e}", c.name, key.1);
+                    if expired {
+                        self.pending.remove(&key);
+                    } else {
+                        p.next = now + POLL;
+                    }
+                }
+                Ok(check) if check.verdict.is_none() => {
+                    log::debug!("audit: {} port {} is reachable", c.name, key.1);
+                    self.pending.remove(&key);
+                }
+                Ok(check) if check.verdict == Some(Verdict::NoListener) && !expired => p.next = now + POLL,
+                Ok(check) => {
+                    out.push(report(c, &check, ns.inode));
+                    self.pending.remove(&key);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(addr: &str, port: u16, inode: u64) -> Listener {
+        Listener { addr: addr.parse().unwrap(), port, inode }
+    }
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn reachable_listeners() {
+        let none = HashSet::new();
+        for bound in ["0.0.0.0", "172.17.0.2", "::", "::ffff:172.17.0.2"] {
+            assert_eq!(decide(ip("172.17.0.2"), 8000, &[l(bound, 8000, 1)], &none).0, None, "{bound}");
+        }
+    }
+
+    #[test]
+    fn misbindings_get_the_refusal_verdicts() {
+        let none = HashSet::new();
+        let t = ip("172.17.0.2");
+        assert_eq!(decide(t, 8000, &[l("127.0.0.1", 8000, 1)], &none).0, Some(Verdict::LoopbackOnly));
+        assert_eq!(decide(t, 8000, &[l("10.0.0.9", 8000, 1)], &none).0, Some(Verdict::OtherAddress));
+        let (v, listeners) = decide(t, 8000, &[l("0.0.0.0", 3000, 1)], &none);
+        assert_eq!(v, Some(Verdict::NoListener));
+        assert_eq!(listeners[0].port, 3000);
+        // [::] with IPV6_V6ONLY does not take the container's IPv4 address.
+        let v6only = HashSet::from([7]);
+        assert_eq!(decide(t, 80, &[l("::", 80, 7)], &v6only).0, Some(Verdict::WrongFamily));
+        assert_eq!(decide(t, 80, &[l("::", 80, 8)], &v6only).0, None);
+    }
+}

@@ -1,0 +1,139 @@
+//! The `struct sock` offsets the connect tracker (`bindtrace-ebpf/src/connect.rs`) reads, from
+//! the running kernel's BTF: the same resolver as [`crate::kernel_layout`], kept apart because
+//! this program is optional (without it bindtrace still detects, only `via` is less precise).
+use crate::{
+    btf::{Btf, BtfError},
+    kernel_layout::KernelLayout,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SockLayout {
+    pub family: u32,
+    pub daddr: u32,
+    pub rcv_saddr: u32,
+    pub dport: u32,
+    /// None on kernels built without IPv6 (the members do not exist there).
+    pub v6_daddr: Option<u32>,
+    pub v6_rcv_saddr: Option<u32>,
+    /// `sock.__sk_common.skc_net.net`.
+    pub net: u32,
+    /// `inet_sock.inet_sport`.
+    pub inet_sport: u32,
+}
+
+fn offset(btf: &Btf, path: &str, expected: u32) -> Result<u32, BtfError> {
+    let m = btf.member(path)?;
+    if m.size != expected {
+        return Err(BtfError::WrongSize { path: path.to_owned(), size: m.size, expected });
+    }
+    Ok(m.offset)
+}
+
+fn optional(r: Result<u32, BtfError>) -> Result<Option<u32>, BtfError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl SockLayout {
+    pub fn resolve(btf: &Btf) -> Result<SockLayout, BtfError> {
+        let common = "sock.__sk_common";
+        Ok(SockLayout {
+            family: offset(btf, &format!("{common}.skc_family"), 2)?,
+            daddr: offset(btf, &format!("{common}.skc_daddr"), 4)?,
+            rcv_saddr: offset(btf, &format!("{common}.skc_rcv_saddr"), 4)?,
+            dport: offset(btf, &format!("{common}.skc_dport"), 2)?,
+            v6_daddr: optional(offset(btf, &format!("{common}.skc_v6_daddr"), 16))?,
+            v6_rcv_saddr: optional(offset(btf, &format!("{common}.skc_v6_rcv_saddr"), 16))?,
+            net: offset(btf, &format!("{common}.skc_net.net"), 8)?,
+            inet_sport: offset(btf, "inet_sock.inet_sport", 2)?,
+        })
+    }
+
+    /// The eBPF globals (`connect.rs`) these offsets fill, with the namespace offsets shared
+    /// with the refusal hooks.
+    pub fn globals(&self, kernel: &KernelLayout) -> Vec<(&'static str, u32)> {
+        let v6 = self.v6_daddr.is_some() && self.v6_rcv_saddr.is_some();
+        vec![
+            ("OFF_SK_FAMILY", self.family),
+            ("OFF_SK_DADDR", self.daddr),
+            ("OFF_SK_RCV_SADDR", self.rcv_saddr),
+            ("OFF_SK_DPORT", self.dport),
+            ("OFF_SK_V6_DADDR", self.v6_daddr.unwrap_or(0)),
+            ("OFF_SK_V6_RCV_SADDR", self.v6_rcv_saddr.unwrap_or(0)),
+            ("OFF_SK_NET", self.net),
+            ("OFF_INET_SPORT", self.inet_sport),
+            ("OFF_CONN_NET_COOKIE", kernel.net_cookie),
+            ("OFF_CONN_NET_NS_INUM", kernel.net_ns_inum),
+            ("CONNECT_V6", u32::from(v6)),
+        ]
+    }
+
+    /// Zeroes for every global, for when the layout could not be resolved: the program is
+    /// then not attached, but the object still needs its globals set.
+    pub fn unresolved_globals() -> Vec<(&'static str, u32)> {
+        let zero = SockLayout {
+            family: 0,
+            daddr: 0,
+            rcv_saddr: 0,
+            dport: 0,
+            v6_daddr: None,
+            v6_rcv_saddr: None,
+            net: 0,
+            inet_sport: 0,
+        };
+        let kernel = KernelLayout {
+            skb_dev: 0,
+            skb_head: 0,
+            skb_network_header: 0,
+            skb_transport_header: 0,
+            dev_ifindex: 0,
+            dev_nd_net: 0,
+            net_cookie: 0,
+            net_ns_inum: 0,
+            rst_reason_no_socket: None,
+            drop_reason_no_socket: None,
+        };
+        zero.globals(&kernel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::btf::tests::{V5_10, V6_1, V6_18, fixture};
+
+    /// Expected values are pahole's on each fixture (`pahole -F btf -C sock_common`, `-C inet_sock`).
+    fn expect(inet_sport: u32) -> SockLayout {
+        SockLayout {
+            family: 16,
+            daddr: 0,
+            rcv_saddr: 4,
+            dport: 12,
+            v6_daddr: Some(56),
+            v6_rcv_saddr: Some(72),
+            net: 48,
+            inet_sport,
+        }
+    }
+
+    #[test]
+    fn layouts_match_pahole() {
+        assert_eq!(SockLayout::resolve(fixture(V6_18)).unwrap(), expect(814));
+        assert_eq!(SockLayout::resolve(fixture(V6_1)).unwrap(), expect(804));
+        assert_eq!(SockLayout::resolve(fixture(V5_10)).unwrap(), expect(784));
+    }
+
+    #[test]
+    fn globals_cover_every_offset() {
+        let l = expect(814);
+        let k = KernelLayout::resolve(fixture(V6_18)).unwrap();
+        let g = l.globals(&k);
+        assert!(g.contains(&("OFF_INET_SPORT", 814)));
+        assert!(g.contains(&("CONNECT_V6", 1)));
+        assert!(g.contains(&("OFF_CONN_NET_COOKIE", 4160)));
+        assert_eq!(g.len(), SockLayout::unresolved_globals().len());
+    }
+}

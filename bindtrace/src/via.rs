@@ -1,0 +1,188 @@
+//! How a refused connection got to the container, and through which published port.
+//!
+//! Three sources, in this order:
+//! 1. conntrack: a NATed flow whose reply tuple is the refusal's means `dnat`; its original
+//!    tuple names the real client and the published address it dialed (`conntrack.rs`);
+//! 2. the connect tracker: the process that connected with the refusal's 4-tuple, recorded in
+//!    the kernel as it connected (`connect.rs`). docker-proxy means `docker-proxy` (its command
+//!    line names the host address it serves); anything else is `direct`, with the process and,
+//!    when it runs in one, its container;
+//! 3. Docker's inventory: a client address that is another container's means `direct`.
+//!
+//! Otherwise `via` stays unknown rather than guessed.
+use std::net::{IpAddr, SocketAddr};
+
+use crate::{
+    connect::{ConnectTracker, ConnectorInfo},
+    conntrack::Conntrack,
+    docker::{Binding, Container, Inventory},
+    report::{ClientProcess, ContainerRef, ContainerReport, DockerContext, OriginalTuple, Report, Via},
+    sockets,
+};
+
+/// docker-proxy's process name (and executable).
+pub const DOCKER_PROXY: &str = "docker-proxy";
+
+/// Everything known about the connection behind `report`.
+pub fn docker_context(
+    report: &Report,
+    inventory: Option<&Inventory>,
+    connect: Option<&ConnectTracker>,
+    conntrack: Option<&Conntrack>,
+) -> DockerContext {
+    let container = inventory.and_then(|inv| inv.by_netns(report.netns));
+    let mut ctx =
+        DockerContext { container: container.map(|c| ContainerReport::from(&**c)), ..Default::default() };
+    let (Some(client_ip), Some(client_port), Some(target_ip)) =
+        (report.client_ip, report.client_port, report.target_ip)
+    else {
+        return ctx;
+    };
+    let client = SocketAddr::new(client_ip, client_port);
+    let target = SocketAddr::new(target_ip, report.target_port);
+    let bindings: &[Binding] = container
+        .and_then(|c| c.port(report.target_port, "tcp"))
+        .map(|p| p.bindings.as_slice())
+        .unwrap_or(&[]);
+
+    if let Some(flow) = conntrack.and_then(|ct| ct.flow(target, client))
+        && flow.is_dnat()
+    {
+        ctx.via = Some(Via::Dnat);
+        ctx.original = Some(OriginalTuple {
+            client_ip: flow.orig.src.ip(),
+            client_port: flow.orig.src.port(),
+            target_ip: flow.orig.dst.ip(),
+            target_port: flow.orig.dst.port(),
+        });
+        ctx.published = Some(
+            binding_for(bindings, flow.orig.dst)
+                .unwrap_or(Binding { host_ip: flow.orig.dst.ip(), host_port: flow.orig.dst.port() }),
+        );
+        return ctx;
+    }
+
+    if let Some(who) = connect.and_then(|c| c.lookup(client, target)) {
+        if is_docker_proxy(&who) {
+            ctx.via = Some(Via::DockerProxy);
+            ctx.published = proxy_binding(who.pid).or_else(|| single(bindings));
+        } else {
+            ctx.via = Some(Via::Direct);
+            ctx.client_container =
+                inventory.and_then(|inv| inv.by_netns(u64::from(who.netns_ino))).map(|c| container_ref(c));
+        }
+        ctx.client_process = Some(ClientProcess { pid: who.pid, comm: who.comm });
+        return ctx;
+    }
+
+    // No process recorded, but the source is another container's address.
+    if let Some(other) = inventory.and_then(|inv| container_with_ip(inv, client_ip))
+        && container.is_none_or(|c| c.id != other.id)
+    {
+        ctx.via = Some(Via::Direct);
+        ctx.client_container = Some(container_ref(other));
+    }
+    ctx
+}
+
+fn container_ref(c: &Container) -> ContainerRef {
+    ContainerRef { id: c.short_id().to_owned(), name: c.name.clone() }
+}
+
+fn container_with_ip(inv: &Inventory, ip: IpAddr) -> Option<&Container> {
+    inv.containers
+        .values()
+        .find(|c| {
+            c.networks
+                .iter()
+                .any(|e| e.ipv4.map(IpAddr::V4) == Some(ip) || e.ipv6.map(IpAddr::V6) == Some(ip))
+        })
+        .map(|c| &**c)
+}
+
+fn is_docker_proxy(who: &ConnectorInfo) -> bool {
+    if who.comm == DOCKER_PROXY {
+        return true;
+    }
+    std::fs::read_link(format!("/proc/{}/exe", who.pid))
+        .ok()
+        .is_some_and(|p| p.file_name().is_some_and(|n| n == DOCKER_PROXY))
+}
+
+/// The binding a connection to `dialed` used: same port, and the same address or a wildcard.
+fn binding_for(bindings: &[Binding], dialed: SocketAddr) -> Option<Binding> {
+    let port = bindings.iter().filter(|b| b.host_port == dialed.port());
+    let mut port: Vec<&Binding> = port.collect();
+    port.sort_by_key(|b| {
+        (b.host_ip != dialed.ip(), !b.host_ip.is_unspecified(), b.host_ip.is_ipv4() != dialed.is_ipv4())
+    });
+    port.first().map(|b| **b)
+}
+
+fn single(bindings: &[Binding]) -> Option<Binding> {
+    match bindings {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
+/// The host address a docker-proxy process serves, from its command line
+/// (`-host-ip 0.0.0.0 -host-port 8000 -container-ip 172.17.0.2 -container-port 8000`).
+fn proxy_binding(pid: u32) -> Option<Binding> {
+    parse_proxy_args(&sockets::argv_of(pid))
+}
+
+fn parse_proxy_args(argv: &[String]) -> Option<Binding> {
+    let mut host_ip = None;
+    let mut host_port = None;
+    let mut args = argv.iter().skip(1);
+    while let Some(arg) = args.next() {
+        // Go's flag package: -flag value, --flag value, -flag=value.
+        let flag = arg.trim_start_matches('-');
+        let (name, inline) = match flag.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_owned())),
+            None => (flag, None),
+        };
+        let mut value = || inline.clone().or_else(|| args.next().cloned());
+        match name {
+            "host-ip" => host_ip = value().and_then(|v| v.parse::<IpAddr>().ok()),
+            "host-port" => host_port = value().and_then(|v| v.parse::<u16>().ok()),
+            _ => {}
+        }
+    }
+    Some(Binding { host_ip: host_ip?, host_port: host_port? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split(' ').map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn proxy_command_lines() {
+        let b = parse_proxy_args(&argv(
+            "/usr/sbin/docker-proxy -proto tcp -host-ip :: -host-port 8000 -container-ip 172.17.0.2 -container-port 8000",
+        ))
+        .unwrap();
+        assert_eq!(b, Binding { host_ip: "::".parse().unwrap(), host_port: 8000 });
+        let b = parse_proxy_args(&argv("docker-proxy --host-ip=127.0.0.1 --host-port=18000")).unwrap();
+        assert_eq!(b.host_port, 18000);
+        assert_eq!(parse_proxy_args(&argv("docker-proxy -proto tcp")), None);
+    }
+
+    #[test]
+    fn the_binding_the_connection_used() {
+        let v4 = Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 8000 };
+        let v6 = Binding { host_ip: "::".parse().unwrap(), host_port: 8000 };
+        let other = Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 9000 };
+        let local = Binding { host_ip: "10.9.0.1".parse().unwrap(), host_port: 9000 };
+        let all = [v4, v6, other, local];
+        assert_eq!(binding_for(&all, "10.9.0.1:8000".parse().unwrap()), Some(v4));
+        assert_eq!(binding_for(&all, "[fd00::1]:8000".parse().unwrap()), Some(v6));
+        assert_eq!(binding_for(&all, "10.9.0.1:9000".parse().unwrap()), Some(local));
+        assert_eq!(binding_for(&all, "10.9.0.1:7000".parse().unwrap()), None);
+    }
+}
