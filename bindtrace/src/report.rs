@@ -58,6 +58,9 @@ pub struct DockerContext {
     pub client_container: Option<ContainerRef>,
     /// For `dnat`: the connection as the client sent it, before translation.
     pub original: Option<OriginalTuple>,
+    /// Network namespace inode of the connecting process, when it was recorded.
+    #[serde(skip)]
+    pub client_netns: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     io::Write,
+    os::unix::fs::MetadataExt,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -49,10 +50,12 @@ const RESCAN_DEBOUNCE: Duration = Duration::from_millis(20);
 const DEPARTED_GRACE: Duration = Duration::from_secs(10);
 /// How long the start waits for the Docker API's first answer before reporting ready anyway.
 const DOCKER_START_WAIT: Duration = Duration::from_secs(5);
-/// A refusal whose connector is not known yet is looked up once more after this: the reset
-/// that completes the connector's record, and the conntrack event, arrive right after the
-/// refusal itself.
+/// A refusal whose connector is not known yet is looked up again after this: the reset that
+/// completes the connector's record, and the conntrack event, arrive right after the refusal.
 const ATTRIBUTION_RETRY: Duration = Duration::from_millis(30);
+/// How long a line waits for Docker to report the container a connection came from (a client
+/// container that has just started: its start event and inspection come a few ms later).
+const CLIENT_CONTAINER_WAIT: Duration = Duration::from_millis(500);
 /// Samples older than this get no retry (folded lines; their flows are long recorded).
 const FRESH_SAMPLE: Duration = Duration::from_millis(500);
 
@@ -74,8 +77,11 @@ pub struct Detector {
 struct DockerSide {
     /// No `-i`: the bridges of Docker's networks are followed.
     auto_bridges: bool,
-    /// The watcher's channel (None with --no-docker); taken into `run`'s loop.
+    /// The watcher's channel (None with --no-docker). `run`'s loop waits on a clone of it;
+    /// this one is read whenever the latest state matters (before a line is enriched).
     state: Option<watch::Receiver<DockerState>>,
+    /// Inode of bindtrace's own network namespace (a connector there is a host process).
+    own_netns: u64,
     inventory: Option<Arc<Inventory>>,
     connect: Option<ConnectTracker>,
     conntrack: Option<Conntrack>,
@@ -151,6 +157,7 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
             inventory: None,
             connect,
             conntrack,
+            own_netns: std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or(0),
             prefixes: BTreeSet::new(),
             auditor: Auditor::new(args.audit_grace),
         },
@@ -249,6 +256,20 @@ impl Detector {
         Ok(())
     }
 
+    /// Applies the Docker watcher's latest state if it changed since last looked at.
+    fn sync_docker(&mut self) -> anyhow::Result<()> {
+        let Some(rx) = self.docker.state.as_mut() else { return Ok(()) };
+        if !rx.has_changed().unwrap_or(false) {
+            return Ok(());
+        }
+        let state = rx.borrow_and_update().clone();
+        self.apply_docker(&state)
+    }
+
+    fn docker_up(&self) -> bool {
+        self.docker.state.as_ref().is_some_and(|rx| rx.borrow().is_up())
+    }
+
     /// Runs the audit checks that are due and prints what they find.
     fn run_audits<W: Write>(&mut self, out: &mut Output<W>) -> anyhow::Result<()> {
         let Some(inv) = self.docker.inventory.clone() else { return Ok(()) };
@@ -261,25 +282,36 @@ impl Detector {
     }
 
     /// Fills in the container, the published port and `via` (see `via.rs`).
-    async fn attribute(&self, report: &mut Report, line: &Line) {
-        let lookup = |r: &Report| {
-            via::docker_context(
-                r,
-                self.docker.inventory.as_deref(),
-                self.docker.connect.as_ref(),
-                self.docker.conntrack.as_ref(),
-            )
-        };
-        // Let the conntrack reader catch up with events queued meanwhile.
-        tokio::task::yield_now().await;
-        let mut ctx = lookup(report);
+    async fn attribute(&mut self, report: &mut Report, line: &Line) -> anyhow::Result<()> {
         let fresh = line
             .sample
             .is_some_and(|s| monotonic_ns().saturating_sub(s.ktime_ns) < FRESH_SAMPLE.as_nanos() as u64);
-        if ctx.via.is_none() && fresh && (self.docker.connect.is_some() || self.docker.conntrack.is_some()) {
+        let tracking = self.docker.connect.is_some() || self.docker.conntrack.is_some();
+        let started = Instant::now();
+        // Let the conntrack reader and the Docker watcher catch up with what is queued.
+        tokio::task::yield_now().await;
+        let ctx = loop {
+            self.sync_docker()?;
+            let ctx = via::docker_context(
+                report,
+                self.docker.inventory.as_deref(),
+                self.docker.connect.as_ref(),
+                self.docker.conntrack.as_ref(),
+            );
+            let waited = started.elapsed();
+            // Worth waiting for: the connector's record (completed by the reset) or conntrack's
+            // event, for a moment; the container a client process runs in, while Docker is up
+            // and may not have reported it yet.
+            let no_via = ctx.via.is_none() && tracking && waited < ATTRIBUTION_RETRY;
+            let unknown_client = ctx.client_container.is_none()
+                && ctx.client_netns.is_some_and(|ino| self.unknown_netns(ino))
+                && self.docker_up()
+                && waited < CLIENT_CONTAINER_WAIT;
+            if !fresh || !(no_via || unknown_client) {
+                break ctx;
+            }
             tokio::time::sleep(ATTRIBUTION_RETRY).await;
-            ctx = lookup(report);
-        }
+        };
         if let Some(p) = ctx.published {
             report.hint = hint_in(
                 &HintContext { host_port: Some(p.host_port) },
@@ -290,6 +322,13 @@ impl Detector {
             );
         }
         report.docker = ctx;
+        Ok(())
+    }
+
+    /// Whether a connector's namespace is neither ours nor a container Docker has reported.
+    fn unknown_netns(&self, ino: u64) -> bool {
+        ino != self.docker.own_netns
+            && self.docker.inventory.as_ref().is_none_or(|inv| inv.by_netns(ino).is_none())
     }
 
     fn port_for(&self, key: &CountKey) -> Option<&Port> {
@@ -297,10 +336,10 @@ impl Detector {
         self.ports.get(&scope_key).or_else(|| self.departed.get(&scope_key).map(|(p, _)| p))
     }
 
-    async fn print<W: Write>(&self, out: &mut Output<W>, lines: &[Line]) -> anyhow::Result<()> {
+    async fn print<W: Write>(&mut self, out: &mut Output<W>, lines: &[Line]) -> anyhow::Result<()> {
         for line in lines {
             let mut report = enrich::report(line, self.port_for(&line.key), &self.bridges, self.hook_name);
-            self.attribute(&mut report, line).await;
+            self.attribute(&mut report, line).await?;
             out.refusal(&report).context("writing output")?;
         }
         Ok(())
@@ -350,14 +389,16 @@ impl Detector {
         };
         tokio::pin!(stop_at);
 
-        let mut docker_state = self.docker.state.take();
+        let mut docker_state = self.docker.state.clone();
         if let Some(rx) = docker_state.as_mut() {
             let _ = tokio::time::timeout(
                 DOCKER_START_WAIT,
                 rx.wait_for(|s| !matches!(s, DockerState::Connecting)),
             )
             .await;
-            let state = rx.borrow_and_update().clone();
+            rx.borrow_and_update();
+            let state = self.docker.state.as_mut().map(|r| r.borrow_and_update().clone());
+            let state = state.unwrap_or(DockerState::Connecting);
             self.apply_docker(&state)?;
             if self.bridges.names.is_empty()
                 && let DockerState::Down { error, .. } = &state
@@ -405,8 +446,8 @@ impl Detector {
                     }
                     self.print(out, &lines).await?;
                 }
-                state = docker_changed(&mut docker_state) => {
-                    self.apply_docker(&state)?;
+                () = docker_changed(&mut docker_state) => {
+                    self.sync_docker()?;
                     self.run_audits(out)?;
                 }
                 _ = sleep_until_opt(audit_at) => self.run_audits(out)?,
@@ -454,12 +495,14 @@ impl Detector {
     }
 }
 
-/// The next Docker state (never resolves without Docker, or once the watcher is gone).
-async fn docker_changed(rx: &mut Option<watch::Receiver<DockerState>>) -> DockerState {
+/// Resolves when the Docker state changed (never without Docker, or once the watcher is gone).
+/// `rx` is the loop's own clone: the state itself is read from the detector's receiver.
+async fn docker_changed(rx: &mut Option<watch::Receiver<DockerState>>) {
     if let Some(r) = rx.as_mut()
         && r.changed().await.is_ok()
     {
-        return r.borrow_and_update().clone();
+        r.borrow_and_update();
+        return;
     }
     *rx = None;
     std::future::pending().await

@@ -71,6 +71,7 @@ pub fn docker_context(
             ctx.client_container =
                 inventory.and_then(|inv| inv.by_netns(u64::from(who.netns_ino))).map(|c| container_ref(c));
         }
+        ctx.client_netns = Some(u64::from(who.netns_ino));
         ctx.client_process = Some(ClientProcess { pid: who.pid, comm: who.comm });
         return ctx;
     }

@@ -61,7 +61,7 @@ async fn follow(client: Client, tx: watch::Sender<DockerState>) {
         if !warned {
             log::warn!(
                 "Docker API at {} unavailable ({error}); reporting containers by namespace and address \
-                 until it is back (retrying every {}s)",
+                 until it answers again (retrying every {}s)",
                 client.socket().display(),
                 RETRY.as_secs()
             );
