@@ -56,6 +56,24 @@ impl Bindtrace {
         bt
     }
 
+    /// Starts `bindtrace --format json ARGS...` in the test's own (the host's) network
+    /// namespace, as a user runs it next to Docker, and waits until it is ready.
+    pub fn start_here(args: &[&str]) -> Bindtrace {
+        let mut cmd = Command::new(binary());
+        cmd.args(["--format", "json"]).args(args);
+        let mut bt = Self::spawn_cmd(cmd);
+        if !bt.wait_ready(Duration::from_secs(20)) {
+            let stderr = bt.stderr();
+            panic!("bindtrace did not become ready:\n{stderr}");
+        }
+        bt
+    }
+
+    /// Waits until a stderr line contains `needle`; false on timeout.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_until(timeout, |s| s.stderr.iter().any(|l| l.contains(needle)))
+    }
+
     /// Starts it without waiting (for tests of start-up errors).
     pub fn spawn(host: &Netns, hook: Hook, args: &[&str]) -> Bindtrace {
         let mut cmd = Command::new("ip");

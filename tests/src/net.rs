@@ -12,6 +12,11 @@ use std::{
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// The next number of this process's sequence (for unique names and addresses).
+pub fn next_seq() -> u32 {
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A short unique tag: interface names are limited to 15 bytes.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))

@@ -1,0 +1,341 @@
+//! The real Docker Engine for tests: a busybox image built locally, containers and networks,
+//! each owned by a guard that removes it on drop (also when a test panics), and a relay in
+//! front of the daemon's socket that a test can kill and restart.
+//!
+//! Names are unique per test process and call (other engineers' tests and containers may run
+//! at the same time on this machine). The machine's own dockerd is never reconfigured.
+use std::{
+    io::{self, Read, Write},
+    net::{IpAddr, TcpListener},
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::net::unique;
+
+/// The daemon's own socket.
+pub const DOCKER_SOCK: &str = "/var/run/docker.sock";
+
+/// Whether a Docker daemon answers here (tests skip without one).
+pub fn available() -> bool {
+    Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn docker(args: &[&str]) -> Output {
+    Command::new("docker").args(args).stdin(Stdio::null()).output().expect("run docker")
+}
+
+/// `docker ARGS`, panicking with its stderr on failure; returns stdout, trimmed.
+pub fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(out.status.success(), "docker {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A name nobody else uses: `bt-<what><pid>x<n>`.
+pub fn unique_name(what: &str) -> String {
+    unique(&format!("bt-{what}"))
+}
+
+/// A TCP port free on the host right now (for `-p PORT:...`).
+pub fn free_port() -> u16 {
+    TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An image holding Debian's static busybox (`/bin/busybox` of this machine) and a page under
+/// /www, made with `docker import` (no registry needed). Removed on drop.
+pub struct Image {
+    pub tag: String,
+}
+
+impl Image {
+    pub fn busybox() -> Image {
+        let tag = format!("{}:busybox", unique_name("img"));
+        let root = std::env::temp_dir().join(unique_name("rootfs"));
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::create_dir_all(root.join("www")).unwrap();
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("/bin/busybox (busybox-static)");
+        for applet in ["sh", "httpd", "wget", "nc", "sleep", "cat", "echo", "ls", "ps"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+        std::fs::write(root.join("www/index.html"), "hello from a bindtrace test\n").unwrap();
+        let mut tar = Command::new("tar")
+            .args(["-C", root.to_str().unwrap(), "-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("tar");
+        let out = Command::new("docker")
+            .args(["import", "-", &tag])
+            .stdin(tar.stdout.take().unwrap())
+            .output()
+            .expect("docker import");
+        let _ = tar.wait();
+        let _ = std::fs::remove_dir_all(&root);
+        assert!(out.status.success(), "docker import: {}", String::from_utf8_lossy(&out.stderr));
+        Image { tag }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = docker(&["rmi", "-f", &self.tag]);
+    }
+}
+
+/// A user-defined bridge network, removed on drop (declare it before its containers, so they
+/// are dropped first).
+pub struct Network {
+    pub name: String,
+    pub id: String,
+}
+
+impl Network {
+    pub fn create() -> Network {
+        let name = unique_name("net");
+        let id = docker_ok(&["network", "create", "--driver", "bridge", &name]);
+        Network { name, id }
+    }
+
+    /// The Linux bridge Docker made for it.
+    pub fn bridge(&self) -> String {
+        format!("br-{}", &self.id[..12])
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = docker(&["network", "rm", &self.name]);
+    }
+}
+
+/// A container started with `docker run -d`, removed (with `-f`) on drop.
+pub struct Container {
+    pub name: String,
+    pub id: String,
+}
+
+impl Container {
+    /// `docker run -d --name <unique> OPTS IMAGE CMD...`.
+    pub fn run(image: &Image, opts: &[&str], cmd: &[&str]) -> Container {
+        let name = unique_name("ctr");
+        let mut args = vec!["run", "-d", "--name", &name];
+        args.extend_from_slice(opts);
+        args.push(&image.tag);
+        args.extend_from_slice(cmd);
+        let id = docker_ok(&args);
+        Container { name, id }
+    }
+
+    pub fn inspect(&self, format: &str) -> String {
+        docker_ok(&["inspect", "--format", format, &self.name])
+    }
+
+    /// Host pid of the main process.
+    pub fn pid(&self) -> u32 {
+        self.inspect("{{.State.Pid}}").parse().unwrap()
+    }
+
+    /// Address on `network` (`bridge` for the default one).
+    pub fn ip(&self, network: &str) -> IpAddr {
+        self.inspect(&format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{} has no address on {network}: {e}", self.name))
+    }
+
+    pub fn short_id(&self) -> &str {
+        &self.id[..12]
+    }
+
+    /// Waits until the container's main process listens on `port` (read from its namespace's
+    /// /proc/net/tcp{,6}); panics after 10 s.
+    pub fn wait_listening(&self, port: u16) {
+        let pid = self.pid();
+        let want = format!(":{port:04X} ");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let listening = ["tcp", "tcp6"].iter().any(|t| {
+                std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.split_whitespace().nth(3) == Some("0A") && l.contains(&want))
+            });
+            if listening {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} never listened on {port}", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the container to exit; returns its exit code.
+    pub fn wait_exit(&self) -> i32 {
+        docker_ok(&["wait", &self.name]).parse().unwrap()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.name]);
+    }
+}
+
+/// `curl -sS --max-time 5 URL`: exit code and body.
+pub fn curl(url: &str) -> (i32, String) {
+    let out = Command::new("curl").args(["-sS", "--max-time", "5", url]).output().expect("run curl");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A unix-socket relay in front of the Docker daemon's socket: what bindtrace sees as the
+/// daemon going away and coming back, without touching the daemon. `stop` closes the
+/// listening socket and every relayed connection (the event stream included).
+pub struct Relay {
+    pub path: PathBuf,
+    upstream: PathBuf,
+    running: Option<Running>,
+}
+
+struct Running {
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<UnixStream>>>,
+    acceptor: JoinHandle<()>,
+}
+
+impl Relay {
+    pub fn start(upstream: &str) -> Relay {
+        let path = std::env::temp_dir().join(format!("{}.sock", unique_name("relay")));
+        let mut r = Relay { path, upstream: upstream.into(), running: None };
+        r.resume();
+        r
+    }
+
+    /// (Re)opens the relay's socket.
+    pub fn resume(&mut self) {
+        assert!(self.running.is_none(), "relay already running");
+        let _ = std::fs::remove_file(&self.path);
+        let listener = UnixListener::bind(&self.path).expect("bind relay socket");
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let (stop2, conns2, upstream) = (stop.clone(), conns.clone(), self.upstream.clone());
+        let acceptor = std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(server) = UnixStream::connect(&upstream) else { continue };
+                        let mut list = conns2.lock().unwrap();
+                        list.push(client.try_clone().unwrap());
+                        list.push(server.try_clone().unwrap());
+                        pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                        pipe(server, client);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        self.running = Some(Running { stop, conns, acceptor });
+    }
+
+    /// Kills the relay: the socket disappears and every relayed connection is cut.
+    pub fn stop(&mut self) {
+        let Some(r) = self.running.take() else { return };
+        r.stop.store(true, Ordering::SeqCst);
+        let _ = r.acceptor.join();
+        let _ = std::fs::remove_file(&self.path);
+        for c in r.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn pipe(mut from: UnixStream, mut to: UnixStream) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A veth from the host's (root) namespace to a namespace of the test's own, with a /30 of
+/// 198.18.0.0/15 (the benchmarking range, which nothing else here uses): the host side has
+/// `.1`, the namespace side `.2`. Deleted with the namespace.
+pub struct HostLink {
+    pub ns: crate::Netns,
+    pub host_ifname: String,
+    pub host_ip: IpAddr,
+    pub ns_ip: IpAddr,
+}
+
+impl HostLink {
+    pub fn new() -> HostLink {
+        let ns = crate::Netns::new("btcli");
+        let host_ifname = unique("bd");
+        let (x, y) = (std::process::id() % 250, (crate::net::next_seq() % 63) * 4);
+        let host_ip: IpAddr = format!("198.18.{x}.{}", y + 1).parse().unwrap();
+        let ns_ip: IpAddr = format!("198.18.{x}.{}", y + 2).parse().unwrap();
+        crate::net::ip(&[
+            "link",
+            "add",
+            &host_ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns.name,
+        ]);
+        crate::net::ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_ifname]);
+        crate::net::ip(&["link", "set", &host_ifname, "up"]);
+        ns.ip(&["addr", "add", &format!("{ns_ip}/30"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        HostLink { ns, host_ifname, host_ip, ns_ip }
+    }
+}
+
+impl Default for HostLink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for HostLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_ifname]).status();
+    }
+}
