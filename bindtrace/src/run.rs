@@ -239,11 +239,23 @@ impl Detector {
         let Some(inv) = state.inventory().cloned() else { return Ok(()) };
         let mut added = false;
         if self.docker.auto_bridges {
-            for bridge in inv.bridges() {
-                if self.bridges.add(&bridge) {
-                    log::info!("following Docker network bridge {bridge}");
+            let before: BTreeSet<String> =
+                self.docker.inventory.as_ref().map(|i| i.bridges().into_iter().collect()).unwrap_or_default();
+            let now: BTreeSet<String> = inv.bridges().into_iter().collect();
+            for bridge in &now {
+                if self.bridges.add(bridge) {
                     added = true;
+                    // Docker creates the bridge with the network; one missing here means
+                    // bindtrace runs in another network namespace than Docker's.
+                    if scope::validate(std::slice::from_ref(bridge)).is_ok() {
+                        log::info!("following Docker network bridge {bridge}");
+                    } else {
+                        log::debug!("Docker network bridge {bridge} is not in this network namespace");
+                    }
                 }
+            }
+            for gone in before.difference(&now) {
+                log::info!("Docker network bridge {gone} removed");
             }
         }
         self.docker.inventory = Some(inv.clone());

@@ -7,6 +7,7 @@
 //! unique, and traffic only goes to addresses of containers and namespaces these tests make.
 use std::{
     net::{IpAddr, SocketAddr, TcpStream},
+    os::unix::fs::MetadataExt,
     process::Command,
     time::Duration,
 };
@@ -61,14 +62,15 @@ fn count_stderr(bt: &Bindtrace, needle: &str) -> usize {
     bt.stderr().lines().filter(|l| l.contains(needle)).count()
 }
 
-fn wait_stderr_count(bt: &Bindtrace, needle: &str, n: usize) {
+/// Waits until stderr has `n` lines containing both `needle` and `also`.
+fn wait_stderr_count(bt: &Bindtrace, needle: &str, also: &str, n: usize) {
     for _ in 0..300 {
-        if count_stderr(bt, needle) >= n {
+        if bt.stderr().lines().filter(|l| l.contains(needle) && l.contains(also)).count() >= n {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("stderr never had {n} lines with {needle:?}:\n{}", bt.stderr());
+    panic!("stderr never had {n} lines with {needle:?} and {also:?}:\n{}", bt.stderr());
 }
 
 /// 1. The classic: a loopback-bound server behind `-p`; curl gets an empty reply or a reset,
@@ -224,9 +226,11 @@ fn networks_created_later_and_two_networks() {
 
     let two = run(&img, &[], &httpd("127.0.0.1", 9000));
     two.wait_listening(9000);
-    let on_bridge = count_stderr(&bt, &format!("{}: watching", net.bridge()));
     docker::docker_ok(&["network", "connect", &net.name, &two.name]);
-    wait_stderr_count(&bt, &format!("{}: watching", net.bridge()), on_bridge + 1);
+    // Watched once the new interface is inside the container (Docker moves it an instant
+    // after enslaving its host side).
+    let netns = std::fs::metadata(format!("/proc/{}/ns/net", two.pid())).unwrap().ino();
+    wait_stderr_count(&bt, &format!("{}: watching", net.bridge()), &format!("(netns {netns},"), 1);
     let via_net = two.ip(&net.name);
     let err =
         TcpStream::connect_timeout(&SocketAddr::new(via_net, 9000), Duration::from_secs(3)).unwrap_err();
@@ -242,6 +246,12 @@ fn networks_created_later_and_two_networks() {
         l["event"] == "refused" && l["container"]["name"] == two.name.as_str() && l["bridge"] == "docker0"
     });
     assert_eq!(line["target_ip"], via_bridge.to_string());
+
+    // Removing the network detaches its bridge.
+    let bridge = net.bridge();
+    drop((two, c));
+    drop(net);
+    assert!(bt.wait_stderr(&format!("Docker network bridge {bridge} removed"), WAIT), "{}", bt.stderr());
 }
 
 /// 5. Published 8000, the service listens on 0.0.0.0:3000: `no_listener` naming 3000.
