@@ -82,8 +82,13 @@ fn loopback_server_behind_docker_proxy() {
         return;
     }
     let img = Image::busybox();
-    let (port, good_port) = (free_port(), free_port());
-    let bad = run(&img, &["-p", &format!("{port}:8000")], &httpd("127.0.0.1", 8000));
+    let (port, other_port, good_port) = (free_port(), free_port(), free_port());
+    // Published twice: the line names the binding the connection used.
+    let bad = run(
+        &img,
+        &["-p", &format!("{other_port}:8000"), "-p", &format!("{port}:8000")],
+        &httpd("127.0.0.1", 8000),
+    );
     let good = run(&img, &["-p", &format!("{good_port}:8000")], &httpd("0.0.0.0", 8000));
     bad.wait_listening(8000);
     good.wait_listening(8000);
