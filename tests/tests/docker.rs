@@ -259,7 +259,8 @@ fn networks_created_later_and_two_networks() {
     assert!(bt.wait_stderr(&format!("Docker network bridge {bridge} removed"), WAIT), "{}", bt.stderr());
 }
 
-/// 5. Published 8000, the service listens on 0.0.0.0:3000: `no_listener` naming 3000.
+/// 5. Published 8000, the service listens on 0.0.0.0:3000: `no_listener` naming 3000 (and the
+///    compose project and service, from the container's labels).
 #[test]
 fn port_mismatch_names_the_port_that_listens() {
     if skip() {
@@ -267,7 +268,19 @@ fn port_mismatch_names_the_port_that_listens() {
     }
     let img = Image::busybox();
     let port = free_port();
-    let c = run(&img, &["-p", &format!("{port}:8000")], &httpd("0.0.0.0", 3000));
+    // With the labels docker compose puts on its containers.
+    let c = run(
+        &img,
+        &[
+            "-p",
+            &format!("{port}:8000"),
+            "--label",
+            "com.docker.compose.project=shop",
+            "--label",
+            "com.docker.compose.service=web",
+        ],
+        &httpd("0.0.0.0", 3000),
+    );
     c.wait_listening(3000);
     let bt = Bindtrace::start_here(&[]);
     let (code, _) = curl(&format!("http://127.0.0.1:{port}/"));
@@ -277,6 +290,8 @@ fn port_mismatch_names_the_port_that_listens() {
     assert!(line["listeners"].as_array().unwrap().iter().any(|l| l["port"] == 3000), "{line:#}");
     let hint = line["hint"].as_str().unwrap();
     assert!(hint.contains(&format!("-p {port}:3000")), "{hint}");
+    assert_eq!(line["container"]["compose_project"], "shop", "{line:#}");
+    assert_eq!(line["container"]["compose_service"], "web", "{line:#}");
 }
 
 fn check(args: &[&str]) -> (Option<i32>, String, String) {
