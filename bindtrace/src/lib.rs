@@ -14,6 +14,7 @@ pub mod netlink;
 pub mod netns;
 pub mod output;
 pub mod privileges;
+pub mod prog_info;
 pub mod report;
 pub mod run;
 pub mod scope;

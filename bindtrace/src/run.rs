@@ -48,6 +48,7 @@ pub struct Detector {
     folder: Folder,
     hook_name: &'static str,
     lost_reported: u64,
+    recursion_reported: u64,
 }
 
 pub fn setup(args: &Args) -> anyhow::Result<Detector> {
@@ -75,6 +76,7 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
         folder: Folder::new(args.fold_window),
         hook_name: hook.name(),
         lost_reported: 0,
+        recursion_reported: 0,
     };
     detector.rescan()?;
     Ok(detector)
@@ -152,6 +154,17 @@ impl Detector {
             })?;
             self.lost_reported = ringbuf_lost;
         }
+        // Not a lost sample but possibly lost counts: say so rather than look exact.
+        let misses = self.loaded.recursion_misses().unwrap_or(0);
+        if misses > self.recursion_reported {
+            out.lost(&LostReport {
+                time: now_rfc3339(),
+                event: "lost",
+                stage: "kernel_recursion",
+                count: misses - self.recursion_reported,
+            })?;
+            self.recursion_reported = misses;
+        }
         if overflow > 0 {
             log::warn!("{overflow} refusals did not fit in the COUNTS map (counted as overflow)");
         }
@@ -169,6 +182,7 @@ impl Detector {
         // stays open for as long as it is registered.
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
         let mut links = LinkWatcher::new().context("subscribing to link changes")?;
+        let mut kernel_log = KernelLog::new(&mut self.loaded.ebpf);
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let deadline = duration.map(|d| tokio::time::Instant::now() + d);
@@ -220,6 +234,7 @@ impl Detector {
                     let _ = tokio::time::timeout(Duration::ZERO, links.changed()).await;
                     self.rescan()?;
                 }
+                _ = kernel_log.readable() => kernel_log.flush(),
                 _ = sleep => {}
             }
             let now = Instant::now();
@@ -241,7 +256,15 @@ impl Detector {
         self.print(out, &lines)?;
         self.report_lost(out)?;
         let total: u64 = totals.values().sum();
-        log::info!("detaching; {total} refusals counted since start");
+        match self.loaded.recursion_misses() {
+            Some(0) => {
+                log::info!("detaching; {total} refusals counted since start (exact: the hook never skipped)")
+            }
+            Some(m) => log::info!(
+                "detaching; {total} refusals counted since start (a lower bound: the kernel skipped the hook {m} times)"
+            ),
+            None => log::info!("detaching; {total} refusals counted since start"),
+        }
         drop(self);
         eprintln!("bindtrace: detached");
         Ok(())
@@ -253,6 +276,44 @@ impl Detector {
             self.folder.next_deadline(now).unwrap_or(idle).min(idle)
         } else {
             idle
+        }
+    }
+}
+
+/// Kernel-side aya-log messages, forwarded to this process's logger. Optional: an object built
+/// without log statements has no log buffer, and then this never becomes readable.
+struct KernelLog {
+    fd: Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>,
+}
+
+impl KernelLog {
+    fn new(ebpf: &mut aya::Ebpf) -> KernelLog {
+        let fd = match aya_log::EbpfLogger::init(ebpf) {
+            // SAFETY: the logger owns its ring buffer fd and the AsyncFd owns the logger.
+            Ok(logger) => {
+                unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }.ok()
+            }
+            Err(e) => {
+                log::debug!("no kernel-side log buffer: {e}");
+                None
+            }
+        };
+        KernelLog { fd }
+    }
+
+    async fn readable(&mut self) {
+        match &mut self.fd {
+            Some(fd) => match fd.readable_mut().await {
+                Ok(mut guard) => guard.clear_ready(),
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(fd) = &mut self.fd {
+            fd.get_mut().flush();
         }
     }
 }
