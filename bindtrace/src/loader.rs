@@ -52,6 +52,11 @@ pub struct Loaded {
     recursion_misses_offset: Option<u32>,
 }
 
+/// Fails at once when this binary was built without its eBPF object.
+pub fn check_object() -> Result<(), LoadError> {
+    if OBJECT.is_empty() { Err(LoadError::NoObject) } else { Ok(()) }
+}
+
 impl Loaded {
     pub fn load(
         layout: &KernelLayout,
@@ -59,9 +64,7 @@ impl Loaded {
         btf: &Btf,
         opts: &LoadOptions,
     ) -> Result<Loaded, LoadError> {
-        if OBJECT.is_empty() {
-            return Err(LoadError::NoObject);
-        }
+        check_object()?;
         let mut loader = EbpfLoader::new();
         // `must_exist` everywhere: a global the object lacks means the object and loader disagree.
         loader

@@ -52,6 +52,7 @@ pub struct Detector {
 }
 
 pub fn setup(args: &Args) -> anyhow::Result<Detector> {
+    crate::loader::check_object()?;
     privileges::check()?;
     privileges::raise_memlock();
     let btf = Btf::from_sys_fs()?;
