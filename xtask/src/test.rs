@@ -1,6 +1,6 @@
-//! The whole test suite, in the order that fails fastest: lint, unit tests (no root), release
-//! build, then the integration tests, which need root and run one at a time because they load
-//! eBPF programs and create network namespaces.
+//! The whole test suite, in the order that fails fastest: lint, unit tests (no root), the
+//! deploy/ artefacts (promtool), release build, then the integration tests, which need root and
+//! run one at a time because they load eBPF programs and create network namespaces.
 use crate::util::{cargo, root, run_cmd};
 
 #[derive(clap::Args)]
@@ -19,6 +19,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let mut unit = cargo();
     unit.args(["test", "--workspace", "--exclude", "bindtrace-tests", "--exclude", "bindtrace-ebpf"]);
     run_cmd(unit)?;
+    deploy_checks()?;
 
     let mut build = cargo();
     build.args(["build", "--release", "-p", "bindtrace"]);
@@ -33,4 +34,23 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         integration.arg(filter);
     }
     run_cmd(integration)
+}
+
+/// The Prometheus configuration and alert rules in deploy/: valid, and their unit tests pass.
+fn deploy_checks() -> anyhow::Result<()> {
+    let dir = root().join("deploy/prometheus");
+    for args in [
+        &["check", "config", "prometheus.yml"][..],
+        &["check", "rules", "alerts.yml"],
+        &["test", "rules", "alerts.test.yml"],
+    ] {
+        let mut promtool = std::process::Command::new("promtool");
+        promtool.args(args).current_dir(&dir);
+        run_cmd(promtool).map_err(|e| {
+            e.context(
+                "promtool (Debian package `prometheus`; `sudo ./x setup` installs it) in deploy/prometheus",
+            )
+        })?;
+    }
+    Ok(())
 }
