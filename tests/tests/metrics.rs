@@ -191,6 +191,35 @@ mod scenarios {
         let plain = topo.host.run(|| http_get(addr, "/metrics", None)).unwrap();
         assert_eq!(plain.content_type, "text/plain; version=0.0.4; charset=utf-8");
         assert_eq!(topo.host.run(|| http_get(addr, "/other", None)).unwrap().status, 404);
+
+        // Scrape load: 8 clients at once, 25 scrapes each, all answered, and quickly.
+        let mut times: Vec<Duration> = std::thread::scope(|s| {
+            let clients: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        topo.host.run(|| {
+                            (0..25)
+                                .map(|_| {
+                                    let r = http_get(addr, "/metrics", None).expect("scrape under load");
+                                    assert_eq!(r.status, 200);
+                                    assert!(r.body.contains("bindtrace_build_info"));
+                                    r.elapsed
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                })
+                .collect();
+            clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
+        });
+        times.sort();
+        eprintln!(
+            "scrape load: {} scrapes by 8 clients at once: p50 {:?}, max {:?}",
+            times.len(),
+            times[times.len() / 2],
+            times.last().unwrap()
+        );
+        assert!(*times.last().unwrap() < Duration::from_secs(2), "{times:?}");
         drop(bt);
     }
 
