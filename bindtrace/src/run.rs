@@ -160,15 +160,16 @@ impl Detector {
     }
 
     /// Checks again the listeners behind `bindtrace_loopback_listeners` (it does nothing until
-    /// they are due).
+    /// they are due). Each namespace's listeners are read once per pass.
     fn recheck_loopback(&mut self, now: Instant) {
         let Some(m) = &mut self.metrics else { return };
         let (ports, departed) = (&self.ports, &self.departed);
+        let mut read: HashMap<u64, Option<Vec<sockets::Listener>>> = HashMap::new();
         m.recheck_loopback(now, |key, target| {
             let scope_key = ScopeKey { netns_cookie: key.netns_cookie, ifindex: key.ifindex, _pad: 0 };
             let port = ports.get(&scope_key).or_else(|| departed.get(&scope_key).map(|(p, _)| p))?;
-            let all = sockets::listeners_in(&port.ns).ok()?;
-            Some(verdict::decide(target, key.port, &all))
+            let all = read.entry(key.netns_cookie).or_insert_with(|| sockets::listeners_in(&port.ns).ok());
+            Some(verdict::decide(target, key.port, all.as_deref()?))
         });
     }
 
