@@ -10,6 +10,7 @@ pub mod hint;
 pub mod hook;
 pub mod kernel_layout;
 pub mod loader;
+pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod output;

@@ -22,11 +22,13 @@ use crate::{
     hook,
     kernel_layout::KernelLayout,
     loader::{LoadOptions, Loaded},
+    metrics::{self, Metrics},
     netlink::LinkWatcher,
     output::Output,
     privileges,
     report::{LostReport, now_rfc3339},
     scope::{self, Bridges, Port, Resolver},
+    sockets, verdict,
 };
 
 /// How often the kernel counters are read when nothing is pending: this is the only periodic
@@ -49,12 +51,16 @@ pub struct Detector {
     hook_name: &'static str,
     lost_reported: u64,
     recursion_reported: u64,
+    /// None with --no-metrics.
+    metrics: Option<Metrics>,
 }
 
 pub fn setup(args: &Args) -> anyhow::Result<Detector> {
     crate::loader::check_object()?;
     privileges::check()?;
     privileges::raise_memlock();
+    // Bound first: a busy port fails before the slow part of the set-up.
+    let metrics_listener = if args.no_metrics { None } else { Some(metrics::bind(args.metrics_addr)?) };
     let btf = Btf::from_sys_fs()?;
     let layout = KernelLayout::resolve(&btf).context("reading this kernel's layout from BTF")?;
     drop(btf);
@@ -68,6 +74,19 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
     };
     let loaded = Loaded::load(&layout, hook, &aya_btf, &opts)?;
     log::info!("attached tp_btf/{} (hook {hook}: {why})", hook.tracepoint());
+    let metrics = match metrics_listener {
+        Some(listener) => {
+            let limits = metrics::Limits {
+                max_series: args.metrics_max_series as usize,
+                max_ports: args.metrics_max_ports as usize,
+            };
+            let (metrics, registry) = Metrics::new(limits, hook.name());
+            let addr = metrics::server::spawn(listener, registry)?;
+            log::info!("metrics: serving http://{addr}/metrics");
+            Some(metrics)
+        }
+        None => None,
+    };
     let mut detector = Detector {
         loaded,
         bridges,
@@ -78,6 +97,7 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
         hook_name: hook.name(),
         lost_reported: 0,
         recursion_reported: 0,
+        metrics,
     };
     detector.rescan()?;
     Ok(detector)
@@ -131,12 +151,29 @@ impl Detector {
         self.ports.get(&scope_key).or_else(|| self.departed.get(&scope_key).map(|(p, _)| p))
     }
 
-    fn print<W: Write>(&self, out: &mut Output<W>, lines: &[Line]) -> anyhow::Result<()> {
+    fn print<W: Write>(&mut self, out: &mut Output<W>, lines: &[Line]) -> anyhow::Result<()> {
         for line in lines {
             let report = enrich::report(line, self.port_for(&line.key), &self.bridges, self.hook_name);
+            if let Some(m) = &mut self.metrics {
+                m.on_line(&line.key, &report);
+            }
             out.refusal(&report).context("writing output")?;
         }
         Ok(())
+    }
+
+    /// Checks again the listeners behind `bindtrace_loopback_listeners` (it does nothing until
+    /// they are due). Each namespace's listeners are read once per pass.
+    fn recheck_loopback(&mut self, now: Instant) {
+        let Some(m) = &mut self.metrics else { return };
+        let (ports, departed) = (&self.ports, &self.departed);
+        let mut read: HashMap<u64, Option<Vec<sockets::Listener>>> = HashMap::new();
+        m.recheck_loopback(now, |key, target| {
+            let scope_key = ScopeKey { netns_cookie: key.netns_cookie, ifindex: key.ifindex, _pad: 0 };
+            let port = ports.get(&scope_key).or_else(|| departed.get(&scope_key).map(|(p, _)| p))?;
+            let all = read.entry(key.netns_cookie).or_insert_with(|| sockets::listeners_in(&port.ns).ok());
+            Some(verdict::decide(target, key.port, all.as_deref()?))
+        });
     }
 
     fn key_total(&self, key: &CountKey) -> u64 {
@@ -146,6 +183,10 @@ impl Detector {
     /// Reports samples the kernel could not deliver since the last call.
     fn report_lost<W: Write>(&mut self, out: &mut Output<W>) -> anyhow::Result<()> {
         let (ringbuf_lost, overflow) = self.loaded.stats();
+        let misses = self.loaded.recursion_misses().unwrap_or(0);
+        if let Some(m) = &mut self.metrics {
+            m.on_kernel_stats(ringbuf_lost, overflow, misses);
+        }
         if ringbuf_lost > self.lost_reported {
             out.lost(&LostReport {
                 time: now_rfc3339(),
@@ -156,7 +197,6 @@ impl Detector {
             self.lost_reported = ringbuf_lost;
         }
         // Not a lost sample but possibly lost counts: say so rather than look exact.
-        let misses = self.loaded.recursion_misses().unwrap_or(0);
         if misses > self.recursion_reported {
             out.lost(&LostReport {
                 time: now_rfc3339(),
@@ -244,6 +284,7 @@ impl Detector {
                 let lines = self.folder.on_totals(&totals, now, false);
                 self.print(out, &lines)?;
                 self.report_lost(out)?;
+                self.recheck_loopback(now);
                 next_poll = self.next_poll(&totals, now);
             } else if let Some(deadline) = self.folder.next_deadline(now) {
                 // A window closes before the idle poll: flush it on time.
