@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use aya_log_ebpf::warn;
+use aya_log_ebpf::{debug, warn};
 use bindtrace_common::{
     BridgeId, COUNTS_MAX_ENTRIES, CountKey, CountValue, RefusalEvent, SCOPE_MAX_ENTRIES, STAT_COUNT_OVERFLOW,
     STAT_RINGBUF_LOST, STAT_SLOTS, ScopeKey,
@@ -100,6 +100,14 @@ pub fn record<C: aya_ebpf::EbpfContext>(
         }
     };
     if send {
+        // Off unless bindtrace runs with -v (the loader sets aya-log's level global).
+        debug!(
+            ctx,
+            "bindtrace: sample for port {} in netns {} ifindex {}",
+            seg.dport,
+            ingress.netns_ino,
+            ingress.ifindex
+        );
         emit(now, hook, ingress, bridge, seg);
     }
 }

@@ -1,9 +1,9 @@
 //! Command-line interface.
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
 
-use crate::{audit, check::CheckArgs, hook::HookChoice, output::Format};
+use crate::{audit, check::CheckArgs, hook::HookChoice, metrics, output::Format};
 
 /// Reports, as it happens, every connection to a container that was refused because the service
 /// inside listens on loopback (or on the wrong address, family or port), and how to fix it.
@@ -54,6 +54,43 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
 
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics. The default stays on this host's
+    /// loopback; an address such as 0.0.0.0:PORT opens the port to the network.
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        default_value = metrics::DEFAULT_ADDR,
+        value_parser = parse_metrics_addr,
+        help_heading = "Metrics"
+    )]
+    pub metrics_addr: SocketAddr,
+
+    /// Serve no metrics.
+    #[arg(long, conflicts_with = "metrics_addr", help_heading = "Metrics")]
+    pub no_metrics: bool,
+
+    /// At most this many label sets in bindtrace_refused_connections_total; refusals that would
+    /// need more count under the series whose labels are all "other".
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = metrics::DEFAULT_MAX_SERIES,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000),
+        help_heading = "Metrics"
+    )]
+    pub metrics_max_series: u32,
+
+    /// At most this many container_port values per container; refusals on further ports count
+    /// under container_port="other".
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = metrics::DEFAULT_MAX_PORTS,
+        value_parser = clap::value_parser!(u32).range(1..=65_535),
+        help_heading = "Metrics"
+    )]
+    pub metrics_max_ports: u32,
+
     /// More log detail on stderr (-v debug, -vv trace, including kernel-side messages).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -74,6 +111,27 @@ fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
         ));
     }
     Ok(n)
+}
+
+/// `IP:PORT` (`[IPv6]:PORT` for IPv6), with a fixed port.
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    let example = "e.g. 127.0.0.1:19462, [::1]:19462 or 0.0.0.0:19462";
+    let addr: SocketAddr = s.parse().map_err(|_| match s.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() && host.parse::<std::net::IpAddr>().is_err() => {
+            format!("{s:?}: {host:?} is not an IP address (host names are not resolved); {example}")
+        }
+        Some((_, port)) if port.parse::<u16>().is_err() => {
+            format!("{s:?}: {port:?} is not a port number (1-65535); {example}")
+        }
+        Some(_) => format!("{s:?} is not ADDR:PORT (an IPv6 address goes in brackets); {example}"),
+        None => format!("{s:?} is not ADDR:PORT: give an IP address and a port, {example}"),
+    })?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "{s:?}: port 0 would be a random port that no scrape config can name; {example}"
+        ));
+    }
+    Ok(addr)
 }
 
 fn parse_window(s: &str) -> Result<Duration, String> {
@@ -98,6 +156,34 @@ mod tests {
         assert_eq!(a.hook, HookChoice::Auto);
         assert_eq!(a.format, Format::Text);
         assert_eq!(a.fold_window, Duration::from_secs(1));
+        assert_eq!(a.metrics_addr, "127.0.0.1:19462".parse().unwrap());
+        assert!(!a.no_metrics);
+        assert_eq!((a.metrics_max_series, a.metrics_max_ports), (1000, 16));
+    }
+
+    #[test]
+    fn metrics_flags() {
+        let a = Args::try_parse_from(["bindtrace", "--metrics-addr", "[::1]:9999"]).unwrap();
+        assert_eq!(a.metrics_addr, "[::1]:9999".parse().unwrap());
+        assert!(Args::try_parse_from(["bindtrace", "--no-metrics"]).unwrap().no_metrics);
+        let err = |args: &[&str]| {
+            let mut all = vec!["bindtrace"];
+            all.extend_from_slice(args);
+            Args::try_parse_from(all).unwrap_err().to_string()
+        };
+        for (bad, says) in [
+            ("19462", "is not ADDR:PORT"),
+            ("localhost:19462", "not an IP address"),
+            ("127.0.0.1:99999", "not a port number"),
+            ("127.0.0.1:http", "not a port number"),
+            ("::1:19462", "brackets"),
+            ("127.0.0.1:0", "port 0"),
+        ] {
+            let e = err(&["--metrics-addr", bad]);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        assert!(err(&["--no-metrics", "--metrics-addr", "127.0.0.1:1"]).contains("cannot be used with"));
+        assert!(err(&["--metrics-max-series", "0"]).contains("0"));
     }
 
     #[test]

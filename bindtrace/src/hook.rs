@@ -98,6 +98,7 @@ mod tests {
             net_ns_inum: 176,
             rst_reason_no_socket: rst,
             drop_reason_no_socket: drop,
+            prog_info_recursion_misses: Some(208),
         }
     }
 

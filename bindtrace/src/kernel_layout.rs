@@ -26,6 +26,9 @@ pub struct KernelLayout {
     pub rst_reason_no_socket: Option<u32>,
     /// `SKB_DROP_REASON_NO_SOCKET` when skb:kfree_skb carries a drop reason (5.17+), else None.
     pub drop_reason_no_socket: Option<u32>,
+    /// Offset of `recursion_misses` in the uapi `struct bpf_prog_info` (5.12+), else None: how
+    /// often the kernel skipped our program because it was already running on that CPU.
+    pub prog_info_recursion_misses: Option<u32>,
 }
 
 /// The eBPF side reads pointers as 8 bytes (bindtrace runs on 64-bit kernels only).
@@ -55,6 +58,12 @@ impl KernelLayout {
                 "skb_drop_reason",
                 "SKB_DROP_REASON_NO_SOCKET",
             )?,
+            prog_info_recursion_misses: match btf.member("bpf_prog_info.recursion_misses") {
+                Ok(m) if m.size == 8 => Some(m.offset),
+                Ok(_) => None,
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e),
+            },
         })
     }
 }
@@ -113,6 +122,7 @@ mod tests {
             net_ns_inum: 176,
             rst_reason_no_socket: Some(1),
             drop_reason_no_socket: Some(3),
+            prog_info_recursion_misses: Some(208),
         };
         assert_eq!(KernelLayout::resolve(fixture(V6_18)).unwrap(), expected);
     }
@@ -132,6 +142,7 @@ mod tests {
             net_ns_inum: 144,
             rst_reason_no_socket: None,
             drop_reason_no_socket: Some(2),
+            prog_info_recursion_misses: Some(208),
         };
         assert_eq!(KernelLayout::resolve(fixture(V6_1)).unwrap(), expected);
     }
@@ -149,6 +160,7 @@ mod tests {
             net_ns_inum: 144,
             rst_reason_no_socket: None,
             drop_reason_no_socket: None,
+            prog_info_recursion_misses: None,
         };
         assert_eq!(KernelLayout::resolve(fixture(V5_10)).unwrap(), expected);
     }

@@ -50,6 +50,13 @@ pub struct Loaded {
     pub stats: PerCpuArray<MapData, u64>,
     pub events: Option<RingBuf<MapData>>,
     pub hook: Hook,
+    /// Where `recursion_misses` sits in `bpf_prog_info` on this kernel, if it has it.
+    recursion_misses_offset: Option<u32>,
+}
+
+/// Fails at once when this binary was built without its eBPF object.
+pub fn check_object() -> Result<(), LoadError> {
+    if OBJECT.is_empty() { Err(LoadError::NoObject) } else { Ok(()) }
 }
 
 impl Loaded {
@@ -59,9 +66,7 @@ impl Loaded {
         btf: &Btf,
         opts: &LoadOptions,
     ) -> Result<Loaded, LoadError> {
-        if OBJECT.is_empty() {
-            return Err(LoadError::NoObject);
-        }
+        check_object()?;
         let mut loader = EbpfLoader::new();
         // `must_exist` everywhere: a global the object lacks means the object and loader disagree.
         loader
@@ -109,7 +114,15 @@ impl Loaded {
         })?;
         let events = take(&mut ebpf, "EVENTS")
             .and_then(|m| RingBuf::try_from(m).map_err(|source| LoadError::Map { name: "EVENTS", source }))?;
-        Ok(Loaded { ebpf, scope, counts, stats, events: Some(events), hook })
+        Ok(Loaded {
+            ebpf,
+            scope,
+            counts,
+            stats,
+            events: Some(events),
+            hook,
+            recursion_misses_offset: layout.prog_info_recursion_misses,
+        })
     }
 
     /// Kernel-side counters summed over CPUs: (ring-buffer reservations that failed, refusals
@@ -117,6 +130,16 @@ impl Loaded {
     pub fn stats(&self) -> (u64, u64) {
         let sum = |slot: u32| self.stats.get(&slot, 0).map(|v| v.iter().copied().sum::<u64>()).unwrap_or(0);
         (sum(STAT_RINGBUF_LOST), sum(STAT_COUNT_OVERFLOW))
+    }
+
+    /// Times the kernel skipped the hook program because it was already running on that CPU
+    /// (None where the kernel does not say). A refusal among them went uncounted.
+    pub fn recursion_misses(&self) -> Option<u64> {
+        use std::os::fd::AsFd as _;
+        let offset = self.recursion_misses_offset?;
+        let program = self.ebpf.program(self.hook.program())?;
+        let fd = program.fd().ok()?;
+        crate::prog_info::recursion_misses(fd.as_fd(), offset).ok()
     }
 
     /// Exact per-key totals, summed over CPUs.

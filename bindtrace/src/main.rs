@@ -24,10 +24,12 @@ fn main() -> std::process::ExitCode {
             };
         }
     };
+    // -v raises bindtrace's own messages (and the kernel side's, which aya-log forwards under
+    // the same crate name), not aya's loader internals.
     let level = match args.verbose {
         0 => "info",
-        1 => "debug",
-        _ => "trace",
+        1 => "info,bindtrace=debug",
+        _ => "debug,bindtrace=trace",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_target(false)

@@ -67,7 +67,11 @@ pub struct Netns {
 
 impl Netns {
     pub fn open(path: &Path) -> io::Result<Netns> {
-        let file = File::open(path)?;
+        Self::from_file(File::open(path)?, path)
+    }
+
+    /// From a namespace file already open (its identity cannot change under us).
+    pub fn from_file(file: File, path: &Path) -> io::Result<Netns> {
         let inode = file.metadata()?.ino();
         let cookie = run_in(file.as_fd(), current_cookie)?;
         Ok(Netns { file, inode, cookie, path: path.to_owned() })

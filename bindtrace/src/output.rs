@@ -46,6 +46,12 @@ impl<W: Write> Output<W> {
     pub fn lost(&mut self, r: &LostReport) -> io::Result<()> {
         match self.format {
             Format::Json => serde_json::to_writer(&mut self.out, r)?,
+            Format::Text if r.stage == "kernel_recursion" => write!(
+                self.out,
+                "{} the kernel skipped the hook {} times because it was already running on that CPU: \
+                 refusals among those are not counted (counts since then are lower bounds)",
+                r.time, r.count
+            )?,
             Format::Text => write!(
                 self.out,
                 "{} lost {} samples at stage {} (their refusals are still counted in the lines above and below)",

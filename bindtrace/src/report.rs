@@ -158,7 +158,8 @@ pub struct AuditReport {
 pub struct LostReport {
     pub time: String,
     pub event: &'static str,
-    /// Where: `kernel_ringbuf` (samples dropped, their counts are still in the next lines).
+    /// Where: `kernel_ringbuf` (samples dropped, their counts are still in the next lines), or
+    /// `kernel_recursion` (hook invocations the kernel skipped: those refusals are not counted).
     pub stage: &'static str,
     pub count: u64,
 }

@@ -30,6 +30,7 @@ use crate::{
     hook,
     kernel_layout::KernelLayout,
     loader::{LoadOptions, Loaded},
+    metrics::{self, Metrics},
     netlink::LinkWatcher,
     netns::Netns,
     output::Output,
@@ -37,7 +38,7 @@ use crate::{
     report::{LostReport, Report, now_rfc3339},
     scope::{self, Bridges, Port, Resolver},
     sock_layout::SockLayout,
-    via,
+    sockets, verdict, via,
 };
 
 /// How often the kernel counters are read when nothing is pending: this is the only periodic
@@ -69,6 +70,9 @@ pub struct Detector {
     folder: Folder,
     hook_name: &'static str,
     lost_reported: u64,
+    recursion_reported: u64,
+    /// None with --no-metrics.
+    metrics: Option<Metrics>,
     docker: DockerSide,
 }
 
@@ -90,8 +94,11 @@ struct DockerSide {
 }
 
 pub fn setup(args: &Args) -> anyhow::Result<Detector> {
+    crate::loader::check_object()?;
     privileges::check()?;
     privileges::raise_memlock();
+    // Bound first: a busy port fails before the slow part of the set-up.
+    let metrics_listener = if args.no_metrics { None } else { Some(metrics::bind(args.metrics_addr)?) };
     let btf = Btf::from_sys_fs()?;
     let layout = KernelLayout::resolve(&btf).context("reading this kernel's layout from BTF")?;
     let sock_layout = SockLayout::resolve(&btf);
@@ -110,7 +117,7 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
         fold_window_ns: args.fold_window.as_nanos() as u64,
         kernel_log_level: kernel_log_level(),
         globals: match &sock_layout {
-            Ok(s) => s.globals(&layout),
+            Ok(s) => s.globals(layout.net_cookie, layout.net_ns_inum),
             Err(_) => SockLayout::unresolved_globals(),
         },
     };
@@ -142,6 +149,19 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
         }
     };
     let docker_state = docker_socket.map(|path| docker::watch::spawn(docker::Client::new(path)));
+    let metrics = match metrics_listener {
+        Some(listener) => {
+            let limits = metrics::Limits {
+                max_series: args.metrics_max_series as usize,
+                max_ports: args.metrics_max_ports as usize,
+            };
+            let (metrics, registry) = Metrics::new(limits, hook.name());
+            let addr = metrics::server::spawn(listener, registry)?;
+            log::info!("metrics: serving http://{addr}/metrics");
+            Some(metrics)
+        }
+        None => None,
+    };
     let mut detector = Detector {
         loaded,
         bridges,
@@ -151,6 +171,8 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
         folder: Folder::new(args.fold_window),
         hook_name: hook.name(),
         lost_reported: 0,
+        recursion_reported: 0,
+        metrics,
         docker: DockerSide {
             auto_bridges,
             state: docker_state,
@@ -352,9 +374,26 @@ impl Detector {
         for line in lines {
             let mut report = enrich::report(line, self.port_for(&line.key), &self.bridges, self.hook_name);
             self.attribute(&mut report, line).await?;
+            if let Some(m) = &mut self.metrics {
+                m.on_line(&line.key, &report);
+            }
             out.refusal(&report).context("writing output")?;
         }
         Ok(())
+    }
+
+    /// Checks again the listeners behind `bindtrace_loopback_listeners` (it does nothing until
+    /// they are due). Each namespace's listeners are read once per pass.
+    fn recheck_loopback(&mut self, now: Instant) {
+        let Some(m) = &mut self.metrics else { return };
+        let (ports, departed) = (&self.ports, &self.departed);
+        let mut read: HashMap<u64, Option<Vec<sockets::Listener>>> = HashMap::new();
+        m.recheck_loopback(now, |key, target| {
+            let scope_key = ScopeKey { netns_cookie: key.netns_cookie, ifindex: key.ifindex, _pad: 0 };
+            let port = ports.get(&scope_key).or_else(|| departed.get(&scope_key).map(|(p, _)| p))?;
+            let all = read.entry(key.netns_cookie).or_insert_with(|| sockets::listeners_in(&port.ns).ok());
+            Some(verdict::decide(target, key.port, all.as_deref()?))
+        });
     }
 
     fn key_total(&self, key: &CountKey) -> u64 {
@@ -364,6 +403,10 @@ impl Detector {
     /// Reports samples the kernel could not deliver since the last call.
     fn report_lost<W: Write>(&mut self, out: &mut Output<W>) -> anyhow::Result<()> {
         let (ringbuf_lost, overflow) = self.loaded.stats();
+        let misses = self.loaded.recursion_misses().unwrap_or(0);
+        if let Some(m) = &mut self.metrics {
+            m.on_kernel_stats(ringbuf_lost, overflow, misses);
+        }
         if ringbuf_lost > self.lost_reported {
             out.lost(&LostReport {
                 time: now_rfc3339(),
@@ -372,6 +415,16 @@ impl Detector {
                 count: ringbuf_lost - self.lost_reported,
             })?;
             self.lost_reported = ringbuf_lost;
+        }
+        // Not a lost sample but possibly lost counts: say so rather than look exact.
+        if misses > self.recursion_reported {
+            out.lost(&LostReport {
+                time: now_rfc3339(),
+                event: "lost",
+                stage: "kernel_recursion",
+                count: misses - self.recursion_reported,
+            })?;
+            self.recursion_reported = misses;
         }
         if overflow > 0 {
             log::warn!("{overflow} refusals did not fit in the COUNTS map (counted as overflow)");
@@ -390,6 +443,7 @@ impl Detector {
         // stays open for as long as it is registered.
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
         let mut links = LinkWatcher::new().context("subscribing to link changes")?;
+        let mut kernel_log = KernelLog::new(&mut self.loaded.ebpf);
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let deadline = duration.map(|d| tokio::time::Instant::now() + d);
@@ -470,6 +524,7 @@ impl Detector {
                     let _ = tokio::time::timeout(Duration::ZERO, links.changed()).await;
                     self.rescan()?;
                 }
+                _ = kernel_log.readable() => kernel_log.flush(),
                 _ = sleep => {}
             }
             let now = Instant::now();
@@ -478,6 +533,7 @@ impl Detector {
                 let lines = self.folder.on_totals(&totals, now, false);
                 self.print(out, &lines).await?;
                 self.report_lost(out)?;
+                self.recheck_loopback(now);
                 next_poll = self.next_poll(&totals, now);
             } else if let Some(deadline) = self.folder.next_deadline(now) {
                 // A window closes before the idle poll: flush it on time.
@@ -491,7 +547,15 @@ impl Detector {
         self.print(out, &lines).await?;
         self.report_lost(out)?;
         let total: u64 = totals.values().sum();
-        log::info!("detaching; {total} refusals counted since start");
+        match self.loaded.recursion_misses() {
+            Some(0) => {
+                log::info!("detaching; {total} refusals counted since start (exact: the hook never skipped)")
+            }
+            Some(m) => log::info!(
+                "detaching; {total} refusals counted since start (a lower bound: the kernel skipped the hook {m} times)"
+            ),
+            None => log::info!("detaching; {total} refusals counted since start"),
+        }
         drop(self);
         eprintln!("bindtrace: detached");
         Ok(())
@@ -533,4 +597,42 @@ fn monotonic_ns() -> u64 {
     // SAFETY: `ts` is a valid timespec to write to.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Kernel-side aya-log messages, forwarded to this process's logger. Optional: an object built
+/// without log statements has no log buffer, and then this never becomes readable.
+struct KernelLog {
+    fd: Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>,
+}
+
+impl KernelLog {
+    fn new(ebpf: &mut aya::Ebpf) -> KernelLog {
+        let fd = match aya_log::EbpfLogger::init(ebpf) {
+            // SAFETY: the logger owns its ring buffer fd and the AsyncFd owns the logger.
+            Ok(logger) => {
+                unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }.ok()
+            }
+            Err(e) => {
+                log::debug!("no kernel-side log buffer: {e}");
+                None
+            }
+        };
+        KernelLog { fd }
+    }
+
+    async fn readable(&mut self) {
+        match &mut self.fd {
+            Some(fd) => match fd.readable_mut().await {
+                Ok(mut guard) => guard.clear_ready(),
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(fd) = &mut self.fd {
+            fd.get_mut().flush();
+        }
+    }
 }

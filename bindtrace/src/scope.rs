@@ -160,8 +160,7 @@ impl Resolver {
         for candidate in netns::candidates() {
             let Ok(file) = File::open(&candidate.path) else { continue };
             if netlink::netnsid_of(file.as_fd()).ok().flatten() == Some(nsid) {
-                let ns = Netns::open(&candidate.path).ok()?;
-                let ns = Arc::new(ns);
+                let ns = Arc::new(Netns::from_file(file, &candidate.path).ok()?);
                 self.by_nsid.insert(nsid, ns.clone());
                 return Some(ns);
             }

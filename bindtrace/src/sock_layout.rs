@@ -1,10 +1,7 @@
 //! The `struct sock` offsets the connect tracker (`bindtrace-ebpf/src/connect.rs`) reads, from
 //! the running kernel's BTF: the same resolver as [`crate::kernel_layout`], kept apart because
 //! this program is optional (without it bindtrace still detects, only `via` is less precise).
-use crate::{
-    btf::{Btf, BtfError},
-    kernel_layout::KernelLayout,
-};
+use crate::btf::{Btf, BtfError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SockLayout {
@@ -53,8 +50,8 @@ impl SockLayout {
     }
 
     /// The eBPF globals (`connect.rs`) these offsets fill, with the namespace offsets shared
-    /// with the refusal hooks.
-    pub fn globals(&self, kernel: &KernelLayout) -> Vec<(&'static str, u32)> {
+    /// with the refusal hooks (`KernelLayout::net_cookie`, `net_ns_inum`).
+    pub fn globals(&self, net_cookie: u32, net_ns_inum: u32) -> Vec<(&'static str, u32)> {
         let v6 = self.v6_daddr.is_some() && self.v6_rcv_saddr.is_some();
         vec![
             ("OFF_SK_FAMILY", self.family),
@@ -65,8 +62,8 @@ impl SockLayout {
             ("OFF_SK_V6_RCV_SADDR", self.v6_rcv_saddr.unwrap_or(0)),
             ("OFF_SK_NET", self.net),
             ("OFF_INET_SPORT", self.inet_sport),
-            ("OFF_CONN_NET_COOKIE", kernel.net_cookie),
-            ("OFF_CONN_NET_NS_INUM", kernel.net_ns_inum),
+            ("OFF_CONN_NET_COOKIE", net_cookie),
+            ("OFF_CONN_NET_NS_INUM", net_ns_inum),
             ("CONNECT_V6", u32::from(v6)),
         ]
     }
@@ -84,26 +81,17 @@ impl SockLayout {
             net: 0,
             inet_sport: 0,
         };
-        let kernel = KernelLayout {
-            skb_dev: 0,
-            skb_head: 0,
-            skb_network_header: 0,
-            skb_transport_header: 0,
-            dev_ifindex: 0,
-            dev_nd_net: 0,
-            net_cookie: 0,
-            net_ns_inum: 0,
-            rst_reason_no_socket: None,
-            drop_reason_no_socket: None,
-        };
-        zero.globals(&kernel)
+        zero.globals(0, 0)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::btf::tests::{V5_10, V6_1, V6_18, fixture};
+    use crate::{
+        btf::tests::{V5_10, V6_1, V6_18, fixture},
+        kernel_layout::KernelLayout,
+    };
 
     /// Expected values are pahole's on each fixture (`pahole -F btf -C sock_common`, `-C inet_sock`).
     fn expect(inet_sport: u32) -> SockLayout {
@@ -130,7 +118,7 @@ mod tests {
     fn globals_cover_every_offset() {
         let l = expect(814);
         let k = KernelLayout::resolve(fixture(V6_18)).unwrap();
-        let g = l.globals(&k);
+        let g = l.globals(k.net_cookie, k.net_ns_inum);
         assert!(g.contains(&("OFF_INET_SPORT", 814)));
         assert!(g.contains(&("CONNECT_V6", 1)));
         assert!(g.contains(&("OFF_CONN_NET_COOKIE", 4160)));

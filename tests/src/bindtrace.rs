@@ -56,11 +56,12 @@ impl Bindtrace {
         bt
     }
 
-    /// Starts `bindtrace --format json ARGS...` in the test's own (the host's) network
-    /// namespace, as a user runs it next to Docker, and waits until it is ready.
+    /// Starts `bindtrace --format json --no-metrics ARGS...` in the test's own (the host's)
+    /// network namespace, as a user runs it next to Docker, and waits until it is ready.
     pub fn start_here(args: &[&str]) -> Bindtrace {
         let mut cmd = Command::new(binary());
-        cmd.args(["--format", "json"]).args(args);
+        // No metrics endpoint: the host's 127.0.0.1:19462 may be taken by another bindtrace.
+        cmd.args(["--format", "json", "--no-metrics"]).args(args);
         let mut bt = Self::spawn_cmd(cmd);
         if !bt.wait_ready(Duration::from_secs(20)) {
             let stderr = bt.stderr();

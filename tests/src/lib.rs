@@ -4,6 +4,7 @@
 //! Every address used lives in namespaces these guards create; nothing leaves the machine.
 pub mod bindtrace;
 pub mod docker;
+pub mod metrics;
 pub mod net;
 pub mod proc;
 

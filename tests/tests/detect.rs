@@ -296,6 +296,7 @@ fn folding_adds_up_with_a_tiny_ring_buffer(hook: Hook) {
     let rsts = snmp_out_rsts(&c.ns) - rsts_before;
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(bt.stop(), Some(0), "clean exit:\n{}", bt.stderr());
+    assert!(bt.stderr().contains("exact: the hook never skipped"), "{}", bt.stderr());
     let lines = bt.lines();
     let mut per_port = std::collections::HashMap::new();
     for l in lines.iter().filter(|l| l["event"] == "refused") {

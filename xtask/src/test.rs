@@ -1,7 +1,7 @@
-//! The whole test suite, in the order that fails fastest: lint, unit tests (no root), release
-//! build, then the integration tests, which need root and run one at a time because they load
-//! eBPF programs and create network namespaces.
-use crate::util::{cargo, root, run_cmd};
+//! The whole test suite, in the order that fails fastest: lint, unit tests (no root), the
+//! deploy/ artefacts (promtool), release build, then the integration tests, which need root and
+//! run one at a time because they load eBPF programs and create network namespaces.
+use crate::util::{Tally, cargo, root, run_cmd, run_tests};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -18,7 +18,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     }
     let mut unit = cargo();
     unit.args(["test", "--workspace", "--exclude", "bindtrace-tests", "--exclude", "bindtrace-ebpf"]);
-    run_cmd(unit)?;
+    let mut tally = Tally::default();
+    run_tests(unit, &mut tally)?;
+    deploy_checks()?;
 
     let mut build = cargo();
     build.args(["build", "--release", "-p", "bindtrace"]);
@@ -32,5 +34,27 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if let Some(filter) = &opts.filter {
         integration.arg(filter);
     }
-    run_cmd(integration)
+    run_tests(integration, &mut tally)?;
+    // One closing line for the whole suite (CI reads the last one).
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    Ok(())
+}
+
+/// The Prometheus configuration and alert rules in deploy/: valid, and their unit tests pass.
+fn deploy_checks() -> anyhow::Result<()> {
+    let dir = root().join("deploy/prometheus");
+    for args in [
+        &["check", "config", "prometheus.yml"][..],
+        &["check", "rules", "alerts.yml"],
+        &["test", "rules", "alerts.test.yml"],
+    ] {
+        let mut promtool = std::process::Command::new("promtool");
+        promtool.args(args).current_dir(&dir);
+        run_cmd(promtool).map_err(|e| {
+            e.context(
+                "promtool (Debian package `prometheus`; `sudo ./x setup` installs it) in deploy/prometheus",
+            )
+        })?;
+    }
+    Ok(())
 }

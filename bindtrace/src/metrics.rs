@@ -1,0 +1,596 @@
+//! Prometheus metrics: what the lines say, as counters and gauges, served on `/metrics`.
+//!
+//! **Exact by construction.** The kernel's per-key counts are the truth. Every count that reaches
+//! a line (see [`crate::fold`]) is added, at the moment the line is written, to
+//! `bindtrace_refused_connections_total` under the labels of that line's report; refusals that
+//! found the kernel's COUNTS map full (no key, so no line) are added under `other` when the
+//! per-CPU overflow slot is read. So at any instant the sum over all series is exactly what the
+//! lines written so far add up to plus the overflow, and after the final flush it is the kernel's
+//! total. A key's labels are decided when its line is written: its verdict can change over time
+//! (a listener that appears later turns `no_listener` into `listening_now`), and then its later
+//! refusals count under the new verdict.
+//!
+//! **Bounded cardinality.** Client addresses and ports never become labels. A container keeps at
+//! most `max_ports` `container_port` values of its own (later ports count under
+//! `container_port="other"`), and the family holds at most `max_series` label sets (later ones
+//! count in the one series whose labels are all `other`). `bindtrace_cardinality_folded_total`
+//! says how many refusals each cap folded. Both caps are first come, first served: a series,
+//! once created, is never removed (a counter must not go back).
+//!
+//! The metrics live in `prometheus-client` families (atomics behind a lock that is held only to
+//! add a series or to encode); the HTTP side ([`server`]) runs on its own thread and runtime, so
+//! a scrape never waits for event processing and event processing never waits for a scrape.
+pub mod process;
+pub mod server;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use bindtrace_common::{AF_INET6, CountKey};
+use prometheus_client::{
+    encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    registry::Registry,
+};
+
+use crate::{
+    report::Report,
+    verdict::{Decision, Verdict},
+};
+
+/// Where metrics are served unless `--metrics-addr` says otherwise: this host's loopback only,
+/// on a port outside the exporters' range 9100-9999 (fully allocated on Prometheus's "default
+/// port allocations" list) and below Linux's ephemeral range (32768-60999).
+pub const DEFAULT_ADDR: &str = "127.0.0.1:19462";
+/// Default cap on label sets of `bindtrace_refused_connections_total` (plus one `other` series).
+pub const DEFAULT_MAX_SERIES: u32 = 1000;
+/// Default cap on `container_port` values per container.
+pub const DEFAULT_MAX_PORTS: u32 = 16;
+/// The label value that stands for everything a cap (or the kernel's full COUNTS map) folded.
+pub const OTHER: &str = "other";
+/// How often loopback-only listeners behind `bindtrace_loopback_listeners` are checked again.
+pub const LOOPBACK_RECHECK: Duration = Duration::from_secs(5);
+
+/// Stages of `bindtrace_events_lost_total`.
+pub const STAGE_KERNEL_RINGBUF: &str = "kernel_ringbuf";
+pub const STAGE_FOLD_WINDOW: &str = "fold_window";
+pub const STAGE_COUNTS_MAP_FULL: &str = "counts_map_full";
+/// Hook invocations the kernel skipped because the program was already running on that CPU:
+/// refusals among them are not counted anywhere, so this one is a real loss.
+pub const STAGE_KERNEL_RECURSION: &str = "kernel_recursion";
+/// Caps of `bindtrace_cardinality_folded_total`.
+pub const CAP_CONTAINER_PORTS: &str = "container_ports";
+pub const CAP_SERIES: &str = "series";
+
+/// Labels of `bindtrace_refused_connections_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RefusalLabels {
+    pub bridge: String,
+    pub container: String,
+    pub container_port: String,
+    /// The published port on the host, when known (from Docker's port map); absent otherwise.
+    pub host_port: Option<String>,
+    pub proto: String,
+    pub verdict: String,
+}
+
+impl RefusalLabels {
+    pub fn of(report: &Report) -> RefusalLabels {
+        RefusalLabels {
+            bridge: report.bridge.clone(),
+            container: container_label(report),
+            container_port: report.target_port.to_string(),
+            host_port: host_port_label(report),
+            proto: report.proto.to_owned(),
+            verdict: report.verdict.as_str().to_owned(),
+        }
+    }
+
+    /// The series everything folded goes to.
+    pub fn other() -> RefusalLabels {
+        RefusalLabels {
+            bridge: OTHER.into(),
+            container: OTHER.into(),
+            container_port: OTHER.into(),
+            host_port: None,
+            proto: OTHER.into(),
+            verdict: OTHER.into(),
+        }
+    }
+}
+
+impl EncodeLabelSet for RefusalLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        ("bridge", self.bridge.as_str()).encode(encoder.encode_label())?;
+        ("container", self.container.as_str()).encode(encoder.encode_label())?;
+        ("container_port", self.container_port.as_str()).encode(encoder.encode_label())?;
+        // Absent rather than empty while unknown.
+        if let Some(host_port) = &self.host_port {
+            ("host_port", host_port.as_str()).encode(encoder.encode_label())?;
+        }
+        ("proto", self.proto.as_str()).encode(encoder.encode_label())?;
+        ("verdict", self.verdict.as_str()).encode(encoder.encode_label())
+    }
+}
+
+/// The `container` label: the one place that names a container.
+///
+/// Until bindtrace knows container names, a container is its network namespace, `netns:<inode>`
+/// (the inode `ls -l /proc/PID/ns/net` shows; `docker inspect -f '{{.NetworkSettings.SandboxKey}}'`
+/// leads to the same file). `unknown` when even the namespace is unknown.
+pub fn container_label(report: &Report) -> String {
+    if report.netns == 0 { "unknown".into() } else { format!("netns:{}", report.netns) }
+}
+
+/// The `host_port` label: the published port, once the Docker port map is known (not yet).
+pub fn host_port_label(_report: &Report) -> Option<String> {
+    None
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct StageLabels {
+    stage: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct CapLabels {
+    cap: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub container: String,
+    pub address: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    hook: &'static str,
+    kernel: String,
+}
+
+/// Settings from the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_series: usize,
+    pub max_ports: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_series: DEFAULT_MAX_SERIES as usize, max_ports: DEFAULT_MAX_PORTS as usize }
+    }
+}
+
+/// A key last judged `loopback_only`, checked again every [`LOOPBACK_RECHECK`].
+#[derive(Debug, Clone)]
+struct Tracked {
+    container: String,
+    target: IpAddr,
+    listeners: Vec<(IpAddr, u16)>,
+}
+
+/// The metric handles and the bookkeeping behind the caps. Owned by the event loop; the
+/// registry that encodes the same families belongs to the server thread.
+#[derive(Debug)]
+pub struct Metrics {
+    refused: Family<RefusalLabels, Counter>,
+    lost: Family<StageLabels, Counter>,
+    folded: Family<CapLabels, Counter>,
+    loopback: Family<ListenerLabels, Gauge>,
+    limits: Limits,
+    /// Label sets that have their own series (the `other` series is not among them).
+    series: HashSet<RefusalLabels>,
+    /// Per container, the `container_port` values that have series of their own.
+    ports: HashMap<String, HashSet<String>>,
+    /// Kernel counters already accounted for.
+    ringbuf_lost_seen: u64,
+    overflow_seen: u64,
+    recursion_seen: u64,
+    tracked: BTreeMap<CountKey, Tracked>,
+    published: HashSet<ListenerLabels>,
+    last_recheck: Option<Instant>,
+}
+
+impl Metrics {
+    /// The metrics and a registry that encodes them. `hook` and the kernel release go into
+    /// `bindtrace_build_info`.
+    pub fn new(limits: Limits, hook: &'static str) -> (Metrics, Registry) {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            refused: Family::default(),
+            lost: Family::default(),
+            folded: Family::default(),
+            loopback: Family::default(),
+            limits,
+            series: HashSet::new(),
+            ports: HashMap::new(),
+            ringbuf_lost_seen: 0,
+            overflow_seen: 0,
+            recursion_seen: 0,
+            tracked: BTreeMap::new(),
+            published: HashSet::new(),
+            last_recheck: None,
+        };
+        registry.register(
+            "bindtrace_refused_connections",
+            "Connection attempts to containers refused with a reset because nothing accepted them \
+             (exact: from the kernel's per-key counts), by the verdict of the line they were reported in",
+            m.refused.clone(),
+        );
+        registry.register(
+            "bindtrace_loopback_listeners",
+            "Listeners that refused a connection to their port because they are bound to loopback \
+             only, and still are (1 per listening address)",
+            m.loopback.clone(),
+        );
+        registry.register(
+            "bindtrace_events_lost",
+            "What did not get a line of its own: samples the kernel ring buffer could not take \
+             (kernel_ringbuf), refusals folded into another line's count (fold_window), refusals \
+             that found the COUNTS map full (counts_map_full); every one is still counted in \
+             bindtrace_refused_connections_total. Hook invocations the kernel skipped \
+             (kernel_recursion) are not",
+            m.lost.clone(),
+        );
+        registry.register(
+            "bindtrace_cardinality_folded",
+            "Refusals counted under label value \"other\" because a cap was reached: \
+             container_ports (--metrics-max-ports) or series (--metrics-max-series)",
+            m.folded.clone(),
+        );
+        let build =
+            Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION"), hook, kernel: kernel_release() });
+        registry.register("bindtrace_build", "bindtrace's version, kernel hook and kernel release", build);
+        registry.register_collector(Box::new(process::ProcessCollector));
+        // Present from the start, so that rate() and alerts see them before anything happens.
+        for stage in [STAGE_KERNEL_RINGBUF, STAGE_FOLD_WINDOW, STAGE_COUNTS_MAP_FULL, STAGE_KERNEL_RECURSION]
+        {
+            let _ = m.lost.get_or_create(&StageLabels { stage });
+        }
+        for cap in [CAP_CONTAINER_PORTS, CAP_SERIES] {
+            let _ = m.folded.get_or_create(&CapLabels { cap });
+        }
+        (m, registry)
+    }
+
+    /// A line was written: its count goes to its labels (or `other`), and the loopback-only
+    /// listeners it names are tracked.
+    pub fn on_line(&mut self, key: &CountKey, report: &Report) {
+        let (labels, folded_by) = self.admit(RefusalLabels::of(report));
+        self.refused.get_or_create(&labels).inc_by(report.count);
+        if let Some(cap) = folded_by {
+            self.folded.get_or_create(&CapLabels { cap }).inc_by(report.count);
+        }
+        if report.count > 1 {
+            self.lost.get_or_create(&StageLabels { stage: STAGE_FOLD_WINDOW }).inc_by(report.count - 1);
+        }
+        self.track(key, report);
+    }
+
+    /// The kernel's cumulative counters (ring-buffer reservations that failed, refusals counted
+    /// in the overflow slot because COUNTS was full), read just now.
+    pub fn on_kernel_stats(&mut self, ringbuf_lost: u64, overflow: u64, recursion_misses: u64) {
+        if recursion_misses > self.recursion_seen {
+            self.lost
+                .get_or_create(&StageLabels { stage: STAGE_KERNEL_RECURSION })
+                .inc_by(recursion_misses - self.recursion_seen);
+            self.recursion_seen = recursion_misses;
+        }
+        if ringbuf_lost > self.ringbuf_lost_seen {
+            self.lost
+                .get_or_create(&StageLabels { stage: STAGE_KERNEL_RINGBUF })
+                .inc_by(ringbuf_lost - self.ringbuf_lost_seen);
+            self.ringbuf_lost_seen = ringbuf_lost;
+        }
+        if overflow > self.overflow_seen {
+            let delta = overflow - self.overflow_seen;
+            self.refused.get_or_create(&RefusalLabels::other()).inc_by(delta);
+            self.lost.get_or_create(&StageLabels { stage: STAGE_COUNTS_MAP_FULL }).inc_by(delta);
+            self.overflow_seen = overflow;
+        }
+    }
+
+    /// The labels a line's count goes to, and the cap that folded them, if any.
+    fn admit(&mut self, mut labels: RefusalLabels) -> (RefusalLabels, Option<&'static str>) {
+        if self.series.contains(&labels) {
+            return (labels, None);
+        }
+        let mut folded = None;
+        let ports = self.ports.get(&labels.container);
+        let own_port = ports.is_some_and(|p| p.contains(&labels.container_port));
+        if !own_port && ports.map_or(0, HashSet::len) >= self.limits.max_ports {
+            labels.container_port = OTHER.into();
+            folded = Some(CAP_CONTAINER_PORTS);
+            if self.series.contains(&labels) {
+                return (labels, folded);
+            }
+        }
+        if self.series.len() >= self.limits.max_series {
+            return (RefusalLabels::other(), Some(CAP_SERIES));
+        }
+        if folded.is_none() {
+            self.ports.entry(labels.container.clone()).or_default().insert(labels.container_port.clone());
+        }
+        self.series.insert(labels.clone());
+        (labels, folded)
+    }
+
+    /// Follows the key's latest verdict: `loopback_only` adds (or refreshes) its listeners,
+    /// anything else removes them.
+    fn track(&mut self, key: &CountKey, report: &Report) {
+        if report.verdict == Verdict::LoopbackOnly {
+            if !self.tracked.contains_key(key) && self.tracked.len() >= self.limits.max_series {
+                return;
+            }
+            let unspecified = if key.family == AF_INET6 {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            };
+            self.tracked.insert(
+                *key,
+                Tracked {
+                    container: container_label(report),
+                    target: report.target_ip.unwrap_or(unspecified),
+                    listeners: report.listeners.iter().map(|l| (l.ip, l.port)).collect(),
+                },
+            );
+        } else if self.tracked.remove(key).is_none() {
+            return;
+        }
+        self.publish_loopback();
+    }
+
+    /// Checks every tracked listener again (at most every [`LOOPBACK_RECHECK`]): `decide` gives
+    /// the key's verdict now, or None when its namespace is gone.
+    pub fn recheck_loopback(
+        &mut self,
+        now: Instant,
+        mut decide: impl FnMut(&CountKey, IpAddr) -> Option<Decision>,
+    ) {
+        if self.tracked.is_empty()
+            || self.last_recheck.is_some_and(|t| now.duration_since(t) < LOOPBACK_RECHECK)
+        {
+            return;
+        }
+        self.last_recheck = Some(now);
+        self.tracked.retain(|key, t| match decide(key, t.target) {
+            Some(d) if d.verdict == Verdict::LoopbackOnly => {
+                t.listeners = d.listeners.iter().map(|l| (l.addr, l.port)).collect();
+                true
+            }
+            _ => false,
+        });
+        self.publish_loopback();
+    }
+
+    /// Brings the gauge in line with the tracked listeners, touching only what changed (a scrape
+    /// never sees the set half-built).
+    fn publish_loopback(&mut self) {
+        let now: HashSet<ListenerLabels> = self
+            .tracked
+            .values()
+            .flat_map(|t| {
+                t.listeners.iter().map(|(addr, port)| ListenerLabels {
+                    container: t.container.clone(),
+                    address: addr.to_string(),
+                    port: *port,
+                })
+            })
+            .collect();
+        for gone in self.published.difference(&now) {
+            self.loopback.remove(gone);
+        }
+        for new in now.difference(&self.published) {
+            self.loopback.get_or_create(new).set(1);
+        }
+        self.published = now;
+    }
+}
+
+/// `uname -r`.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error(
+        "cannot serve metrics on {addr}: port {port} is already in use (another bindtrace or an \
+         exporter?); choose a free port with --metrics-addr {ip}:PORT, or turn metrics off with --no-metrics"
+    )]
+    InUse { addr: SocketAddr, port: u16, ip: IpAddr },
+    #[error(
+        "cannot serve metrics on {addr}: {ip} is not an address of this host (in bindtrace's network \
+         namespace); use 127.0.0.1:{port}, an address `ip addr` lists, or --no-metrics"
+    )]
+    NotLocal { addr: SocketAddr, port: u16, ip: IpAddr },
+    #[error("cannot serve metrics on {addr}: {source}; choose another with --metrics-addr, or --no-metrics")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("starting the metrics server thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Binds the metrics socket (before anything slow happens, so a busy port fails fast).
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
+    std::net::TcpListener::bind(addr).map_err(|source| {
+        let (ip, port) = (addr.ip(), addr.port());
+        match source.kind() {
+            std::io::ErrorKind::AddrInUse => MetricsError::InUse { addr, port, ip },
+            std::io::ErrorKind::AddrNotAvailable => MetricsError::NotLocal { addr, port, ip },
+            _ => MetricsError::Bind { addr, source },
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{report::ListenerReport, sockets::Listener};
+
+    fn report(netns: u64, port: u16, verdict: Verdict, count: u64) -> Report {
+        Report {
+            time: String::new(),
+            ktime_ns: None,
+            event: "refused",
+            verdict,
+            proto: "tcp",
+            family: "ipv4",
+            target_ip: Some("172.17.0.2".parse().unwrap()),
+            target_port: port,
+            client_ip: None,
+            client_port: None,
+            netns,
+            netns_cookie: netns,
+            bridge: "docker0".into(),
+            ifindex: 2,
+            veth: String::new(),
+            hook: "kfree-skb",
+            listeners: vec![ListenerReport { ip: "127.0.0.1".parse().unwrap(), port, pids: vec![] }],
+            count,
+            hint: String::new(),
+            docker: Default::default(),
+        }
+    }
+
+    fn key(netns: u64, port: u16) -> CountKey {
+        CountKey { netns_cookie: netns, ifindex: 2, port, family: 2, proto: 6 }
+    }
+
+    fn text(registry: &Registry) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut s, registry).unwrap();
+        s
+    }
+
+    fn sample_lines<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .collect()
+    }
+
+    fn value(line: &str) -> u64 {
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    fn sum(text: &str, name: &str) -> u64 {
+        sample_lines(text, name).into_iter().map(value).sum()
+    }
+
+    #[test]
+    fn counts_go_to_the_labels_of_their_line() {
+        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb");
+        m.on_line(&key(7, 8000), &report(7, 8000, Verdict::LoopbackOnly, 1));
+        m.on_line(&key(7, 8000), &report(7, 8000, Verdict::LoopbackOnly, 41));
+        m.on_line(&key(7, 8001), &report(7, 8001, Verdict::NoListener, 2));
+        let t = text(&registry);
+        assert!(
+            t.contains(
+                "bindtrace_refused_connections_total{bridge=\"docker0\",container=\"netns:7\",\
+                 container_port=\"8000\",proto=\"tcp\",verdict=\"loopback_only\"} 42"
+            ),
+            "{t}"
+        );
+        assert_eq!(sum(&t, "bindtrace_refused_connections_total"), 44);
+        // 44 refusals in 3 lines: 41 had no line of their own.
+        assert!(t.contains("bindtrace_events_lost_total{stage=\"fold_window\"} 41"), "{t}");
+        assert!(t.contains("bindtrace_build_info{version=\""), "{t}");
+        assert!(t.contains("hook=\"kfree-skb\""), "{t}");
+        assert!(
+            t.contains(
+                "bindtrace_loopback_listeners{container=\"netns:7\",address=\"127.0.0.1\",port=\"8000\"} 1"
+            ),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn overflow_counts_under_other_and_ringbuf_losses_are_counted() {
+        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb");
+        m.on_kernel_stats(3, 0, 0);
+        m.on_kernel_stats(5, 10, 2);
+        m.on_kernel_stats(5, 12, 2);
+        let t = text(&registry);
+        assert!(t.contains("bindtrace_events_lost_total{stage=\"kernel_recursion\"} 2"), "{t}");
+        assert!(t.contains("bindtrace_events_lost_total{stage=\"kernel_ringbuf\"} 5"), "{t}");
+        assert!(t.contains("bindtrace_events_lost_total{stage=\"counts_map_full\"} 12"), "{t}");
+        assert!(
+            t.contains(
+                "bindtrace_refused_connections_total{bridge=\"other\",container=\"other\",\
+                 container_port=\"other\",proto=\"other\",verdict=\"other\"} 12"
+            ),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn caps_bound_the_series_and_keep_the_sum_exact() {
+        let limits = Limits { max_series: 10, max_ports: 4 };
+        let (mut m, registry) = Metrics::new(limits, "kfree-skb");
+        let mut total = 0;
+        // One container refused on 1 100 ports: 4 of its own, the rest under container_port="other".
+        for port in 1000..2100 {
+            m.on_line(&key(1, port), &report(1, port, Verdict::NoListener, 2));
+            total += 2;
+        }
+        // 20 more containers: 5 fit (10 series in all), the rest fold into the `other` series.
+        for ns in 2..22 {
+            m.on_line(&key(ns, 80), &report(ns, 80, Verdict::LoopbackOnly, 3));
+            total += 3;
+        }
+        let t = text(&registry);
+        let series = sample_lines(&t, "bindtrace_refused_connections_total");
+        assert_eq!(series.len(), 11, "{t}");
+        assert_eq!(sum(&t, "bindtrace_refused_connections_total"), total);
+        assert!(t.contains(
+            "container=\"netns:1\",container_port=\"other\",proto=\"tcp\",verdict=\"no_listener\"} 2192"
+        ));
+        assert!(t.contains("bindtrace_cardinality_folded_total{cap=\"container_ports\"} 2192"), "{t}");
+        assert!(t.contains("bindtrace_cardinality_folded_total{cap=\"series\"} 45"), "{t}");
+        assert!(t.contains("verdict=\"other\"} 45"), "{t}");
+    }
+
+    #[test]
+    fn loopback_listeners_follow_the_verdict_and_the_recheck() {
+        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb");
+        m.on_line(&key(7, 8000), &report(7, 8000, Verdict::LoopbackOnly, 1));
+        m.on_line(&key(8, 9000), &report(8, 9000, Verdict::LoopbackOnly, 1));
+        assert_eq!(sample_lines(&text(&registry), "bindtrace_loopback_listeners").len(), 2);
+        // A later line with another verdict drops it.
+        m.on_line(&key(8, 9000), &report(8, 9000, Verdict::ListeningNow, 1));
+        assert_eq!(sample_lines(&text(&registry), "bindtrace_loopback_listeners").len(), 1);
+        // The recheck sees the listener move to [::1], then the namespace go.
+        let t0 = Instant::now();
+        m.recheck_loopback(t0, |_, _| {
+            Some(Decision {
+                verdict: Verdict::LoopbackOnly,
+                listeners: vec![Listener { addr: "::1".parse().unwrap(), port: 8000, inode: 1 }],
+            })
+        });
+        let t = text(&registry);
+        assert!(t.contains("address=\"::1\",port=\"8000\"} 1"), "{t}");
+        assert_eq!(sample_lines(&t, "bindtrace_loopback_listeners").len(), 1);
+        m.recheck_loopback(t0 + Duration::from_secs(1), |_, _| None);
+        assert_eq!(sample_lines(&text(&registry), "bindtrace_loopback_listeners").len(), 1, "not due yet");
+        m.recheck_loopback(t0 + LOOPBACK_RECHECK, |_, _| None);
+        assert!(sample_lines(&text(&registry), "bindtrace_loopback_listeners").is_empty());
+    }
+
+    #[test]
+    fn unknown_namespace_and_openmetrics() {
+        let (mut m, registry) = Metrics::new(Limits::default(), "tcp-send-reset");
+        m.on_line(&key(0, 80), &report(0, 80, Verdict::Unknown, 1));
+        let mut om = String::new();
+        prometheus_client::encoding::text::encode(&mut om, &registry).unwrap();
+        assert!(om.contains("container=\"unknown\""), "{om}");
+        assert!(om.contains("# TYPE bindtrace_build info"), "{om}");
+        assert!(om.ends_with("# EOF\n"), "{om}");
+    }
+}
