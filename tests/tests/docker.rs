@@ -399,3 +399,28 @@ fn docker_socket_goes_away_and_comes_back() {
     assert!(bt.stderr().lines().filter(|l| l.contains("unavailable")).count() == 1, "{}", bt.stderr());
     drop(bt);
 }
+
+/// `--no-docker`: the detector of before, by namespace and address, with no API calls.
+#[test]
+fn no_docker_keeps_the_plain_detector() {
+    if skip() {
+        return;
+    }
+    let img = Image::busybox();
+    let port = free_port();
+    let c = run(&img, &["-p", &format!("{port}:8000")], &httpd("127.0.0.1", 8000));
+    c.wait_listening(8000);
+    let ip = c.ip("bridge");
+    let bt = Bindtrace::start_here(&["--no-docker"]);
+    let _ = TcpStream::connect_timeout(&SocketAddr::new(ip, 8000), Duration::from_secs(2));
+    let line = bt.expect_line("refused without Docker", WAIT, |l| {
+        l["event"] == "refused" && l["target_ip"] == ip.to_string()
+    });
+    assert_eq!(line["verdict"], "loopback_only", "{line:#}");
+    assert!(line["container"].is_null() && line["published"].is_null(), "{line:#}");
+    // Who connected is not a Docker matter: still recorded.
+    assert_eq!(line["via"], "direct", "{line:#}");
+    std::thread::sleep(QUIET);
+    assert!(bt.lines().iter().all(|l| l["event"] != "audit"), "{:#?}", bt.lines());
+    assert!(!bt.stderr().contains("Docker"), "{}", bt.stderr());
+}
