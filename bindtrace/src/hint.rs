@@ -75,6 +75,11 @@ pub fn hint_in(
     let bound = bound.join(", ");
     let any = wildcard_for(target);
     let host_port = ctx.host_port.unwrap_or(port);
+    // When the port is published, the safer form goes with every fix.
+    let private = |ctr: u16| match ctx.host_port {
+        Some(h) => format!("; to keep it private, publish it on the host's loopback: -p 127.0.0.1:{h}:{ctr}"),
+        None => String::new(),
+    };
     match verdict {
         Verdict::LoopbackOnly => {
             let lo: Vec<&ListenerReport> = listeners.iter().filter(|l| is_loopback(l.ip)).collect();
@@ -99,29 +104,34 @@ pub fn hint_in(
             ),
             _ => format!(
                 "{} listens on {bound} with IPV6_V6ONLY, so IPv4 connections are refused: bind to \
-                 0.0.0.0:{port} as well, or clear IPV6_V6ONLY to accept both",
-                who(listeners)
+                 0.0.0.0:{port} as well, or clear IPV6_V6ONLY to accept both{}",
+                who(listeners),
+                private(port)
             ),
         },
         Verdict::OtherAddress => format!(
-            "{} listens on {bound} only, not on {}: bind to {any}:{port} (or to that address)",
+            "{} listens on {bound} only, not on {}: bind to {any}:{port} (or to that address){}",
             who(listeners),
-            target.map(|t| t.to_string()).unwrap_or_else(|| "the address connected to".into())
+            target.map(|t| t.to_string()).unwrap_or_else(|| "the address connected to".into()),
+            private(port)
         ),
         Verdict::NoListener if listeners.is_empty() => format!(
             "nothing listens on any TCP port in this namespace: is the service running (or did it \
-             crash at start)? It must listen on {any}:{port}"
+             crash at start)? It must listen on {any}:{port}{}",
+            private(port)
         ),
         Verdict::NoListener => {
             let mut ports: Vec<u16> = listeners.iter().map(|l| l.port).collect();
             ports.sort_unstable();
             ports.dedup();
             let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+            let used: u16 = ports[0].parse().unwrap_or(port);
             format!(
                 "nothing listens on port {port} here; this namespace listens on {} ({bound}). \
-                 Publish the port the service uses (e.g. -p {host_port}:{}) or make it listen on {any}:{port}",
+                 Publish the port the service uses (e.g. -p {host_port}:{used}) or make it listen on \
+                 {any}:{port}{}",
                 ports.join(", "),
-                ports[0]
+                private(used)
             )
         }
         Verdict::ListeningNow => format!(
@@ -183,5 +193,9 @@ mod tests {
         let ctx = HintContext { host_port: Some(8000) };
         let h = hint_in(&ctx, Verdict::NoListener, Some("172.17.0.2".parse().unwrap()), 8000, &l);
         assert!(h.contains("listens on 3000") && h.contains("-p 8000:3000"), "{h}");
+        assert!(h.ends_with("-p 127.0.0.1:8000:3000"), "{h}");
+        // Without a published port (a plain namespace, a direct connection) no -p advice.
+        let h = hint(Verdict::OtherAddress, Some("172.17.0.2".parse().unwrap()), 8000, &l);
+        assert!(!h.contains("-p "), "{h}");
     }
 }
