@@ -27,6 +27,7 @@ use crate::{
     privileges,
     report::{LostReport, now_rfc3339},
     scope::{self, Bridges, Port, Resolver},
+    tc,
 };
 
 /// How often the kernel counters are read when nothing is pending: this is the only periodic
@@ -57,6 +58,8 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
     privileges::raise_memlock();
     let btf = Btf::from_sys_fs()?;
     let layout = KernelLayout::resolve(&btf).context("reading this kernel's layout from BTF")?;
+    log::debug!("kernel layout from BTF: {layout:?}");
+    let tc_mode = tc::AttachMode::detect(&btf);
     drop(btf);
     let (hook, why) = hook::choose(args.hook, &layout)?;
     let bridges = scope::validate(&args.ifaces)?;
@@ -65,9 +68,17 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
         ringbuf_bytes: args.ringbuf_size,
         fold_window_ns: args.fold_window.as_nanos() as u64,
         kernel_log_level: kernel_log_level(),
+        tc_mode,
     };
     let loaded = Loaded::load(&layout, hook, &aya_btf, &opts)?;
-    log::info!("attached tp_btf/{} (hook {hook}: {why})", hook.tracepoint());
+    match hook.tracepoint() {
+        Some(tp) => log::info!("attached tp_btf/{tp} (hook {hook}: {why})"),
+        None => log::info!(
+            "loaded classifier {} (hook {hook}: {why}); attaching it to each port's host-side veth ({} ingress)",
+            hook.program(),
+            tc_mode.name()
+        ),
+    }
     let mut detector = Detector {
         loaded,
         bridges,
@@ -122,6 +133,8 @@ impl Detector {
             }
         }
         self.ports = fresh;
+        // The tc hook follows the same scope, per port (a no-op for the tracepoint hooks).
+        self.loaded.sync_tc(&self.ports)?;
         self.departed.retain(|_, (_, since)| now.duration_since(*since) < DEPARTED_GRACE);
         Ok(())
     }
