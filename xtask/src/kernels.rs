@@ -92,6 +92,8 @@ struct Outcome {
     hooks: String,
     tc_mode: String,
     checks: String,
+    checks_passed: u64,
+    checks_failed: u64,
     passed: bool,
     failures: Vec<String>,
     notes: Vec<String>,
@@ -100,7 +102,36 @@ struct Outcome {
     wall_s: f64,
 }
 
+/// Checks passed and failed over every kernel (a kernel that failed outside its checks, by
+/// timing out or by its BTF, counts one more failure).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Summary {
+    pub passed: u64,
+    pub failed: u64,
+}
+
+/// `cargo xtask kernels`: fails when any kernel failed.
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    matrix(opts).map(|_| ())
+}
+
+/// The matrix as one step of `cargo xtask test`: every kernel, freshly built binaries. Errors
+/// only for what stopped it from running; failed checks are in the summary.
+pub fn in_suite() -> anyhow::Result<Summary> {
+    let opts = Options { only: Vec::new(), no_build: false, readme: false, timeout: 900 };
+    run_all(&opts).map(|(summary, _)| summary)
+}
+
+fn matrix(opts: &Options) -> anyhow::Result<Summary> {
+    let (summary, failed) = run_all(opts)?;
+    if !failed.is_empty() {
+        bail!("the kernel matrix failed on {}", failed.join(", "));
+    }
+    Ok(summary)
+}
+
+/// Runs the selected kernels; returns the summary and the kernels that failed.
+fn run_all(opts: &Options) -> anyhow::Result<(Summary, Vec<String>)> {
     let wanted = |label: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == label);
     for o in &opts.only {
         if o != "host" && !KERNELS.iter().any(|k| k.label == o) {
@@ -151,11 +182,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.readme {
         update_readme(&table)?;
     }
-    let failed: Vec<&str> = outcomes.iter().filter(|o| !o.passed).map(|o| o.kernel.as_str()).collect();
-    if !failed.is_empty() {
-        bail!("the kernel matrix failed on {}", failed.join(", "));
+    let mut summary = Summary::default();
+    for o in &outcomes {
+        summary.passed += o.checks_passed;
+        summary.failed += o.checks_failed;
+        if !o.passed && o.checks_failed == 0 {
+            summary.failed += 1;
+        }
     }
-    Ok(())
+    let failed = outcomes.iter().filter(|o| !o.passed).map(|o| o.kernel.clone()).collect();
+    Ok((summary, failed))
 }
 
 fn labels() -> String {
@@ -256,7 +292,11 @@ fn parse(lines: &[String], o: &mut Outcome) {
                     o.tc_mode = mode.to_owned();
                 }
             }
-            "CHECK" if value.contains(" FAIL ") => o.failures.push(value.to_owned()),
+            "CHECK" if value.contains(" FAIL ") => {
+                o.checks_failed += 1;
+                o.failures.push(value.to_owned());
+            }
+            "CHECK" if value.contains(" PASS ") => o.checks_passed += 1,
             "INSMOD_FAILED" => o.failures.push(format!("insmod {value} failed")),
             "RESULT" => {
                 o.passed = value.starts_with("PASS ");
