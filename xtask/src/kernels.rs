@@ -735,6 +735,14 @@ fn table(outcomes: &[Outcome]) -> String {
             o.wall_s
         );
     }
+    let date = Command::new("date").args(["-u", "+%Y-%m-%d"]).output().ok();
+    let date = date.map(|d| String::from_utf8_lossy(&d.stdout).trim().to_owned()).unwrap_or_default();
+    let _ = writeln!(
+        t,
+        "\n`cargo xtask kernels`, {date}, {} CPUs. boot: guest uptime when /init starts (qemu TCG); \
+         scenarios: the runner's own time; wall: from starting qemu (or the runner) to its exit.",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     t
 }
 
