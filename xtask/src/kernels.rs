@@ -139,9 +139,13 @@ fn run_all(opts: &Options) -> anyhow::Result<(Summary, Vec<String>)> {
         }
     }
     if !opts.no_build {
+        // One package per command, as `cargo xtask test` builds them: building both at once
+        // unifies their dependencies' features differently and rebuilds bindtrace (and its eBPF).
         let mut build = cargo();
-        build.args(["build", "--release", "-p", "bindtrace", "-p", "bindtrace-tests", "--bin", "bindtrace"]);
-        build.args(["--bin", "bindtrace-matrix"]);
+        build.args(["build", "--release", "-p", "bindtrace"]);
+        run_cmd(build)?;
+        let mut build = cargo();
+        build.args(["build", "--release", "-p", "bindtrace-tests", "--bin", "bindtrace-matrix"]);
         run_cmd(build)?;
     }
     let bins = Bins {
