@@ -20,4 +20,5 @@ pub mod report;
 pub mod run;
 pub mod scope;
 pub mod sockets;
+pub mod tc;
 pub mod verdict;

@@ -28,7 +28,7 @@ use crate::{
     privileges,
     report::{LostReport, now_rfc3339},
     scope::{self, Bridges, Port, Resolver},
-    sockets, verdict,
+    sockets, tc, verdict,
 };
 
 /// How often the kernel counters are read when nothing is pending: this is the only periodic
@@ -63,6 +63,8 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
     let metrics_listener = if args.no_metrics { None } else { Some(metrics::bind(args.metrics_addr)?) };
     let btf = Btf::from_sys_fs()?;
     let layout = KernelLayout::resolve(&btf).context("reading this kernel's layout from BTF")?;
+    log::debug!("kernel layout from BTF: {layout:?}");
+    let tc_mode = tc::AttachMode::detect(&btf);
     drop(btf);
     let (hook, why) = hook::choose(args.hook, &layout)?;
     let bridges = scope::validate(&args.ifaces)?;
@@ -71,16 +73,24 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
         ringbuf_bytes: args.ringbuf_size,
         fold_window_ns: args.fold_window.as_nanos() as u64,
         kernel_log_level: kernel_log_level(),
+        tc_mode,
     };
     let loaded = Loaded::load(&layout, hook, &aya_btf, &opts)?;
-    log::info!("attached tp_btf/{} (hook {hook}: {why})", hook.tracepoint());
+    match hook.tracepoint() {
+        Some(tp) => log::info!("attached tp_btf/{tp} (hook {hook}: {why})"),
+        None => log::info!(
+            "loaded classifier {} (hook {hook}: {why}); attaching it to each port's host-side veth ({} ingress)",
+            hook.program(),
+            tc_mode.name()
+        ),
+    }
     let metrics = match metrics_listener {
         Some(listener) => {
             let limits = metrics::Limits {
                 max_series: args.metrics_max_series as usize,
                 max_ports: args.metrics_max_ports as usize,
             };
-            let (metrics, registry) = Metrics::new(limits, hook.name());
+            let (metrics, registry) = Metrics::new(limits, hook.name(), &why);
             let addr = metrics::server::spawn(listener, registry)?;
             log::info!("metrics: serving http://{addr}/metrics");
             Some(metrics)
@@ -142,6 +152,8 @@ impl Detector {
             }
         }
         self.ports = fresh;
+        // The tc hook follows the same scope, per port (a no-op for the tracepoint hooks).
+        self.loaded.sync_tc(&self.ports)?;
         self.departed.retain(|_, (_, since)| now.duration_since(*since) < DEPARTED_GRACE);
         Ok(())
     }

@@ -4,9 +4,11 @@
 //! Every address used lives in namespaces these guards create; nothing leaves the machine.
 pub mod bindtrace;
 pub mod metrics;
+pub mod native;
 pub mod net;
 pub mod proc;
 
 pub use bindtrace::{Bindtrace, Hook};
+pub use native::NativeListener;
 pub use net::{Container, Netns, Topology, connect, snmp_out_rsts};
 pub use proc::{Listener, is_root};

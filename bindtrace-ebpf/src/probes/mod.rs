@@ -1,3 +1,4 @@
 //! One file per kernel hook.
 mod kfree_skb;
+mod tc;
 mod tcp_send_reset;
