@@ -12,6 +12,9 @@ pub enum HookKind {
     TcpSendReset = 1,
     /// `tp_btf/kfree_skb` with drop reason NO_SOCKET (kernels from 5.17).
     KfreeSkb = 2,
+    /// A tc classifier on each port's host-side veth, seeing the RST|ACK leave the container
+    /// (any kernel with BTF; the fallback before 5.17).
+    Tc = 3,
 }
 
 impl HookKind {
@@ -19,6 +22,7 @@ impl HookKind {
         match v {
             1 => Some(Self::TcpSendReset),
             2 => Some(Self::KfreeSkb),
+            3 => Some(Self::Tc),
             _ => None,
         }
     }
@@ -106,6 +110,20 @@ pub struct RefusalEvent {
     pub _pad1: u32,
 }
 
+/// What the tc hook knows about a port, under the host-side veth's ifindex (in bindtrace's own
+/// namespace) in the `TC_PORTS` map: the container side the RST left from, as the other hooks
+/// key it, and the bridge. Userspace fills it from the same scan that fills `SCOPE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcPort {
+    pub netns_cookie: u64,
+    pub netns_ino: u32,
+    /// Container-side ifindex (the veth peer, in the container's namespace).
+    pub ifindex: u32,
+    pub bridge: BridgeId,
+    pub _pad: u32,
+}
+
 /// TCP states (include/net/tcp_states.h). These numbers are ABI: /proc/net/tcp's `st` column and
 /// `sock:inet_sock_set_state` report them, and they have not changed since Linux 2.x.
 pub const TCP_SYN_SENT: u32 = 2;
@@ -174,6 +192,7 @@ mod pod {
     unsafe impl aya::Pod for RefusalEvent {}
     unsafe impl aya::Pod for Connector {}
     unsafe impl aya::Pod for ConnectKey {}
+    unsafe impl aya::Pod for TcPort {}
 }
 
 #[cfg(test)]
@@ -187,6 +206,7 @@ mod tests {
         assert_eq!(size_of::<CountKey>(), 16);
         assert_eq!(size_of::<CountValue>(), 16);
         assert_eq!(size_of::<RefusalEvent>(), 72);
+        assert_eq!(size_of::<TcPort>(), 24);
         assert_eq!(size_of::<Connector>(), 48);
         assert_eq!(size_of::<ConnectKey>(), 40);
     }

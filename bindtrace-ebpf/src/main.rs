@@ -8,7 +8,10 @@
 //! - `tp_btf/kfree_skb` with drop reason NO_SOCKET: the refused SYN being freed (from 5.17).
 //!
 //! Both are BTF tracepoints, so they need no tracefs (they work under `ip netns exec`), and get
-//! the `sk_buff` pointer directly. The loader attaches exactly one of them.
+//! the `sk_buff` pointer directly. Older kernels (and `--hook tc` anywhere) use a third place:
+//! - a tc classifier on each port's host-side veth, seeing the RST|ACK leave the container.
+//!
+//! The loader attaches exactly one of the three.
 //!
 //! A third program, `tp_btf/inet_sock_set_state` (`connect.rs`), records who connects to the
 //! watched bridges' addresses, so a refusal can say whether docker-proxy, a host process or

@@ -33,7 +33,7 @@ pub struct Args {
     pub audit_grace: Duration,
 
     /// Kernel hook: `auto` picks tcp-send-reset when this kernel's BTF shows the reset reason,
-    /// else kfree-skb.
+    /// else kfree-skb when it shows drop reasons, else tc.
     #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
     pub hook: HookChoice,
 

@@ -25,6 +25,7 @@ fn hook_name(sample: Option<&RefusalEvent>, fallback: &'static str) -> &'static 
     match sample.and_then(|s| HookKind::from_u8(s.hook)) {
         Some(HookKind::TcpSendReset) => "tcp-send-reset",
         Some(HookKind::KfreeSkb) => "kfree-skb",
+        Some(HookKind::Tc) => "tc",
         None => fallback,
     }
 }

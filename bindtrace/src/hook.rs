@@ -5,18 +5,22 @@ use crate::kernel_layout::KernelLayout;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum HookChoice {
-    /// `tcp-send-reset` where the kernel has it, else `kfree-skb`.
+    /// `tcp-send-reset` where the kernel has it, else `kfree-skb`, else `tc`.
     Auto,
     /// tp_btf on tcp:tcp_send_reset, reason NO_SOCKET (kernels from about 6.10).
     TcpSendReset,
     /// tp_btf on skb:kfree_skb, drop reason NO_SOCKET (kernels from 5.17).
     KfreeSkb,
+    /// tc classifier on each port's host-side veth, seeing the reset leave the container (any
+    /// kernel; the fallback before 5.17).
+    Tc,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
     TcpSendReset,
     KfreeSkb,
+    Tc,
 }
 
 impl Hook {
@@ -24,6 +28,7 @@ impl Hook {
         match self {
             Hook::TcpSendReset => "tcp-send-reset",
             Hook::KfreeSkb => "kfree-skb",
+            Hook::Tc => "tc",
         }
     }
     /// The eBPF program in our object.
@@ -31,13 +36,15 @@ impl Hook {
         match self {
             Hook::TcpSendReset => "bt_send_reset",
             Hook::KfreeSkb => "bt_kfree_skb",
+            Hook::Tc => "bt_tc",
         }
     }
-    /// The BTF tracepoint it attaches to.
-    pub fn tracepoint(self) -> &'static str {
+    /// The BTF tracepoint it attaches to; None for tc, which attaches to each port instead.
+    pub fn tracepoint(self) -> Option<&'static str> {
         match self {
-            Hook::TcpSendReset => "tcp_send_reset",
-            Hook::KfreeSkb => "kfree_skb",
+            Hook::TcpSendReset => Some("tcp_send_reset"),
+            Hook::KfreeSkb => Some("kfree_skb"),
+            Hook::Tc => None,
         }
     }
 }
@@ -52,12 +59,13 @@ impl fmt::Display for Hook {
 pub enum HookError {
     #[error(
         "this kernel's tcp:tcp_send_reset has no reset reason (it appeared around Linux 6.10), so it \
-         cannot tell a refused connection from other resets; use --hook kfree-skb or --hook auto"
+         cannot tell a refused connection from other resets; use --hook auto (or kfree-skb from \
+         Linux 5.17, or tc)"
     )]
     NoSendResetReason,
     #[error(
         "this kernel's skb:kfree_skb carries no drop reason (drop reasons appeared in Linux 5.17); \
-         bindtrace needs Linux 5.17 or newer"
+         use --hook tc or --hook auto"
     )]
     NoDropReason,
 }
@@ -78,7 +86,13 @@ pub fn choose(choice: HookChoice, layout: &KernelLayout) -> Result<(Hook, String
             Hook::KfreeSkb,
             "BTF: tcp_send_reset has no reset reason here; kfree_skb carries enum skb_drop_reason".into(),
         )),
-        HookChoice::Auto => Err(HookError::NoDropReason),
+        HookChoice::Tc => Ok((Hook::Tc, "chosen with --hook".into())),
+        HookChoice::Auto => Ok((
+            Hook::Tc,
+            "BTF: neither tcp_send_reset nor kfree_skb carries a reason here (before Linux 5.17); \
+             tc on each port sees the reset leave the container"
+                .into(),
+        )),
     }
 }
 
@@ -106,7 +120,7 @@ mod tests {
     fn auto_prefers_send_reset_then_kfree_skb() {
         assert_eq!(choose(HookChoice::Auto, &layout(Some(1), Some(3))).unwrap().0, Hook::TcpSendReset);
         assert_eq!(choose(HookChoice::Auto, &layout(None, Some(2))).unwrap().0, Hook::KfreeSkb);
-        assert_eq!(choose(HookChoice::Auto, &layout(None, None)), Err(HookError::NoDropReason));
+        assert_eq!(choose(HookChoice::Auto, &layout(None, None)).unwrap().0, Hook::Tc);
     }
 
     #[test]
@@ -117,5 +131,8 @@ mod tests {
         );
         assert_eq!(choose(HookChoice::KfreeSkb, &layout(Some(1), None)), Err(HookError::NoDropReason));
         assert!(HookError::NoDropReason.to_string().contains("5.17"));
+        // tc needs nothing from BTF: it is there on every kernel.
+        assert_eq!(choose(HookChoice::Tc, &layout(None, None)).unwrap().0, Hook::Tc);
+        assert_eq!(choose(HookChoice::Tc, &layout(Some(1), Some(3))).unwrap().0, Hook::Tc);
     }
 }

@@ -27,6 +27,7 @@ pub mod run;
 pub mod scope;
 pub mod sock_layout;
 pub mod sockets;
+pub mod tc;
 pub mod v6only;
 pub mod verdict;
 pub mod via;

@@ -1,15 +1,23 @@
 //! Loads the embedded eBPF object with this kernel's offsets and attaches one hook.
 //!
 //! Everything loaded is owned by [`Loaded`]: dropping it (on SIGINT, SIGTERM, an error, a
-//! panic) closes the program, link and map descriptors, which detaches everything.
+//! panic) closes the program, link and map descriptors, which detaches everything. The tc hook
+//! is loaded here but attached per port ([`Loaded::sync_tc`]); its links are dropped first.
+use std::collections::BTreeMap;
+
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, SchedClassifier},
 };
 use bindtrace_common::{BridgeId, CountKey, CountValue, STAT_COUNT_OVERFLOW, STAT_RINGBUF_LOST, ScopeKey};
 
-use crate::{hook::Hook, kernel_layout::KernelLayout};
+use crate::{
+    hook::Hook,
+    kernel_layout::KernelLayout,
+    scope::Port,
+    tc::{AttachError, AttachMode, TcPorts},
+};
 
 /// The object `build.rs` built; empty when the build skipped eBPF.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bindtrace"));
@@ -40,9 +48,14 @@ pub struct LoadOptions {
     pub kernel_log_level: u8,
     /// Further u32 globals by name (the connect tracker's offsets, `sock_layout.rs`).
     pub globals: Vec<(&'static str, u32)>,
+    /// How the tc hook attaches (only used with [`Hook::Tc`]).
+    pub tc_mode: AttachMode,
 }
 
 pub struct Loaded {
+    /// The tc hook's per-port links (None for the tracepoint hooks). Declared first so that it is
+    /// dropped first: ports are detached before the program goes.
+    pub tc: Option<TcPorts>,
     /// Holds the programs, the link and the aya-log buffer: dropped last.
     pub ebpf: Ebpf,
     pub scope: HashMap<MapData, ScopeKey, BridgeId>,
@@ -95,14 +108,32 @@ impl Loaded {
         }
         let mut ebpf = loader.load(OBJECT).map_err(LoadError::Load)?;
 
-        let program: &mut BtfTracePoint = ebpf
-            .program_mut(hook.program())
-            .ok_or(LoadError::Missing("hook program"))?
-            .try_into()
-            .map_err(|source| LoadError::Attach { what: hook.program().into(), source })?;
-        let what = || format!("tp_btf/{} ({})", hook.tracepoint(), hook.program());
-        program.load(hook.tracepoint(), btf).map_err(|source| LoadError::Attach { what: what(), source })?;
-        program.attach().map_err(|source| LoadError::Attach { what: what(), source })?;
+        let program = ebpf.program_mut(hook.program()).ok_or(LoadError::Missing("hook program"))?;
+        let tc = match hook.tracepoint() {
+            Some(tracepoint) => {
+                let program: &mut BtfTracePoint = program
+                    .try_into()
+                    .map_err(|source| LoadError::Attach { what: hook.program().into(), source })?;
+                let what = || format!("tp_btf/{tracepoint} ({})", hook.program());
+                program.load(tracepoint, btf).map_err(|source| LoadError::Attach { what: what(), source })?;
+                program.attach().map_err(|source| LoadError::Attach { what: what(), source })?;
+                None
+            }
+            None => {
+                // Loaded now (the verifier speaks before anything is attached), attached per port.
+                let program: &mut SchedClassifier = program
+                    .try_into()
+                    .map_err(|source| LoadError::Attach { what: hook.program().into(), source })?;
+                program.load().map_err(|source| LoadError::Attach {
+                    what: format!("classifier {}", hook.program()),
+                    source,
+                })?;
+                let ports = take(&mut ebpf, "TC_PORTS").and_then(|m| {
+                    HashMap::try_from(m).map_err(|source| LoadError::Map { name: "TC_PORTS", source })
+                })?;
+                Some(TcPorts::new(opts.tc_mode, ports))
+            }
+        };
 
         let scope = take(&mut ebpf, "SCOPE")
             .and_then(|m| HashMap::try_from(m).map_err(|source| LoadError::Map { name: "SCOPE", source }))?;
@@ -115,6 +146,7 @@ impl Loaded {
         let events = take(&mut ebpf, "EVENTS")
             .and_then(|m| RingBuf::try_from(m).map_err(|source| LoadError::Map { name: "EVENTS", source }))?;
         Ok(Loaded {
+            tc,
             ebpf,
             scope,
             counts,
@@ -123,6 +155,18 @@ impl Loaded {
             hook,
             recursion_misses_offset: layout.prog_info_recursion_misses,
         })
+    }
+
+    /// Attaches the tc hook to the ports that joined and detaches it from those that left (a
+    /// no-op for the tracepoint hooks).
+    pub fn sync_tc(&mut self, ports: &BTreeMap<ScopeKey, Port>) -> Result<(), AttachError> {
+        let Some(tc) = self.tc.as_mut() else { return Ok(()) };
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(self.hook.program())
+            .and_then(|p| p.try_into().ok())
+            .expect("the tc program was loaded as a SchedClassifier");
+        tc.sync(program, ports)
     }
 
     /// Kernel-side counters summed over CPUs: (ring-buffer reservations that failed, refusals

@@ -151,6 +151,8 @@ pub struct ListenerLabels {
 struct BuildLabels {
     version: &'static str,
     hook: &'static str,
+    /// Why that hook (from BTF, or chosen with --hook).
+    hook_reason: String,
     kernel: String,
 }
 
@@ -200,7 +202,7 @@ pub struct Metrics {
 impl Metrics {
     /// The metrics and a registry that encodes them. `hook` and the kernel release go into
     /// `bindtrace_build_info`.
-    pub fn new(limits: Limits, hook: &'static str) -> (Metrics, Registry) {
+    pub fn new(limits: Limits, hook: &'static str, hook_reason: &str) -> (Metrics, Registry) {
         let mut registry = Registry::default();
         let m = Metrics {
             refused: Family::default(),
@@ -244,8 +246,12 @@ impl Metrics {
              container_ports (--metrics-max-ports) or series (--metrics-max-series)",
             m.folded.clone(),
         );
-        let build =
-            Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION"), hook, kernel: kernel_release() });
+        let build = Info::new(BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            hook,
+            hook_reason: hook_reason.to_owned(),
+            kernel: kernel_release(),
+        });
         registry.register("bindtrace_build", "bindtrace's version, kernel hook and kernel release", build);
         registry.register_collector(Box::new(process::ProcessCollector));
         // Present from the start, so that rate() and alerts see them before anything happens.
@@ -486,7 +492,7 @@ mod tests {
 
     #[test]
     fn counts_go_to_the_labels_of_their_line() {
-        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb");
+        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb", "chosen with --hook");
         m.on_line(&key(7, 8000), &report(7, 8000, Verdict::LoopbackOnly, 1));
         m.on_line(&key(7, 8000), &report(7, 8000, Verdict::LoopbackOnly, 41));
         m.on_line(&key(7, 8001), &report(7, 8001, Verdict::NoListener, 2));
@@ -513,7 +519,7 @@ mod tests {
 
     #[test]
     fn overflow_counts_under_other_and_ringbuf_losses_are_counted() {
-        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb");
+        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb", "chosen with --hook");
         m.on_kernel_stats(3, 0, 0);
         m.on_kernel_stats(5, 10, 2);
         m.on_kernel_stats(5, 12, 2);
@@ -533,7 +539,7 @@ mod tests {
     #[test]
     fn caps_bound_the_series_and_keep_the_sum_exact() {
         let limits = Limits { max_series: 10, max_ports: 4 };
-        let (mut m, registry) = Metrics::new(limits, "kfree-skb");
+        let (mut m, registry) = Metrics::new(limits, "kfree-skb", "chosen with --hook");
         let mut total = 0;
         // One container refused on 1 100 ports: 4 of its own, the rest under container_port="other".
         for port in 1000..2100 {
@@ -559,7 +565,7 @@ mod tests {
 
     #[test]
     fn loopback_listeners_follow_the_verdict_and_the_recheck() {
-        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb");
+        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb", "chosen with --hook");
         m.on_line(&key(7, 8000), &report(7, 8000, Verdict::LoopbackOnly, 1));
         m.on_line(&key(8, 9000), &report(8, 9000, Verdict::LoopbackOnly, 1));
         assert_eq!(sample_lines(&text(&registry), "bindtrace_loopback_listeners").len(), 2);
@@ -585,7 +591,7 @@ mod tests {
 
     #[test]
     fn unknown_namespace_and_openmetrics() {
-        let (mut m, registry) = Metrics::new(Limits::default(), "tcp-send-reset");
+        let (mut m, registry) = Metrics::new(Limits::default(), "tcp-send-reset", "chosen with --hook");
         m.on_line(&key(0, 80), &report(0, 80, Verdict::Unknown, 1));
         let mut om = String::new();
         prometheus_client::encoding::text::encode(&mut om, &registry).unwrap();

@@ -3,6 +3,11 @@
 //! Namespaces are identified by their cookie (`SO_NETNS_COOKIE`, never reused while the machine
 //! runs) rather than their inode number (reused as soon as a namespace dies). An open file of a
 //! namespace keeps it alive, so while we hold one its inode and cookie stay valid.
+//!
+//! Kernels before 5.14 have no `SO_NETNS_COOKIE`; there the inode number stands in for the cookie.
+//! Only the tc hook runs on those kernels (the tracepoint hooks need 5.17), and it never reads a
+//! cookie in the kernel: it gets the value from userspace, which holds every in-scope namespace
+//! open, so the inode cannot be reused while it identifies a port.
 use std::{
     collections::HashSet,
     fs::{self, File},
@@ -73,7 +78,10 @@ impl Netns {
     /// From a namespace file already open (its identity cannot change under us).
     pub fn from_file(file: File, path: &Path) -> io::Result<Netns> {
         let inode = file.metadata()?.ino();
-        let cookie = run_in(file.as_fd(), current_cookie)?;
+        let cookie = match run_in(file.as_fd(), current_cookie) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => inode,
+            other => other?,
+        };
         Ok(Netns { file, inode, cookie, path: path.to_owned() })
     }
 

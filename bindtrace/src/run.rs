@@ -38,7 +38,7 @@ use crate::{
     report::{LostReport, Report, now_rfc3339},
     scope::{self, Bridges, Port, Resolver},
     sock_layout::SockLayout,
-    sockets, verdict, via,
+    sockets, tc, verdict, via,
 };
 
 /// How often the kernel counters are read when nothing is pending: this is the only periodic
@@ -101,6 +101,8 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
     let metrics_listener = if args.no_metrics { None } else { Some(metrics::bind(args.metrics_addr)?) };
     let btf = Btf::from_sys_fs()?;
     let layout = KernelLayout::resolve(&btf).context("reading this kernel's layout from BTF")?;
+    log::debug!("kernel layout from BTF: {layout:?}");
+    let tc_mode = tc::AttachMode::detect(&btf);
     let sock_layout = SockLayout::resolve(&btf);
     drop(btf);
     let (hook, why) = hook::choose(args.hook, &layout)?;
@@ -120,9 +122,17 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
             Ok(s) => s.globals(layout.net_cookie, layout.net_ns_inum),
             Err(_) => SockLayout::unresolved_globals(),
         },
+        tc_mode,
     };
     let mut loaded = Loaded::load(&layout, hook, &aya_btf, &opts)?;
-    log::info!("attached tp_btf/{} (hook {hook}: {why})", hook.tracepoint());
+    match hook.tracepoint() {
+        Some(tp) => log::info!("attached tp_btf/{tp} (hook {hook}: {why})"),
+        None => log::info!(
+            "loaded classifier {} (hook {hook}: {why}); attaching it to each port's host-side veth ({} ingress)",
+            hook.program(),
+            tc_mode.name()
+        ),
+    }
     let connect = match sock_layout {
         Ok(_) => match ConnectTracker::attach(&mut loaded.ebpf, &aya_btf) {
             Ok(c) => {
@@ -155,7 +165,7 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
                 max_series: args.metrics_max_series as usize,
                 max_ports: args.metrics_max_ports as usize,
             };
-            let (metrics, registry) = Metrics::new(limits, hook.name());
+            let (metrics, registry) = Metrics::new(limits, hook.name(), &why);
             let addr = metrics::server::spawn(listener, registry)?;
             log::info!("metrics: serving http://{addr}/metrics");
             Some(metrics)
@@ -227,6 +237,8 @@ impl Detector {
             }
         }
         self.ports = fresh;
+        // The tc hook follows the same scope, per port (a no-op for the tracepoint hooks).
+        self.loaded.sync_tc(&self.ports)?;
         self.departed.retain(|_, (_, since)| now.duration_since(*since) < DEPARTED_GRACE);
         self.refresh_prefixes();
         Ok(())

@@ -41,6 +41,8 @@ pub struct Port {
     pub bridge: BridgeId,
     /// Host-side veth name, e.g. `veth1a2b3c`.
     pub host_ifname: String,
+    /// Host-side veth ifindex, in bindtrace's namespace (the tc hook attaches there).
+    pub host_ifindex: u32,
     pub ns: Arc<Netns>,
     pub ifindex: u32,
 }
@@ -142,7 +144,16 @@ impl Resolver {
                 used.insert(nsid, ns.clone());
             }
             let key = ScopeKey { netns_cookie: ns.cookie, ifindex: peer_ifindex, _pad: 0 };
-            scope.insert(key, Port { bridge, host_ifname: link.name.clone(), ns, ifindex: peer_ifindex });
+            scope.insert(
+                key,
+                Port {
+                    bridge,
+                    host_ifname: link.name.clone(),
+                    host_ifindex: link.ifindex,
+                    ns,
+                    ifindex: peer_ifindex,
+                },
+            );
         }
         // Let go of namespaces no port refers to any more, so they can be freed.
         self.by_nsid = used;

@@ -15,6 +15,7 @@ use crate::net::Netns;
 pub enum Hook {
     TcpSendReset,
     KfreeSkb,
+    Tc,
 }
 
 impl Hook {
@@ -22,6 +23,7 @@ impl Hook {
         match self {
             Hook::TcpSendReset => "tcp-send-reset",
             Hook::KfreeSkb => "kfree-skb",
+            Hook::Tc => "tc",
         }
     }
 }

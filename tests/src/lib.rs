@@ -5,9 +5,11 @@
 pub mod bindtrace;
 pub mod docker;
 pub mod metrics;
+pub mod native;
 pub mod net;
 pub mod proc;
 
 pub use bindtrace::{Bindtrace, Hook};
+pub use native::NativeListener;
 pub use net::{Container, Netns, Topology, connect, snmp_out_rsts};
 pub use proc::{Listener, is_root};

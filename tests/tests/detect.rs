@@ -14,6 +14,7 @@ macro_rules! for_each_hook {
     ($($name:ident),* $(,)?) => {
         mod tcp_send_reset { $( #[test] fn $name() { if super::is_root() { super::$name(super::Hook::TcpSendReset) } else { eprintln!("skipped: needs root") } } )* }
         mod kfree_skb { $( #[test] fn $name() { if super::is_root() { super::$name(super::Hook::KfreeSkb) } else { eprintln!("skipped: needs root") } } )* }
+        mod tc { $( #[test] fn $name() { if super::is_root() { super::$name(super::Hook::Tc) } else { eprintln!("skipped: needs root") } } )* }
     };
 }
 

@@ -73,7 +73,7 @@ fn sigterm_detaches_everything() {
     if !is_root() {
         return eprintln!("skipped: needs root");
     }
-    for hook in [Hook::TcpSendReset, Hook::KfreeSkb] {
+    for hook in [Hook::TcpSendReset, Hook::KfreeSkb, Hook::Tc] {
         let topo = Topology::new();
         let mut bt = Bindtrace::start(&topo.host, hook, &[]);
         let ids = programs_held_by(bt.pid());

@@ -151,8 +151,9 @@ mod scenarios {
         );
         let build = &s.series("bindtrace_build_info", &[])[0].labels;
         assert_eq!(build["hook"], "tcp-send-reset");
+        assert_eq!(build["hook_reason"], "chosen with --hook");
         assert_eq!(build["kernel"], std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim());
-        for stage in ["kernel_ringbuf", "fold_window", "counts_map_full"] {
+        for stage in ["kernel_ringbuf", "fold_window", "counts_map_full", "kernel_recursion"] {
             assert_eq!(s.series(LOST, &[("stage", stage)]).len(), 1, "{stage} present from the start");
         }
         assert!(s.sum("process_resident_memory_bytes", &[]) > 0);

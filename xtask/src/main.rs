@@ -1,4 +1,5 @@
 //! Developer tasks that need more than one cargo command: `cargo xtask <task>`.
+mod kernels;
 mod lint;
 mod test;
 mod util;
@@ -18,12 +19,15 @@ enum Task {
     Lint,
     /// Lint, unit tests, release build, then the root integration tests (namespaces, real kernel).
     Test(test::Options),
+    /// The kernel matrix: the core scenarios on Debian's 6.1 and 5.10 under qemu, and natively.
+    Kernels(kernels::Options),
 }
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().task {
         Task::Lint => lint::run(),
         Task::Test(opts) => test::run(&opts),
+        Task::Kernels(opts) => kernels::run(&opts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

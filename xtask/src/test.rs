@@ -10,6 +10,9 @@ pub struct Options {
     no_lint: bool,
     /// Only integration tests whose name contains this.
     filter: Option<String>,
+    /// Skip the kernel matrix (`cargo xtask kernels`), which otherwise runs last.
+    #[arg(long)]
+    no_kernels: bool,
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -35,6 +38,18 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         integration.arg(filter);
     }
     run_tests(integration, &mut tally)?;
+    if !opts.no_kernels && opts.filter.is_none() {
+        // Each kernel's checks count as tests; the matrix's table is in target/kernels/report.md.
+        let kernels = crate::kernels::in_suite().inspect_err(|_| {
+            println!("{} passed, {} failed", tally.passed, tally.failed + 1);
+        })?;
+        tally.passed += kernels.passed;
+        tally.failed += kernels.failed;
+        if kernels.failed > 0 {
+            println!("{} passed, {} failed", tally.passed, tally.failed);
+            anyhow::bail!("the kernel matrix failed (target/kernels/report.md)");
+        }
+    }
     // One closing line for the whole suite (CI reads the last one).
     println!("{} passed, {} failed", tally.passed, tally.failed);
     Ok(())

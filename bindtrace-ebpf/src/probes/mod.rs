@@ -1,4 +1,5 @@
 //! One file per kernel hook.
 mod kfree_skb;
 mod sock_set_state;
+mod tc;
 mod tcp_send_reset;

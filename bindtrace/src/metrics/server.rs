@@ -186,7 +186,7 @@ mod tests {
 
     #[test]
     fn routes() {
-        let (_, registry) = super::super::Metrics::new(Default::default(), "kfree-skb");
+        let (_, registry) = super::super::Metrics::new(Default::default(), "kfree-skb", "chosen with --hook");
         let r = respond(&registry, &Method::GET, "/metrics", &HeaderMap::new());
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()[CONTENT_TYPE], PROMETHEUS_TEXT);
