@@ -118,16 +118,20 @@ impl EncodeLabelSet for RefusalLabels {
 
 /// The `container` label: the one place that names a container.
 ///
-/// Until bindtrace knows container names, a container is its network namespace, `netns:<inode>`
-/// (the inode `ls -l /proc/PID/ns/net` shows; `docker inspect -f '{{.NetworkSettings.SandboxKey}}'`
-/// leads to the same file). `unknown` when even the namespace is unknown.
+/// The Docker container's name when Docker knows the namespace; otherwise the network namespace,
+/// `netns:<inode>` (the inode `ls -l /proc/PID/ns/net` shows). `unknown` when even the namespace
+/// is unknown.
 pub fn container_label(report: &Report) -> String {
+    if let Some(c) = &report.docker.container {
+        return c.name.clone();
+    }
     if report.netns == 0 { "unknown".into() } else { format!("netns:{}", report.netns) }
 }
 
-/// The `host_port` label: the published port, once the Docker port map is known (not yet).
-pub fn host_port_label(_report: &Report) -> Option<String> {
-    None
+/// The `host_port` label: the published port the connection used, when Docker says it is
+/// published (absent otherwise, never empty).
+pub fn host_port_label(report: &Report) -> Option<String> {
+    report.docker.published.as_ref().map(|b| b.host_port.to_string())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
@@ -464,6 +468,29 @@ mod tests {
             hint: String::new(),
             docker: Default::default(),
         }
+    }
+
+    #[test]
+    fn docker_names_the_container_and_the_published_port() {
+        let mut r = report(7, 8000, Verdict::LoopbackOnly, 3);
+        assert_eq!(container_label(&r), "netns:7");
+        assert_eq!(host_port_label(&r), None);
+        r.docker.container = Some(crate::report::ContainerReport {
+            id: "30117e5cc65a".into(),
+            name: "shop-web".into(),
+            image: "demo".into(),
+            compose_project: None,
+            compose_service: None,
+        });
+        r.docker.published =
+            Some(crate::docker::Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 18000 });
+        assert_eq!(container_label(&r), "shop-web");
+        assert_eq!(host_port_label(&r).as_deref(), Some("18000"));
+        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb", "chosen with --hook");
+        m.on_line(&key(7, 8000), &r);
+        let t = text(&registry);
+        assert!(t.contains("container=\"shop-web\""), "{t}");
+        assert!(t.contains("host_port=\"18000\""), "{t}");
     }
 
     fn key(netns: u64, port: u16) -> CountKey {
