@@ -199,6 +199,9 @@ pub struct Metrics {
     overflow_seen: u64,
     recursion_seen: u64,
     tracked: BTreeMap<CountKey, Tracked>,
+    /// Loopback-only listeners the proactive audit found, by (container, container port),
+    /// before (or without) any refusal.
+    audited: BTreeMap<(String, u16), Vec<(IpAddr, u16)>>,
     published: HashSet<ListenerLabels>,
     last_recheck: Option<Instant>,
 }
@@ -220,6 +223,7 @@ impl Metrics {
             overflow_seen: 0,
             recursion_seen: 0,
             tracked: BTreeMap::new(),
+            audited: BTreeMap::new(),
             published: HashSet::new(),
             last_recheck: None,
         };
@@ -380,15 +384,38 @@ impl Metrics {
         self.publish_loopback();
     }
 
-    /// Brings the gauge in line with the tracked listeners, touching only what changed (a scrape
-    /// never sees the set half-built).
+    /// An audit line was written: a published port whose service listens on loopback only
+    /// enters the gauge before any client connects; any other verdict for it takes it out.
+    pub fn on_audit(&mut self, report: &crate::report::AuditReport) {
+        let key = (report.container.name.clone(), report.target_port);
+        if report.verdict == Verdict::LoopbackOnly.as_str() {
+            let listeners = report.listeners.iter().map(|l| (l.ip, l.port)).collect();
+            self.audited.insert(key, listeners);
+        } else {
+            self.audited.remove(&key);
+        }
+        self.publish_loopback();
+    }
+
+    /// Forgets audit findings of containers that are no longer running.
+    pub fn retain_audited(&mut self, running: impl Fn(&str) -> bool) {
+        let before = self.audited.len();
+        self.audited.retain(|(container, _), _| running(container));
+        if self.audited.len() != before {
+            self.publish_loopback();
+        }
+    }
+
+    /// Brings the gauge in line with the tracked and audited listeners, touching only what
+    /// changed (a scrape never sees the set half-built).
     fn publish_loopback(&mut self) {
-        let now: HashSet<ListenerLabels> = self
-            .tracked
-            .values()
-            .flat_map(|t| {
-                t.listeners.iter().map(|(addr, port)| ListenerLabels {
-                    container: t.container.clone(),
+        let from_refusals = self.tracked.values().map(|t| (&t.container, &t.listeners));
+        let from_audit = self.audited.iter().map(|((container, _), listeners)| (container, listeners));
+        let now: HashSet<ListenerLabels> = from_refusals
+            .chain(from_audit)
+            .flat_map(|(container, listeners)| {
+                listeners.iter().map(|(addr, port)| ListenerLabels {
+                    container: container.clone(),
                     address: addr.to_string(),
                     port: *port,
                 })
@@ -491,6 +518,41 @@ mod tests {
         let t = text(&registry);
         assert!(t.contains("container=\"shop-web\""), "{t}");
         assert!(t.contains("host_port=\"18000\""), "{t}");
+    }
+
+    #[test]
+    fn the_audit_fills_the_loopback_gauge_before_any_refusal() {
+        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb", "chosen with --hook");
+        let audit = |verdict: &'static str| crate::report::AuditReport {
+            time: String::new(),
+            event: "audit",
+            verdict,
+            proto: "tcp",
+            family: "ipv4",
+            target_ip: None,
+            target_port: 8000,
+            netns: 7,
+            container: crate::report::ContainerReport {
+                id: "30117e5cc65a".into(),
+                name: "shop-web".into(),
+                image: "demo".into(),
+                compose_project: None,
+                compose_service: None,
+            },
+            published: None,
+            bindings: vec![],
+            listeners: vec![ListenerReport { ip: "127.0.0.1".parse().unwrap(), port: 8000, pids: vec![] }],
+            hint: String::new(),
+        };
+        let gauge =
+            "bindtrace_loopback_listeners{container=\"shop-web\",address=\"127.0.0.1\",port=\"8000\"} 1";
+        m.on_audit(&audit("loopback_only"));
+        assert!(text(&registry).contains(gauge));
+        m.on_audit(&audit("ok"));
+        assert!(!text(&registry).contains(gauge), "fixed: out of the gauge");
+        m.on_audit(&audit("loopback_only"));
+        m.retain_audited(|_| false);
+        assert!(!text(&registry).contains(gauge), "container gone: out of the gauge");
     }
 
     fn key(netns: u64, port: u16) -> CountKey {

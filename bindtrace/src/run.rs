@@ -322,7 +322,13 @@ impl Detector {
         let in_scope: HashMap<u64, Arc<Netns>> =
             self.ports.values().map(|p| (p.ns.inode, p.ns.clone())).collect();
         for report in self.docker.auditor.run(&inv, &in_scope, Instant::now()) {
+            if let Some(m) = &mut self.metrics {
+                m.on_audit(&report);
+            }
             out.audit(&report).context("writing output")?;
+        }
+        if let Some(m) = &mut self.metrics {
+            m.retain_audited(|name| inv.containers.values().any(|c| c.name == name));
         }
         Ok(())
     }
