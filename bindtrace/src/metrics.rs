@@ -235,8 +235,8 @@ impl Metrics {
         );
         registry.register(
             "bindtrace_loopback_listeners",
-            "Listeners that refused a connection to their port because they are bound to loopback \
-             only, and still are (1 per listening address)",
+            "Listeners bound to loopback only behind a published port (found by the audit) or a \
+             refused connection, for as long as they still are (1 per listening address)",
             m.loopback.clone(),
         );
         registry.register(
