@@ -1,32 +1,12 @@
 //! Bad input and bad environments: clear errors, non-zero exits, nothing left loaded.
 use std::{process::Command, time::Duration};
 
-use bindtrace_tests::{Bindtrace, Hook, Topology, bindtrace::binary, is_root};
-
-/// Ids of the BPF programs a process holds, from /proc/PID/fdinfo (program and link fds both
-/// name their program). Precise even when other bindtrace instances run at the same time.
-fn programs_held_by(pid: u32) -> Vec<u32> {
-    let mut ids = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).into_iter().flatten().flatten() {
-        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        ids.extend(
-            text.lines()
-                .filter_map(|l| l.strip_prefix("prog_id:"))
-                .filter_map(|v| v.trim().parse::<u32>().ok()),
-        );
-    }
-    ids.sort();
-    ids.dedup();
-    ids
-}
-
-fn still_loaded(ids: &[u32]) -> Vec<u32> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .map(|p| p.id())
-        .filter(|id| ids.contains(id))
-        .collect()
-}
+use bindtrace_tests::{
+    Bindtrace, Hook, Topology,
+    bindtrace::binary,
+    is_root,
+    native::{programs_held_by, still_loaded},
+};
 
 #[test]
 fn unknown_interface_lists_the_bridges() {
