@@ -9,7 +9,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::net::Netns;
+use crate::{net::Netns, proc::monotonic_ns};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
@@ -35,7 +35,10 @@ pub fn binary() -> String {
 #[derive(Default)]
 struct Shared {
     lines: Vec<Value>,
+    /// CLOCK_MONOTONIC when each stdout line was read (the clock of the lines' `ktime_ns`).
+    lines_read_ns: Vec<u64>,
     stderr: Vec<String>,
+    stderr_read_ns: Vec<u64>,
     ready: bool,
     exited: bool,
 }
@@ -98,10 +101,14 @@ impl Bindtrace {
         let s1 = shared.clone();
         let out_reader = std::thread::spawn(move || {
             for line in stdout.lines().map_while(Result::ok) {
+                let read_ns = monotonic_ns();
                 let value: Value = serde_json::from_str(&line)
                     .unwrap_or_else(|e| panic!("bindtrace wrote a line that is not JSON ({e}): {line}"));
                 let (m, cv) = &*s1;
-                m.lock().unwrap().lines.push(value);
+                let mut g = m.lock().unwrap();
+                g.lines.push(value);
+                g.lines_read_ns.push(read_ns);
+                drop(g);
                 cv.notify_all();
             }
             let (m, cv) = &*s1;
@@ -111,8 +118,10 @@ impl Bindtrace {
         let s2 = shared.clone();
         let err_reader = std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
+                let read_ns = monotonic_ns();
                 let (m, cv) = &*s2;
                 let mut g = m.lock().unwrap();
+                g.stderr_read_ns.push(read_ns);
                 if line.contains("bindtrace: ready") {
                     g.ready = true;
                 }
@@ -183,6 +192,18 @@ impl Bindtrace {
 
     pub fn lines(&self) -> Vec<Value> {
         self.shared.0.lock().unwrap().lines.clone()
+    }
+
+    /// Every stdout line with the CLOCK_MONOTONIC time it was read.
+    pub fn stamped_lines(&self) -> Vec<(u64, Value)> {
+        let g = self.shared.0.lock().unwrap();
+        g.lines_read_ns.iter().copied().zip(g.lines.iter().cloned()).collect()
+    }
+
+    /// Every stderr line with the CLOCK_MONOTONIC time it was read.
+    pub fn stamped_stderr(&self) -> Vec<(u64, String)> {
+        let g = self.shared.0.lock().unwrap();
+        g.stderr_read_ns.iter().copied().zip(g.stderr.iter().cloned()).collect()
     }
 
     pub fn stderr(&self) -> String {

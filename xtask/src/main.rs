@@ -1,4 +1,5 @@
 //! Developer tasks that need more than one cargo command: `cargo xtask <task>`.
+mod bench;
 mod kernels;
 mod lint;
 mod test;
@@ -19,6 +20,8 @@ enum Task {
     Lint,
     /// Lint, unit tests, release build, then the root integration tests (namespaces, real kernel).
     Test(test::Options),
+    /// The benchmark: bindtrace against no tracer and bpftrace on the reset path (BENCHMARKS.md).
+    Bench(bench::Options),
     /// The kernel matrix: the core scenarios on Debian's 6.1 and 5.10 under qemu, and natively.
     Kernels(kernels::Options),
 }
@@ -28,6 +31,7 @@ fn main() -> std::process::ExitCode {
         Task::Lint => lint::run(),
         Task::Test(opts) => test::run(&opts),
         Task::Kernels(opts) => kernels::run(&opts),
+        Task::Bench(opts) => bench::run(&opts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -38,6 +38,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         integration.arg(filter);
     }
     run_tests(integration, &mut tally)?;
+    if opts.filter.is_none() {
+        // The benchmark's smoke run: the harness works end to end (exact counts, every phase
+        // produces its figures); no timing is asserted.
+        bench_smoke(&mut tally)?;
+    }
     if !opts.no_kernels && opts.filter.is_none() {
         // Each kernel's checks count as tests; the matrix's table is in target/kernels/report.md.
         let kernels = crate::kernels::in_suite().inspect_err(|_| {
@@ -53,6 +58,25 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     // One closing line for the whole suite (CI reads the last one).
     println!("{} passed, {} failed", tally.passed, tally.failed);
     Ok(())
+}
+
+fn bench_smoke(tally: &mut Tally) -> anyhow::Result<()> {
+    crate::bench::build()?;
+    let mut bench = std::process::Command::new(root().join("target/release/bindtrace-bench"));
+    bench.arg("--short").env("BINDTRACE_BIN", root().join("target/release/bindtrace")).current_dir(root());
+    match run_cmd(bench) {
+        Ok(()) => {
+            println!("test bench --short ... ok");
+            tally.passed += 1;
+            Ok(())
+        }
+        Err(e) => {
+            println!("test bench --short ... FAILED");
+            tally.failed += 1;
+            println!("{} passed, {} failed", tally.passed, tally.failed);
+            Err(e.context("the benchmark's smoke run (`sudo ./x bench --short`) failed"))
+        }
+    }
 }
 
 /// The Prometheus configuration and alert rules in deploy/: valid, and their unit tests pass.

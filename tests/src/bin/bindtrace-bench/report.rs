@@ -1,0 +1,483 @@
+//! The figures, as markdown tables, and the behaviour checks a run must pass.
+use std::{collections::BTreeMap, fmt::Write as _, process::Command};
+
+use bindtrace_tests::Hook;
+
+use crate::{
+    Options,
+    bpfstats::ProgStats,
+    load::Load,
+    phases::THROUGHPUT_CONFIGS,
+    procfs::Sched,
+    stats::{Latency, Spread},
+    tracer::{Config, Startup},
+};
+
+/// One flood under one configuration.
+#[derive(Debug)]
+pub struct FloodRound {
+    pub load: Load,
+    /// The container's `Tcp OutRsts` delta: the resets that really happened.
+    pub out_rsts: u64,
+    pub counted: Option<u64>,
+    pub lost_samples: u64,
+    pub cpu: Option<Sched>,
+    pub peak_rss_kib: Option<u64>,
+    pub folded_delays: Vec<u64>,
+}
+
+pub struct LatencyRun {
+    pub hook: Hook,
+    pub label: &'static str,
+    pub keys: usize,
+    pub keys_with_line: usize,
+    /// First lines whose sample was lost (the count came from the periodic read).
+    pub without_sample: usize,
+    pub first_line: Latency,
+    pub load: Load,
+    pub out_rsts: u64,
+    pub counted: u64,
+    pub lost_samples: u64,
+}
+
+pub struct BpfRun {
+    pub config: Config,
+    pub refusals: u64,
+    pub progs: Vec<ProgStats>,
+    /// kfree-skb only: datagrams sent to a closed port out of scope, and the programs' runs then.
+    pub unrelated: Option<(u32, Vec<ProgStats>)>,
+}
+
+pub struct IdleRun {
+    pub seconds: f64,
+    pub per_thread: Vec<(String, Sched)>,
+    pub peak_rss_kib: u64,
+}
+
+pub struct Report {
+    pub command: String,
+    pub throughput: BTreeMap<String, Vec<FloodRound>>,
+    pub latency: Vec<LatencyRun>,
+    pub bpf: Vec<BpfRun>,
+    pub idle: Option<IdleRun>,
+    pub startups: Vec<Startup>,
+}
+
+const THROUGHPUT_TARGET: f64 = 0.97;
+
+impl Report {
+    pub fn new(o: &Options) -> Report {
+        let command = if o.short {
+            "sudo ./x bench --short".to_owned()
+        } else {
+            format!("sudo ./x bench --rounds {} --seconds {}", o.rounds, o.seconds)
+        };
+        Report {
+            command,
+            throughput: BTreeMap::new(),
+            latency: Vec::new(),
+            bpf: Vec::new(),
+            idle: None,
+            startups: Vec::new(),
+        }
+    }
+
+    fn rounds(&self, c: Config) -> &[FloodRound] {
+        self.throughput.get(&c.label()).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Per-round ratios of `c`'s client-seen refusal rate to `base`'s (rounds are interleaved,
+    /// so round i of each ran back to back).
+    fn ratios(&self, c: Config, base: Config) -> Spread {
+        let r: Vec<f64> = self
+            .rounds(c)
+            .iter()
+            .zip(self.rounds(base))
+            .map(|(a, b)| a.load.refused_per_sec / b.load.refused_per_sec)
+            .collect();
+        Spread::of(&r)
+    }
+
+    /// What must hold for the run to count as working (behaviour, not speed).
+    pub fn failures(&self) -> Vec<String> {
+        let mut f = Vec::new();
+        for c in THROUGHPUT_CONFIGS {
+            if let Config::Bindtrace(h) = c {
+                for (i, r) in self.rounds(c).iter().enumerate() {
+                    if r.counted != Some(r.out_rsts) {
+                        f.push(format!(
+                            "{} round {}: counted {:?} refusals, the container sent {} resets",
+                            h.arg(),
+                            i + 1,
+                            r.counted,
+                            r.out_rsts
+                        ));
+                    }
+                }
+            }
+        }
+        for l in &self.latency {
+            if l.keys_with_line < l.keys {
+                f.push(format!("{} {}: lines for {} of {} new keys", l.hook.arg(), l.label, l.keys_with_line, l.keys));
+            }
+            if l.counted != l.out_rsts {
+                f.push(format!("{} {}: counted {} of {} resets", l.hook.arg(), l.label, l.counted, l.out_rsts));
+            }
+        }
+        for b in &self.bpf {
+            if b.progs.iter().all(|p| p.runs == 0) {
+                f.push(format!("{}: no program run was accounted", b.config.label()));
+            }
+        }
+        f
+    }
+
+    pub fn markdown(&self, o: &Options) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "## Run\n");
+        let _ = writeln!(s, "Command: `{}`  ", self.command);
+        let _ = writeln!(s, "{}\n", machine());
+        let _ = writeln!(
+            s,
+            "Load: `bindtrace-loadgen`, one thread on CPU {} (the kernel's reset path runs there too: a veth \
+             delivers in the sender's softirq), non-blocking connects with up to 64 in flight, each kept until \
+             its reset arrives; the tracer, the harness and the loopback-bound server on CPU {}. Floods of {} s \
+             against 172.17.0.2:{} (a server bound to 127.0.0.1:{} in the container namespace), {} interleaved \
+             round(s) per configuration. Ground truth: the container namespace's `Tcp OutRsts` delta.\n",
+            o.gen_cpu,
+            o.tracer_cpu,
+            o.seconds,
+            crate::SERVER_PORT,
+            crate::SERVER_PORT,
+            o.rounds
+        );
+        self.throughput_table(&mut s);
+        self.bpf_table(&mut s);
+        self.latency_table(&mut s);
+        self.resources_table(&mut s);
+        self.targets_table(&mut s);
+        s
+    }
+
+    fn throughput_table(&self, s: &mut String) {
+        let _ = writeln!(s, "### Throughput\n");
+        let _ = writeln!(
+            s,
+            "| configuration | refusals/s seen by the client, median [min–max] | ratio to no tracer, median [min–max] | resets counted / sent (OutRsts) | samples lost |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        for c in THROUGHPUT_CONFIGS {
+            let rounds = self.rounds(c);
+            if rounds.is_empty() {
+                continue;
+            }
+            let rate = Spread::of(&rounds.iter().map(|r| r.load.refused_per_sec).collect::<Vec<_>>());
+            let ratio = if c == Config::NoTracer {
+                "1".to_owned()
+            } else {
+                let r = self.ratios(c, Config::NoTracer);
+                format!("{:.3} [{:.3}–{:.3}]", r.median, r.min, r.max)
+            };
+            let counted: u64 = rounds.iter().filter_map(|r| r.counted).sum();
+            let sent: u64 = rounds.iter().map(|r| r.out_rsts).sum();
+            let exact = match c {
+                Config::NoTracer => format!("– / {sent}"),
+                _ => {
+                    let exact_rounds = rounds.iter().filter(|r| r.counted == Some(r.out_rsts)).count();
+                    format!("{counted} / {sent} ({exact_rounds}/{} rounds exact)", rounds.len())
+                }
+            };
+            let lost = match c {
+                Config::Bindtrace(_) => rounds.iter().map(|r| r.lost_samples).sum::<u64>().to_string(),
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} [{:.0}–{:.0}] | {ratio} | {exact} | {lost} |",
+                c.label(),
+                rate.median,
+                rate.min,
+                rate.max
+            );
+        }
+        let _ = writeln!(s);
+        let delays: Vec<u64> = THROUGHPUT_CONFIGS
+            .iter()
+            .filter(|c| matches!(c, Config::Bindtrace(_)))
+            .flat_map(|c| self.rounds(*c).iter().flat_map(|r| r.folded_delays.iter().copied()))
+            .collect();
+        let d = Latency::of(delays);
+        let _ = writeln!(
+            s,
+            "Folded lines (the hammered key, one line per 1 s fold window): read {} after their window closed at \
+             p50, {} at p99, {} at most ({} lines).\n",
+            ms(d.p50),
+            ms(d.p99),
+            ms(d.max),
+            d.n
+        );
+    }
+
+    fn bpf_table(&self, s: &mut String) {
+        let _ = writeln!(s, "### Kernel time (kernel.bpf_stats_enabled, dedicated rounds)\n");
+        let _ = writeln!(
+            s,
+            "bpf_stats adds two clock reads to every run; the empty bpftrace program shows that floor.\n"
+        );
+        let _ = writeln!(s, "| configuration | program | runs | ns per run | refusals | run time per refusal |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        for b in &self.bpf {
+            for p in &b.progs {
+                let per_run = if p.runs > 0 { format!("{:.0}", p.run_ns as f64 / p.runs as f64) } else { "–".into() };
+                let per_refusal =
+                    if b.refusals > 0 { format!("{:.0} ns", p.run_ns as f64 / b.refusals as f64) } else { "–".into() };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {per_run} | {} | {per_refusal} |",
+                    b.config.label(),
+                    p.name,
+                    p.runs,
+                    b.refusals
+                );
+            }
+            if let Some((sent, progs)) = &b.unrelated {
+                for p in progs.iter().filter(|p| p.runs > 0) {
+                    let _ = writeln!(
+                        s,
+                        "| {} on {sent} UDP datagrams to a closed port out of scope | {} | {} | {:.0} | – | – |",
+                        b.config.label(),
+                        p.name,
+                        p.runs,
+                        p.run_ns as f64 / p.runs as f64
+                    );
+                }
+            }
+        }
+        let _ = writeln!(s);
+    }
+
+    fn latency_table(&self, s: &mut String) {
+        let _ = writeln!(s, "### Latency from the refusal (ktime_ns) to its first line\n");
+        let _ = writeln!(
+            s,
+            "| hook | new keys | load | keys with a line | p50 | p99 | max | counted / sent | samples lost |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        for l in &self.latency {
+            let no_sample = if l.without_sample > 0 {
+                format!(" ({} without a sample)", l.without_sample)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} ({:.0} refusals/s) | {}{no_sample} | {} | {} | {} | {} / {} | {} |",
+                l.hook.arg(),
+                l.keys,
+                l.label,
+                l.load.refused_per_sec,
+                l.keys_with_line,
+                ms(l.first_line.p50),
+                ms(l.first_line.p99),
+                ms(l.first_line.max),
+                l.counted,
+                l.out_rsts,
+                l.lost_samples
+            );
+        }
+        let _ = writeln!(s);
+    }
+
+    fn resources_table(&self, s: &mut String) {
+        let _ = writeln!(s, "### bindtrace itself\n");
+        let _ = writeln!(s, "| figure | value |");
+        let _ = writeln!(s, "|---|---|");
+        for c in THROUGHPUT_CONFIGS.iter().filter(|c| matches!(c, Config::Bindtrace(_))) {
+            let rounds = self.rounds(*c);
+            let cpu = Spread::of(
+                &rounds
+                    .iter()
+                    .filter_map(|r| r.cpu.map(|c| c.run_ns as f64 / 1e6 / r.load.seconds))
+                    .collect::<Vec<_>>(),
+            );
+            let _ = writeln!(
+                s,
+                "| CPU during the flood, {} | {:.1} ms per second [{:.1}–{:.1}] |",
+                c.label(),
+                cpu.median,
+                cpu.min,
+                cpu.max
+            );
+        }
+        let peak = self.peak_rss_kib();
+        let _ = writeln!(s, "| peak RSS (VmHWM), over every flood | {:.1} MiB |", peak as f64 / 1024.0);
+        if let Some(idle) = &self.idle {
+            let total = idle.per_thread.iter().fold(Sched::default(), |a, (_, t)| Sched {
+                run_ns: a.run_ns + t.run_ns,
+                timeslices: a.timeslices + t.timeslices,
+            });
+            let busy: Vec<String> = idle
+                .per_thread
+                .iter()
+                .filter(|(_, t)| t.timeslices > 0)
+                .map(|(n, t)| format!("{n} {}", t.timeslices))
+                .collect();
+            let _ = writeln!(
+                s,
+                "| idle {} s: CPU | {:.2} ms in all |",
+                idle.seconds,
+                total.run_ns as f64 / 1e6
+            );
+            let _ = writeln!(
+                s,
+                "| idle {} s: wake-ups (times a thread was put on a CPU) | {} ({:.2}/s; by thread: {}) |",
+                idle.seconds,
+                total.timeslices,
+                total.timeslices as f64 / idle.seconds,
+                if busy.is_empty() { "none".into() } else { busy.join(", ") }
+            );
+            let _ = writeln!(s, "| idle peak RSS | {:.1} MiB |", idle.peak_rss_kib as f64 / 1024.0);
+        }
+        let attached: Vec<f64> = self.startups.iter().filter_map(|st| st.attached_ns).map(|n| n as f64 / 1e6).collect();
+        let ready: Vec<f64> = self.startups.iter().map(|st| st.ready_ns as f64 / 1e6).collect();
+        let (a, r) = (Spread::of(&attached), Spread::of(&ready));
+        let _ = writeln!(
+            s,
+            "| start to hook attached (log line), {} starts | median {:.0} ms, max {:.0} ms |",
+            a.n, a.median, a.max
+        );
+        let _ = writeln!(s, "| start to `bindtrace: ready` | median {:.0} ms, max {:.0} ms |", r.median, r.max);
+        let _ = writeln!(s);
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        self.throughput.values().flatten().filter_map(|r| r.peak_rss_kib).max().unwrap_or(0)
+    }
+
+    fn targets_table(&self, s: &mut String) {
+        let _ = writeln!(s, "### Targets\n");
+        let _ = writeln!(s, "| target | measured | met |");
+        let _ = writeln!(s, "|---|---|---|");
+        let bpftrace = Config::Bpftrace(crate::tracer::BPFTRACE_COUNT);
+        for c in THROUGHPUT_CONFIGS.iter().filter(|c| matches!(c, Config::Bindtrace(_))) {
+            let r = self.ratios(*c, Config::NoTracer);
+            let verdict = if r.n == 0 {
+                "–"
+            } else if r.min >= THROUGHPUT_TARGET {
+                "yes"
+            } else if r.max < THROUGHPUT_TARGET {
+                "no"
+            } else {
+                "not shown: the spread straddles the target"
+            };
+            let _ = writeln!(
+                s,
+                "| {} throughput ≥ 97 % of no tracer | {:.1} % [{:.1}–{:.1}] | {verdict} |",
+                c.label(),
+                r.median * 100.0,
+                r.min * 100.0,
+                r.max * 100.0
+            );
+            let b = self.ratios(*c, bpftrace);
+            let verdict = if b.n == 0 {
+                "–"
+            } else if b.min > 1.0 {
+                "yes"
+            } else if b.max < 1.0 {
+                "no"
+            } else {
+                "not shown: the spread straddles 1"
+            };
+            let _ = writeln!(
+                s,
+                "| {} throughput better than bpftrace | ratio {:.3} [{:.3}–{:.3}] | {verdict} |",
+                c.label(),
+                b.median,
+                b.min,
+                b.max
+            );
+        }
+        if let Some(b) = self.bpf.iter().find(|b| b.config == Config::Bindtrace(Hook::TcpSendReset))
+            && let Some(p) = b.progs.iter().find(|p| p.name.contains("send_reset"))
+            && b.refusals > 0
+        {
+            let per = p.run_ns as f64 / b.refusals as f64;
+            let _ = writeln!(
+                s,
+                "| ≤ 100 ns kernel time per refusal, tcp-send-reset | {per:.0} ns | {} |",
+                if per <= 100.0 { "yes" } else { "no" }
+            );
+        }
+        for l in self.latency.iter().filter(|l| l.label.starts_with("1 000")) {
+            let _ = writeln!(
+                s,
+                "| p99 first line ≤ 10 ms at 1 000 new keys/s, {} | {} | {} |",
+                l.hook.arg(),
+                ms(l.first_line.p99),
+                if l.first_line.p99 <= 10_000_000 && l.keys_with_line == l.keys { "yes" } else { "no" }
+            );
+        }
+        let all_exact = THROUGHPUT_CONFIGS
+            .iter()
+            .filter(|c| matches!(c, Config::Bindtrace(_)))
+            .flat_map(|c| self.rounds(*c))
+            .all(|r| r.counted == Some(r.out_rsts))
+            && self.latency.iter().all(|l| l.counted == l.out_rsts);
+        let _ = writeln!(s, "| counts exact at the maximum rate | every run compared with OutRsts | {} |", yes(all_exact));
+        let peak = self.peak_rss_kib();
+        let _ = writeln!(s, "| peak RSS ≤ 30 MB | {:.1} MiB | {} |", peak as f64 / 1024.0, yes(peak * 1024 <= 30_000_000));
+        if let Some(idle) = &self.idle {
+            let wakeups: u64 = idle.per_thread.iter().map(|(_, t)| t.timeslices).sum();
+            let per_s = wakeups as f64 / idle.seconds;
+            let _ = writeln!(s, "| idle wake-ups ≤ about 1/s | {per_s:.2}/s | {} |", yes(per_s <= 1.5));
+        }
+        let attached: Vec<f64> = self.startups.iter().filter_map(|st| st.attached_ns).map(|n| n as f64 / 1e9).collect();
+        let a = Spread::of(&attached);
+        let _ = writeln!(s, "| attached within 0.5 s of start | max {:.3} s | {} |", a.max, yes(a.n > 0 && a.max <= 0.5));
+        let _ = writeln!(s);
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+fn ms(ns: u64) -> String {
+    if ns >= 10_000_000 { format!("{:.0} ms", ns as f64 / 1e6) } else { format!("{:.2} ms", ns as f64 / 1e6) }
+}
+
+/// Kernel, CPU, memory, versions: enough to say what the figures were measured on.
+fn machine() -> String {
+    let sh = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "?".into())
+    };
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "?".into());
+    // Not available_parallelism: this process is pinned to one CPU.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let bindtrace = sh(&bindtrace_tests::bindtrace::binary(), &["--version"]);
+    format!(
+        "Machine: Linux {}, {cpus} × {model}, {:.0} GiB; {bindtrace} (commit {}); {}; {}",
+        sh("uname", &["-r"]),
+        mem_kib as f64 / 1024.0 / 1024.0,
+        sh("git", &["rev-parse", "--short", "HEAD"]),
+        sh("bpftrace", &["--version"]),
+        sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+    )
+}
