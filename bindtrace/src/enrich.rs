@@ -1,6 +1,14 @@
 //! Turns a folded line (kernel key, count, sample) into a full report: the namespace's
 //! listeners, the verdict, the processes, the hint.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+//!
+//! Lines come in batches (everything the ring buffer held when the loop woke up). Reading a
+//! namespace's listeners means joining it from a thread, and finding who holds a socket means
+//! walking /proc: each is done at most once per namespace per batch, however many keys a burst
+//! of new ports brings.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use bindtrace_common::{AF_INET6, HookKind, RefusalEvent};
 
@@ -9,9 +17,38 @@ use crate::{
     hint::hint,
     report::{ListenerReport, Report, now_rfc3339},
     scope::{Bridges, Port},
-    sockets,
+    sockets::{self, Holder, Listener},
     verdict::{self, Verdict},
 };
+
+/// What one batch has read of each namespace, by namespace inode.
+#[derive(Default)]
+pub struct Snapshots {
+    listeners: HashMap<u64, Result<Vec<Listener>, String>>,
+    holders: HashMap<u64, BTreeMap<u64, Vec<Holder>>>,
+}
+
+impl Snapshots {
+    fn listeners(&mut self, port: &Port) -> Result<&[Listener], &str> {
+        self.listeners
+            .entry(port.ns.inode)
+            .or_insert_with(|| sockets::listeners_in(&port.ns).map_err(|e| e.to_string()))
+            .as_deref()
+            .map_err(String::as_str)
+    }
+
+    /// The holders of every listener of the namespace, found in one walk of /proc.
+    fn holders(&mut self, port: &Port) -> &BTreeMap<u64, Vec<Holder>> {
+        if !self.holders.contains_key(&port.ns.inode) {
+            let inodes: Vec<u64> = match self.listeners(port) {
+                Ok(all) => all.iter().map(|l| l.inode).collect(),
+                Err(_) => Vec::new(),
+            };
+            self.holders.insert(port.ns.inode, sockets::holders(&inodes, port.ns.inode));
+        }
+        &self.holders[&port.ns.inode]
+    }
+}
 
 pub fn addr_of(family: u8, bytes: &[u8; 16]) -> IpAddr {
     if family == AF_INET6 {
@@ -32,11 +69,18 @@ fn hook_name(sample: Option<&RefusalEvent>, fallback: &'static str) -> &'static 
 
 /// Builds the report for `line`. `port` is None when the interface left scope before we got
 /// here (the container stopped): the verdict is then `unknown`.
-pub fn report(line: &Line, port: Option<&Port>, bridges: &Bridges, hook: &'static str) -> Report {
+pub fn report(
+    line: &Line,
+    port: Option<&Port>,
+    bridges: &Bridges,
+    hook: &'static str,
+    seen: &mut Snapshots,
+) -> Report {
     let sample = line.sample.as_ref();
     let family = line.key.family;
     let target_ip = sample.map(|s| addr_of(family, &s.target_addr));
-    let (verdict, listeners) = match port.map(|p| (p, sockets::listeners_in(&p.ns))) {
+    let decided = port.map(|p| (p, seen.listeners(p).map(|all| all.to_vec()).map_err(str::to_owned)));
+    let (verdict, listeners) = match decided {
         Some((p, Ok(all))) => {
             let unspecified = if family == AF_INET6 {
                 IpAddr::V6(Ipv6Addr::UNSPECIFIED)
@@ -44,8 +88,7 @@ pub fn report(line: &Line, port: Option<&Port>, bridges: &Bridges, hook: &'stati
                 IpAddr::V4(Ipv4Addr::UNSPECIFIED)
             };
             let decision = verdict::decide(target_ip.unwrap_or(unspecified), line.key.port, &all);
-            let inodes: Vec<u64> = decision.listeners.iter().map(|l| l.inode).collect();
-            let holders = sockets::holders(&inodes, p.ns.inode);
+            let holders = if decision.listeners.is_empty() { &BTreeMap::new() } else { seen.holders(p) };
             let listeners = decision
                 .listeners
                 .iter()

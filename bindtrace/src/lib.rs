@@ -15,6 +15,7 @@ pub mod framework;
 pub mod hint;
 pub mod hook;
 pub mod kernel_layout;
+pub mod listen_diag;
 pub mod loader;
 pub mod metrics;
 pub mod netlink;

@@ -35,7 +35,7 @@ use crate::{
     netns::Netns,
     output::Output,
     privileges,
-    report::{LostReport, Report, now_rfc3339},
+    report::{DockerContext, LostReport, Report, now_rfc3339},
     scope::{self, Bridges, Port, Resolver},
     sock_layout::SockLayout,
     sockets, tc, verdict, via,
@@ -57,6 +57,8 @@ const ATTRIBUTION_RETRY: Duration = Duration::from_millis(30);
 /// How long a line waits for Docker to report the container a connection came from (a client
 /// container that has just started: its start event and inspection come a few ms later).
 const CLIENT_CONTAINER_WAIT: Duration = Duration::from_millis(500);
+/// How often lines waiting for their attribution are looked at again.
+const ATTRIBUTION_POLL: Duration = Duration::from_millis(2);
 /// Samples older than this get no retry (folded lines; their flows are long recorded).
 const FRESH_SAMPLE: Duration = Duration::from_millis(500);
 
@@ -333,37 +335,38 @@ impl Detector {
         Ok(())
     }
 
-    /// Fills in the container, the published port and `via` (see `via.rs`).
-    async fn attribute(&mut self, report: &mut Report, line: &Line) -> anyhow::Result<()> {
+    /// The Docker side of one line: the container, the published port, `via`. Returns None
+    /// while it is worth waiting for more (see [`ATTRIBUTION_RETRY`], [`CLIENT_CONTAINER_WAIT`]).
+    fn attribution(&self, report: &Report, line: &Line, waited: Duration) -> Option<DockerContext> {
         let fresh = line
             .sample
             .is_some_and(|s| monotonic_ns().saturating_sub(s.ktime_ns) < FRESH_SAMPLE.as_nanos() as u64);
         let tracking = self.docker.connect.is_some() || self.docker.conntrack.is_some();
-        let started = Instant::now();
-        // Let the conntrack reader and the Docker watcher catch up with what is queued.
-        tokio::task::yield_now().await;
-        let ctx = loop {
-            self.sync_docker()?;
-            let ctx = via::docker_context(
-                report,
-                self.docker.inventory.as_deref(),
-                self.docker.connect.as_ref(),
-                self.docker.conntrack.as_ref(),
-            );
-            let waited = started.elapsed();
-            // Worth waiting for: the connector's record (completed by the reset) or conntrack's
-            // event, for a moment; the container a client process runs in, while Docker is up
-            // and may not have reported it yet.
-            let no_via = ctx.via.is_none() && tracking && waited < ATTRIBUTION_RETRY;
-            let unknown_client = ctx.client_container.is_none()
-                && ctx.client_netns.is_some_and(|ino| self.unknown_netns(ino))
-                && self.docker_up()
-                && waited < CLIENT_CONTAINER_WAIT;
-            if !fresh || !(no_via || unknown_client) {
-                break ctx;
-            }
-            tokio::time::sleep(ATTRIBUTION_RETRY).await;
-        };
+        let ctx = via::docker_context(
+            report,
+            self.docker.inventory.as_deref(),
+            self.docker.connect.as_ref(),
+            self.docker.conntrack.as_ref(),
+        );
+        // Worth waiting for: the connector's record (completed by the reset) or conntrack's
+        // event, for a moment; the container a client process runs in, while Docker is up and
+        // may not have reported it yet.
+        let no_via = ctx.via.is_none() && tracking && waited < ATTRIBUTION_RETRY;
+        let unknown_client = ctx.client_container.is_none()
+            && ctx.client_netns.is_some_and(|ino| self.unknown_netns(ino))
+            && self.docker_up()
+            && waited < CLIENT_CONTAINER_WAIT;
+        if fresh && (no_via || unknown_client) { None } else { Some(ctx) }
+    }
+
+    /// Completes a report with its Docker context and writes it.
+    fn emit<W: Write>(
+        &mut self,
+        out: &mut Output<W>,
+        line: &Line,
+        mut report: Report,
+        ctx: DockerContext,
+    ) -> anyhow::Result<()> {
         if let Some(p) = ctx.published {
             report.hint = hint_in(
                 &HintContext { host_port: Some(p.host_port) },
@@ -374,7 +377,10 @@ impl Detector {
             );
         }
         report.docker = ctx;
-        Ok(())
+        if let Some(m) = &mut self.metrics {
+            m.on_line(&line.key, &report);
+        }
+        out.refusal(&report).context("writing output")
     }
 
     /// Whether a connector's namespace is neither ours nor a container Docker has reported.
@@ -388,16 +394,41 @@ impl Detector {
         self.ports.get(&scope_key).or_else(|| self.departed.get(&scope_key).map(|(p, _)| p))
     }
 
+    /// Writes `lines`. Each is written as soon as its attribution is complete; those still
+    /// waiting for the connector's record or Docker are looked at again every
+    /// [`ATTRIBUTION_POLL`], all together, so one slow line never holds up the batch by more.
     async fn print<W: Write>(&mut self, out: &mut Output<W>, lines: &[Line]) -> anyhow::Result<()> {
-        for line in lines {
-            let mut report = enrich::report(line, self.port_for(&line.key), &self.bridges, self.hook_name);
-            self.attribute(&mut report, line).await?;
-            if let Some(m) = &mut self.metrics {
-                m.on_line(&line.key, &report);
-            }
-            out.refusal(&report).context("writing output")?;
+        if lines.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let mut seen = enrich::Snapshots::default();
+        let mut pending: Vec<(&Line, Report)> = lines
+            .iter()
+            .map(|line| {
+                let report =
+                    enrich::report(line, self.port_for(&line.key), &self.bridges, self.hook_name, &mut seen);
+                (line, report)
+            })
+            .collect();
+        // Let the conntrack reader and the Docker watcher catch up with what is queued.
+        tokio::task::yield_now().await;
+        let started = Instant::now();
+        loop {
+            self.sync_docker()?;
+            let waited = started.elapsed();
+            let mut waiting = Vec::new();
+            for (line, report) in pending {
+                match self.attribution(&report, line, waited) {
+                    Some(ctx) => self.emit(out, line, report, ctx)?,
+                    None => waiting.push((line, report)),
+                }
+            }
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            pending = waiting;
+            tokio::time::sleep(ATTRIBUTION_POLL).await;
+        }
     }
 
     /// Checks again the listeners behind `bindtrace_loopback_listeners` (it does nothing until

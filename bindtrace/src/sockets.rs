@@ -1,7 +1,8 @@
 //! Listening TCP sockets of a namespace and the processes that hold them.
 //!
-//! The listeners come from `/proc/thread-self/net/tcp{,6}` read by a thread that joined the
-//! namespace, so namespaces without any process (a handle under /run/netns) work too. The
+//! The listeners come from a sock_diag dump (`listen_diag.rs`), or `/proc/thread-self/net/tcp{,6}`
+//! where sock_diag is unavailable, made by a thread that joined the namespace, so namespaces
+//! without any process (a handle under /run/netns) work too. The
 //! processes come from `/proc/PID/fd`, restricted to processes of that namespace.
 use std::{
     collections::{BTreeMap, HashMap},
@@ -140,9 +141,14 @@ fn parse_hex_addr(hex: &str) -> Option<IpAddr> {
     }
 }
 
-/// Listening sockets of the namespace, IPv4 and IPv6 tables together.
+/// Listening sockets of the namespace, IPv4 and IPv6 together.
 pub fn listeners_in(ns: &Netns) -> io::Result<Vec<Listener>> {
     ns.run(|| {
+        match crate::listen_diag::listeners_here() {
+            Ok(all) => return Ok(all),
+            // A kernel without inet_diag/tcp_diag: the slower /proc tables say the same.
+            Err(e) => log::debug!("sock_diag listener dump failed ({e}); reading /proc/net/tcp"),
+        }
         let mut all = parse_proc_net_tcp(&fs::read_to_string("/proc/thread-self/net/tcp")?);
         // tcp6 is absent when IPv6 is disabled: that is not an error.
         if let Ok(text) = fs::read_to_string("/proc/thread-self/net/tcp6") {

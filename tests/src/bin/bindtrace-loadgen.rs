@@ -75,10 +75,15 @@ fn parse() -> Result<Options, String> {
                 }
             }
             "--max" => o.max = value.parse().map_err(|_| bad("a count"))?,
-            "--rate" => o.rate = Some(value.parse().ok().filter(|r: &f64| *r > 0.0).ok_or_else(|| bad("a rate > 0"))?),
-            "--threads" => o.threads = value.parse().ok().filter(|t| (1..=64).contains(t)).ok_or_else(|| bad("1..64"))?,
+            "--rate" => {
+                o.rate = Some(value.parse().ok().filter(|r: &f64| *r > 0.0).ok_or_else(|| bad("a rate > 0"))?)
+            }
+            "--threads" => {
+                o.threads = value.parse().ok().filter(|t| (1..=64).contains(t)).ok_or_else(|| bad("1..64"))?
+            }
             "--inflight" => {
-                o.inflight = value.parse().ok().filter(|k| (1..=4096).contains(k)).ok_or_else(|| bad("1..4096"))?
+                o.inflight =
+                    value.parse().ok().filter(|k| (1..=4096).contains(k)).ok_or_else(|| bad("1..4096"))?
             }
             _ => return Err(format!("unknown option {flag}")),
         }
@@ -255,7 +260,9 @@ fn attempt(epoll: RawFd, target: IpAddr, port: u16) -> Attempt {
 fn socket_error(fd: RawFd) -> i32 {
     let mut err: i32 = 0;
     let mut len = size_of::<i32>() as libc::socklen_t;
-    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut i32).cast(), &mut len) };
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut i32).cast(), &mut len)
+    };
     if rc == 0 { err } else { -1 }
 }
 

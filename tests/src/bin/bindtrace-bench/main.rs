@@ -88,7 +88,9 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     if std::env::var_os("BINDTRACE_BIN").is_none() {
-        eprintln!("bindtrace-bench: BINDTRACE_BIN is not set: run `sudo ./x bench`, which builds and sets it");
+        eprintln!(
+            "bindtrace-bench: BINDTRACE_BIN is not set: run `sudo ./x bench`, which builds and sets it"
+        );
         return std::process::ExitCode::from(2);
     }
     match run(&opts) {
@@ -105,7 +107,11 @@ fn main() -> std::process::ExitCode {
             for f in &failures {
                 eprintln!("bindtrace-bench: FAILED: {f}");
             }
-            if failures.is_empty() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+            if failures.is_empty() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("bindtrace-bench: {e:#}");

@@ -118,10 +118,22 @@ impl Report {
         }
         for l in &self.latency {
             if l.keys_with_line < l.keys {
-                f.push(format!("{} {}: lines for {} of {} new keys", l.hook.arg(), l.label, l.keys_with_line, l.keys));
+                f.push(format!(
+                    "{} {}: lines for {} of {} new keys",
+                    l.hook.arg(),
+                    l.label,
+                    l.keys_with_line,
+                    l.keys
+                ));
             }
             if l.counted != l.out_rsts {
-                f.push(format!("{} {}: counted {} of {} resets", l.hook.arg(), l.label, l.counted, l.out_rsts));
+                f.push(format!(
+                    "{} {}: counted {} of {} resets",
+                    l.hook.arg(),
+                    l.label,
+                    l.counted,
+                    l.out_rsts
+                ));
             }
         }
         for b in &self.bpf {
@@ -224,13 +236,18 @@ impl Report {
             s,
             "bpf_stats adds two clock reads to every run; the empty bpftrace program shows that floor.\n"
         );
-        let _ = writeln!(s, "| configuration | program | runs | ns per run | refusals | run time per refusal |");
+        let _ =
+            writeln!(s, "| configuration | program | runs | ns per run | refusals | run time per refusal |");
         let _ = writeln!(s, "|---|---|---|---|---|---|");
         for b in &self.bpf {
             for p in &b.progs {
-                let per_run = if p.runs > 0 { format!("{:.0}", p.run_ns as f64 / p.runs as f64) } else { "–".into() };
-                let per_refusal =
-                    if b.refusals > 0 { format!("{:.0} ns", p.run_ns as f64 / b.refusals as f64) } else { "–".into() };
+                let per_run =
+                    if p.runs > 0 { format!("{:.0}", p.run_ns as f64 / p.runs as f64) } else { "–".into() };
+                let per_refusal = if b.refusals > 0 {
+                    format!("{:.0} ns", p.run_ns as f64 / b.refusals as f64)
+                } else {
+                    "–".into()
+                };
                 let _ = writeln!(
                     s,
                     "| {} | {} | {} | {per_run} | {} | {per_refusal} |",
@@ -322,12 +339,8 @@ impl Report {
                 .filter(|(_, t)| t.timeslices > 0)
                 .map(|(n, t)| format!("{n} {}", t.timeslices))
                 .collect();
-            let _ = writeln!(
-                s,
-                "| idle {} s: CPU | {:.2} ms in all |",
-                idle.seconds,
-                total.run_ns as f64 / 1e6
-            );
+            let _ =
+                writeln!(s, "| idle {} s: CPU | {:.2} ms in all |", idle.seconds, total.run_ns as f64 / 1e6);
             let _ = writeln!(
                 s,
                 "| idle {} s: wake-ups (times a thread was put on a CPU) | {} ({:.2}/s; by thread: {}) |",
@@ -338,7 +351,8 @@ impl Report {
             );
             let _ = writeln!(s, "| idle peak RSS | {:.1} MiB |", idle.peak_rss_kib as f64 / 1024.0);
         }
-        let attached: Vec<f64> = self.startups.iter().filter_map(|st| st.attached_ns).map(|n| n as f64 / 1e6).collect();
+        let attached: Vec<f64> =
+            self.startups.iter().filter_map(|st| st.attached_ns).map(|n| n as f64 / 1e6).collect();
         let ready: Vec<f64> = self.startups.iter().map(|st| st.ready_ns as f64 / 1e6).collect();
         let (a, r) = (Spread::of(&attached), Spread::of(&ready));
         let _ = writeln!(
@@ -346,7 +360,8 @@ impl Report {
             "| start to hook attached (log line), {} starts | median {:.0} ms, max {:.0} ms |",
             a.n, a.median, a.max
         );
-        let _ = writeln!(s, "| start to `bindtrace: ready` | median {:.0} ms, max {:.0} ms |", r.median, r.max);
+        let _ =
+            writeln!(s, "| start to `bindtrace: ready` | median {:.0} ms, max {:.0} ms |", r.median, r.max);
         let _ = writeln!(s);
     }
 
@@ -423,17 +438,32 @@ impl Report {
             .flat_map(|c| self.rounds(*c))
             .all(|r| r.counted == Some(r.out_rsts))
             && self.latency.iter().all(|l| l.counted == l.out_rsts);
-        let _ = writeln!(s, "| counts exact at the maximum rate | every run compared with OutRsts | {} |", yes(all_exact));
+        let _ = writeln!(
+            s,
+            "| counts exact at the maximum rate | every run compared with OutRsts | {} |",
+            yes(all_exact)
+        );
         let peak = self.peak_rss_kib();
-        let _ = writeln!(s, "| peak RSS ≤ 30 MB | {:.1} MiB | {} |", peak as f64 / 1024.0, yes(peak * 1024 <= 30_000_000));
+        let _ = writeln!(
+            s,
+            "| peak RSS ≤ 30 MB | {:.1} MiB | {} |",
+            peak as f64 / 1024.0,
+            yes(peak * 1024 <= 30_000_000)
+        );
         if let Some(idle) = &self.idle {
             let wakeups: u64 = idle.per_thread.iter().map(|(_, t)| t.timeslices).sum();
             let per_s = wakeups as f64 / idle.seconds;
             let _ = writeln!(s, "| idle wake-ups ≤ about 1/s | {per_s:.2}/s | {} |", yes(per_s <= 1.5));
         }
-        let attached: Vec<f64> = self.startups.iter().filter_map(|st| st.attached_ns).map(|n| n as f64 / 1e9).collect();
+        let attached: Vec<f64> =
+            self.startups.iter().filter_map(|st| st.attached_ns).map(|n| n as f64 / 1e9).collect();
         let a = Spread::of(&attached);
-        let _ = writeln!(s, "| attached within 0.5 s of start | max {:.3} s | {} |", a.max, yes(a.n > 0 && a.max <= 0.5));
+        let _ = writeln!(
+            s,
+            "| attached within 0.5 s of start | max {:.3} s | {} |",
+            a.max,
+            yes(a.n > 0 && a.max <= 0.5)
+        );
         let _ = writeln!(s);
     }
 }

@@ -7,10 +7,7 @@ use std::{
 };
 
 use bindtrace_tests::{
-    Bindtrace, Hook, Netns,
-    bindtrace::binary,
-    native::programs_held_by,
-    proc::monotonic_ns,
+    Bindtrace, Hook, Netns, bindtrace::binary, native::programs_held_by, proc::monotonic_ns,
 };
 use serde_json::Value;
 
@@ -96,7 +93,10 @@ impl Running {
         let Running::Bindtrace { bt, spawned_ns } = self else { return None };
         let stderr = bt.stamped_stderr();
         let at = |needle: &str| stderr.iter().find(|(_, l)| l.contains(needle)).map(|(t, _)| t - spawned_ns);
-        Some(Startup { attached_ns: at("attached tp_btf/").or(at("loaded classifier")), ready_ns: at("bindtrace: ready")? })
+        Some(Startup {
+            attached_ns: at("attached tp_btf/").or(at("loaded classifier")),
+            ready_ns: at("bindtrace: ready")?,
+        })
     }
 
     /// Stops the tracer (SIGTERM / SIGINT, as a user would) and collects what it counted.
@@ -141,7 +141,11 @@ fn start_bpftrace(program: &'static str, cpu: usize) -> anyhow::Result<Running> 
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| anyhow::anyhow!("starting bpftrace ({e}): install it with `sudo ./x setup` (Debian package bpftrace)"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "starting bpftrace ({e}): install it with `sudo ./x setup` (Debian package bpftrace)"
+            )
+        })?;
     let mut out = BufReader::new(child.stdout.take().expect("piped"));
     let mut first = String::new();
     out.read_line(&mut first)?;
