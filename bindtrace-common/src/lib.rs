@@ -126,6 +126,7 @@ pub struct TcPort {
 
 /// TCP states (include/net/tcp_states.h). These numbers are ABI: /proc/net/tcp's `st` column and
 /// `sock:inet_sock_set_state` report them, and they have not changed since Linux 2.x.
+pub const TCP_ESTABLISHED: u32 = 1;
 pub const TCP_SYN_SENT: u32 = 2;
 pub const TCP_CLOSE: u32 = 7;
 
@@ -134,6 +135,8 @@ pub const TCP_CLOSE: u32 = 7;
 pub const CONNECT_MAX_ENTRIES: u32 = 8_192;
 /// Capacity of `CONNECT_DESTS`: address prefixes of the watched bridges.
 pub const CONNECT_DESTS_MAX_ENTRIES: u32 = 1_024;
+/// Sampled refusals whose connector is wanted (one per sample; samples are rate-limited).
+pub const CONNECT_WANTED_MAX_ENTRIES: u32 = 4_096;
 
 /// Who started a TCP connection to a watched prefix, recorded in the connecting task's context
 /// when its socket enters SYN_SENT.

@@ -10,32 +10,86 @@
 //!   the destination is in a watched bridge's prefix (one LPM lookup; everything else leaves).
 //! - SYN_SENT -> CLOSE (the reset arrived, or the connect failed) has the full 4-tuple; the
 //!   parked task moves to `CONNECTORS` under that tuple, where userspace finds it from the
-//!   refusal's own tuple. Connections that succeed are simply dropped from the parking map.
+//!   refusal's own tuple. Connections that succeed (SYN_SENT -> ESTABLISHED) leave the parking
+//!   map, so it holds only connects in flight and needs no LRU.
+//!
+//! A refused flood is one connect after another to the same port, but userspace only ever asks
+//! about the refusals it got a sample of (`refusal::emit`). The refusal hooks run before the
+//! reset reaches the connecting socket, so they leave the sampled tuple in `CONNECT_WANTED`,
+//! and SYN_SENT -> CLOSE writes `CONNECTORS` only for those: the LRU map, whose inserts evict
+//! once it is full, sees one insert per sample instead of one per refused connection.
+//!
+//! This runs for every connect() to a container, refused or not, so it keeps to plain loads
+//! through the BTF-typed `sk` (see `kernel::field`) and a preallocated hash; only the IPv6
+//! addresses and `inet_sport` (beyond `struct sock`'s BTF type) are copied by helper.
 //!
 //! Struct offsets come from BTF through the loader, like everything in `kernel.rs`.
 use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
 };
 use bindtrace_common::{
-    AF_INET, AF_INET6, Addr16, CONNECT_DESTS_MAX_ENTRIES, CONNECT_MAX_ENTRIES, ConnectKey, Connector, mapped,
+    AF_INET, AF_INET6, Addr16, CONNECT_DESTS_MAX_ENTRIES, CONNECT_MAX_ENTRIES, CONNECT_WANTED_MAX_ENTRIES,
+    ConnectKey, Connector, mapped,
 };
 
-use crate::kernel::read;
+use crate::kernel::{field, read};
 
 /// Address prefixes of the watched bridges (IPv4 stored IPv4-mapped). Kept by userspace.
 #[map]
 static CONNECT_DESTS: LpmTrie<Addr16, u32> = LpmTrie::with_max_entries(CONNECT_DESTS_MAX_ENTRIES, 0);
 
-/// Connects in flight to a watched prefix, by socket address.
+/// Connects in flight to a watched prefix, by socket address. Every entry leaves when its
+/// connect ends; when more are in flight than fit, the extra ones are not attributed.
 #[map]
-static CONNECT_PENDING: LruHashMap<u64, Connector> = LruHashMap::with_max_entries(CONNECT_MAX_ENTRIES, 0);
+static CONNECT_PENDING: HashMap<u64, Connector> = HashMap::with_max_entries(CONNECT_MAX_ENTRIES, 0);
 
 /// Connects that ended in SYN_SENT -> CLOSE, by 4-tuple. Read by userspace.
 #[map]
 static CONNECTORS: LruHashMap<ConnectKey, Connector> = LruHashMap::with_max_entries(CONNECT_MAX_ENTRIES, 0);
+
+/// Tuples of sampled refusals whose connector userspace will look up, as [`want_key`]s.
+#[map]
+static CONNECT_WANTED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(CONNECT_WANTED_MAX_ENTRIES, 0);
+
+/// An 8-byte digest of a 4-tuple: both ports, and the addresses folded to 32 bits. Small so the
+/// refusal hooks (the tc one is close to the 512-byte stack limit) can afford it. Two tuples
+/// may share a digest: that only means one connector recorded that nobody asks for.
+#[inline(always)]
+fn want_key(client: u32, client_port: u16, target: u32, target_port: u16) -> u64 {
+    (u64::from(client ^ target.rotate_left(16)) << 32)
+        | (u64::from(client_port) << 16)
+        | u64::from(target_port)
+}
+
+/// An address folded to 32 bits, the same for an IPv4 address and its IPv4-mapped IPv6 form
+/// (an IPv6 socket dialing `::ffff:a.b.c.d` sends an IPv4 SYN).
+#[inline(always)]
+fn fold_v4(a: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(a) ^ u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+#[inline(always)]
+fn fold_v6(a: &[u8; 16]) -> u32 {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    w(0) ^ w(4) ^ w(8) ^ w(12)
+}
+
+/// Called by the refusal hooks for each sample they send: the connector of this tuple is wanted.
+#[inline(always)]
+pub fn want(family: u8, client: &[u8; 16], client_port: u16, target: &[u8; 16], target_port: u16) {
+    let (c, t) = if family == AF_INET {
+        (
+            fold_v4([client[0], client[1], client[2], client[3]]),
+            fold_v4([target[0], target[1], target[2], target[3]]),
+        )
+    } else {
+        (fold_v6(client), fold_v6(target))
+    };
+    let _ = CONNECT_WANTED.insert(&want_key(c, client_port, t, target_port), &1, 0);
+}
 
 // `struct sock` / `struct inet_sock` offsets, from BTF.
 #[unsafe(no_mangle)]
@@ -69,7 +123,7 @@ static CONNECT_V6: Global<u32> = Global::new(0);
 #[inline(always)]
 fn daddr(sk: u64, family: u16) -> Option<[u8; 16]> {
     if family == AF_INET as u16 {
-        let v4: [u8; 4] = read(sk + OFF_SK_DADDR.load() as u64)?;
+        let v4: [u8; 4] = field::<u32>(sk, OFF_SK_DADDR.load()).to_ne_bytes();
         let mut a = [0u8; 16];
         a[..4].copy_from_slice(&v4);
         Some(mapped(AF_INET, &a))
@@ -86,7 +140,7 @@ pub fn started(sk: u64) {
     if sk == 0 {
         return;
     }
-    let Some(family) = read::<u16>(sk + OFF_SK_FAMILY.load() as u64) else { return };
+    let family: u16 = field(sk, OFF_SK_FAMILY.load());
     let Some(dst) = daddr(sk, family) else { return };
     if CONNECT_DESTS.get(Key::new(128, dst)).is_none() {
         return;
@@ -99,9 +153,10 @@ pub fn started(sk: u64) {
         comm: bpf_get_current_comm().unwrap_or_default(),
         ..Default::default()
     };
-    if let Some(net) = read::<u64>(sk + OFF_SK_NET.load() as u64) {
-        who.netns_cookie = read(net + OFF_CONN_NET_COOKIE.load() as u64).unwrap_or(0);
-        who.netns_ino = read(net + OFF_CONN_NET_NS_INUM.load() as u64).unwrap_or(0);
+    let net: u64 = field(sk, OFF_SK_NET.load());
+    if net != 0 {
+        who.netns_cookie = field(net, OFF_CONN_NET_COOKIE.load());
+        who.netns_ino = field(net, OFF_CONN_NET_NS_INUM.load());
     }
     let _ = CONNECT_PENDING.insert(&sk, &who, 0);
 }
@@ -114,10 +169,10 @@ pub fn closed(sk: u64) {
     }
     let Some(who) = (unsafe { CONNECT_PENDING.get(&sk) }).copied() else { return };
     let _ = CONNECT_PENDING.remove(&sk);
-    let Some(family) = read::<u16>(sk + OFF_SK_FAMILY.load() as u64) else { return };
+    let family: u16 = field(sk, OFF_SK_FAMILY.load());
     let Some(target_addr) = daddr(sk, family) else { return };
     let client_addr = if family == AF_INET as u16 {
-        let Some(v4) = read::<[u8; 4]>(sk + OFF_SK_RCV_SADDR.load() as u64) else { return };
+        let v4: [u8; 4] = field::<u32>(sk, OFF_SK_RCV_SADDR.load()).to_ne_bytes();
         let mut a = [0u8; 16];
         a[..4].copy_from_slice(&v4);
         mapped(AF_INET, &a)
@@ -128,7 +183,7 @@ pub fn closed(sk: u64) {
     // Both ports are big-endian on the socket. (skc_num would be host order, but closing has
     // already released the port and zeroed it; inet_sport keeps it.)
     let Some(sport) = read::<u16>(sk + OFF_INET_SPORT.load() as u64) else { return };
-    let Some(dport) = read::<u16>(sk + OFF_SK_DPORT.load() as u64) else { return };
+    let dport: u16 = field(sk, OFF_SK_DPORT.load());
     let key = ConnectKey {
         client_addr,
         target_addr,
@@ -136,5 +191,20 @@ pub fn closed(sk: u64) {
         target_port: u16::from_be(dport),
         _pad: 0,
     };
+    let wanted =
+        want_key(fold_v6(&key.client_addr), key.client_port, fold_v6(&key.target_addr), key.target_port);
+    if unsafe { CONNECT_WANTED.get(&wanted) }.is_none() {
+        return;
+    }
+    let _ = CONNECT_WANTED.remove(&wanted);
     let _ = CONNECTORS.insert(&key, &who, 0);
+}
+
+/// SYN_SENT -> ESTABLISHED: the connect succeeded, nothing to attribute.
+#[inline(always)]
+pub fn established(sk: u64) {
+    // Most connections on a host are not to a watched prefix: look before taking the bucket lock.
+    if sk != 0 && unsafe { CONNECT_PENDING.get(&sk) }.is_some() {
+        let _ = CONNECT_PENDING.remove(&sk);
+    }
 }

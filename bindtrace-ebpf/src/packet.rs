@@ -21,41 +21,41 @@ const TCP_FLAG_ACK: u8 = 0x10;
 #[inline(always)]
 pub fn tcp_syn(skb: u64) -> Option<Segment> {
     let (ip, tcp) = header_addrs(skb)?;
-    let flags: u8 = read(tcp + 13)?;
-    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST) != TCP_FLAG_SYN {
+    // One copy per header: ports at 0..4 and flags at 13 of TCP's; IPv4's fixed 20 bytes
+    // (version, protocol at 9, addresses at 12 and 16), or IPv6's 40 (next header at 6,
+    // addresses at 8 and 24).
+    let th: [u8; 14] = read(tcp)?;
+    if th[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST) != TCP_FLAG_SYN {
         return None;
     }
-    let ports: [u8; 4] = read(tcp)?;
     let mut seg = Segment {
         family: 0,
         proto: IPPROTO_TCP,
         saddr: [0; 16],
         daddr: [0; 16],
-        sport: u16::from_be_bytes([ports[0], ports[1]]),
-        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        sport: u16::from_be_bytes([th[0], th[1]]),
+        dport: u16::from_be_bytes([th[2], th[3]]),
     };
-    let version: u8 = read(ip)?;
-    match version >> 4 {
+    let v4: [u8; 20] = read(ip)?;
+    match v4[0] >> 4 {
         4 => {
-            // protocol at 9, saddr at 12, daddr at 16
-            let hdr: [u8; 20] = read(ip)?;
-            if hdr[9] != IPPROTO_TCP {
+            if v4[9] != IPPROTO_TCP {
                 return None;
             }
             seg.family = AF_INET;
-            seg.saddr[..4].copy_from_slice(&hdr[12..16]);
-            seg.daddr[..4].copy_from_slice(&hdr[16..20]);
+            seg.saddr[..4].copy_from_slice(&v4[12..16]);
+            seg.daddr[..4].copy_from_slice(&v4[16..20]);
         }
         6 => {
-            // Next header at 6. Extension headers are not followed: a refused SYN practically
-            // never carries any, and kfree_skb also frees UDP, which must not pass for TCP.
-            let next: u8 = read(ip + 6)?;
-            if next != IPPROTO_TCP {
+            // Extension headers are not followed: a refused SYN practically never carries
+            // any, and kfree_skb also frees UDP, which must not pass for TCP.
+            if v4[6] != IPPROTO_TCP {
                 return None;
             }
+            let v6: [u8; 40] = read(ip)?;
             seg.family = AF_INET6;
-            seg.saddr = read(ip + 8)?;
-            seg.daddr = read(ip + 24)?;
+            seg.saddr.copy_from_slice(&v6[8..24]);
+            seg.daddr.copy_from_slice(&v6[24..40]);
         }
         _ => return None,
     }

@@ -109,6 +109,7 @@ pub fn record<C: aya_ebpf::EbpfContext>(
             ingress.ifindex
         );
         emit(now, hook, ingress, bridge, seg);
+        crate::connect::want(seg.family, &seg.saddr, seg.sport, &seg.daddr, seg.dport);
     }
 }
 

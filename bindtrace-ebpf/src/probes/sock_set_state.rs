@@ -3,10 +3,10 @@
 //! Not a refusal hook: it records who connects to a watched bridge's prefix (see `connect.rs`),
 //! so a refusal can be attributed to docker-proxy, a host process or another container. It runs
 //! on every TCP state change of the host, so the first tests are on the two state arguments
-//! (registers): only CLOSE -> SYN_SENT (a `connect()`) and SYN_SENT -> CLOSE go further. Loaded
+//! (registers): only CLOSE -> SYN_SENT (a `connect()`) and SYN_SENT's way out go further. Loaded
 //! next to the refusal hook and optional: without it, bindtrace works, `via` is just less precise.
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use bindtrace_common::{TCP_CLOSE, TCP_SYN_SENT};
+use bindtrace_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT};
 
 use crate::connect;
 
@@ -18,6 +18,8 @@ pub fn bt_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         connect::started(ctx.arg(0));
     } else if old == TCP_SYN_SENT && new == TCP_CLOSE {
         connect::closed(ctx.arg(0));
+    } else if old == TCP_SYN_SENT && new == TCP_ESTABLISHED {
+        connect::established(ctx.arg(0));
     }
     0
 }
