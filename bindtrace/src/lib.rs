@@ -29,6 +29,7 @@ pub mod scope;
 pub mod sock_layout;
 pub mod sockets;
 pub mod tc;
+pub mod timer;
 pub mod v6only;
 pub mod verdict;
 pub mod via;

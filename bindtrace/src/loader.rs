@@ -73,14 +73,27 @@ pub fn check_object() -> Result<(), LoadError> {
 }
 
 impl Loaded {
+    /// A loader that holds no BTF of its own. aya 0.14's `EbpfLoader::new()` parses
+    /// /sys/kernel/btf/vmlinux itself (~16 MB of heap on a 5.5 MB vmlinux BTF), a copy nobody
+    /// can borrow: let it go before the caller parses the one it keeps, so that two copies are
+    /// never alive together (they made the process's peak RSS).
+    pub fn loader() -> EbpfLoader<'static> {
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        loader
+    }
+
+    /// `loader` comes from [`Loaded::loader`].
     pub fn load(
+        loader: EbpfLoader<'static>,
         layout: &KernelLayout,
         hook: Hook,
         btf: &Btf,
         opts: &LoadOptions,
     ) -> Result<Loaded, LoadError> {
         check_object()?;
-        let mut loader = EbpfLoader::new();
+        // Narrowed to this call: it borrows the BTF and the globals below.
+        let mut loader: EbpfLoader<'_> = loader;
         // `must_exist` everywhere: a global the object lacks means the object and loader disagree.
         loader
             .btf(Some(btf))

@@ -8,6 +8,15 @@ use bindtrace::{
 };
 
 fn main() -> std::process::ExitCode {
+    // glibc raises its mmap threshold to the size of the largest block freed, so after the
+    // 5.5 MB vmlinux BTF blob is freed the next parses' multi-MB buffers come from the heap,
+    // grow there by copying, and stay resident when freed. A fixed threshold (which also stops
+    // the raising) puts them in their own mappings, given back on free.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {

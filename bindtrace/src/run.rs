@@ -38,7 +38,9 @@ use crate::{
     report::{DockerContext, LostReport, Report, now_rfc3339},
     scope::{self, Bridges, Port, Resolver},
     sock_layout::SockLayout,
-    sockets, tc, verdict, via,
+    sockets, tc,
+    timer::PollTimer,
+    verdict, via,
 };
 
 /// How often the kernel counters are read when nothing is pending: this is the only periodic
@@ -115,6 +117,8 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
         true => None,
         false => Some(docker::socket_path(args.docker_host.as_deref()).map_err(anyhow::Error::msg)?),
     };
+    // Before aya's copy of the BTF is parsed (see `Loaded::loader`).
+    let loader = Loaded::loader();
     let aya_btf = aya::Btf::from_sys_fs().context("loading /sys/kernel/btf/vmlinux")?;
     let opts = LoadOptions {
         ringbuf_bytes: args.ringbuf_size,
@@ -126,7 +130,7 @@ pub fn setup(args: &Args) -> anyhow::Result<Detector> {
         },
         tc_mode,
     };
-    let mut loaded = Loaded::load(&layout, hook, &aya_btf, &opts)?;
+    let mut loaded = Loaded::load(loader, &layout, hook, &aya_btf, &opts)?;
     match hook.tracepoint() {
         Some(tp) => log::info!("attached tp_btf/{tp} (hook {hook}: {why})"),
         None => log::info!(
@@ -535,9 +539,10 @@ impl Detector {
         // Tests and scripts wait for this line on stderr.
         eprintln!("bindtrace: ready");
 
+        let mut poll_timer = PollTimer::new().context("creating the poll timer")?;
         let mut next_poll = Instant::now() + IDLE_POLL;
         loop {
-            let sleep = tokio::time::sleep_until(next_poll.into());
+            poll_timer.arm(next_poll).context("arming the poll timer")?;
             let audit_at = self.docker.auditor.next_due();
             tokio::select! {
                 _ = sigint.recv() => break,
@@ -574,7 +579,7 @@ impl Detector {
                     self.rescan()?;
                 }
                 _ = kernel_log.readable() => kernel_log.flush(),
-                _ = sleep => {}
+                fired = poll_timer.wait() => fired.context("waiting on the poll timer")?,
             }
             let now = Instant::now();
             if now >= next_poll {

@@ -22,21 +22,39 @@ const USAGE: &str = "usage: bindtrace-bench [--short] [--rounds N] [--seconds S]
   --short      a smoke run: every phase once, briefly (checks the harness works; the figures mean little)
   --rounds N   interleaved rounds per configuration (default 5, at least 5 for a real run)
   --seconds S  length of each flood (default 5)
-  --out FILE   also write the tables (markdown) to FILE";
+  --out FILE   also write the tables (markdown) to FILE
+  --only LIST  only these phases, comma-separated: throughput, latency, bpf, idle (default: all)";
+
+pub const PHASES: [&str; 4] = ["throughput", "latency", "bpf", "idle"];
 
 pub struct Options {
     pub short: bool,
     pub rounds: usize,
     pub seconds: f64,
     pub out: Option<PathBuf>,
+    pub phases: Vec<String>,
     /// CPU of the load generator (and so of the kernel's reset path, which runs in the
     /// sender's softirq on a veth), and CPU of the tracer, the server and this harness.
     pub gen_cpu: usize,
     pub tracer_cpu: usize,
 }
 
+impl Options {
+    pub fn runs(&self, phase: &str) -> bool {
+        self.phases.is_empty() || self.phases.iter().any(|p| p == phase)
+    }
+}
+
 fn options() -> Result<Options, String> {
-    let mut o = Options { short: false, rounds: 5, seconds: 5.0, out: None, gen_cpu: 0, tracer_cpu: 1 };
+    let mut o = Options {
+        short: false,
+        rounds: 5,
+        seconds: 5.0,
+        out: None,
+        phases: Vec::new(),
+        gen_cpu: 0,
+        tracer_cpu: 1,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |what: &str| args.next().ok_or(format!("{a} needs {what}"));
@@ -45,6 +63,12 @@ fn options() -> Result<Options, String> {
             "--rounds" => o.rounds = value("a count")?.parse().map_err(|_| "--rounds: a count")?,
             "--seconds" => o.seconds = value("seconds")?.parse().map_err(|_| "--seconds: a number")?,
             "--out" => o.out = Some(PathBuf::from(value("a file")?)),
+            "--only" => {
+                o.phases = value("a list")?.split(',').map(str::to_owned).collect();
+                if let Some(bad) = o.phases.iter().find(|p| !PHASES.contains(&p.as_str())) {
+                    return Err(format!("--only: unknown phase {bad} (phases: {})", PHASES.join(", ")));
+                }
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);

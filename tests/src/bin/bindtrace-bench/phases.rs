@@ -33,7 +33,7 @@ pub fn run_all(lab: &Lab, o: &Options) -> anyhow::Result<Report> {
     eprintln!("bindtrace-bench: warm-up");
     flood(lab, o, o.seconds.min(1.0), (SERVER_PORT, SERVER_PORT))?;
 
-    for round in 1..=o.rounds {
+    for round in (1..=o.rounds).filter(|_| o.runs("throughput")) {
         for config in THROUGHPUT_CONFIGS {
             eprintln!("bindtrace-bench: round {round}/{}: {}", o.rounds, config.label());
             let r = throughput_round(lab, o, config, &mut report.startups)?;
@@ -42,13 +42,13 @@ pub fn run_all(lab: &Lab, o: &Options) -> anyhow::Result<Report> {
     }
 
     let (moderate_keys, max_keys) = if o.short { (300u16, 1000u16) } else { (3000, 10000) };
-    for hook in [Hook::TcpSendReset, Hook::KfreeSkb] {
+    for hook in [Hook::TcpSendReset, Hook::KfreeSkb].into_iter().filter(|_| o.runs("latency")) {
         eprintln!("bindtrace-bench: first-line latency, {}", hook.arg());
         report.latency.push(latency_run(lab, o, hook, "1 000 new keys/s", 30000, moderate_keys, Some(1000))?);
         report.latency.push(latency_run(lab, o, hook, "maximum rate", 40000, max_keys, None)?);
     }
 
-    {
+    if o.runs("bpf") {
         let _stats = bpfstats::StatsEnabled::on()?;
         for config in [
             Config::Bindtrace(Hook::TcpSendReset),
@@ -61,8 +61,10 @@ pub fn run_all(lab: &Lab, o: &Options) -> anyhow::Result<Report> {
         }
     }
 
-    eprintln!("bindtrace-bench: idle");
-    report.idle = Some(idle_run(lab, o)?);
+    if o.runs("idle") {
+        eprintln!("bindtrace-bench: idle");
+        report.idle = Some(idle_run(lab, o)?);
+    }
     Ok(report)
 }
 
