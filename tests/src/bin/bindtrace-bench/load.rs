@@ -66,3 +66,30 @@ pub fn udp_drops(ns: &Netns, count: u32) {
         }
     });
 }
+
+/// `count` ordinary TCP exchanges on `ns`'s loopback (connect, 64 bytes each way, close): the
+/// packets of healthy traffic, which the kernel consumes rather than drops.
+pub fn ordinary_tcp(ns: &Netns, count: u32) {
+    use std::io::{Read, Write};
+    ns.run(|| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for conn in listener.incoming().take(count as usize) {
+                    let Ok(mut conn) = conn else { continue };
+                    let mut buf = [0u8; 64];
+                    if conn.read_exact(&mut buf).is_ok() {
+                        let _ = conn.write_all(&buf);
+                    }
+                }
+            });
+            for _ in 0..count {
+                let Ok(mut c) = std::net::TcpStream::connect(addr) else { continue };
+                let mut buf = [7u8; 64];
+                let _ = c.write_all(&buf);
+                let _ = c.read_exact(&mut buf);
+            }
+        });
+    });
+}

@@ -33,12 +33,8 @@ pub fn run_all(lab: &Lab, o: &Options) -> anyhow::Result<Report> {
     eprintln!("bindtrace-bench: warm-up");
     flood(lab, o, o.seconds.min(1.0), (SERVER_PORT, SERVER_PORT))?;
 
-    for round in (1..=o.rounds).filter(|_| o.runs("throughput")) {
-        for config in THROUGHPUT_CONFIGS {
-            eprintln!("bindtrace-bench: round {round}/{}: {}", o.rounds, config.label());
-            let r = throughput_round(lab, o, config, &mut report.startups)?;
-            report.throughput.entry(config.label()).or_default().push(r);
-        }
+    if o.runs("throughput") {
+        throughput(lab, o, &mut report)?;
     }
 
     let (moderate_keys, max_keys) = if o.short { (300u16, 1000u16) } else { (3000, 10000) };
@@ -66,6 +62,31 @@ pub fn run_all(lab: &Lab, o: &Options) -> anyhow::Result<Report> {
         report.idle = Some(idle_run(lab, o)?);
     }
     Ok(report)
+}
+
+/// Each round runs every tracer between two runs without one (none, A, none, B, none, C, then
+/// the next round's first none): the machine's speed drifts by several percent over seconds
+/// (a shared VM), so each run is compared with the mean of the no-tracer runs on either side.
+fn throughput(lab: &Lab, o: &Options, report: &mut Report) -> anyhow::Result<()> {
+    let tracers: Vec<Config> = THROUGHPUT_CONFIGS.into_iter().filter(|c| *c != Config::NoTracer).collect();
+    let mut baseline = vec![throughput_round(lab, o, Config::NoTracer, &mut report.startups)?];
+    let mut runs: Vec<(Config, FloodRound, usize)> = Vec::new();
+    for round in 1..=o.rounds {
+        for &config in &tracers {
+            eprintln!("bindtrace-bench: round {round}/{}: {}", o.rounds, config.label());
+            let r = throughput_round(lab, o, config, &mut report.startups)?;
+            runs.push((config, r, baseline.len() - 1));
+            baseline.push(throughput_round(lab, o, Config::NoTracer, &mut report.startups)?);
+        }
+    }
+    for (config, mut r, before) in runs {
+        let around =
+            (baseline[before].load.refused_per_sec + baseline[before + 1].load.refused_per_sec) / 2.0;
+        r.ratio = Some(r.load.refused_per_sec / around);
+        report.throughput.entry(config.label()).or_default().push(r);
+    }
+    report.throughput.insert(Config::NoTracer.label(), baseline);
+    Ok(())
 }
 
 /// The generator alone, hammering `ports` on the container, for `seconds`.
@@ -101,6 +122,7 @@ fn throughput_round(
         cpu,
         peak_rss_kib,
         folded_delays: folded_delays(&stopped.lines),
+        ratio: None,
     })
 }
 
@@ -187,15 +209,21 @@ fn bpf_round(lab: &Lab, o: &Options, config: Config) -> anyhow::Result<BpfRun> {
     flood(lab, o, o.seconds, (SERVER_PORT, SERVER_PORT))?;
     let after = bpfstats::of_process(pid);
     let refusals = snmp_out_rsts(&lab.ctr.ns) - rsts_before;
-    let unrelated = if config == Config::Bindtrace(Hook::KfreeSkb) {
+    let (unrelated, ordinary) = if config == Config::Bindtrace(Hook::KfreeSkb) {
         let count = if o.short { 20_000 } else { 200_000 };
         load::udp_drops(&lab.topo.host, count);
-        Some((count, bpfstats::delta(&after, &bpfstats::of_process(pid))))
+        let dropped = bpfstats::of_process(pid);
+        let connections = if o.short { 200 } else { 2_000 };
+        load::ordinary_tcp(&lab.topo.host, connections);
+        (
+            Some((count, bpfstats::delta(&after, &dropped))),
+            Some((connections, bpfstats::delta(&dropped, &bpfstats::of_process(pid)))),
+        )
     } else {
-        None
+        (None, None)
     };
     tracer.stop()?;
-    Ok(BpfRun { config, refusals, progs: bpfstats::delta(&before, &after), unrelated })
+    Ok(BpfRun { config, refusals, progs: bpfstats::delta(&before, &after), unrelated, ordinary })
 }
 
 fn idle_run(lab: &Lab, o: &Options) -> anyhow::Result<IdleRun> {

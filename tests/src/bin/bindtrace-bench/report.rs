@@ -24,6 +24,8 @@ pub struct FloodRound {
     pub cpu: Option<Sched>,
     pub peak_rss_kib: Option<u64>,
     pub folded_delays: Vec<u64>,
+    /// Refusals/s over the mean of the no-tracer runs just before and just after.
+    pub ratio: Option<f64>,
 }
 
 pub struct LatencyRun {
@@ -46,6 +48,8 @@ pub struct BpfRun {
     pub progs: Vec<ProgStats>,
     /// kfree-skb only: datagrams sent to a closed port out of scope, and the programs' runs then.
     pub unrelated: Option<(u32, Vec<ProgStats>)>,
+    /// kfree-skb only: ordinary TCP connections on loopback, and the programs' runs then.
+    pub ordinary: Option<(u32, Vec<ProgStats>)>,
 }
 
 pub struct IdleRun {
@@ -86,15 +90,15 @@ impl Report {
         self.throughput.get(&c.label()).map(Vec::as_slice).unwrap_or(&[])
     }
 
-    /// Per-round ratios of `c`'s client-seen refusal rate to `base`'s (rounds are interleaved,
-    /// so round i of each ran back to back).
+    /// `c`'s throughput relative to no tracer, per round (each run against the no-tracer runs
+    /// on either side of it), or relative to `base`'s in the same round.
     fn ratios(&self, c: Config, base: Config) -> Spread {
-        let r: Vec<f64> = self
-            .rounds(c)
-            .iter()
-            .zip(self.rounds(base))
-            .map(|(a, b)| a.load.refused_per_sec / b.load.refused_per_sec)
-            .collect();
+        let own = self.rounds(c).iter().filter_map(|r| r.ratio);
+        let r: Vec<f64> = if base == Config::NoTracer {
+            own.collect()
+        } else {
+            own.zip(self.rounds(base).iter().filter_map(|r| r.ratio)).map(|(a, b)| a / b).collect()
+        };
         Spread::of(&r)
     }
 
@@ -154,8 +158,9 @@ impl Report {
             "Load: `bindtrace-loadgen`, one thread on CPU {} (the kernel's reset path runs there too: a veth \
              delivers in the sender's softirq), non-blocking connects with up to 64 in flight, each kept until \
              its reset arrives; the tracer, the harness and the loopback-bound server on CPU {}. Floods of {} s \
-             against 172.17.0.2:{} (a server bound to 127.0.0.1:{} in the container namespace), {} interleaved \
-             round(s) per configuration. Ground truth: the container namespace's `Tcp OutRsts` delta.\n",
+             against 172.17.0.2:{} (a server bound to 127.0.0.1:{} in the container namespace), {} round(s); \
+             each tracer's run sits between two runs without a tracer and is compared with their mean. \
+             Ground truth: the container namespace's `Tcp OutRsts` delta.\n",
             o.gen_cpu,
             o.tracer_cpu,
             o.seconds,
@@ -175,9 +180,9 @@ impl Report {
         let _ = writeln!(s, "### Throughput\n");
         let _ = writeln!(
             s,
-            "| configuration | refusals/s seen by the client, median [min–max] | ratio to no tracer, median [min–max] | resets counted / sent (OutRsts) | samples lost |"
+            "| configuration | runs | refusals/s seen by the client, median [min–max] | ratio to the no-tracer runs around it, median [min–max] | resets counted / sent (OutRsts) | samples lost | tracer peak RSS |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
         for c in THROUGHPUT_CONFIGS {
             let rounds = self.rounds(c);
             if rounds.is_empty() {
@@ -203,10 +208,15 @@ impl Report {
                 Config::Bindtrace(_) => rounds.iter().map(|r| r.lost_samples).sum::<u64>().to_string(),
                 _ => "–".into(),
             };
+            let rss = match rounds.iter().filter_map(|r| r.peak_rss_kib).max() {
+                Some(kib) => format!("{:.1} MiB", kib as f64 / 1024.0),
+                None => "–".into(),
+            };
             let _ = writeln!(
                 s,
-                "| {} | {:.0} [{:.0}–{:.0}] | {ratio} | {exact} | {lost} |",
+                "| {} | {} | {:.0} [{:.0}–{:.0}] | {ratio} | {exact} | {lost} | {rss} |",
                 c.label(),
+                rounds.len(),
                 rate.median,
                 rate.min,
                 rate.max
@@ -255,6 +265,18 @@ impl Report {
                     p.name,
                     p.runs,
                     b.refusals
+                );
+            }
+            if let Some((connections, progs)) = &b.ordinary {
+                let runs: u64 = progs.iter().filter(|p| p.name.contains("kfree")).map(|p| p.runs).sum();
+                let _ = writeln!(
+                    s,
+                    "| {} on {connections} ordinary TCP connections (64 bytes each way, loopback) | bt_kfree_skb | {runs} | {} | – | – |",
+                    b.config.label(),
+                    progs
+                        .iter()
+                        .find(|p| p.name.contains("kfree") && p.runs > 0)
+                        .map_or("–".into(), |p| format!("{:.0}", p.run_ns as f64 / p.runs as f64))
                 );
             }
             if let Some((sent, progs)) = &b.unrelated {
@@ -327,7 +349,8 @@ impl Report {
             );
         }
         let peak = self.peak_rss_kib();
-        let _ = writeln!(s, "| peak RSS (VmHWM), over every flood | {:.1} MiB |", peak as f64 / 1024.0);
+        let _ =
+            writeln!(s, "| peak RSS (VmHWM), over every bindtrace flood | {:.1} MiB |", peak as f64 / 1024.0);
         if let Some(idle) = &self.idle {
             let total = idle.per_thread.iter().fold(Sched::default(), |a, (_, t)| Sched {
                 run_ns: a.run_ns + t.run_ns,
@@ -365,8 +388,15 @@ impl Report {
         let _ = writeln!(s);
     }
 
+    /// bindtrace's peak RSS over its floods (bpftrace's is in the throughput table).
     fn peak_rss_kib(&self) -> u64 {
-        self.throughput.values().flatten().filter_map(|r| r.peak_rss_kib).max().unwrap_or(0)
+        THROUGHPUT_CONFIGS
+            .iter()
+            .filter(|c| matches!(c, Config::Bindtrace(_)))
+            .flat_map(|c| self.rounds(*c))
+            .filter_map(|r| r.peak_rss_kib)
+            .max()
+            .unwrap_or(0)
     }
 
     fn targets_table(&self, s: &mut String) {
