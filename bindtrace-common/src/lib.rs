@@ -130,9 +130,11 @@ pub const TCP_ESTABLISHED: u32 = 1;
 pub const TCP_SYN_SENT: u32 = 2;
 pub const TCP_CLOSE: u32 = 7;
 
-/// Capacity of `CONNECT_PENDING` (connects in flight to a watched prefix, by socket) and of
-/// `CONNECTORS` (refused connects, by 4-tuple). Both are LRU maps: old entries make room.
+/// Capacity of `CONNECTORS` (sampled refused connects, by 4-tuple), an LRU map: old entries
+/// make room.
 pub const CONNECT_MAX_ENTRIES: u32 = 8_192;
+/// Slots of the connect tracker's parking array (a power of two): connects in flight at once.
+pub const CONNECT_PARKED_SLOTS: u32 = 8_192;
 /// Capacity of `CONNECT_DESTS`: address prefixes of the watched bridges.
 pub const CONNECT_DESTS_MAX_ENTRIES: u32 = 1_024;
 /// Sampled refusals whose connector is wanted (one per sample; samples are rate-limited).
@@ -143,8 +145,6 @@ pub const CONNECT_WANTED_MAX_ENTRIES: u32 = 4_096;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Connector {
-    /// `bpf_ktime_get_ns()` when the connection started.
-    pub ktime_ns: u64,
     /// Network namespace of the connecting socket.
     pub netns_cookie: u64,
     pub netns_ino: u32,

@@ -10,8 +10,12 @@
 //!   the destination is in a watched bridge's prefix (one LPM lookup; everything else leaves).
 //! - SYN_SENT -> CLOSE (the reset arrived, or the connect failed) has the full 4-tuple; the
 //!   parked task moves to `CONNECTORS` under that tuple, where userspace finds it from the
-//!   refusal's own tuple. Connections that succeed (SYN_SENT -> ESTABLISHED) leave the parking
-//!   map, so it holds only connects in flight and needs no LRU.
+//!   refusal's own tuple.
+//!
+//! The parking place is a direct-mapped array indexed by a hash of the socket's cookie, not a
+//! hash map: an array slot is a plain memory access (the verifier inlines the lookup), where a
+//! hash insert and delete per connection took locks and cost more than the rest together. Two
+//! sockets in flight at once that share a slot lose the older one's attribution, never a count.
 //!
 //! A refused flood is one connect after another to the same port, but userspace only ever asks
 //! about the refusals it got a sample of (`refusal::emit`). The refusal hooks run before the
@@ -26,13 +30,14 @@
 //! Struct offsets come from BTF through the loader, like everything in `kernel.rs`.
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    cty::c_void,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
 };
 use bindtrace_common::{
-    AF_INET, AF_INET6, Addr16, CONNECT_DESTS_MAX_ENTRIES, CONNECT_MAX_ENTRIES, CONNECT_WANTED_MAX_ENTRIES,
-    ConnectKey, Connector, mapped,
+    AF_INET, AF_INET6, Addr16, CONNECT_DESTS_MAX_ENTRIES, CONNECT_MAX_ENTRIES, CONNECT_PARKED_SLOTS,
+    CONNECT_WANTED_MAX_ENTRIES, ConnectKey, Connector, mapped,
 };
 
 use crate::kernel::{field, read};
@@ -41,10 +46,30 @@ use crate::kernel::{field, read};
 #[map]
 static CONNECT_DESTS: LpmTrie<Addr16, u32> = LpmTrie::with_max_entries(CONNECT_DESTS_MAX_ENTRIES, 0);
 
-/// Connects in flight to a watched prefix, by socket address. Every entry leaves when its
-/// connect ends; when more are in flight than fit, the extra ones are not attributed.
+/// A connect in flight: the socket's cookie, and who made it.
+#[repr(C)]
+pub struct Parked {
+    cookie: u64,
+    who: Connector,
+}
+
+/// Connects in flight to a watched prefix, in slot [`slot_of`] of their socket's cookie.
 #[map]
-static CONNECT_PENDING: HashMap<u64, Connector> = HashMap::with_max_entries(CONNECT_MAX_ENTRIES, 0);
+static CONNECT_PARKED: Array<Parked> = Array::with_max_entries(CONNECT_PARKED_SLOTS, 0);
+
+/// The socket's cookie: unique for the kernel's lifetime, and a number (the verifier allows no
+/// arithmetic on the socket pointer itself).
+#[inline(always)]
+fn cookie_of(sk: u64) -> u64 {
+    // SAFETY: `sk` is the tracepoint's BTF-typed socket, the argument this helper takes.
+    unsafe { bpf_get_socket_cookie(sk as *mut c_void) }
+}
+
+/// Fibonacci hashing of a socket cookie onto the slots (a power of two).
+#[inline(always)]
+fn slot_of(cookie: u64) -> u32 {
+    (cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - CONNECT_PARKED_SLOTS.trailing_zeros())) as u32
+}
 
 /// Connects that ended in SYN_SENT -> CLOSE, by 4-tuple. Read by userspace.
 #[map]
@@ -146,19 +171,26 @@ pub fn started(sk: u64) {
         return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    let mut who = Connector {
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
+    let net: u64 = field(sk, OFF_SK_NET.load());
+    // Every field set here (no `..Default::default()`: that is a memset call per connect).
+    let who = Connector {
+        netns_cookie: if net != 0 { field(net, OFF_CONN_NET_COOKIE.load()) } else { 0 },
+        netns_ino: if net != 0 { field(net, OFF_CONN_NET_NS_INUM.load()) } else { 0 },
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-        ..Default::default()
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    let net: u64 = field(sk, OFF_SK_NET.load());
-    if net != 0 {
-        who.netns_cookie = field(net, OFF_CONN_NET_COOKIE.load());
-        who.netns_ino = field(net, OFF_CONN_NET_NS_INUM.load());
+    let cookie = cookie_of(sk);
+    if let Some(p) = CONNECT_PARKED.get_ptr_mut(slot_of(cookie)) {
+        // The owner last, so a reader that finds it finds the record complete (stores are not
+        // reordered with other stores on x86; elsewhere this is best effort).
+        unsafe {
+            (*p).cookie = 0;
+            (*p).who = who;
+            core::ptr::write_volatile(&raw mut (*p).cookie, cookie);
+        }
     }
-    let _ = CONNECT_PENDING.insert(&sk, &who, 0);
 }
 
 /// SYN_SENT -> CLOSE: the tuple is complete now.
@@ -167,8 +199,17 @@ pub fn closed(sk: u64) {
     if sk == 0 {
         return;
     }
-    let Some(who) = (unsafe { CONNECT_PENDING.get(&sk) }).copied() else { return };
-    let _ = CONNECT_PENDING.remove(&sk);
+    let cookie = cookie_of(sk);
+    let Some(p) = CONNECT_PARKED.get_ptr_mut(slot_of(cookie)) else { return };
+    // Read the record between two checks of its owner: another connect may take the slot.
+    if unsafe { core::ptr::read_volatile(&raw const (*p).cookie) } != cookie {
+        return;
+    }
+    let who = unsafe { (*p).who };
+    if unsafe { core::ptr::read_volatile(&raw const (*p).cookie) } != cookie {
+        return;
+    }
+    unsafe { (*p).cookie = 0 };
     let family: u16 = field(sk, OFF_SK_FAMILY.load());
     let Some(target_addr) = daddr(sk, family) else { return };
     let client_addr = if family == AF_INET as u16 {
@@ -200,11 +241,16 @@ pub fn closed(sk: u64) {
     let _ = CONNECTORS.insert(&key, &who, 0);
 }
 
-/// SYN_SENT -> ESTABLISHED: the connect succeeded, nothing to attribute.
+/// SYN_SENT -> ESTABLISHED: the connect succeeded, nothing to attribute; free the slot.
 #[inline(always)]
 pub fn established(sk: u64) {
-    // Most connections on a host are not to a watched prefix: look before taking the bucket lock.
-    if sk != 0 && unsafe { CONNECT_PENDING.get(&sk) }.is_some() {
-        let _ = CONNECT_PENDING.remove(&sk);
+    if sk == 0 {
+        return;
+    }
+    let cookie = cookie_of(sk);
+    if let Some(p) = CONNECT_PARKED.get_ptr_mut(slot_of(cookie))
+        && unsafe { (*p).cookie } == cookie
+    {
+        unsafe { (*p).cookie = 0 };
     }
 }

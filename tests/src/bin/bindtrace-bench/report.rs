@@ -144,6 +144,15 @@ impl Report {
             if b.progs.iter().all(|p| p.runs == 0) {
                 f.push(format!("{}: no program run was accounted", b.config.label()));
             }
+            // bindtrace as users run it includes the connect tracker: measure it, or fail.
+            if matches!(b.config, Config::Bindtrace(_))
+                && !b.progs.iter().any(|p| p.name.contains("sock_set") && p.runs > 0)
+            {
+                f.push(format!(
+                    "{}: the connect tracker (inet_sock_set_state) did not run",
+                    b.config.label()
+                ));
+            }
         }
         f
     }
