@@ -6,7 +6,7 @@
 //! Each line carries the increase of the key's total since the previous line, so per key the
 //! `count`s of all lines add up to the kernel's total, whatever was lost on the way.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -26,6 +26,9 @@ struct KeyState {
     reported: u64,
     last_line: Option<Instant>,
     sample: Option<RefusalEvent>,
+    /// The count was read after the window of `last_line` closed: nothing is due for this key
+    /// until a new sample arrives (the kernel sends one for the first refusal after a window).
+    settled: bool,
 }
 
 impl KeyState {
@@ -39,6 +42,10 @@ impl KeyState {
 pub struct Folder {
     window: Duration,
     keys: HashMap<CountKey, KeyState>,
+    /// Keys found in the kernel's map by a full pass before any sample of theirs arrived.
+    /// Their sample (with the client's address) is usually still in the ring buffer: they get
+    /// a line without one only if it has not come by the next full pass (it was lost).
+    map_only: HashSet<CountKey>,
 }
 
 pub fn key_of(ev: &RefusalEvent) -> CountKey {
@@ -53,7 +60,7 @@ pub fn key_of(ev: &RefusalEvent) -> CountKey {
 
 impl Folder {
     pub fn new(window: Duration) -> Folder {
-        Folder { window, keys: HashMap::new() }
+        Folder { window, keys: HashMap::new(), map_only: HashSet::new() }
     }
 
     /// A sample arrived; `total` is the key's kernel total read just now (it includes this
@@ -61,8 +68,10 @@ impl Folder {
     /// one within the window.
     pub fn on_event(&mut self, ev: RefusalEvent, total: u64, now: Instant) -> Option<Line> {
         let key = key_of(&ev);
+        self.map_only.remove(&key);
         let state = self.keys.entry(key).or_default();
         state.sample = Some(ev);
+        state.settled = false;
         if state.in_window(self.window, now) || total <= state.reported {
             return None;
         }
@@ -73,7 +82,28 @@ impl Folder {
         let line = Line { key, count: total - state.reported, sample: state.sample };
         state.reported = total;
         state.last_line = Some(now);
+        state.settled = false;
         line
+    }
+
+    /// Keys whose window has closed and whose count has not been read since: each needs one
+    /// lookup of its kernel count ([`Folder::on_key_total`]), not a pass over the whole map.
+    pub fn due(&self, now: Instant) -> Vec<CountKey> {
+        self.keys
+            .iter()
+            .filter(|(_, s)| !s.settled && s.last_line.is_some() && !s.in_window(self.window, now))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// A due key's kernel count, read just now: a line for what its window folded, if anything.
+    pub fn on_key_total(&mut self, key: CountKey, total: u64, now: Instant) -> Option<Line> {
+        let state = self.keys.get_mut(&key)?;
+        if total > state.reported && !state.in_window(self.window, now) {
+            return Some(Self::take_line(key, state, total, now));
+        }
+        state.settled = true;
+        None
     }
 
     /// Periodic pass over the kernel's totals: a line for every key whose total grew and whose
@@ -87,6 +117,10 @@ impl Folder {
     ) -> Vec<Line> {
         let mut lines = Vec::new();
         for (key, &total) in totals {
+            if !final_flush && !self.keys.contains_key(key) && self.map_only.insert(*key) {
+                continue;
+            }
+            self.map_only.remove(key);
             let state = self.keys.entry(*key).or_default();
             if total <= state.reported {
                 continue;
@@ -100,18 +134,14 @@ impl Folder {
         lines
     }
 
-    /// Whether some key has refusals not yet printed (then the caller polls soon).
-    pub fn pending(&self, totals: &HashMap<CountKey, u64>) -> bool {
-        totals.iter().any(|(k, &t)| self.keys.get(k).is_none_or(|s| t > s.reported))
+    /// Whether a full pass found keys whose sample has not arrived yet (the next pass decides).
+    pub fn awaiting_samples(&self) -> bool {
+        !self.map_only.is_empty()
     }
 
-    /// The earliest instant at which a currently open window closes.
-    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        self.keys
-            .values()
-            .filter(|s| s.in_window(self.window, now))
-            .filter_map(|s| s.last_line.map(|t| t + self.window))
-            .min()
+    /// The earliest instant at which a key's window closes with its count not yet read.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.keys.values().filter(|s| !s.settled).filter_map(|s| s.last_line.map(|t| t + self.window)).min()
     }
 }
 
@@ -166,11 +196,48 @@ mod tests {
     }
 
     #[test]
-    fn keys_known_only_from_the_map_get_lines() {
+    fn keys_known_only_from_the_map_get_lines_at_the_next_pass() {
         let mut f = Folder::new(Duration::from_secs(1));
         let k = key_of(&ev(443));
-        let lines = f.on_totals(&HashMap::from([(k, 9)]), Instant::now(), false);
+        let t0 = Instant::now();
+        // The sample may still be on its way: not yet.
+        assert!(f.on_totals(&HashMap::from([(k, 9)]), t0, false).is_empty());
+        let lines = f.on_totals(&HashMap::from([(k, 9)]), t0 + Duration::from_secs(1), false);
         assert_eq!(lines, vec![Line { key: k, count: 9, sample: None }]);
+    }
+
+    #[test]
+    fn a_sample_that_arrives_after_a_full_pass_gets_the_first_line() {
+        let mut f = Folder::new(Duration::from_secs(1));
+        let k = key_of(&ev(443));
+        let t0 = Instant::now();
+        assert!(f.on_totals(&HashMap::from([(k, 1)]), t0, false).is_empty());
+        let line = f.on_event(ev(443), 1, t0 + Duration::from_millis(2)).expect("line with the sample");
+        assert!(line.sample.is_some());
+        assert!(f.on_totals(&HashMap::from([(k, 1)]), t0 + Duration::from_secs(1), false).is_empty());
+    }
+
+    #[test]
+    fn a_closing_window_costs_one_lookup_and_settles() {
+        let t0 = Instant::now();
+        let mut f = Folder::new(Duration::from_secs(1));
+        let k = key_of(&ev(80));
+        f.on_event(ev(80), 1, t0).expect("first line");
+        assert_eq!(f.next_deadline(), Some(t0 + Duration::from_secs(1)));
+        assert!(f.due(t0 + Duration::from_millis(999)).is_empty());
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(f.due(later), vec![k]);
+        // Folded refusals: a line, and a new window.
+        assert_eq!(f.on_key_total(k, 7, later).map(|l| l.count), Some(6));
+        assert_eq!(f.next_deadline(), Some(later + Duration::from_secs(1)));
+        // Nothing new: settled, no more deadlines for it.
+        let end = later + Duration::from_secs(1);
+        assert_eq!(f.due(end), vec![k]);
+        assert_eq!(f.on_key_total(k, 7, end), None);
+        assert!(f.due(end).is_empty());
+        assert_eq!(f.next_deadline(), None);
+        // A new sample after the window: a line at once.
+        assert_eq!(f.on_event(ev(80), 8, end + Duration::from_secs(3)).map(|l| l.count), Some(1));
     }
 
     #[test]
@@ -178,6 +245,7 @@ mod tests {
         let t0 = Instant::now();
         let mut f = Folder::new(Duration::from_millis(10));
         let k = key_of(&ev(80));
+        assert!(f.on_totals(&HashMap::from([(k, 1)]), t0, false).is_empty());
         assert_eq!(f.on_totals(&HashMap::from([(k, 1)]), t0, false).len(), 1);
         assert_eq!(f.on_event(ev(80), 1, t0 + Duration::from_secs(1)), None);
     }
