@@ -210,7 +210,7 @@ mod tests {
         assert_eq!(size_of::<CountValue>(), 16);
         assert_eq!(size_of::<RefusalEvent>(), 72);
         assert_eq!(size_of::<TcPort>(), 24);
-        assert_eq!(size_of::<Connector>(), 48);
+        assert_eq!(size_of::<Connector>(), 40);
         assert_eq!(size_of::<ConnectKey>(), 40);
     }
 
