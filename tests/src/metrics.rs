@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::net::{Netns, unique};
+use crate::net::{Netns, connect_nonblocking, unique};
 
 /// bindtrace's default metrics address.
 pub const METRICS_ADDR: &str = "127.0.0.1:19462";
@@ -279,38 +279,8 @@ pub fn syn_flood(
 }
 
 /// One non-blocking connect: true when the SYN went out (EINPROGRESS, or refused at once).
+/// The socket is closed on return (a closed SYN_SENT socket sends nothing more).
 fn connect_once(target: IpAddr, port: u16) -> bool {
-    use std::os::fd::FromRawFd;
-    let (family, addr): (i32, Vec<u8>) = match target {
-        IpAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.octets()) },
-                sin_zero: [0; 8],
-            };
-            (libc::AF_INET, unsafe { as_bytes(&sin) })
-        }
-        IpAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as u16,
-                sin6_port: port.to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: a.octets() },
-                sin6_scope_id: 0,
-            };
-            (libc::AF_INET6, unsafe { as_bytes(&sin6) })
-        }
-    };
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-    // Closed on drop.
-    let _owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    let rc = unsafe { libc::connect(fd, addr.as_ptr().cast(), addr.len() as u32) };
-    let err = std::io::Error::last_os_error().raw_os_error();
-    rc == 0 || matches!(err, Some(libc::EINPROGRESS) | Some(libc::ECONNREFUSED))
-}
-
-unsafe fn as_bytes<T>(v: &T) -> Vec<u8> {
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    let (_fd, err) = connect_nonblocking(target, port).expect("socket");
+    matches!(err, 0 | libc::EINPROGRESS | libc::ECONNREFUSED)
 }

@@ -182,3 +182,47 @@ impl Default for Topology {
         Self::new()
     }
 }
+
+/// A non-blocking TCP connect() to `target:port` from the calling thread's namespace: the socket
+/// and the connect's errno (0 when it completed at once, EINPROGRESS while the SYN is out,
+/// ECONNREFUSED when the reset came back within the call). Err when no socket could be made.
+pub fn connect_nonblocking(target: IpAddr, port: u16) -> io::Result<(std::os::fd::OwnedFd, i32)> {
+    use std::os::fd::FromRawFd;
+    let (family, addr): (i32, Vec<u8>) = match target {
+        IpAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.octets()) },
+                sin_zero: [0; 8],
+            };
+            (libc::AF_INET, bytes_of(&sin))
+        }
+        IpAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: port.to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: a.octets() },
+                sin6_scope_id: 0,
+            };
+            (libc::AF_INET6, bytes_of(&sin6))
+        }
+    };
+    // SAFETY: plain syscalls; the descriptor is checked, then owned.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let rc = unsafe { libc::connect(fd, addr.as_ptr().cast(), addr.len() as u32) };
+    let err = if rc == 0 { 0 } else { io::Error::last_os_error().raw_os_error().unwrap_or(0) };
+    Ok((owned, err))
+}
+
+/// The bytes of a C socket address struct.
+fn bytes_of<T>(v: &T) -> Vec<u8> {
+    // SAFETY: reads size_of::<T>() bytes of a live value (plain C structs without padding that
+    // matters to the kernel).
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+}

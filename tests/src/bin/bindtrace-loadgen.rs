@@ -11,10 +11,12 @@
 //! Prints one JSON object: {"attempts", "refused", "other", "seconds", "refused_per_sec"}.
 use std::{
     net::IpAddr,
-    os::fd::RawFd,
+    os::fd::{AsRawFd as _, IntoRawFd as _, RawFd},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
+
+use bindtrace_tests::net::connect_nonblocking;
 
 const USAGE: &str = "usage: bindtrace-loadgen --target IP --ports LO-HI [--seconds S] [--max N] \
 [--rate PER_SEC] [--threads T] [--inflight K]
@@ -218,42 +220,20 @@ enum Attempt {
 
 /// A non-blocking connect; registered with `epoll` while the answer is outstanding.
 fn attempt(epoll: RawFd, target: IpAddr, port: u16) -> Attempt {
-    let (family, addr): (i32, Vec<u8>) = match target {
-        IpAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.octets()) },
-                sin_zero: [0; 8],
-            };
-            (libc::AF_INET, bytes_of(&sin))
-        }
-        IpAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as u16,
-                sin6_port: port.to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: a.octets() },
-                sin6_scope_id: 0,
-            };
-            (libc::AF_INET6, bytes_of(&sin6))
-        }
-    };
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
+    let Ok((fd, err)) = connect_nonblocking(target, port) else {
         // Out of descriptors or memory: back off briefly rather than spin.
         std::thread::sleep(Duration::from_millis(1));
         return Attempt::Other;
-    }
-    let rc = unsafe { libc::connect(fd, addr.as_ptr().cast(), addr.len() as u32) };
-    let err = if rc == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(0) };
+    };
     if err == libc::EINPROGRESS {
-        let mut ev = libc::epoll_event { events: (libc::EPOLLOUT | libc::EPOLLERR) as u32, u64: fd as u64 };
-        if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) } == 0 {
+        let raw = fd.as_raw_fd();
+        let mut ev = libc::epoll_event { events: (libc::EPOLLOUT | libc::EPOLLERR) as u32, u64: raw as u64 };
+        if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, raw, &mut ev) } == 0 {
+            // Closed by the sender loop when its answer arrives.
+            let _ = fd.into_raw_fd();
             return Attempt::Pending;
         }
     }
-    unsafe { libc::close(fd) };
     if err == libc::ECONNREFUSED { Attempt::Refused } else { Attempt::Other }
 }
 
@@ -264,9 +244,4 @@ fn socket_error(fd: RawFd) -> i32 {
         libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut i32).cast(), &mut len)
     };
     if rc == 0 { err } else { -1 }
-}
-
-fn bytes_of<T>(v: &T) -> Vec<u8> {
-    // SAFETY: plain C structs with no padding that matters to the kernel.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
 }
