@@ -18,10 +18,10 @@ use std::{
 use crate::{
     docker::{Container, Inventory, PortMapping},
     hint::{HintContext, hint_in},
+    listen_diag::Listening,
     netns::Netns,
     report::{AuditReport, ContainerReport, ListenerReport, now_rfc3339},
     sockets::{self, Listener},
-    v6only,
     verdict::{self, Verdict},
 };
 
@@ -92,11 +92,7 @@ pub fn decide(
 
 /// Checks one published port of `c`, whose namespace is `ns`.
 pub fn check_port(c: &Container, mapping: &PortMapping, ns: &Netns) -> io::Result<PortCheck> {
-    let all = sockets::listeners_in(ns)?;
-    let v6only = v6only::v6only_listeners(ns).unwrap_or_else(|e| {
-        log::debug!("sock_diag in {}: {e} (treating [::] listeners as dual-stack)", c.name);
-        HashSet::new()
-    });
+    let Listening { listeners: all, v6only } = sockets::listening_in(ns)?;
     let target = c.address();
     let (verdict, listeners) =
         decide(target.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), mapping.container_port, &all, &v6only);

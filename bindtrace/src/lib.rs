@@ -30,6 +30,5 @@ pub mod sock_layout;
 pub mod sockets;
 pub mod tc;
 pub mod timer;
-pub mod v6only;
 pub mod verdict;
 pub mod via;

@@ -1,22 +1,30 @@
-//! A namespace's listening TCP sockets from sock_diag (NETLINK_SOCK_DIAG, state LISTEN).
+//! A namespace's listening TCP sockets from sock_diag (NETLINK_SOCK_DIAG, state LISTEN), with
+//! the IPV6_V6ONLY flag of each IPv6 one.
 //!
 //! /proc/net/tcp walks every bucket of the established-connection hash table on each read()
 //! (about 2.5 ms per read on a 24 GiB machine, and a file takes several reads), whatever the
 //! namespace holds. A sock_diag dump filtered to LISTEN walks only the listening hash: tens of
 //! microseconds. Each refusal line needs its namespace's listeners, so this is on the path
 //! from a refusal to its line.
+//!
+//! /proc/net/tcp6 does not show IPV6_V6ONLY either. A refusal needs no flag (an IPv4 SYN refused
+//! while `[::]:P` listens proves it), but the audit checks before any connection, and `[::]:P`
+//! accepts IPv4 unless the flag is set (nginx sets it by default for `listen [::]:80`). The
+//! kernel reports INET_DIAG_SKV6ONLY for every IPv6 listener in the same dump.
 use std::{
+    collections::HashSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use crate::{
-    netlink::{read_u32, transact_on},
+    netlink::{Attrs, read_u32, transact_on},
     sockets::Listener,
 };
 
 /// include/uapi/linux/sock_diag.h and inet_diag.h.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const INET_DIAG_SKV6ONLY: u16 = 11;
 const TCP_LISTEN: u32 = 10;
 /// `struct inet_diag_msg`: family, state, timer, retrans (u8 each), then `inet_diag_sockid`
 /// (sport and dport big-endian u16, src and dst as four u32, interface, cookie), expires,
@@ -26,37 +34,48 @@ const SPORT: usize = 4;
 const SRC: usize = 8;
 const INODE: usize = 68;
 
+/// What one dump of a namespace says.
+#[derive(Debug, Default)]
+pub struct Listening {
+    pub listeners: Vec<Listener>,
+    /// Socket inodes of the IPv6 listeners with IPV6_V6ONLY set.
+    pub v6only: HashSet<u64>,
+}
+
 /// The TCP listeners (IPv4 and IPv6) of the calling thread's network namespace.
-pub fn listeners_here() -> io::Result<Vec<Listener>> {
-    let mut all = dump(libc::AF_INET as u8)?;
+pub fn listening_here() -> io::Result<Listening> {
+    let mut found = Listening::default();
+    dump(libc::AF_INET as u8, &mut found)?;
     // No IPv6 in this kernel is not an error.
-    match dump(libc::AF_INET6 as u8) {
-        Ok(v6) => all.extend(v6),
+    match dump(libc::AF_INET6 as u8, &mut found) {
+        Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) || e.raw_os_error() == Some(libc::ENOENT) => {}
         Err(e) => return Err(e),
     }
-    Ok(all)
+    Ok(found)
 }
 
-fn dump(family: u8) -> io::Result<Vec<Listener>> {
+fn dump(family: u8, found: &mut Listening) -> io::Result<()> {
     // struct inet_diag_req_v2: family, protocol, ext, pad, states (u32), id (48 bytes).
     let mut req = vec![family, libc::IPPROTO_TCP as u8, 0, 0];
     req.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
     req.resize(56, 0);
-    let mut found = Vec::new();
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
     transact_on(libc::NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, flags, &req, |msg_type, payload| {
         if msg_type == SOCK_DIAG_BY_FAMILY
-            && let Some(l) = parse(payload)
+            && let Some((l, v6only)) = parse(payload)
         {
-            found.push(l);
+            if v6only {
+                found.v6only.insert(l.inode);
+            }
+            found.listeners.push(l);
         }
         Ok(())
     })?;
-    Ok(found)
+    Ok(())
 }
 
-fn parse(p: &[u8]) -> Option<Listener> {
+fn parse(p: &[u8]) -> Option<(Listener, bool)> {
     if p.len() < MSG_LEN {
         return None;
     }
@@ -66,7 +85,11 @@ fn parse(p: &[u8]) -> Option<Listener> {
         libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&p[SRC..SRC + 16]).ok()?)),
         _ => return None,
     };
-    Some(Listener { addr, port, inode: u64::from(read_u32(&p[INODE..MSG_LEN])?) })
+    let v6only = Attrs::new(&p[MSG_LEN..])
+        .find(|&(ty, _)| ty == INET_DIAG_SKV6ONLY)
+        .and_then(|(_, v)| v.first().copied())
+        .is_some_and(|v| v != 0);
+    Some((Listener { addr, port, inode: u64::from(read_u32(&p[INODE..MSG_LEN])?) }, v6only))
 }
 
 #[cfg(test)]
@@ -74,32 +97,67 @@ mod tests {
     use super::*;
     use std::{net::TcpListener, os::fd::AsRawFd, os::unix::fs::MetadataExt};
 
+    fn inode_of(fd: i32) -> u64 {
+        std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino()
+    }
+
     #[test]
-    fn parses_an_ipv4_message() {
+    fn parses_a_message_and_its_v6only_flag() {
         let mut p = vec![0u8; MSG_LEN];
         p[0] = libc::AF_INET as u8;
         p[SPORT..SPORT + 2].copy_from_slice(&8000u16.to_be_bytes());
         p[SRC..SRC + 4].copy_from_slice(&[127, 0, 0, 1]);
         p[INODE..INODE + 4].copy_from_slice(&77u32.to_ne_bytes());
-        let l = parse(&p).unwrap();
-        assert_eq!((l.addr, l.port, l.inode), ("127.0.0.1".parse().unwrap(), 8000, 77));
+        let (l, v6only) = parse(&p).unwrap();
+        assert_eq!((l.addr, l.port, l.inode, v6only), ("127.0.0.1".parse().unwrap(), 8000, 77, false));
         assert!(parse(&p[..MSG_LEN - 1]).is_none());
+        p[0] = libc::AF_INET6 as u8;
+        p.extend_from_slice(&[5, 0, 11, 0, 1, 0, 0, 0]);
+        assert!(parse(&p).unwrap().1);
     }
 
     /// Our own listeners, IPv4 and IPv6, are found with their inodes; a connected socket is not.
     #[test]
     fn finds_our_own_listeners() {
-        let inode_of = |fd: i32| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
         let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(v4.local_addr().unwrap()).unwrap();
-        let found = listeners_here().unwrap();
+        let found = listening_here().unwrap().listeners;
         let mine = found.iter().find(|l| l.inode == inode_of(v4.as_raw_fd())).expect("our listener");
         assert_eq!((mine.addr, mine.port), (v4.local_addr().unwrap().ip(), v4.local_addr().unwrap().port()));
         assert!(!found.iter().any(|l| l.inode == inode_of(client.as_raw_fd())));
         if let Ok(v6) = TcpListener::bind("[::1]:0") {
-            let found = listeners_here().unwrap();
+            let found = listening_here().unwrap().listeners;
             let mine = found.iter().find(|l| l.inode == inode_of(v6.as_raw_fd())).expect("our IPv6 listener");
             assert_eq!(mine.addr, "::1".parse::<IpAddr>().unwrap());
+        }
+    }
+
+    /// The dump in our own namespace flags a V6ONLY listener we open, and not a dual-stack one.
+    #[test]
+    fn flags_our_own_v6only_listener() {
+        let dual = match TcpListener::bind("[::]:0") {
+            Ok(l) => l,
+            Err(e) => return eprintln!("skipped: no IPv6 here ({e})"),
+        };
+        let only = v6only_listener();
+        let found = listening_here().unwrap().v6only;
+        assert!(found.contains(&inode_of(only)), "{found:?}");
+        assert!(!found.contains(&inode_of(dual.as_raw_fd())));
+        unsafe { libc::close(only) };
+    }
+
+    /// A listening `[::]:0` socket with IPV6_V6ONLY set, by hand (std has no setter before bind).
+    fn v6only_listener() -> i32 {
+        unsafe {
+            let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let one: libc::c_int = 1;
+            libc::setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&raw const one).cast(), 4);
+            let mut addr: libc::sockaddr_in6 = std::mem::zeroed();
+            addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            assert_eq!(libc::bind(fd, (&raw const addr).cast(), size_of::<libc::sockaddr_in6>() as u32), 0);
+            assert_eq!(libc::listen(fd, 1), 0);
+            fd
         }
     }
 }

@@ -314,7 +314,7 @@ fn transact(
     transact_on(libc::NETLINK_ROUTE, msg_type, flags, body, on_msg)
 }
 
-/// [`transact`] on a socket of another netlink family (sock_diag, for `v6only.rs`).
+/// [`transact`] on a socket of another netlink family (sock_diag, for `listen_diag.rs`).
 pub(crate) fn transact_on(
     protocol: libc::c_int,
     msg_type: u16,

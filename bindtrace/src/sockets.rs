@@ -12,7 +12,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::netns::{self, Netns};
+use crate::{
+    listen_diag::Listening,
+    netns::{self, Netns},
+};
 
 /// `TCP_LISTEN` in /proc/net/tcp's `st` column.
 const TCP_LISTEN: u8 = 0x0A;
@@ -143,18 +146,27 @@ fn parse_hex_addr(hex: &str) -> Option<IpAddr> {
 
 /// Listening sockets of the namespace, IPv4 and IPv6 together.
 pub fn listeners_in(ns: &Netns) -> io::Result<Vec<Listener>> {
+    listening_in(ns).map(|l| l.listeners)
+}
+
+/// Listening sockets of the namespace, and which IPv6 ones have IPV6_V6ONLY: one sock_diag dump
+/// made from a thread that joined the namespace. Where sock_diag fails (a kernel without
+/// inet_diag/tcp_diag), the slower /proc tables give the listeners, and no listener is taken
+/// for V6ONLY (they do not show the flag).
+pub fn listening_in(ns: &Netns) -> io::Result<Listening> {
     ns.run(|| {
-        match crate::listen_diag::listeners_here() {
-            Ok(all) => return Ok(all),
-            // A kernel without inet_diag/tcp_diag: the slower /proc tables say the same.
-            Err(e) => log::debug!("sock_diag listener dump failed ({e}); reading /proc/net/tcp"),
+        match crate::listen_diag::listening_here() {
+            Ok(found) => return Ok(found),
+            Err(e) => log::debug!(
+                "sock_diag listener dump failed ({e}); reading /proc/net/tcp (treating [::] listeners as dual-stack)"
+            ),
         }
-        let mut all = parse_proc_net_tcp(&fs::read_to_string("/proc/thread-self/net/tcp")?);
+        let mut listeners = parse_proc_net_tcp(&fs::read_to_string("/proc/thread-self/net/tcp")?);
         // tcp6 is absent when IPv6 is disabled: that is not an error.
         if let Ok(text) = fs::read_to_string("/proc/thread-self/net/tcp6") {
-            all.extend(parse_proc_net_tcp(&text));
+            listeners.extend(parse_proc_net_tcp(&text));
         }
-        Ok(all)
+        Ok(Listening { listeners, v6only: Default::default() })
     })
 }
 
