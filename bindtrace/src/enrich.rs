@@ -79,15 +79,20 @@ pub fn report(
     let sample = line.sample.as_ref();
     let family = line.key.family;
     let target_ip = sample.map(|s| addr_of(family, &s.target_addr));
-    let decided = port.map(|p| (p, seen.listeners(p).map(|all| all.to_vec()).map_err(str::to_owned)));
+    let unspecified = if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    // The decision owns the listeners it keeps, so the batch's snapshot is not copied per line.
+    let decided = port.map(|p| {
+        let decision = seen
+            .listeners(p)
+            .map(|all| verdict::decide(target_ip.unwrap_or(unspecified), line.key.port, all));
+        (p, decision.map_err(str::to_owned))
+    });
     let (verdict, listeners) = match decided {
-        Some((p, Ok(all))) => {
-            let unspecified = if family == AF_INET6 {
-                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-            } else {
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-            };
-            let decision = verdict::decide(target_ip.unwrap_or(unspecified), line.key.port, &all);
+        Some((p, Ok(decision))) => {
             let holders = if decision.listeners.is_empty() { &BTreeMap::new() } else { seen.holders(p) };
             let listeners = decision
                 .listeners
