@@ -453,9 +453,10 @@ impl Detector {
         self.loaded.counts.get(key, 0).map(|v| v.iter().map(|c| c.count).sum()).unwrap_or(0)
     }
 
-    /// Reports samples the kernel could not deliver since the last call.
-    fn report_lost<W: Write>(&mut self, out: &mut Output<W>) -> anyhow::Result<()> {
-        let (ringbuf_lost, overflow) = self.loaded.stats();
+    /// Reports samples the kernel could not deliver since the last call, from `stats` (read
+    /// with [`Loaded::stats`](crate::loader::Loaded::stats) just before).
+    fn report_lost<W: Write>(&mut self, out: &mut Output<W>, stats: (u64, u64)) -> anyhow::Result<()> {
+        let (ringbuf_lost, overflow) = stats;
         let misses = self.loaded.recursion_misses().unwrap_or(0);
         if let Some(m) = &mut self.metrics {
             m.on_kernel_stats(ringbuf_lost, overflow, misses);
@@ -541,7 +542,6 @@ impl Detector {
 
         let mut poll_timer = PollTimer::new().context("creating the poll timer")?;
         let mut next_full = Instant::now() + IDLE_POLL;
-        let mut lost_at_last_pass = 0;
         let mut next_poll = next_full;
         loop {
             poll_timer.arm(next_poll).context("arming the poll timer")?;
@@ -589,14 +589,13 @@ impl Detector {
                 // were lost (a key may then be known to the kernel alone), every key's count.
                 // Otherwise every key announced itself with a sample, and closed windows are
                 // read one key at a time below: a pass over 10 000 keys takes ~40 ms of syscalls.
-                let (ringbuf_lost, _) = self.loaded.stats();
-                if ringbuf_lost > lost_at_last_pass || self.folder.awaiting_samples() {
-                    lost_at_last_pass = ringbuf_lost;
+                let stats = self.loaded.stats();
+                if stats.0 > self.lost_reported || self.folder.awaiting_samples() {
                     let totals = self.loaded.totals();
                     let lines = self.folder.on_totals(&totals, now, false);
                     self.print(out, &lines).await?;
                 }
-                self.report_lost(out)?;
+                self.report_lost(out, stats)?;
                 self.recheck_loopback(now);
                 next_full = now + IDLE_POLL;
             }
@@ -617,7 +616,7 @@ impl Detector {
         let totals = self.loaded.totals();
         let lines = self.folder.on_totals(&totals, Instant::now(), true);
         self.print(out, &lines).await?;
-        self.report_lost(out)?;
+        self.report_lost(out, self.loaded.stats())?;
         let total: u64 = totals.values().sum();
         match self.loaded.recursion_misses() {
             Some(0) => {
