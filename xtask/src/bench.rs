@@ -20,8 +20,7 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     build()?;
-    let mut bench = std::process::Command::new(root().join("target/release/bindtrace-bench"));
-    bench.env("BINDTRACE_BIN", root().join("target/release/bindtrace")).current_dir(root());
+    let mut bench = command();
     if opts.short {
         bench.arg("--short");
     } else {
@@ -31,6 +30,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         bench.arg("--out").arg(out);
     }
     run_cmd(bench)
+}
+
+/// The built harness, told where the built bindtrace is.
+pub fn command() -> std::process::Command {
+    let mut bench = std::process::Command::new(root().join("target/release/bindtrace-bench"));
+    bench.env("BINDTRACE_BIN", root().join("target/release/bindtrace")).current_dir(root());
+    bench
 }
 
 /// bindtrace, the load generator and the harness, all release builds.

@@ -62,8 +62,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 
 fn bench_smoke(tally: &mut Tally) -> anyhow::Result<()> {
     crate::bench::build()?;
-    let mut bench = std::process::Command::new(root().join("target/release/bindtrace-bench"));
-    bench.arg("--short").env("BINDTRACE_BIN", root().join("target/release/bindtrace")).current_dir(root());
+    let mut bench = crate::bench::command();
+    bench.arg("--short");
     match run_cmd(bench) {
         Ok(()) => {
             println!("test bench --short ... ok");

@@ -90,6 +90,11 @@ impl Report {
         self.throughput.get(&c.label()).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// Every flood of either bindtrace configuration.
+    fn bindtrace_rounds(&self) -> impl Iterator<Item = &FloodRound> {
+        bindtrace_configs().flat_map(|c| self.rounds(c))
+    }
+
     /// `c`'s throughput relative to no tracer, per round (each run against the no-tracer runs
     /// on either side of it), or relative to `base`'s in the same round.
     fn ratios(&self, c: Config, base: Config) -> Spread {
@@ -239,11 +244,8 @@ impl Report {
             );
         }
         let _ = writeln!(s);
-        let delays: Vec<u64> = THROUGHPUT_CONFIGS
-            .iter()
-            .filter(|c| matches!(c, Config::Bindtrace(_)))
-            .flat_map(|c| self.rounds(*c).iter().flat_map(|r| r.folded_delays.iter().copied()))
-            .collect();
+        let delays: Vec<u64> =
+            self.bindtrace_rounds().flat_map(|r| r.folded_delays.iter().copied()).collect();
         let d = Latency::of(delays);
         let _ = writeln!(
             s,
@@ -347,8 +349,8 @@ impl Report {
         let _ = writeln!(s, "### bindtrace itself\n");
         let _ = writeln!(s, "| figure | value |");
         let _ = writeln!(s, "|---|---|");
-        for c in THROUGHPUT_CONFIGS.iter().filter(|c| matches!(c, Config::Bindtrace(_))) {
-            let rounds = self.rounds(*c);
+        for c in bindtrace_configs() {
+            let rounds = self.rounds(c);
             let cpu = Spread::of(
                 &rounds
                     .iter()
@@ -406,13 +408,7 @@ impl Report {
 
     /// bindtrace's peak RSS over its floods (bpftrace's is in the throughput table).
     fn peak_rss_kib(&self) -> u64 {
-        THROUGHPUT_CONFIGS
-            .iter()
-            .filter(|c| matches!(c, Config::Bindtrace(_)))
-            .flat_map(|c| self.rounds(*c))
-            .filter_map(|r| r.peak_rss_kib)
-            .max()
-            .unwrap_or(0)
+        self.bindtrace_rounds().filter_map(|r| r.peak_rss_kib).max().unwrap_or(0)
     }
 
     fn targets_table(&self, s: &mut String) {
@@ -420,8 +416,8 @@ impl Report {
         let _ = writeln!(s, "| target | measured | met |");
         let _ = writeln!(s, "|---|---|---|");
         let bpftrace = Config::Bpftrace(crate::tracer::BPFTRACE_COUNT);
-        for c in THROUGHPUT_CONFIGS.iter().filter(|c| matches!(c, Config::Bindtrace(_))) {
-            let r = self.ratios(*c, Config::NoTracer);
+        for c in bindtrace_configs() {
+            let r = self.ratios(c, Config::NoTracer);
             let verdict = if r.n == 0 {
                 "–"
             } else if r.min >= THROUGHPUT_TARGET {
@@ -439,7 +435,7 @@ impl Report {
                 r.min * 100.0,
                 r.max * 100.0
             );
-            let b = self.ratios(*c, bpftrace);
+            let b = self.ratios(c, bpftrace);
             let verdict = if b.n == 0 {
                 "–"
             } else if b.min > 1.0 {
@@ -478,11 +474,7 @@ impl Report {
                 if l.first_line.p99 <= 10_000_000 && l.keys_with_line == l.keys { "yes" } else { "no" }
             );
         }
-        let all_exact = THROUGHPUT_CONFIGS
-            .iter()
-            .filter(|c| matches!(c, Config::Bindtrace(_)))
-            .flat_map(|c| self.rounds(*c))
-            .all(|r| r.counted == Some(r.out_rsts))
+        let all_exact = self.bindtrace_rounds().all(|r| r.counted == Some(r.out_rsts))
             && self.latency.iter().all(|l| l.counted == l.out_rsts);
         let _ = writeln!(
             s,
@@ -512,6 +504,11 @@ impl Report {
         );
         let _ = writeln!(s);
     }
+}
+
+/// The throughput configurations that run bindtrace.
+fn bindtrace_configs() -> impl Iterator<Item = Config> {
+    THROUGHPUT_CONFIGS.into_iter().filter(|c| matches!(c, Config::Bindtrace(_)))
 }
 
 fn yes(b: bool) -> &'static str {
