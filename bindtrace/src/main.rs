@@ -1,11 +1,28 @@
+//! bindtrace: finds connections to containers refused because the service inside listens on
+//! loopback (or the wrong address, family or port), as they happen, and says how to fix it.
+//!
+//! The folders are the pipeline: `sources` (kernel samples and counts, links, Docker,
+//! conntrack) -> `diagnose` (listeners, verdict, hint) and `attribution` (who connected, via
+//! what) -> `sinks` (lines, metrics). `kernel` loads and attaches the eBPF side, `netns` knows
+//! the namespaces and which interfaces are in scope, `netlink` is the socket plumbing they
+//! share, and `app` wires it all; this file only parses arguments and calls it.
+mod app;
+mod attribution;
+mod diagnose;
+mod kernel;
+mod netlink;
+mod netns;
+mod sinks;
+mod sources;
+
 use clap::Parser as _;
 
-use bindtrace::{
+use app::{
     check,
     cli::{Args, Command},
-    output::Output,
     run,
 };
+use sinks::output::Output;
 
 fn main() -> std::process::ExitCode {
     // glibc raises its mmap threshold to the size of the largest block freed, so after the

@@ -1,7 +1,7 @@
 //! Which kernel hook to attach, decided from the running kernel's BTF (never its version string).
 use std::fmt;
 
-use crate::kernel_layout::KernelLayout;
+use crate::kernel::layout::KernelLayout;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum HookChoice {

@@ -13,11 +13,11 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::{
-    connect::{ConnectTracker, ConnectorInfo},
-    conntrack::Conntrack,
-    docker::{Binding, Container, Inventory},
-    report::{ClientProcess, ContainerRef, ContainerReport, DockerContext, OriginalTuple, Report, Via},
-    sockets,
+    attribution::connect::{ConnectTracker, ConnectorInfo},
+    sources::conntrack::Conntrack,
+    sources::docker::{Binding, Container, Inventory},
+    diagnose::report::{ClientProcess, ContainerRef, ContainerReport, DockerContext, OriginalTuple, Report, Via},
+    diagnose::sockets,
 };
 
 /// docker-proxy's process name (and executable).

@@ -13,12 +13,12 @@ use std::{
 use bindtrace_common::{AF_INET6, HookKind, RefusalEvent};
 
 use crate::{
-    fold::Line,
-    hint::hint,
-    report::{ListenerReport, Report, now_rfc3339},
-    scope::{Bridges, Port},
-    sockets::{self, Holder, Listener},
-    verdict::{self, Verdict},
+    sources::fold::Line,
+    diagnose::hint::hint,
+    diagnose::report::{ListenerReport, Report, now_rfc3339},
+    netns::scope::{Bridges, Port},
+    diagnose::sockets::{self, Holder, Listener},
+    diagnose::verdict::{self, Verdict},
 };
 
 /// What one batch has read of each namespace, by namespace inode.

@@ -3,7 +3,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::sockets::Listener;
+use crate::diagnose::sockets::Listener;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]

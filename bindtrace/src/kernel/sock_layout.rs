@@ -1,7 +1,7 @@
 //! The `struct sock` offsets the connect tracker (`bindtrace-ebpf/src/connect.rs`) reads, from
-//! the running kernel's BTF: the same resolver as [`crate::kernel_layout`], kept apart because
+//! the running kernel's BTF: the same resolver as [`crate::kernel::layout`], kept apart because
 //! this program is optional (without it bindtrace still detects, only `via` is less precise).
-use crate::btf::{Btf, BtfError};
+use crate::kernel::btf::{Btf, BtfError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SockLayout {
@@ -89,8 +89,8 @@ impl SockLayout {
 mod tests {
     use super::*;
     use crate::{
-        btf::tests::{V5_10, V6_1, V6_18, fixture},
-        kernel_layout::KernelLayout,
+        kernel::btf::tests::{V5_10, V6_1, V6_18, fixture},
+        kernel::layout::KernelLayout,
     };
 
     /// Expected values are pahole's on each fixture (`pahole -F btf -C sock_common`, `-C inet_sock`).

@@ -1,7 +1,7 @@
 //! Prometheus metrics: what the lines say, as counters and gauges, served on `/metrics`.
 //!
 //! **Exact by construction.** The kernel's per-key counts are the truth. Every count that reaches
-//! a line (see [`crate::fold`]) is added, at the moment the line is written, to
+//! a line (see [`crate::sources::fold`]) is added, at the moment the line is written, to
 //! `bindtrace_refused_connections_total` under the labels of that line's report; refusals that
 //! found the kernel's COUNTS map full (no key, so no line) are added under `other` when the
 //! per-CPU overflow slot is read. So at any instant the sum over all series is exactly what the
@@ -37,8 +37,8 @@ use prometheus_client::{
 };
 
 use crate::{
-    report::Report,
-    verdict::{Decision, Verdict},
+    diagnose::report::Report,
+    diagnose::verdict::{Decision, Verdict},
 };
 
 /// Where metrics are served unless `--metrics-addr` says otherwise: this host's loopback only,
@@ -386,7 +386,7 @@ impl Metrics {
 
     /// An audit line was written: a published port whose service listens on loopback only
     /// enters the gauge before any client connects; any other verdict for it takes it out.
-    pub fn on_audit(&mut self, report: &crate::report::AuditReport) {
+    pub fn on_audit(&mut self, report: &crate::diagnose::report::AuditReport) {
         let key = (report.container.name.clone(), report.target_port);
         if report.verdict == Verdict::LoopbackOnly.as_str() {
             let listeners = report.listeners.iter().map(|l| (l.ip, l.port)).collect();
@@ -470,7 +470,7 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{report::ListenerReport, sockets::Listener};
+    use crate::{diagnose::report::ListenerReport, diagnose::sockets::Listener};
 
     fn report(netns: u64, port: u16, verdict: Verdict, count: u64) -> Report {
         Report {
@@ -502,7 +502,7 @@ mod tests {
         let mut r = report(7, 8000, Verdict::LoopbackOnly, 3);
         assert_eq!(container_label(&r), "netns:7");
         assert_eq!(host_port_label(&r), None);
-        r.docker.container = Some(crate::report::ContainerReport {
+        r.docker.container = Some(crate::diagnose::report::ContainerReport {
             id: "30117e5cc65a".into(),
             name: "shop-web".into(),
             image: "demo".into(),
@@ -510,7 +510,7 @@ mod tests {
             compose_service: None,
         });
         r.docker.published =
-            Some(crate::docker::Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 18000 });
+            Some(crate::sources::docker::Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 18000 });
         assert_eq!(container_label(&r), "shop-web");
         assert_eq!(host_port_label(&r).as_deref(), Some("18000"));
         let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb", "chosen with --hook");
@@ -523,7 +523,7 @@ mod tests {
     #[test]
     fn the_audit_fills_the_loopback_gauge_before_any_refusal() {
         let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb", "chosen with --hook");
-        let audit = |verdict: &'static str| crate::report::AuditReport {
+        let audit = |verdict: &'static str| crate::diagnose::report::AuditReport {
             time: String::new(),
             event: "audit",
             verdict,
@@ -532,7 +532,7 @@ mod tests {
             target_ip: None,
             target_port: 8000,
             netns: 7,
-            container: crate::report::ContainerReport {
+            container: crate::diagnose::report::ContainerReport {
                 id: "30117e5cc65a".into(),
                 name: "shop-web".into(),
                 image: "demo".into(),

@@ -19,7 +19,7 @@ use std::{
 
 use crate::{
     netlink::{Attrs, read_u32, transact_on},
-    sockets::Listener,
+    diagnose::sockets::Listener,
 };
 
 /// include/uapi/linux/sock_diag.h and inet_diag.h.

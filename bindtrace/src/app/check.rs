@@ -12,12 +12,12 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    audit,
-    docker::{self, Client},
-    hint::endpoint,
-    output::Format,
-    report::{AuditReport, now_rfc3339},
-    verdict::Verdict,
+    diagnose::audit,
+    sources::docker::{self, Client},
+    diagnose::hint::endpoint,
+    sinks::output::Format,
+    diagnose::report::{AuditReport, now_rfc3339},
+    diagnose::verdict::Verdict,
 };
 
 pub const EXIT_REACHABLE: u8 = 0;
@@ -216,7 +216,7 @@ pub fn table(rows: &[AuditReport], containers: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::ContainerReport;
+    use crate::diagnose::report::ContainerReport;
 
     fn row(name: &str, verdict: &'static str) -> AuditReport {
         AuditReport {

@@ -18,29 +18,29 @@ use tokio::{
 };
 
 use crate::{
-    audit::Auditor,
-    btf::Btf,
-    cli::Args,
-    connect::{self, ConnectTracker, Prefix},
-    conntrack::Conntrack,
-    docker::{self, Inventory, watch::DockerState},
-    enrich,
-    fold::{Folder, Line},
-    hint::{HintContext, hint_in},
-    hook,
-    kernel_layout::KernelLayout,
-    loader::{LoadOptions, Loaded},
-    metrics::{self, Metrics},
+    diagnose::audit::Auditor,
+    kernel::btf::Btf,
+    app::cli::Args,
+    attribution::connect::{self, ConnectTracker, Prefix},
+    sources::conntrack::Conntrack,
+    sources::docker::{self, Inventory, watch::DockerState},
+    diagnose::enrich,
+    sources::fold::{Folder, Line},
+    diagnose::hint::{HintContext, hint_in},
+    kernel::hook,
+    kernel::layout::KernelLayout,
+    kernel::loader::{LoadOptions, Loaded},
+    sinks::metrics::{self, Metrics},
     netlink::LinkWatcher,
     netns::Netns,
-    output::Output,
-    privileges,
-    report::{DockerContext, LostReport, Report, now_rfc3339},
-    scope::{self, Bridges, Port, Resolver},
-    sock_layout::SockLayout,
-    sockets, tc,
-    timer::PollTimer,
-    verdict, via,
+    sinks::output::Output,
+    kernel::privileges,
+    diagnose::report::{DockerContext, LostReport, Report, now_rfc3339},
+    netns::scope::{self, Bridges, Port, Resolver},
+    kernel::sock_layout::SockLayout,
+    diagnose::sockets, kernel::tc,
+    app::timer::PollTimer,
+    diagnose::verdict, attribution::via,
 };
 
 /// How often the kernel counters are read when nothing is pending: this is the only periodic
@@ -98,7 +98,7 @@ struct DockerSide {
 }
 
 pub fn setup(args: &Args) -> anyhow::Result<Detector> {
-    crate::loader::check_object()?;
+    crate::kernel::loader::check_object()?;
     privileges::check()?;
     privileges::raise_memlock();
     // Bound first: a busy port fails before the slow part of the set-up.
@@ -454,7 +454,7 @@ impl Detector {
     }
 
     /// Reports samples the kernel could not deliver since the last call, from `stats` (read
-    /// with [`Loaded::stats`](crate::loader::Loaded::stats) just before).
+    /// with [`Loaded::stats`](crate::kernel::loader::Loaded::stats) just before).
     fn report_lost<W: Write>(&mut self, out: &mut Output<W>, stats: (u64, u64)) -> anyhow::Result<()> {
         let (ringbuf_lost, overflow) = stats;
         let misses = self.loaded.recursion_misses().unwrap_or(0);
@@ -563,7 +563,7 @@ impl Detector {
                     let now = Instant::now();
                     let mut lines = Vec::new();
                     for ev in samples {
-                        let total = self.key_total(&crate::fold::key_of(&ev));
+                        let total = self.key_total(&crate::sources::fold::key_of(&ev));
                         lines.extend(self.folder.on_event(ev, total, now));
                     }
                     self.print(out, &lines).await?;

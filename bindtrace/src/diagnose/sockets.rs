@@ -13,7 +13,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    listen_diag::Listening,
+    diagnose::listen_diag::Listening,
     netns::{self, Netns},
 };
 
@@ -155,7 +155,7 @@ pub fn listeners_in(ns: &Netns) -> io::Result<Vec<Listener>> {
 /// for V6ONLY (they do not show the flag).
 pub fn listening_in(ns: &Netns) -> io::Result<Listening> {
     ns.run(|| {
-        match crate::listen_diag::listening_here() {
+        match crate::diagnose::listen_diag::listening_here() {
             Ok(found) => return Ok(found),
             Err(e) => log::debug!(
                 "sock_diag listener dump failed ({e}); reading /proc/net/tcp (treating [::] listeners as dual-stack)"

@@ -3,7 +3,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::{docker::Binding, sockets::Holder, verdict::Verdict};
+use crate::{sources::docker::Binding, diagnose::sockets::Holder, diagnose::verdict::Verdict};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ListenerReport {
@@ -73,8 +73,8 @@ pub struct ContainerReport {
     pub compose_service: Option<String>,
 }
 
-impl From<&crate::docker::Container> for ContainerReport {
-    fn from(c: &crate::docker::Container) -> Self {
+impl From<&crate::sources::docker::Container> for ContainerReport {
+    fn from(c: &crate::sources::docker::Container) -> Self {
         ContainerReport {
             id: c.short_id().to_owned(),
             name: c.name.clone(),

@@ -16,13 +16,13 @@ use std::{
 };
 
 use crate::{
-    docker::{Container, Inventory, PortMapping},
-    hint::{HintContext, hint_in},
-    listen_diag::Listening,
+    sources::docker::{Container, Inventory, PortMapping},
+    diagnose::hint::{HintContext, hint_in},
+    diagnose::listen_diag::Listening,
     netns::Netns,
-    report::{AuditReport, ContainerReport, ListenerReport, now_rfc3339},
-    sockets::{self, Listener},
-    verdict::{self, Verdict},
+    diagnose::report::{AuditReport, ContainerReport, ListenerReport, now_rfc3339},
+    diagnose::sockets::{self, Listener},
+    diagnose::verdict::{self, Verdict},
 };
 
 /// Default of `--audit-grace`: how long a container may take to start listening on a
@@ -141,7 +141,7 @@ pub fn report(c: &Container, check: &PortCheck, netns: u64) -> AuditReport {
 }
 
 /// The binding to show first: IPv4 before IPv6, as `docker ps` does.
-fn preferred(m: &PortMapping) -> Option<crate::docker::Binding> {
+fn preferred(m: &PortMapping) -> Option<crate::sources::docker::Binding> {
     m.bindings.iter().find(|b| b.host_ip.is_ipv4()).or(m.bindings.first()).copied()
 }
 

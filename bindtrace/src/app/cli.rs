@@ -3,7 +3,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
 
-use crate::{audit, check::CheckArgs, hook::HookChoice, metrics, output::Format};
+use crate::{diagnose::audit, app::check::CheckArgs, kernel::hook::HookChoice, sinks::metrics, sinks::output::Format};
 
 /// Reports, as it happens, every connection to a container that was refused because the service
 /// inside listens on loopback (or on the wrong address, family or port), and how to fix it.

@@ -2,9 +2,9 @@
 use std::net::IpAddr;
 
 use crate::{
-    framework::BindFix,
-    report::ListenerReport,
-    verdict::{Verdict, is_loopback},
+    diagnose::framework::BindFix,
+    diagnose::report::ListenerReport,
+    diagnose::verdict::{Verdict, is_loopback},
 };
 
 /// `addr:port` with IPv6 in brackets.
@@ -61,7 +61,7 @@ fn bind_fix(listeners: &[ListenerReport], port: u16, any: &str) -> Option<BindFi
         .iter()
         .filter(|l| is_loopback(l.ip))
         .flat_map(|l| &l.pids)
-        .find_map(|p| crate::framework::bind_fix(&p.argv, &p.exe, port, any))
+        .find_map(|p| crate::diagnose::framework::bind_fix(&p.argv, &p.exe, port, any))
 }
 
 pub fn hint_in(
@@ -147,7 +147,7 @@ pub fn hint_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sockets::Holder;
+    use crate::diagnose::sockets::Holder;
 
     fn listener(ip: &str, port: u16, holder: Holder) -> ListenerReport {
         ListenerReport { ip: ip.parse().unwrap(), port, pids: vec![holder] }

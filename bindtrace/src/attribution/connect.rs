@@ -53,7 +53,7 @@ pub struct ConnectTracker {
 
 impl ConnectTracker {
     /// Loads and attaches `tp_btf/inet_sock_set_state` from the already loaded object (whose
-    /// globals were set from [`crate::sock_layout::SockLayout`]) and takes its maps.
+    /// globals were set from [`crate::kernel::sock_layout::SockLayout`]) and takes its maps.
     pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<ConnectTracker> {
         use anyhow::Context as _;
         let program: &mut BtfTracePoint = ebpf

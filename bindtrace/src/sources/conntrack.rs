@@ -24,7 +24,7 @@ use std::{
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
-    connect::{Prefix, prefix_contains},
+    attribution::connect::{Prefix, prefix_contains},
     netlink::{Attrs, Messages, NlSocket, read_u16, read_u32, setsockopt_int},
 };
 
@@ -328,7 +328,7 @@ mod tests {
     fn only_nated_flows_from_watched_prefixes_are_kept() {
         let t = |a: &str, b: &str| Tuple { src: a.parse().unwrap(), dst: b.parse().unwrap() };
         let mut f = Flows::default();
-        f.prefixes.insert(crate::connect::prefix_of("172.17.0.1".parse().unwrap(), 16));
+        f.prefixes.insert(crate::attribution::connect::prefix_of("172.17.0.1".parse().unwrap(), 16));
         let dnat = NatFlow {
             orig: t("10.9.0.2:4000", "10.9.0.1:8000"),
             reply: t("172.17.0.2:8000", "10.9.0.2:4000"),

@@ -2,8 +2,8 @@
 use std::io::{self, Write};
 
 use crate::{
-    hint::endpoint,
-    report::{AuditReport, DockerContext, LostReport, Report, Via},
+    diagnose::hint::endpoint,
+    diagnose::report::{AuditReport, DockerContext, LostReport, Report, Via},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -5,7 +5,7 @@
 //! here is hard-coded: everything is resolved once at start and handed to the eBPF object as
 //! globals.
 
-use crate::btf::{Btf, BtfError};
+use crate::kernel::btf::{Btf, BtfError};
 
 /// Everything the kernel side needs from the running kernel's BTF, resolved once at start; the eBPF
 /// object receives these as globals. Never hard-coded.
@@ -106,7 +106,7 @@ fn reason(btf: &Btf, typedef: &str, enum_name: &str, enumerator: &str) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::btf::tests::{V5_10, V6_1, V6_18, fixture};
+    use crate::kernel::btf::tests::{V5_10, V6_1, V6_18, fixture};
 
     #[test]
     fn layout_6_18() {

@@ -13,10 +13,10 @@ use aya::{
 use bindtrace_common::{BridgeId, CountKey, CountValue, STAT_COUNT_OVERFLOW, STAT_RINGBUF_LOST, ScopeKey};
 
 use crate::{
-    hook::Hook,
-    kernel_layout::KernelLayout,
-    scope::Port,
-    tc::{AttachError, AttachMode, TcPorts},
+    kernel::hook::Hook,
+    kernel::layout::KernelLayout,
+    netns::scope::Port,
+    kernel::tc::{AttachError, AttachMode, TcPorts},
 };
 
 /// The object `build.rs` built; empty when the build skipped eBPF.
@@ -196,7 +196,7 @@ impl Loaded {
         let offset = self.recursion_misses_offset?;
         let program = self.ebpf.program(self.hook.program())?;
         let fd = program.fd().ok()?;
-        crate::prog_info::recursion_misses(fd.as_fd(), offset).ok()
+        crate::kernel::prog_info::recursion_misses(fd.as_fd(), offset).ok()
     }
 
     /// Exact per-key totals, summed over CPUs.

@@ -18,7 +18,7 @@ use aya::{
 };
 use bindtrace_common::{ScopeKey, TcPort};
 
-use crate::{btf::Btf, scope::Port};
+use crate::{kernel::btf::Btf, netns::scope::Port};
 
 /// How the classifier is attached to an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,7 +221,7 @@ fn ifindex_of(name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::btf::tests::{V5_10, V6_1, V6_18, fixture};
+    use crate::kernel::btf::tests::{V5_10, V6_1, V6_18, fixture};
 
     #[test]
     fn tcx_comes_from_btf() {

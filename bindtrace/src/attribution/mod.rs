@@ -1,0 +1,4 @@
+//! Who connected and how the connection got to the container: the connect tracker's records,
+//! conntrack's NAT flows and Docker's published ports, combined into `via`.
+pub(crate) mod connect;
+pub(crate) mod via;

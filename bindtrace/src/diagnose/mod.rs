@@ -1,0 +1,11 @@
+//! Why a connection was refused and what to change: the namespace's listeners and who holds
+//! them, the verdict, the framework-specific fix, the proactive audit, and the report record
+//! all of it produces (the sinks only render it).
+pub(crate) mod audit;
+pub(crate) mod enrich;
+pub(crate) mod framework;
+pub(crate) mod hint;
+pub(crate) mod listen_diag;
+pub(crate) mod report;
+pub(crate) mod sockets;
+pub(crate) mod verdict;

@@ -1,0 +1,3 @@
+//! What goes out: text and JSON lines on stdout, Prometheus metrics on `/metrics`.
+pub(crate) mod metrics;
+pub(crate) mod output;

@@ -1,0 +1,5 @@
+//! What comes in: kernel samples and counts folded into lines, link events, Docker's
+//! containers and events, conntrack's NAT events.
+pub(crate) mod conntrack;
+pub(crate) mod docker;
+pub(crate) mod fold;
