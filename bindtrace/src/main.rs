@@ -20,7 +20,7 @@ use clap::Parser as _;
 use app::{
     check,
     cli::{Args, Command},
-    run,
+    setup,
 };
 use sinks::output::Output;
 
@@ -72,7 +72,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(runtime.block_on(check::run(check_args, &mut stdout)));
     }
     let result = runtime.block_on(async {
-        let detector = run::setup(&args)?;
+        let detector = setup::setup(&args)?;
         let stdout = std::io::stdout().lock();
         let mut out = Output::new(args.format, std::io::LineWriter::new(stdout));
         detector.run(&mut out, args.duration).await

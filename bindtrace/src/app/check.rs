@@ -13,36 +13,36 @@ use serde::Serialize;
 
 use crate::{
     diagnose::audit,
-    sources::docker::{self, Client},
     diagnose::hint::endpoint,
-    sinks::output::Format,
     diagnose::report::{AuditReport, now_rfc3339},
     diagnose::verdict::Verdict,
+    sinks::output::Format,
+    sources::docker::{self, Client},
 };
 
-pub const EXIT_REACHABLE: u8 = 0;
-pub const EXIT_LOOPBACK_ONLY: u8 = 1;
-pub const EXIT_MISBOUND: u8 = 2;
-pub const EXIT_CANNOT_RUN: u8 = 3;
+pub(crate) const EXIT_REACHABLE: u8 = 0;
+pub(crate) const EXIT_LOOPBACK_ONLY: u8 = 1;
+pub(crate) const EXIT_MISBOUND: u8 = 2;
+pub(crate) const EXIT_CANNOT_RUN: u8 = 3;
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct CheckArgs {
+pub(crate) struct CheckArgs {
     /// Containers to check, by name or id prefix (default: every running container).
     #[arg(value_name = "CONTAINER")]
-    pub containers: Vec<String>,
+    pub(crate) containers: Vec<String>,
 
     /// Output format: a table, or one JSON document.
     #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    pub(crate) format: Format,
 
     /// Docker API socket (unix:///path or a path; default: $DOCKER_HOST, else /var/run/docker.sock).
     #[arg(long, value_name = "SOCKET")]
-    pub docker_host: Option<String>,
+    pub(crate) docker_host: Option<String>,
 
     /// A container younger than this may still be starting: its ports without a listener are
     /// looked at again until it is this old before they count as "nothing listens".
     #[arg(long, value_name = "DURATION", default_value = audit::DEFAULT_GRACE, value_parser = humantime::parse_duration)]
-    pub audit_grace: Duration,
+    pub(crate) audit_grace: Duration,
 }
 
 #[derive(Serialize)]
@@ -55,7 +55,7 @@ struct JsonDoc<'a> {
 }
 
 /// Runs the check, writes the result to `out`, and returns the exit status.
-pub async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
+pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
     let socket = match docker::socket_path(args.docker_host.as_deref()) {
         Ok(s) => s,
         Err(e) => return cannot_run(&e),
@@ -150,7 +150,7 @@ fn matches(c: &docker::Container, wanted: &str) -> bool {
     c.name == wanted.trim_start_matches('/') || (wanted.len() >= 4 && c.id.starts_with(wanted))
 }
 
-pub fn exit_code(rows: &[AuditReport], errors: &[String]) -> u8 {
+pub(crate) fn exit_code(rows: &[AuditReport], errors: &[String]) -> u8 {
     if !errors.is_empty() {
         EXIT_CANNOT_RUN
     } else if rows.iter().any(|r| r.verdict == Verdict::LoopbackOnly.as_str()) {
@@ -163,7 +163,7 @@ pub fn exit_code(rows: &[AuditReport], errors: &[String]) -> u8 {
 }
 
 /// `CONTAINER  PORT  PUBLISHED  LISTENING  VERDICT`, then one hint per problem and a summary.
-pub fn table(rows: &[AuditReport], containers: usize) -> String {
+pub(crate) fn table(rows: &[AuditReport], containers: usize) -> String {
     if rows.is_empty() {
         return "no running container publishes a TCP port\n".into();
     }

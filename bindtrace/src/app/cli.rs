@@ -3,56 +3,58 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
 
-use crate::{diagnose::audit, app::check::CheckArgs, kernel::hook::HookChoice, sinks::metrics, sinks::output::Format};
+use crate::{
+    app::check::CheckArgs, diagnose::audit, kernel::hook::HookChoice, sinks::metrics, sinks::output::Format,
+};
 
 /// Reports, as it happens, every connection to a container that was refused because the service
 /// inside listens on loopback (or on the wrong address, family or port), and how to fix it.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "bindtrace", version, about, long_about = None, args_conflicts_with_subcommands = true)]
-pub struct Args {
+pub(crate) struct Args {
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub(crate) command: Option<Command>,
 
     /// Bridge to watch, in bindtrace's own network namespace (repeatable). Default: docker0 and
     /// the bridge of every Docker network, followed as networks come and go.
     #[arg(short = 'i', long = "iface", value_name = "NAME")]
-    pub ifaces: Vec<String>,
+    pub(crate) ifaces: Vec<String>,
 
     /// Docker API socket (unix:///path or a path; default: $DOCKER_HOST, else
     /// /var/run/docker.sock).
     #[arg(long, value_name = "SOCKET")]
-    pub docker_host: Option<String>,
+    pub(crate) docker_host: Option<String>,
 
     /// Do not talk to Docker: no container names, published ports, audit or network following.
     #[arg(long, conflicts_with = "docker_host")]
-    pub no_docker: bool,
+    pub(crate) no_docker: bool,
 
     /// How long a started container may have nothing listening on a published port before the
     /// audit reports it (loopback-only and other misbindings are reported at once).
     #[arg(long, value_name = "DURATION", default_value = audit::DEFAULT_GRACE, value_parser = humantime::parse_duration)]
-    pub audit_grace: Duration,
+    pub(crate) audit_grace: Duration,
 
     /// Kernel hook: `auto` picks tcp-send-reset when this kernel's BTF shows the reset reason,
     /// else kfree-skb when it shows drop reasons, else tc.
     #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
-    pub hook: HookChoice,
+    pub(crate) hook: HookChoice,
 
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    pub(crate) format: Format,
 
     /// Size of the kernel-to-userspace ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024, value_parser = parse_ringbuf_size)]
-    pub ringbuf_size: u32,
+    pub(crate) ringbuf_size: u32,
 
     /// Repeated refusals of one namespace and port within this window fold into one line with a
     /// count (e.g. 500ms, 1s, 2s).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_window)]
-    pub fold_window: Duration,
+    pub(crate) fold_window: Duration,
 
     /// Stop by itself after this long (e.g. 30s); runs until SIGINT or SIGTERM otherwise.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    pub duration: Option<Duration>,
+    pub(crate) duration: Option<Duration>,
 
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics. The default stays on this host's
     /// loopback; an address such as 0.0.0.0:PORT opens the port to the network.
@@ -63,11 +65,11 @@ pub struct Args {
         value_parser = parse_metrics_addr,
         help_heading = "Metrics"
     )]
-    pub metrics_addr: SocketAddr,
+    pub(crate) metrics_addr: SocketAddr,
 
     /// Serve no metrics.
     #[arg(long, conflicts_with = "metrics_addr", help_heading = "Metrics")]
-    pub no_metrics: bool,
+    pub(crate) no_metrics: bool,
 
     /// At most this many label sets in bindtrace_refused_connections_total; refusals that would
     /// need more count under the series whose labels are all "other".
@@ -78,7 +80,7 @@ pub struct Args {
         value_parser = clap::value_parser!(u32).range(1..=1_000_000),
         help_heading = "Metrics"
     )]
-    pub metrics_max_series: u32,
+    pub(crate) metrics_max_series: u32,
 
     /// At most this many container_port values per container; refusals on further ports count
     /// under container_port="other".
@@ -89,15 +91,15 @@ pub struct Args {
         value_parser = clap::value_parser!(u32).range(1..=65_535),
         help_heading = "Metrics"
     )]
-    pub metrics_max_ports: u32,
+    pub(crate) metrics_max_ports: u32,
 
     /// More log detail on stderr (-v debug, -vv trace, including kernel-side messages).
     #[arg(short, long, action = clap::ArgAction::Count)]
-    pub verbose: u8,
+    pub(crate) verbose: u8,
 }
 
 #[derive(Debug, Clone, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Audit every running container's published ports once and exit: 0 all reachable, 1 any
     /// loopback-only, 2 other misbindings, 3 the check could not run.
     Check(CheckArgs),

@@ -10,14 +10,14 @@ use tokio::io::unix::AsyncFd;
 /// The loop's poll deadline, on a timerfd. tokio's timer wheel reaches a deadline a second
 /// away in two steps (it wakes at the start of the 64 ms slot that holds it, then again at the
 /// deadline), which made two wake-ups per idle second; the kernel's timer wakes once.
-pub struct PollTimer {
+pub(crate) struct PollTimer {
     fd: AsyncFd<OwnedFd>,
     /// The deadline set and not read yet.
     armed: Option<Instant>,
 }
 
 impl PollTimer {
-    pub fn new() -> io::Result<PollTimer> {
+    pub(crate) fn new() -> io::Result<PollTimer> {
         // SAFETY: plain syscall; the fd is checked and then owned.
         let raw =
             unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
@@ -33,7 +33,7 @@ impl PollTimer {
     }
 
     /// Sets the one deadline (std's Instant is CLOCK_MONOTONIC too); a no-op when unchanged.
-    pub fn arm(&mut self, at: Instant) -> io::Result<()> {
+    pub(crate) fn arm(&mut self, at: Instant) -> io::Result<()> {
         if self.armed == Some(at) {
             return Ok(());
         }
@@ -53,7 +53,7 @@ impl PollTimer {
 
     /// Resolves once the deadline has passed. Cancel-safe: nothing is consumed before the
     /// final read, and nothing is awaited after it.
-    pub async fn wait(&mut self) -> io::Result<()> {
+    pub(crate) async fn wait(&mut self) -> io::Result<()> {
         loop {
             let mut guard = self.fd.readable().await?;
             let mut expirations = 0u64;

@@ -14,17 +14,19 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::{
     attribution::connect::{ConnectTracker, ConnectorInfo},
+    diagnose::procfs,
+    diagnose::report::{
+        ClientProcess, ContainerRef, ContainerReport, DockerContext, OriginalTuple, Report, Via,
+    },
     sources::conntrack::Conntrack,
     sources::docker::{Binding, Container, Inventory},
-    diagnose::report::{ClientProcess, ContainerRef, ContainerReport, DockerContext, OriginalTuple, Report, Via},
-    diagnose::sockets,
 };
 
 /// docker-proxy's process name (and executable).
-pub const DOCKER_PROXY: &str = "docker-proxy";
+pub(crate) const DOCKER_PROXY: &str = "docker-proxy";
 
 /// Everything known about the connection behind `report`.
-pub fn docker_context(
+pub(crate) fn docker_context(
     report: &Report,
     inventory: Option<&Inventory>,
     connect: Option<&ConnectTracker>,
@@ -130,7 +132,7 @@ fn single(bindings: &[Binding]) -> Option<Binding> {
 /// The host address a docker-proxy process serves, from its command line
 /// (`-host-ip 0.0.0.0 -host-port 8000 -container-ip 172.17.0.2 -container-port 8000`).
 fn proxy_binding(pid: u32) -> Option<Binding> {
-    parse_proxy_args(&sockets::argv_of(pid))
+    parse_proxy_args(&procfs::argv_of(pid))
 }
 
 fn parse_proxy_args(argv: &[String]) -> Option<Binding> {

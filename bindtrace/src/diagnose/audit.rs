@@ -16,34 +16,34 @@ use std::{
 };
 
 use crate::{
-    sources::docker::{Container, Inventory, PortMapping},
     diagnose::hint::{HintContext, hint_in},
-    diagnose::listen_diag::Listening,
-    netns::Netns,
+    diagnose::listeners::{self, Listener, Listening},
+    diagnose::procfs,
     diagnose::report::{AuditReport, ContainerReport, ListenerReport, now_rfc3339},
-    diagnose::sockets::{self, Listener},
     diagnose::verdict::{self, Verdict},
+    netns::Netns,
+    sources::docker::{Container, Inventory, PortMapping},
 };
 
 /// Default of `--audit-grace`: how long a container may take to start listening on a
 /// published port before "nothing listens" is reported. Long enough for interpreters and
 /// frameworks that load a lot at start (Rails, Spring, Next.js builds take tens of seconds).
-pub const DEFAULT_GRACE: &str = "30s";
+pub(crate) const DEFAULT_GRACE: &str = "30s";
 /// How often a port that has no listener yet is looked at again during the grace period.
-pub const POLL: Duration = Duration::from_millis(500);
+pub(crate) const POLL: Duration = Duration::from_millis(500);
 
 /// The outcome for one published port.
 #[derive(Debug, Clone)]
-pub struct PortCheck {
-    pub mapping: PortMapping,
+pub(crate) struct PortCheck {
+    pub(crate) mapping: PortMapping,
     /// None when the port is reachable.
-    pub verdict: Option<Verdict>,
-    pub target: Option<IpAddr>,
-    pub listeners: Vec<ListenerReport>,
+    pub(crate) verdict: Option<Verdict>,
+    pub(crate) target: Option<IpAddr>,
+    pub(crate) listeners: Vec<ListenerReport>,
 }
 
 /// Opens the container's network namespace: its sandbox handle, else its main process's.
-pub fn open_netns(c: &Container) -> io::Result<Netns> {
+pub(crate) fn open_netns(c: &Container) -> io::Result<Netns> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the container has no network namespace handle");
     if let Some(key) = &c.sandbox_key {
         match Netns::open(key) {
@@ -73,7 +73,7 @@ fn accepts(l: &Listener, target: IpAddr, v6only: &HashSet<u64>) -> bool {
 }
 
 /// Decides one port from the namespace's listeners (pure: the tests feed it).
-pub fn decide(
+pub(crate) fn decide(
     target: IpAddr,
     port: u16,
     all: &[Listener],
@@ -91,13 +91,13 @@ pub fn decide(
 }
 
 /// Checks one published port of `c`, whose namespace is `ns`.
-pub fn check_port(c: &Container, mapping: &PortMapping, ns: &Netns) -> io::Result<PortCheck> {
-    let Listening { listeners: all, v6only } = sockets::listening_in(ns)?;
+pub(crate) fn check_port(c: &Container, mapping: &PortMapping, ns: &Netns) -> io::Result<PortCheck> {
+    let Listening { listeners: all, v6only } = listeners::listening_in(ns)?;
     let target = c.address();
     let (verdict, listeners) =
         decide(target.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), mapping.container_port, &all, &v6only);
     let inodes: Vec<u64> = listeners.iter().map(|l| l.inode).collect();
-    let holders = sockets::holders(&inodes, ns.inode);
+    let holders = procfs::holders(&inodes, ns.inode);
     let listeners = listeners
         .iter()
         .map(|l| ListenerReport {
@@ -110,7 +110,7 @@ pub fn check_port(c: &Container, mapping: &PortMapping, ns: &Netns) -> io::Resul
 }
 
 /// The audit record for a checked port.
-pub fn report(c: &Container, check: &PortCheck, netns: u64) -> AuditReport {
+pub(crate) fn report(c: &Container, check: &PortCheck, netns: u64) -> AuditReport {
     let port = check.mapping.container_port;
     let published = preferred(&check.mapping);
     let hint = match check.verdict {
@@ -146,7 +146,7 @@ fn preferred(m: &PortMapping) -> Option<crate::sources::docker::Binding> {
 }
 
 /// How long after its start a container's ports may still have no listener.
-pub fn deadline(c: &Container, grace: Duration, now: Instant) -> Instant {
+pub(crate) fn deadline(c: &Container, grace: Duration, now: Instant) -> Instant {
     let age = c.started_at.and_then(|t| SystemTime::now().duration_since(t).ok()).unwrap_or(Duration::ZERO);
     now + grace.saturating_sub(age)
 }
@@ -158,7 +158,7 @@ struct Pending {
 
 /// The detector's audit schedule: every published port of every container start, checked at
 /// once, then again every [`POLL`] while nothing listens, until the grace period ends.
-pub struct Auditor {
+pub(crate) struct Auditor {
     grace: Duration,
     pending: BTreeMap<(String, u16), Pending>,
     /// Container starts already scheduled (id -> start time), so each start is audited once.
@@ -166,12 +166,12 @@ pub struct Auditor {
 }
 
 impl Auditor {
-    pub fn new(grace: Duration) -> Auditor {
+    pub(crate) fn new(grace: Duration) -> Auditor {
         Auditor { grace, pending: BTreeMap::new(), scheduled: HashMap::new() }
     }
 
     /// Schedules the ports of containers that started since the last inventory.
-    pub fn on_inventory(&mut self, inv: &Inventory, now: Instant) {
+    pub(crate) fn on_inventory(&mut self, inv: &Inventory, now: Instant) {
         for c in inv.containers.values().filter(|c| c.owns_netns()) {
             if self.scheduled.get(&c.id) == Some(&c.started_at) {
                 continue;
@@ -186,13 +186,13 @@ impl Auditor {
         self.pending.retain(|(id, _), _| inv.containers.contains_key(id));
     }
 
-    pub fn next_due(&self) -> Option<Instant> {
+    pub(crate) fn next_due(&self) -> Option<Instant> {
         self.pending.values().map(|p| p.next).min()
     }
 
     /// Runs the checks that are due. `in_scope` maps namespace inodes of watched container
     /// interfaces to their open namespaces: containers not on a watched bridge are skipped.
-    pub fn run(
+    pub(crate) fn run(
         &mut self,
         inv: &Inventory,
         in_scope: &HashMap<u64, Arc<Netns>>,

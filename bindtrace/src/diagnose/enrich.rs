@@ -13,17 +13,18 @@ use std::{
 use bindtrace_common::{AF_INET6, HookKind, RefusalEvent};
 
 use crate::{
-    sources::fold::Line,
     diagnose::hint::hint,
+    diagnose::listeners::{self, Listener},
+    diagnose::procfs::{self, Holder},
     diagnose::report::{ListenerReport, Report, now_rfc3339},
-    netns::scope::{Bridges, Port},
-    diagnose::sockets::{self, Holder, Listener},
     diagnose::verdict::{self, Verdict},
+    netns::scope::{Bridges, Port},
+    sources::fold::Line,
 };
 
 /// What one batch has read of each namespace, by namespace inode.
 #[derive(Default)]
-pub struct Snapshots {
+pub(crate) struct Snapshots {
     listeners: HashMap<u64, Result<Vec<Listener>, String>>,
     holders: HashMap<u64, BTreeMap<u64, Vec<Holder>>>,
 }
@@ -32,7 +33,7 @@ impl Snapshots {
     fn listeners(&mut self, port: &Port) -> Result<&[Listener], &str> {
         self.listeners
             .entry(port.ns.inode)
-            .or_insert_with(|| sockets::listeners_in(&port.ns).map_err(|e| e.to_string()))
+            .or_insert_with(|| listeners::listeners_in(&port.ns).map_err(|e| e.to_string()))
             .as_deref()
             .map_err(String::as_str)
     }
@@ -44,13 +45,13 @@ impl Snapshots {
                 Ok(all) => all.iter().map(|l| l.inode).collect(),
                 Err(_) => Vec::new(),
             };
-            self.holders.insert(port.ns.inode, sockets::holders(&inodes, port.ns.inode));
+            self.holders.insert(port.ns.inode, procfs::holders(&inodes, port.ns.inode));
         }
         &self.holders[&port.ns.inode]
     }
 }
 
-pub fn addr_of(family: u8, bytes: &[u8; 16]) -> IpAddr {
+pub(crate) fn addr_of(family: u8, bytes: &[u8; 16]) -> IpAddr {
     if family == AF_INET6 {
         IpAddr::V6(Ipv6Addr::from(*bytes))
     } else {
@@ -69,7 +70,7 @@ fn hook_name(sample: Option<&RefusalEvent>, fallback: &'static str) -> &'static 
 
 /// Builds the report for `line`. `port` is None when the interface left scope before we got
 /// here (the container stopped): the verdict is then `unknown`.
-pub fn report(
+pub(crate) fn report(
     line: &Line,
     port: Option<&Port>,
     bridges: &Bridges,

@@ -7,10 +7,10 @@
 
 /// What to change, in one sentence fragment.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BindFix {
+pub(crate) struct BindFix {
     /// The server, as a reader knows it (`gunicorn`, `flask run`, `busybox httpd`).
-    pub framework: &'static str,
-    pub advice: String,
+    pub(crate) framework: &'static str,
+    pub(crate) advice: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +214,7 @@ fn unloop(value: &str, any: &str) -> Option<String> {
 
 /// The fix for a listener started as `argv` (executable `exe`) that listens on loopback only;
 /// `port` is the container port and `any` the wildcard address for the family (`0.0.0.0`/`::`).
-pub fn bind_fix(argv: &[String], exe: &str, port: u16, any: &str) -> Option<BindFix> {
+pub(crate) fn bind_fix(argv: &[String], exe: &str, port: u16, any: &str) -> Option<BindFix> {
     let kind = detect(argv, exe);
     let who = kind.map(Kind::name).unwrap_or_else(|| if argv.is_empty() { "" } else { "the command" });
     // An explicit loopback argument: show it and its replacement, with the flag before it.

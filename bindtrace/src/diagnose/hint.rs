@@ -8,7 +8,7 @@ use crate::{
 };
 
 /// `addr:port` with IPv6 in brackets.
-pub fn endpoint(addr: IpAddr, port: u16) -> String {
+pub(crate) fn endpoint(addr: IpAddr, port: u16) -> String {
     match addr {
         IpAddr::V4(a) => format!("{a}:{port}"),
         IpAddr::V6(a) => format!("[{a}]:{port}"),
@@ -43,15 +43,20 @@ fn wildcard_for(target: Option<IpAddr>) -> &'static str {
     }
 }
 
-pub fn hint(verdict: Verdict, target: Option<IpAddr>, port: u16, listeners: &[ListenerReport]) -> String {
+pub(crate) fn hint(
+    verdict: Verdict,
+    target: Option<IpAddr>,
+    port: u16,
+    listeners: &[ListenerReport],
+) -> String {
     hint_in(&HintContext::default(), verdict, target, port, listeners)
 }
 
 /// What is known around a refusal that makes the hint exact: the host port it was published
 /// on (for the `-p` forms).
 #[derive(Debug, Clone, Default)]
-pub struct HintContext {
-    pub host_port: Option<u16>,
+pub(crate) struct HintContext {
+    pub(crate) host_port: Option<u16>,
 }
 
 /// The server-specific fix for a loopback bind, from the listeners' command lines.
@@ -64,7 +69,7 @@ fn bind_fix(listeners: &[ListenerReport], port: u16, any: &str) -> Option<BindFi
         .find_map(|p| crate::diagnose::framework::bind_fix(&p.argv, &p.exe, port, any))
 }
 
-pub fn hint_in(
+pub(crate) fn hint_in(
     ctx: &HintContext,
     verdict: Verdict,
     target: Option<IpAddr>,
@@ -147,7 +152,7 @@ pub fn hint_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diagnose::sockets::Holder;
+    use crate::diagnose::procfs::Holder;
 
     fn listener(ip: &str, port: u16, holder: Holder) -> ListenerReport {
         ListenerReport { ip: ip.parse().unwrap(), port, pids: vec![holder] }

@@ -3,11 +3,11 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::diagnose::sockets::Listener;
+use crate::diagnose::listeners::Listener;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Something listens on the port, bound only to 127.0.0.0/8, ::1 or ::ffff:127.x: the
     /// container's own loopback, which forwarded traffic never reaches.
     LoopbackOnly,
@@ -25,7 +25,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Verdict::LoopbackOnly => "loopback_only",
             Verdict::WrongFamily => "wrong_family",
@@ -39,14 +39,14 @@ impl Verdict {
 
 /// The verdict and the listeners that explain it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    pub verdict: Verdict,
+pub(crate) struct Decision {
+    pub(crate) verdict: Verdict,
     /// Listeners on the refused port (for `no_listener`: every listener of the namespace, to show
     /// what does listen there).
-    pub listeners: Vec<Listener>,
+    pub(crate) listeners: Vec<Listener>,
 }
 
-pub fn is_loopback(addr: IpAddr) -> bool {
+pub(crate) fn is_loopback(addr: IpAddr) -> bool {
     match addr {
         IpAddr::V4(a) => a.is_loopback(),
         IpAddr::V6(a) => a.is_loopback() || a.to_ipv4_mapped().is_some_and(|m| m.is_loopback()),
@@ -73,7 +73,7 @@ fn accepts(bound: IpAddr, target: IpAddr) -> bool {
 }
 
 /// Decides why a SYN to `target:port` was refused, given the namespace's listeners now.
-pub fn decide(target: IpAddr, port: u16, listeners: &[Listener]) -> Decision {
+pub(crate) fn decide(target: IpAddr, port: u16, listeners: &[Listener]) -> Decision {
     let on_port: Vec<Listener> = listeners.iter().filter(|l| l.port == port).cloned().collect();
     let verdict = if on_port.is_empty() {
         Verdict::NoListener

@@ -6,7 +6,6 @@
 //! ~6 MB costs one pass and a few flat vectors, no allocation per type.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 const MAGIC: u16 = 0xeb9f;
 /// Size of the version 1 header; `hdr_len` may be larger (later fields we do not know).
@@ -22,9 +21,7 @@ const MAX_DEPTH: usize = 64;
 
 /// Errors from parsing BTF or looking things up in it. Lookup errors name what was missing.
 #[derive(Debug, thiserror::Error)]
-pub enum BtfError {
-    #[error("cannot read BTF from {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+pub(crate) enum BtfError {
     #[error(
         "cannot read {SYS_FS_PATH} ({source}): bindtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
     )]
@@ -72,7 +69,7 @@ pub enum BtfError {
 impl BtfError {
     /// True when the blob is fine but the thing asked for is not in it (a kernel difference,
     /// not corruption): callers use this to treat optional kernel features as absent.
-    pub fn is_not_found(&self) -> bool {
+    pub(crate) fn is_not_found(&self) -> bool {
         matches!(self, Self::NoType { .. } | Self::NoMember { .. } | Self::NoEnumerator { .. })
     }
 }
@@ -80,9 +77,9 @@ impl BtfError {
 /// A struct/union member located by [`Btf::member`]: byte offset from the start of the outer
 /// struct and size in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Member {
-    pub offset: u32,
-    pub size: u32,
+pub(crate) struct Member {
+    pub(crate) offset: u32,
+    pub(crate) size: u32,
 }
 
 /// BTF kinds; the value is the `kind` field of `btf_type.info`.
@@ -186,7 +183,7 @@ struct Found {
 }
 
 /// Parsed BTF: the raw blob plus an index of where each type starts.
-pub struct Btf {
+pub(crate) struct Btf {
     data: Vec<u8>,
     /// Start and end of the string section in `data`.
     strs: (usize, usize),
@@ -206,17 +203,13 @@ impl std::fmt::Debug for Btf {
 }
 
 impl Btf {
-    pub fn from_bytes(raw: &[u8]) -> Result<Btf, BtfError> {
+    #[cfg(test)]
+    pub(crate) fn from_bytes(raw: &[u8]) -> Result<Btf, BtfError> {
         Self::from_vec(raw.to_vec())
     }
 
-    pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
-        let data = std::fs::read(path).map_err(|source| BtfError::Io { path: path.to_owned(), source })?;
-        Self::from_vec(data)
-    }
-
     /// The running kernel's BTF.
-    pub fn from_sys_fs() -> Result<Btf, BtfError> {
+    pub(crate) fn from_sys_fs() -> Result<Btf, BtfError> {
         let data = std::fs::read(SYS_FS_PATH).map_err(|source| BtfError::NoKernelBtf { source })?;
         Self::from_vec(data)
     }
@@ -236,7 +229,8 @@ impl Btf {
     }
 
     /// Number of types including void (id 0).
-    pub fn type_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn type_count(&self) -> usize {
         self.offsets.len()
     }
 
@@ -421,7 +415,7 @@ impl Btf {
     /// structs/unions and follows typedefs/qualifiers to the struct of a named member for the
     /// next step. Returns the byte offset from the start of the outer struct and the size of
     /// the last member; a bitfield is an error.
-    pub fn member(&self, path: &str) -> Result<Member, BtfError> {
+    pub(crate) fn member(&self, path: &str) -> Result<Member, BtfError> {
         let steps: Vec<&str> = path.split('.').collect();
         let [root, members @ ..] = steps.as_slice() else {
             return Err(BtfError::BadPath { path: path.into() });
@@ -464,7 +458,7 @@ impl Btf {
 
     /// Value of an enumerator of a named enum (ENUM or ENUM64). An unsigned ENUM64 value above
     /// `i64::MAX` comes back as its two's complement bit pattern.
-    pub fn enum_value(&self, enum_name: &str, enumerator: &str) -> Result<i64, BtfError> {
+    pub(crate) fn enum_value(&self, enum_name: &str, enumerator: &str) -> Result<i64, BtfError> {
         let mut saw_enum = false;
         for t in self.named(enum_name) {
             if !matches!(t.kind, Kind::Enum | Kind::Enum64) {
@@ -502,7 +496,7 @@ impl Btf {
     /// Parameter types, rendered C-like, of the FUNC_PROTO behind a typedef such as
     /// "btf_trace_tcp_send_reset" (typedef -> pointer -> func_proto), e.g.
     /// `["void *", "const struct sock *", "const struct sk_buff *", "const enum sk_rst_reason"]`.
-    pub fn func_proto_params(&self, typedef_name: &str) -> Result<Vec<String>, BtfError> {
+    pub(crate) fn func_proto_params(&self, typedef_name: &str) -> Result<Vec<String>, BtfError> {
         let typedef = self
             .named(typedef_name)
             .find(|t| t.kind == Kind::Typedef)

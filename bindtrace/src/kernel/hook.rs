@@ -4,7 +4,7 @@ use std::fmt;
 use crate::kernel::layout::KernelLayout;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum HookChoice {
+pub(crate) enum HookChoice {
     /// `tcp-send-reset` where the kernel has it, else `kfree-skb`, else `tc`.
     Auto,
     /// tp_btf on tcp:tcp_send_reset, reason NO_SOCKET (kernels from about 6.10).
@@ -17,14 +17,14 @@ pub enum HookChoice {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
+pub(crate) enum Hook {
     TcpSendReset,
     KfreeSkb,
     Tc,
 }
 
 impl Hook {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Hook::TcpSendReset => "tcp-send-reset",
             Hook::KfreeSkb => "kfree-skb",
@@ -32,7 +32,7 @@ impl Hook {
         }
     }
     /// The eBPF program in our object.
-    pub fn program(self) -> &'static str {
+    pub(crate) fn program(self) -> &'static str {
         match self {
             Hook::TcpSendReset => "bt_send_reset",
             Hook::KfreeSkb => "bt_kfree_skb",
@@ -40,7 +40,7 @@ impl Hook {
         }
     }
     /// The BTF tracepoint it attaches to; None for tc, which attaches to each port instead.
-    pub fn tracepoint(self) -> Option<&'static str> {
+    pub(crate) fn tracepoint(self) -> Option<&'static str> {
         match self {
             Hook::TcpSendReset => Some("tcp_send_reset"),
             Hook::KfreeSkb => Some("kfree_skb"),
@@ -56,7 +56,7 @@ impl fmt::Display for Hook {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum HookError {
+pub(crate) enum HookError {
     #[error(
         "this kernel's tcp:tcp_send_reset has no reset reason (it appeared around Linux 6.10), so it \
          cannot tell a refused connection from other resets; use --hook auto (or kfree-skb from \
@@ -71,7 +71,7 @@ pub enum HookError {
 }
 
 /// The hook to attach and a sentence saying why, for the start-up message.
-pub fn choose(choice: HookChoice, layout: &KernelLayout) -> Result<(Hook, String), HookError> {
+pub(crate) fn choose(choice: HookChoice, layout: &KernelLayout) -> Result<(Hook, String), HookError> {
     let send_reset = layout.rst_reason_no_socket.is_some();
     let kfree = layout.drop_reason_no_socket.is_some();
     match choice {

@@ -10,32 +10,32 @@ use crate::kernel::btf::{Btf, BtfError};
 /// Everything the kernel side needs from the running kernel's BTF, resolved once at start; the eBPF
 /// object receives these as globals. Never hard-coded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelLayout {
-    pub skb_dev: u32,
-    pub skb_head: u32,
-    pub skb_network_header: u32,
-    pub skb_transport_header: u32,
-    pub dev_ifindex: u32,
+pub(crate) struct KernelLayout {
+    pub(crate) skb_dev: u32,
+    pub(crate) skb_head: u32,
+    pub(crate) skb_network_header: u32,
+    pub(crate) skb_transport_header: u32,
+    pub(crate) dev_ifindex: u32,
     /// net_device.nd_net.net (possible_net_t wraps the pointer)
-    pub dev_nd_net: u32,
+    pub(crate) dev_nd_net: u32,
     /// struct net: net_cookie (u64)
-    pub net_cookie: u32,
+    pub(crate) net_cookie: u32,
     /// struct net: ns.inum (u32)
-    pub net_ns_inum: u32,
+    pub(crate) net_ns_inum: u32,
     /// `SK_RST_REASON_NO_SOCKET` when tcp:tcp_send_reset carries an `enum sk_rst_reason` argument (about 6.10+), else None.
-    pub rst_reason_no_socket: Option<u32>,
+    pub(crate) rst_reason_no_socket: Option<u32>,
     /// `SKB_DROP_REASON_NO_SOCKET` when skb:kfree_skb carries a drop reason (5.17+), else None.
-    pub drop_reason_no_socket: Option<u32>,
+    pub(crate) drop_reason_no_socket: Option<u32>,
     /// Offset of `recursion_misses` in the uapi `struct bpf_prog_info` (5.12+), else None: how
     /// often the kernel skipped our program because it was already running on that CPU.
-    pub prog_info_recursion_misses: Option<u32>,
+    pub(crate) prog_info_recursion_misses: Option<u32>,
 }
 
 /// The eBPF side reads pointers as 8 bytes (bindtrace runs on 64-bit kernels only).
 const PTR: u32 = 8;
 
 impl KernelLayout {
-    pub fn resolve(btf: &Btf) -> Result<KernelLayout, BtfError> {
+    pub(crate) fn resolve(btf: &Btf) -> Result<KernelLayout, BtfError> {
         Ok(KernelLayout {
             skb_dev: offset(btf, "sk_buff.dev", PTR)?,
             skb_head: offset(btf, "sk_buff.head", PTR)?,

@@ -15,15 +15,15 @@ use bindtrace_common::{BridgeId, CountKey, CountValue, STAT_COUNT_OVERFLOW, STAT
 use crate::{
     kernel::hook::Hook,
     kernel::layout::KernelLayout,
-    netns::scope::Port,
     kernel::tc::{AttachError, AttachMode, TcPorts},
+    netns::scope::Port,
 };
 
 /// The object `build.rs` built; empty when the build skipped eBPF.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bindtrace"));
 
 #[derive(Debug, thiserror::Error)]
-pub enum LoadError {
+pub(crate) enum LoadError {
     #[error(
         "this bindtrace binary was built with BINDTRACE_SKIP_EBPF=1 and carries no eBPF programs; \
          rebuild it after `sudo ./x setup`"
@@ -41,34 +41,34 @@ pub enum LoadError {
 
 /// Knobs the kernel side takes as globals.
 #[derive(Debug, Clone)]
-pub struct LoadOptions {
-    pub ringbuf_bytes: u32,
-    pub fold_window_ns: u64,
+pub(crate) struct LoadOptions {
+    pub(crate) ringbuf_bytes: u32,
+    pub(crate) fold_window_ns: u64,
     /// aya-log level for kernel-side messages (0 = off).
-    pub kernel_log_level: u8,
+    pub(crate) kernel_log_level: u8,
     /// Further u32 globals by name (the connect tracker's offsets, `sock_layout.rs`).
-    pub globals: Vec<(&'static str, u32)>,
+    pub(crate) globals: Vec<(&'static str, u32)>,
     /// How the tc hook attaches (only used with [`Hook::Tc`]).
-    pub tc_mode: AttachMode,
+    pub(crate) tc_mode: AttachMode,
 }
 
-pub struct Loaded {
+pub(crate) struct Loaded {
     /// The tc hook's per-port links (None for the tracepoint hooks). Declared first so that it is
     /// dropped first: ports are detached before the program goes.
-    pub tc: Option<TcPorts>,
+    pub(crate) tc: Option<TcPorts>,
     /// Holds the programs, the link and the aya-log buffer: dropped last.
-    pub ebpf: Ebpf,
-    pub scope: HashMap<MapData, ScopeKey, BridgeId>,
-    pub counts: PerCpuHashMap<MapData, CountKey, CountValue>,
-    pub stats: PerCpuArray<MapData, u64>,
-    pub events: Option<RingBuf<MapData>>,
-    pub hook: Hook,
+    pub(crate) ebpf: Ebpf,
+    pub(crate) scope: HashMap<MapData, ScopeKey, BridgeId>,
+    pub(crate) counts: PerCpuHashMap<MapData, CountKey, CountValue>,
+    pub(crate) stats: PerCpuArray<MapData, u64>,
+    pub(crate) events: Option<RingBuf<MapData>>,
+    pub(crate) hook: Hook,
     /// Where `recursion_misses` sits in `bpf_prog_info` on this kernel, if it has it.
     recursion_misses_offset: Option<u32>,
 }
 
 /// Fails at once when this binary was built without its eBPF object.
-pub fn check_object() -> Result<(), LoadError> {
+pub(crate) fn check_object() -> Result<(), LoadError> {
     if OBJECT.is_empty() { Err(LoadError::NoObject) } else { Ok(()) }
 }
 
@@ -77,14 +77,14 @@ impl Loaded {
     /// /sys/kernel/btf/vmlinux itself (~16 MB of heap on a 5.5 MB vmlinux BTF), a copy nobody
     /// can borrow: let it go before the caller parses the one it keeps, so that two copies are
     /// never alive together (they made the process's peak RSS).
-    pub fn loader() -> EbpfLoader<'static> {
+    pub(crate) fn loader() -> EbpfLoader<'static> {
         let mut loader = EbpfLoader::new();
         loader.btf(None);
         loader
     }
 
     /// `loader` comes from [`Loaded::loader`].
-    pub fn load(
+    pub(crate) fn load(
         loader: EbpfLoader<'static>,
         layout: &KernelLayout,
         hook: Hook,
@@ -172,7 +172,7 @@ impl Loaded {
 
     /// Attaches the tc hook to the ports that joined and detaches it from those that left (a
     /// no-op for the tracepoint hooks).
-    pub fn sync_tc(&mut self, ports: &BTreeMap<ScopeKey, Port>) -> Result<(), AttachError> {
+    pub(crate) fn sync_tc(&mut self, ports: &BTreeMap<ScopeKey, Port>) -> Result<(), AttachError> {
         let Some(tc) = self.tc.as_mut() else { return Ok(()) };
         let program: &mut SchedClassifier = self
             .ebpf
@@ -184,14 +184,14 @@ impl Loaded {
 
     /// Kernel-side counters summed over CPUs: (ring-buffer reservations that failed, refusals
     /// counted in the overflow slot because COUNTS was full).
-    pub fn stats(&self) -> (u64, u64) {
+    pub(crate) fn stats(&self) -> (u64, u64) {
         let sum = |slot: u32| self.stats.get(&slot, 0).map(|v| v.iter().copied().sum::<u64>()).unwrap_or(0);
         (sum(STAT_RINGBUF_LOST), sum(STAT_COUNT_OVERFLOW))
     }
 
     /// Times the kernel skipped the hook program because it was already running on that CPU
     /// (None where the kernel does not say). A refusal among them went uncounted.
-    pub fn recursion_misses(&self) -> Option<u64> {
+    pub(crate) fn recursion_misses(&self) -> Option<u64> {
         use std::os::fd::AsFd as _;
         let offset = self.recursion_misses_offset?;
         let program = self.ebpf.program(self.hook.program())?;
@@ -200,7 +200,7 @@ impl Loaded {
     }
 
     /// Exact per-key totals, summed over CPUs.
-    pub fn totals(&self) -> std::collections::HashMap<CountKey, u64> {
+    pub(crate) fn totals(&self) -> std::collections::HashMap<CountKey, u64> {
         self.counts.iter().filter_map(Result::ok).map(|(k, v)| (k, v.iter().map(|c| c.count).sum())).collect()
     }
 }

@@ -2,6 +2,7 @@
 //! programs need, which hook to attach, the loaded object and its maps, the tc attachments,
 //! and the privileges all that takes.
 pub(crate) mod btf;
+pub(crate) mod clock;
 pub(crate) mod hook;
 pub(crate) mod layout;
 pub(crate) mod loader;

@@ -14,8 +14,8 @@ const CAP_BPF: u32 = 39;
     needed_list(),
     .missing.join(", ")
 )]
-pub struct MissingCapabilities {
-    pub missing: Vec<&'static str>,
+pub(crate) struct MissingCapabilities {
+    pub(crate) missing: Vec<&'static str>,
 }
 
 fn needed_list() -> String {
@@ -43,7 +43,7 @@ fn effective() -> u64 {
         .unwrap_or(0)
 }
 
-pub fn check() -> Result<(), MissingCapabilities> {
+pub(crate) fn check() -> Result<(), MissingCapabilities> {
     missing_from(effective())
 }
 
@@ -61,7 +61,7 @@ fn missing_from(eff: u64) -> Result<(), MissingCapabilities> {
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it (harmless elsewhere).
-pub fn raise_memlock() {
+pub(crate) fn raise_memlock() {
     let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         log::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());

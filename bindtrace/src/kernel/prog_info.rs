@@ -20,7 +20,7 @@ struct InfoByFdAttr {
 }
 
 /// Reads `recursion_misses` at `offset` (from BTF) in the program's `bpf_prog_info`.
-pub fn recursion_misses(prog: BorrowedFd<'_>, offset: u32) -> io::Result<u64> {
+pub(crate) fn recursion_misses(prog: BorrowedFd<'_>, offset: u32) -> io::Result<u64> {
     let mut info = [0u8; INFO_BUF];
     let mut attr = InfoByFdAttr {
         bpf_fd: prog.as_raw_fd() as u32,

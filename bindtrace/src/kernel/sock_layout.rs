@@ -4,18 +4,18 @@
 use crate::kernel::btf::{Btf, BtfError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SockLayout {
-    pub family: u32,
-    pub daddr: u32,
-    pub rcv_saddr: u32,
-    pub dport: u32,
+pub(crate) struct SockLayout {
+    pub(crate) family: u32,
+    pub(crate) daddr: u32,
+    pub(crate) rcv_saddr: u32,
+    pub(crate) dport: u32,
     /// None on kernels built without IPv6 (the members do not exist there).
-    pub v6_daddr: Option<u32>,
-    pub v6_rcv_saddr: Option<u32>,
+    pub(crate) v6_daddr: Option<u32>,
+    pub(crate) v6_rcv_saddr: Option<u32>,
     /// `sock.__sk_common.skc_net.net`.
-    pub net: u32,
+    pub(crate) net: u32,
     /// `inet_sock.inet_sport`.
-    pub inet_sport: u32,
+    pub(crate) inet_sport: u32,
 }
 
 fn offset(btf: &Btf, path: &str, expected: u32) -> Result<u32, BtfError> {
@@ -35,7 +35,7 @@ fn optional(r: Result<u32, BtfError>) -> Result<Option<u32>, BtfError> {
 }
 
 impl SockLayout {
-    pub fn resolve(btf: &Btf) -> Result<SockLayout, BtfError> {
+    pub(crate) fn resolve(btf: &Btf) -> Result<SockLayout, BtfError> {
         let common = "sock.__sk_common";
         Ok(SockLayout {
             family: offset(btf, &format!("{common}.skc_family"), 2)?,
@@ -51,7 +51,7 @@ impl SockLayout {
 
     /// The eBPF globals (`connect.rs`) these offsets fill, with the namespace offsets shared
     /// with the refusal hooks (`KernelLayout::net_cookie`, `net_ns_inum`).
-    pub fn globals(&self, net_cookie: u32, net_ns_inum: u32) -> Vec<(&'static str, u32)> {
+    pub(crate) fn globals(&self, net_cookie: u32, net_ns_inum: u32) -> Vec<(&'static str, u32)> {
         let v6 = self.v6_daddr.is_some() && self.v6_rcv_saddr.is_some();
         vec![
             ("OFF_SK_FAMILY", self.family),
@@ -70,7 +70,7 @@ impl SockLayout {
 
     /// Zeroes for every global, for when the layout could not be resolved: the program is
     /// then not attached, but the object still needs its globals set.
-    pub fn unresolved_globals() -> Vec<(&'static str, u32)> {
+    pub(crate) fn unresolved_globals() -> Vec<(&'static str, u32)> {
         let zero = SockLayout {
             family: 0,
             daddr: 0,

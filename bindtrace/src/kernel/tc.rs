@@ -22,7 +22,7 @@ use crate::{kernel::btf::Btf, netns::scope::Port};
 
 /// How the classifier is attached to an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttachMode {
+pub(crate) enum AttachMode {
     /// A tcx link, first in the interface's ingress chain (kernels with `BPF_TCX_INGRESS`, 6.6+).
     Tcx,
     /// A cls_bpf filter under a `clsact` qdisc (every kernel bindtrace supports).
@@ -32,14 +32,14 @@ pub enum AttachMode {
 impl AttachMode {
     /// From the kernel's BTF rather than its version: `enum bpf_attach_type` has
     /// `BPF_TCX_INGRESS` exactly when the kernel has tcx.
-    pub fn detect(btf: &Btf) -> AttachMode {
+    pub(crate) fn detect(btf: &Btf) -> AttachMode {
         match btf.enum_value("bpf_attach_type", "BPF_TCX_INGRESS") {
             Ok(_) => AttachMode::Tcx,
             Err(_) => AttachMode::Clsact,
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             AttachMode::Tcx => "tcx",
             AttachMode::Clsact => "clsact",
@@ -53,11 +53,11 @@ impl AttachMode {
      sched_cls programs and, before Linux 6.6, the clsact qdisc and cls_bpf filter (modules \
      sch_ingress and cls_bpf)"
 )]
-pub struct AttachError {
-    pub ifname: String,
-    pub mode: &'static str,
+pub(crate) struct AttachError {
+    pub(crate) ifname: String,
+    pub(crate) mode: &'static str,
     #[source]
-    pub source: aya::programs::ProgramError,
+    pub(crate) source: aya::programs::ProgramError,
 }
 
 struct Attached {
@@ -69,31 +69,22 @@ struct Attached {
 
 /// The `TC_PORTS` map and the link of every port the classifier is attached to, by the host-side
 /// veth's ifindex.
-pub struct TcPorts {
+pub(crate) struct TcPorts {
     mode: AttachMode,
     map: HashMap<MapData, u32, TcPort>,
     attached: BTreeMap<u32, Attached>,
 }
 
 impl TcPorts {
-    pub fn new(mode: AttachMode, map: HashMap<MapData, u32, TcPort>) -> TcPorts {
+    pub(crate) fn new(mode: AttachMode, map: HashMap<MapData, u32, TcPort>) -> TcPorts {
         TcPorts { mode, map, attached: BTreeMap::new() }
-    }
-
-    pub fn mode(&self) -> AttachMode {
-        self.mode
-    }
-
-    /// Host-side interfaces the classifier is attached to.
-    pub fn interfaces(&self) -> impl Iterator<Item = &str> {
-        self.attached.values().map(|a| a.ifname.as_str())
     }
 
     /// Attaches to ports that joined, detaches from ports that left, and updates the container
     /// side of ports whose peer moved (Docker moves it into the container after enslaving the
     /// host side). A port that vanishes while being attached is skipped: the next rescan sees it
     /// gone. Any other failure is returned: a port bindtrace cannot watch must not pass silently.
-    pub fn sync(
+    pub(crate) fn sync(
         &mut self,
         program: &mut SchedClassifier,
         ports: &BTreeMap<ScopeKey, Port>,

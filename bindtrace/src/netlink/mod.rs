@@ -2,7 +2,8 @@
 //!
 //! bindtrace needs three things from the kernel's routing netlink: the list of links with their
 //! bridge master and veth peer ([`dump_links`]), the id under which this namespace knows another
-//! namespace ([`netnsid_of`]), and a nudge when either changes ([`LinkWatcher`]). That is a few
+//! namespace ([`netnsid_of`]), and a nudge when either changes
+//! (`sources::link_events`, on the same socket code). That is a few
 //! hundred lines of byte handling, so we write it ourselves instead of depending on a netlink
 //! crate family whose APIs churn between releases.
 //!
@@ -19,9 +20,6 @@ use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
-
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 
 // Constants libc does not define (include/uapi/linux/net_namespace.h).
 /// RTM_NEWNSID/RTM_GETNSID attribute: the namespace id (i32).
@@ -44,12 +42,7 @@ const NLA_HDRLEN: usize = 4;
 /// the reader has offered, capped at 32 KiB, so 64 KiB holds any of them; a single bigger
 /// message (a link with many VF attributes, say) still fits because [`NlSocket::recv`] peeks at
 /// the real size first and grows the buffer.
-const RECV_BUF_LEN: usize = 64 * 1024;
-
-/// Receive buffer asked for on the watcher socket. Starting a batch of containers produces a
-/// burst of notifications; a larger queue makes ENOBUFS (and thus a full re-dump) rarer. The
-/// kernel caps it at net.core.rmem_max, which is fine: overruns are handled anyway.
-const WATCH_RCVBUF: libc::c_int = 1 << 20;
+pub(crate) const RECV_BUF_LEN: usize = 64 * 1024;
 
 /// How long a request waits for the kernel's reply. The kernel always answers; this only keeps
 /// a caller from hanging forever should that ever not hold.
@@ -65,18 +58,18 @@ static NEXT_SEQ: AtomicU32 = AtomicU32::new(1);
 
 /// One network interface of the calling thread's network namespace, as rtnetlink reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Link {
+pub(crate) struct Link {
     /// Interface index, unique only within this namespace.
-    pub ifindex: u32,
+    pub(crate) ifindex: u32,
     /// IFLA_IFNAME.
-    pub name: String,
+    pub(crate) name: String,
     /// IFLA_LINKINFO / IFLA_INFO_KIND: "bridge", "veth", ... (None for devices without a
     /// link type, such as `lo` or physical NICs).
-    pub kind: Option<String>,
+    pub(crate) kind: Option<String>,
     /// IFLA_MASTER: the bridge this interface is a port of.
-    pub master: Option<u32>,
+    pub(crate) master: Option<u32>,
     /// IFLA_LINK (for a veth: the peer's ifindex, in the peer's namespace).
-    pub peer_ifindex: Option<u32>,
+    pub(crate) peer_ifindex: Option<u32>,
     /// IFLA_LINK_NETNSID: the peer's namespace, as an id local to this namespace; None when the
     /// peer is in this same namespace.
     ///
@@ -87,9 +80,9 @@ pub struct Link {
     ///
     /// Some(-1) (NETNSA_NSID_NOT_ASSIGNED) means the peer is elsewhere but the kernel could not
     /// give its namespace an id, which happens while that namespace is being torn down.
-    pub peer_netnsid: Option<i32>,
+    pub(crate) peer_netnsid: Option<i32>,
     /// IFF_UP (administratively up).
-    pub up: bool,
+    pub(crate) up: bool,
 }
 
 /// RTM_GETLINK dump of the calling thread's current network namespace.
@@ -98,7 +91,7 @@ pub struct Link {
 /// has assigned that id before anyone dumps: moving a device out of a namespace, or creating a
 /// veth with its peer in another one, gives the other namespace an id here and announces it with
 /// RTM_NEWNSID (the kernel fills IFLA_LINK_NETNSID with an allocating lookup in any case).
-pub fn dump_links() -> io::Result<Vec<Link>> {
+pub(crate) fn dump_links() -> io::Result<Vec<Link>> {
     // AF_UNSPEC with a zero index asks for every link; the rest of ifinfomsg is unused.
     let mut body = [0u8; IFINFOMSG_LEN];
     body[0] = libc::AF_UNSPEC as u8;
@@ -133,7 +126,7 @@ pub fn dump_links() -> io::Result<Vec<Link>> {
 /// (NETNSA_NSID_NOT_ASSIGNED = -1).
 ///
 /// This only looks the id up; it never assigns one.
-pub fn netnsid_of(ns: BorrowedFd<'_>) -> io::Result<Option<i32>> {
+pub(crate) fn netnsid_of(ns: BorrowedFd<'_>) -> io::Result<Option<i32>> {
     let mut body = Vec::with_capacity(RTGENMSG_LEN + NLA_HDRLEN + 4);
     body.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
     push_attr(&mut body, NETNSA_FD, &(ns.as_raw_fd() as u32).to_ne_bytes());
@@ -155,107 +148,6 @@ pub fn netnsid_of(ns: BorrowedFd<'_>) -> io::Result<Option<i32>> {
         Some(NETNSA_NSID_NOT_ASSIGNED) => Ok(None),
         Some(id) => Ok(Some(id)),
         None => Err(io::Error::new(io::ErrorKind::InvalidData, "RTM_GETNSID reply without NETNSA_NSID")),
-    }
-}
-
-/// A netlink socket subscribed to RTNLGRP_LINK (and RTNLGRP_NSID), registered with tokio.
-///
-/// It only says *that* something changed; callers re-run [`dump_links`] for the new state. That
-/// keeps one code path for the state (the dump) and makes lost notifications harmless.
-pub struct LinkWatcher {
-    fd: AsyncFd<OwnedFd>,
-    buf: Vec<u8>,
-}
-
-impl std::fmt::Debug for LinkWatcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkWatcher").field("fd", &self.fd.get_ref().as_raw_fd()).finish()
-    }
-}
-
-impl LinkWatcher {
-    /// Creates the socket in the calling thread's network namespace. Must be called inside a
-    /// tokio runtime with IO enabled (an error is returned otherwise).
-    pub fn new() -> io::Result<LinkWatcher> {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(io::Error::other("LinkWatcher::new needs a tokio runtime with IO enabled"));
-        }
-        let sock = NlSocket::open(true)?;
-        // Link changes (new/changed/deleted interfaces, master changes) and namespace ids: a
-        // peer moving to another namespace shows up here as a RTM_DELLINK of the peer plus,
-        // the first time, a RTM_NEWNSID for its new namespace.
-        for group in [libc::RTNLGRP_LINK, libc::RTNLGRP_NSID] {
-            setsockopt_int(
-                sock.fd.as_raw_fd(),
-                libc::SOL_NETLINK,
-                libc::NETLINK_ADD_MEMBERSHIP,
-                group as libc::c_int,
-            )?;
-        }
-        if let Err(e) = setsockopt_int(sock.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, WATCH_RCVBUF) {
-            log::debug!("netlink watcher: SO_RCVBUF not raised: {e}");
-        }
-        // Only readability matters; registering for writes would just wake us for nothing.
-        // SAFETY: an OwnedFd stays open and keeps its number until the AsyncFd drops it.
-        let fd = unsafe { AsyncFd::register_with_interest(sock.fd, Interest::READABLE) }?;
-        Ok(LinkWatcher { fd, buf: vec![0; RECV_BUF_LEN] })
-    }
-
-    /// Waits until at least one link/nsid notification arrives, drains every queued message
-    /// without blocking, and returns how many were read. On ENOBUFS (the socket overran) it
-    /// returns Ok too, counting the overrun as one: the caller re-dumps anyway.
-    ///
-    /// Cancel safe: nothing is lost if the future is dropped while waiting.
-    pub async fn changed(&mut self) -> io::Result<usize> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            let fd = guard.get_inner().as_raw_fd();
-            let mut count = 0usize;
-            loop {
-                // MSG_TRUNC makes the kernel report the full datagram length; a notification
-                // bigger than the buffer is still counted by what fits.
-                // SAFETY: the buffer is valid for writes of its length.
-                let n = unsafe {
-                    libc::recv(
-                        fd,
-                        self.buf.as_mut_ptr().cast(),
-                        self.buf.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                    )
-                };
-                if n < 0 {
-                    let err = io::Error::last_os_error();
-                    match err.raw_os_error() {
-                        Some(libc::EAGAIN) => {
-                            guard.clear_ready();
-                            break;
-                        }
-                        Some(libc::EINTR) => continue,
-                        Some(libc::ENOBUFS) => {
-                            // Notifications were dropped; what is still queued comes after
-                            // the gap. Keep draining, and report the gap as a change.
-                            log::debug!("netlink watcher overran (ENOBUFS)");
-                            count += 1;
-                            continue;
-                        }
-                        _ => return Err(err),
-                    }
-                }
-                let len = (n as usize).min(self.buf.len());
-                count += Messages::new(&self.buf[..len])
-                    .map_while(Result::ok)
-                    .filter(|m| {
-                        matches!(
-                            m.msg_type,
-                            libc::RTM_NEWLINK | libc::RTM_DELLINK | libc::RTM_NEWNSID | libc::RTM_DELNSID
-                        )
-                    })
-                    .count();
-            }
-            if count > 0 {
-                return Ok(count);
-            }
-        }
     }
 }
 
@@ -404,7 +296,7 @@ pub(crate) struct NlSocket {
 }
 
 impl NlSocket {
-    fn open(nonblocking: bool) -> io::Result<NlSocket> {
+    pub(crate) fn open(nonblocking: bool) -> io::Result<NlSocket> {
         Self::open_with(libc::NETLINK_ROUTE, nonblocking)
     }
 
@@ -639,6 +531,7 @@ impl<'a> Iterator for Attrs<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::link_events::LinkWatcher;
     use std::fs::File;
     use std::os::fd::AsFd;
     use std::process::Command;

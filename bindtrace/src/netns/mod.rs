@@ -8,6 +8,7 @@
 //! Only the tc hook runs on those kernels (the tracepoint hooks need 5.17), and it never reads a
 //! cookie in the kernel: it gets the value from userspace, which holds every in-scope namespace
 //! open, so the inode cannot be reused while it identifies a port.
+pub(crate) mod prefixes;
 pub(crate) mod scope;
 
 use std::{
@@ -26,11 +27,11 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// Directories where namespace handles live without any process in them: iproute2's
 /// `ip netns add` and Docker's sandboxes.
-pub const HANDLE_DIRS: &[&str] = &["/run/netns", "/run/docker/netns", "/var/run/netns"];
+pub(crate) const HANDLE_DIRS: &[&str] = &["/run/netns", "/run/docker/netns", "/var/run/netns"];
 
 /// Runs `f` on a scoped helper thread that has joined the network namespace of `ns`. `setns`
 /// changes only the calling thread, so the rest of the process stays where it is.
-pub fn run_in<R: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<R> + Send) -> io::Result<R> {
+pub(crate) fn run_in<R: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<R> + Send) -> io::Result<R> {
     std::thread::scope(|s| {
         s.spawn(|| {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -44,7 +45,7 @@ pub fn run_in<R: Send>(ns: BorrowedFd<'_>, f: impl FnOnce() -> io::Result<R> + S
 }
 
 /// The cookie of the calling thread's current network namespace.
-pub fn current_cookie() -> io::Result<u64> {
+pub(crate) fn current_cookie() -> io::Result<u64> {
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -64,49 +65,47 @@ pub fn current_cookie() -> io::Result<u64> {
 
 /// An open network namespace: holding it keeps the namespace (and so its inode) alive.
 #[derive(Debug)]
-pub struct Netns {
-    pub file: File,
-    pub inode: u64,
-    pub cookie: u64,
-    /// Where it was found, for messages.
-    pub path: PathBuf,
+pub(crate) struct Netns {
+    pub(crate) file: File,
+    pub(crate) inode: u64,
+    pub(crate) cookie: u64,
 }
 
 impl Netns {
-    pub fn open(path: &Path) -> io::Result<Netns> {
-        Self::from_file(File::open(path)?, path)
+    pub(crate) fn open(path: &Path) -> io::Result<Netns> {
+        Self::from_file(File::open(path)?)
     }
 
     /// From a namespace file already open (its identity cannot change under us).
-    pub fn from_file(file: File, path: &Path) -> io::Result<Netns> {
+    pub(crate) fn from_file(file: File) -> io::Result<Netns> {
         let inode = file.metadata()?.ino();
         let cookie = match run_in(file.as_fd(), current_cookie) {
             Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => inode,
             other => other?,
         };
-        Ok(Netns { file, inode, cookie, path: path.to_owned() })
+        Ok(Netns { file, inode, cookie })
     }
 
     /// The namespace this process runs in.
-    pub fn own() -> io::Result<Netns> {
+    pub(crate) fn own() -> io::Result<Netns> {
         Self::open(Path::new("/proc/self/ns/net"))
     }
 
-    pub fn run<R: Send>(&self, f: impl FnOnce() -> io::Result<R> + Send) -> io::Result<R> {
+    pub(crate) fn run<R: Send>(&self, f: impl FnOnce() -> io::Result<R> + Send) -> io::Result<R> {
         run_in(self.file.as_fd(), f)
     }
 }
 
 /// A namespace file found on the system, not yet opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    pub path: PathBuf,
-    pub inode: u64,
+pub(crate) struct Candidate {
+    pub(crate) path: PathBuf,
+    pub(crate) inode: u64,
 }
 
 /// Every network namespace reachable from here, once each: handles under [`HANDLE_DIRS`]
 /// first (they name namespaces with no process), then `/proc/PID/ns/net` of every process.
-pub fn candidates() -> Vec<Candidate> {
+pub(crate) fn candidates() -> Vec<Candidate> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut consider = |path: PathBuf| {
@@ -130,13 +129,13 @@ pub fn candidates() -> Vec<Candidate> {
 }
 
 /// Numeric entries of /proc.
-pub fn pids() -> Vec<u32> {
+pub(crate) fn pids() -> Vec<u32> {
     let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
     entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
 }
 
 /// Inode of the network namespace of `pid`, if it still exists.
-pub fn inode_of_pid(pid: u32) -> Option<u64> {
+pub(crate) fn inode_of_pid(pid: u32) -> Option<u64> {
     fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino())
 }
 

@@ -22,7 +22,7 @@ use crate::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum ScopeError {
+pub(crate) enum ScopeError {
     #[error("no interface named {name} in bindtrace's network namespace; bridges here: {}", list_or_none(.bridges))]
     NoSuchInterface { name: String, bridges: Vec<String> },
     #[error("{name} is not a bridge (it is a {kind} interface); bridges here: {}", list_or_none(.bridges))]
@@ -37,30 +37,30 @@ fn list_or_none(v: &[String]) -> String {
 
 /// A container-side interface in scope, with the namespace it lives in (held open).
 #[derive(Debug, Clone)]
-pub struct Port {
-    pub bridge: BridgeId,
+pub(crate) struct Port {
+    pub(crate) bridge: BridgeId,
     /// Host-side veth name, e.g. `veth1a2b3c`.
-    pub host_ifname: String,
+    pub(crate) host_ifname: String,
     /// Host-side veth ifindex, in bindtrace's namespace (the tc hook attaches there).
-    pub host_ifindex: u32,
-    pub ns: Arc<Netns>,
-    pub ifindex: u32,
+    pub(crate) host_ifindex: u32,
+    pub(crate) ns: Arc<Netns>,
+    pub(crate) ifindex: u32,
 }
 
 /// The selected bridges, by name, in the order given; their index is the [`BridgeId`].
 #[derive(Debug, Clone)]
-pub struct Bridges {
-    pub names: Vec<String>,
+pub(crate) struct Bridges {
+    pub(crate) names: Vec<String>,
 }
 
 impl Bridges {
-    pub fn name(&self, id: BridgeId) -> &str {
+    pub(crate) fn name(&self, id: BridgeId) -> &str {
         self.names.get(id as usize).map(String::as_str).unwrap_or("?")
     }
 
     /// Adds a bridge to watch (a Docker network created while running); true if it is new.
     /// Names are never removed, so ids stay valid: a bridge that is gone just has no ports.
-    pub fn add(&mut self, name: &str) -> bool {
+    pub(crate) fn add(&mut self, name: &str) -> bool {
         if self.names.iter().any(|n| n == name) {
             return false;
         }
@@ -70,11 +70,11 @@ impl Bridges {
 }
 
 /// The bridge Docker creates by default.
-pub const DOCKER0: &str = "docker0";
+pub(crate) const DOCKER0: &str = "docker0";
 
 /// The start set when no `-i` is given: docker0 when it exists here (Docker's networks are
 /// added as the Docker API reports them). Without Docker, docker0 must exist, as with `-i`.
-pub fn validate_auto(docker: bool) -> Result<Bridges, ScopeError> {
+pub(crate) fn validate_auto(docker: bool) -> Result<Bridges, ScopeError> {
     match validate(&[DOCKER0.to_owned()]) {
         Ok(b) => Ok(b),
         Err(ScopeError::NoSuchInterface { .. }) if docker => Ok(Bridges { names: Vec::new() }),
@@ -83,7 +83,7 @@ pub fn validate_auto(docker: bool) -> Result<Bridges, ScopeError> {
 }
 
 /// Checks that every selected name is a bridge of this namespace.
-pub fn validate(names: &[String]) -> Result<Bridges, ScopeError> {
+pub(crate) fn validate(names: &[String]) -> Result<Bridges, ScopeError> {
     let links = netlink::dump_links()?;
     let bridges: Vec<String> =
         links.iter().filter(|l| l.kind.as_deref() == Some("bridge")).map(|l| l.name.clone()).collect();
@@ -105,19 +105,19 @@ pub fn validate(names: &[String]) -> Result<Bridges, ScopeError> {
 
 /// Resolves bridge ports to namespaces, caching open namespaces by the id our namespace gives
 /// them. Namespaces are held open only while a port of theirs is in scope.
-pub struct Resolver {
+pub(crate) struct Resolver {
     own: Arc<Netns>,
     by_nsid: HashMap<i32, Arc<Netns>>,
 }
 
 impl Resolver {
-    pub fn new() -> io::Result<Resolver> {
+    pub(crate) fn new() -> io::Result<Resolver> {
         Ok(Resolver { own: Arc::new(Netns::own()?), by_nsid: HashMap::new() })
     }
 
     /// The current scope: every container-side interface of every port of `bridges`. A bridge
     /// that has disappeared simply has no ports.
-    pub fn resolve(&mut self, bridges: &Bridges) -> io::Result<BTreeMap<ScopeKey, Port>> {
+    pub(crate) fn resolve(&mut self, bridges: &Bridges) -> io::Result<BTreeMap<ScopeKey, Port>> {
         let links = netlink::dump_links()?;
         let bridge_ids: HashMap<u32, BridgeId> = links
             .iter()
@@ -171,7 +171,7 @@ impl Resolver {
         for candidate in netns::candidates() {
             let Ok(file) = File::open(&candidate.path) else { continue };
             if netlink::netnsid_of(file.as_fd()).ok().flatten() == Some(nsid) {
-                let ns = Arc::new(Netns::from_file(file, &candidate.path).ok()?);
+                let ns = Arc::new(Netns::from_file(file).ok()?);
                 self.by_nsid.insert(nsid, ns.clone());
                 return Some(ns);
             }

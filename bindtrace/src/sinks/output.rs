@@ -7,24 +7,24 @@ use crate::{
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// One readable line per refusal.
     Text,
     /// One JSON object per line.
     Json,
 }
 
-pub struct Output<W: Write> {
+pub(crate) struct Output<W: Write> {
     format: Format,
     out: W,
 }
 
 impl<W: Write> Output<W> {
-    pub fn new(format: Format, out: W) -> Self {
+    pub(crate) fn new(format: Format, out: W) -> Self {
         Output { format, out }
     }
 
-    pub fn refusal(&mut self, r: &Report) -> io::Result<()> {
+    pub(crate) fn refusal(&mut self, r: &Report) -> io::Result<()> {
         match self.format {
             Format::Json => serde_json::to_writer(&mut self.out, r)?,
             Format::Text => write!(self.out, "{}", text(r))?,
@@ -34,7 +34,7 @@ impl<W: Write> Output<W> {
     }
 
     /// A published port found misbound before anyone connected.
-    pub fn audit(&mut self, r: &AuditReport) -> io::Result<()> {
+    pub(crate) fn audit(&mut self, r: &AuditReport) -> io::Result<()> {
         match self.format {
             Format::Json => serde_json::to_writer(&mut self.out, r)?,
             Format::Text => write!(self.out, "{}", audit_text(r))?,
@@ -43,7 +43,7 @@ impl<W: Write> Output<W> {
         self.out.flush()
     }
 
-    pub fn lost(&mut self, r: &LostReport) -> io::Result<()> {
+    pub(crate) fn lost(&mut self, r: &LostReport) -> io::Result<()> {
         match self.format {
             Format::Json => serde_json::to_writer(&mut self.out, r)?,
             Format::Text if r.stage == "kernel_recursion" => write!(
@@ -64,7 +64,7 @@ impl<W: Write> Output<W> {
 }
 
 /// `TIME refused CLIENT -> TARGET/tcp on BRIDGE [xN]: VERDICT: HINT`
-pub fn text(r: &Report) -> String {
+pub(crate) fn text(r: &Report) -> String {
     let client = match (r.client_ip, r.client_port) {
         (Some(ip), Some(port)) => endpoint(ip, port),
         _ => "?".into(),
@@ -142,7 +142,7 @@ fn how(d: &DockerContext) -> String {
 }
 
 /// `TIME audit container NAME (ID, image IMG) port P/tcp published on H:P: VERDICT: HINT`
-pub fn audit_text(r: &AuditReport) -> String {
+pub(crate) fn audit_text(r: &AuditReport) -> String {
     let published: Vec<String> = r.bindings.iter().map(|b| endpoint(b.host_ip, b.host_port)).collect();
     format!(
         "{} audit container {} ({}, image {}) port {}/{} published on {}: {}: {}",

@@ -24,8 +24,8 @@ use std::{
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
-    attribution::connect::{Prefix, prefix_contains},
     netlink::{Attrs, Messages, NlSocket, read_u16, read_u32, setsockopt_int},
+    netns::prefixes::{Prefix, prefix_contains},
 };
 
 /// include/uapi/linux/netfilter/nfnetlink.h and nfnetlink_conntrack.h.
@@ -56,22 +56,22 @@ const RCVBUF: libc::c_int = 4 << 20;
 
 /// One direction of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Tuple {
-    pub src: SocketAddr,
-    pub dst: SocketAddr,
+pub(crate) struct Tuple {
+    pub(crate) src: SocketAddr,
+    pub(crate) dst: SocketAddr,
 }
 
 /// A TCP connection whose addresses were translated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NatFlow {
+pub(crate) struct NatFlow {
     /// As the client sent it: the client's address and the published address it dialed.
-    pub orig: Tuple,
+    pub(crate) orig: Tuple,
     /// As the container answered: the container's address and the client as it saw it.
-    pub reply: Tuple,
+    pub(crate) reply: Tuple,
 }
 
 impl NatFlow {
-    pub fn is_dnat(&self) -> bool {
+    pub(crate) fn is_dnat(&self) -> bool {
         self.orig.dst != self.reply.src
     }
 }
@@ -119,7 +119,7 @@ impl Flows {
 /// The detector's view of conntrack: a task reads the destroy events as they come (on the
 /// same runtime, so awaiting anything lets it catch up) and this handle looks flows up.
 #[derive(Clone)]
-pub struct Conntrack {
+pub(crate) struct Conntrack {
     flows: Arc<Mutex<Flows>>,
 }
 
@@ -127,7 +127,7 @@ impl Conntrack {
     /// Subscribes to conntrack destroy events of this thread's network namespace (needs
     /// CAP_NET_ADMIN) and starts reading them on the current tokio runtime. Fails when the
     /// kernel has no conntrack netlink support.
-    pub fn spawn() -> io::Result<Conntrack> {
+    pub(crate) fn spawn() -> io::Result<Conntrack> {
         let sock = NlSocket::open_with(libc::NETLINK_NETFILTER, true)?;
         let fd = sock.fd;
         setsockopt_int(
@@ -163,14 +163,14 @@ impl Conntrack {
     }
 
     /// Only flows answered from these prefixes (the watched bridges) are kept.
-    pub fn set_prefixes(&self, prefixes: &BTreeSet<Prefix>) {
+    pub(crate) fn set_prefixes(&self, prefixes: &BTreeSet<Prefix>) {
         if let Ok(mut f) = self.flows.lock() {
             f.prefixes = prefixes.clone();
         }
     }
 
     /// The NATed flow the container at `target` answered for `client` (as it saw the client).
-    pub fn flow(&self, target: SocketAddr, client: SocketAddr) -> Option<NatFlow> {
+    pub(crate) fn flow(&self, target: SocketAddr, client: SocketAddr) -> Option<NatFlow> {
         let f = self.flows.lock().ok()?;
         f.by_reply.get(&Tuple { src: target, dst: client }).map(|(flow, _)| *flow)
     }
@@ -328,7 +328,7 @@ mod tests {
     fn only_nated_flows_from_watched_prefixes_are_kept() {
         let t = |a: &str, b: &str| Tuple { src: a.parse().unwrap(), dst: b.parse().unwrap() };
         let mut f = Flows::default();
-        f.prefixes.insert(crate::attribution::connect::prefix_of("172.17.0.1".parse().unwrap(), 16));
+        f.prefixes.insert(crate::netns::prefixes::prefix_of("172.17.0.1".parse().unwrap(), 16));
         let dnat = NatFlow {
             orig: t("10.9.0.2:4000", "10.9.0.1:8000"),
             reply: t("172.17.0.2:8000", "10.9.0.2:4000"),

@@ -14,10 +14,10 @@ use bindtrace_common::{CountKey, RefusalEvent};
 
 /// One line to print: `count` refusals of `key`, with the latest sample seen for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Line {
-    pub key: CountKey,
-    pub count: u64,
-    pub sample: Option<RefusalEvent>,
+pub(crate) struct Line {
+    pub(crate) key: CountKey,
+    pub(crate) count: u64,
+    pub(crate) sample: Option<RefusalEvent>,
 }
 
 #[derive(Debug, Default)]
@@ -39,7 +39,7 @@ impl KeyState {
 }
 
 #[derive(Debug)]
-pub struct Folder {
+pub(crate) struct Folder {
     window: Duration,
     keys: HashMap<CountKey, KeyState>,
     /// Keys found in the kernel's map by a full pass before any sample of theirs arrived.
@@ -48,7 +48,7 @@ pub struct Folder {
     map_only: HashSet<CountKey>,
 }
 
-pub fn key_of(ev: &RefusalEvent) -> CountKey {
+pub(crate) fn key_of(ev: &RefusalEvent) -> CountKey {
     CountKey {
         netns_cookie: ev.netns_cookie,
         ifindex: ev.ifindex,
@@ -59,14 +59,14 @@ pub fn key_of(ev: &RefusalEvent) -> CountKey {
 }
 
 impl Folder {
-    pub fn new(window: Duration) -> Folder {
+    pub(crate) fn new(window: Duration) -> Folder {
         Folder { window, keys: HashMap::new(), map_only: HashSet::new() }
     }
 
     /// A sample arrived; `total` is the key's kernel total read just now (it includes this
     /// refusal: the kernel counts before it sends). A line is due at once unless the key had
     /// one within the window.
-    pub fn on_event(&mut self, ev: RefusalEvent, total: u64, now: Instant) -> Option<Line> {
+    pub(crate) fn on_event(&mut self, ev: RefusalEvent, total: u64, now: Instant) -> Option<Line> {
         let key = key_of(&ev);
         self.map_only.remove(&key);
         let state = self.keys.entry(key).or_default();
@@ -88,7 +88,7 @@ impl Folder {
 
     /// Keys whose window has closed and whose count has not been read since: each needs one
     /// lookup of its kernel count ([`Folder::on_key_total`]), not a pass over the whole map.
-    pub fn due(&self, now: Instant) -> Vec<CountKey> {
+    pub(crate) fn due(&self, now: Instant) -> Vec<CountKey> {
         self.keys
             .iter()
             .filter(|(_, s)| !s.settled && s.last_line.is_some() && !s.in_window(self.window, now))
@@ -97,7 +97,7 @@ impl Folder {
     }
 
     /// A due key's kernel count, read just now: a line for what its window folded, if anything.
-    pub fn on_key_total(&mut self, key: CountKey, total: u64, now: Instant) -> Option<Line> {
+    pub(crate) fn on_key_total(&mut self, key: CountKey, total: u64, now: Instant) -> Option<Line> {
         let state = self.keys.get_mut(&key)?;
         if total > state.reported && !state.in_window(self.window, now) {
             return Some(Self::take_line(key, state, total, now));
@@ -109,7 +109,7 @@ impl Folder {
     /// Periodic pass over the kernel's totals: a line for every key whose total grew and whose
     /// window has closed (keys whose samples were all lost are found here too). With `final_flush`
     /// windows are ignored, so that nothing counted is left unprinted at exit.
-    pub fn on_totals(
+    pub(crate) fn on_totals(
         &mut self,
         totals: &HashMap<CountKey, u64>,
         now: Instant,
@@ -135,12 +135,12 @@ impl Folder {
     }
 
     /// Whether a full pass found keys whose sample has not arrived yet (the next pass decides).
-    pub fn awaiting_samples(&self) -> bool {
+    pub(crate) fn awaiting_samples(&self) -> bool {
         !self.map_only.is_empty()
     }
 
     /// The earliest instant at which a key's window closes with its count not yet read.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.keys.values().filter(|s| !s.settled).filter_map(|s| s.last_line.map(|t| t + self.window)).min()
     }
 }

@@ -3,3 +3,5 @@
 pub(crate) mod conntrack;
 pub(crate) mod docker;
 pub(crate) mod fold;
+pub(crate) mod kernel_log;
+pub(crate) mod link_events;

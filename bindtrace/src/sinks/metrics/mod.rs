@@ -20,8 +20,8 @@
 //! The metrics live in `prometheus-client` families (atomics behind a lock that is held only to
 //! add a series or to encode); the HTTP side ([`server`]) runs on its own thread and runtime, so
 //! a scrape never waits for event processing and event processing never waits for a scrape.
-pub mod process;
-pub mod server;
+pub(crate) mod process;
+pub(crate) mod server;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -44,41 +44,41 @@ use crate::{
 /// Where metrics are served unless `--metrics-addr` says otherwise: this host's loopback only,
 /// on a port outside the exporters' range 9100-9999 (fully allocated on Prometheus's "default
 /// port allocations" list) and below Linux's ephemeral range (32768-60999).
-pub const DEFAULT_ADDR: &str = "127.0.0.1:19462";
+pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:19462";
 /// Default cap on label sets of `bindtrace_refused_connections_total` (plus one `other` series).
-pub const DEFAULT_MAX_SERIES: u32 = 1000;
+pub(crate) const DEFAULT_MAX_SERIES: u32 = 1000;
 /// Default cap on `container_port` values per container.
-pub const DEFAULT_MAX_PORTS: u32 = 16;
+pub(crate) const DEFAULT_MAX_PORTS: u32 = 16;
 /// The label value that stands for everything a cap (or the kernel's full COUNTS map) folded.
-pub const OTHER: &str = "other";
+pub(crate) const OTHER: &str = "other";
 /// How often loopback-only listeners behind `bindtrace_loopback_listeners` are checked again.
-pub const LOOPBACK_RECHECK: Duration = Duration::from_secs(5);
+pub(crate) const LOOPBACK_RECHECK: Duration = Duration::from_secs(5);
 
 /// Stages of `bindtrace_events_lost_total`.
-pub const STAGE_KERNEL_RINGBUF: &str = "kernel_ringbuf";
-pub const STAGE_FOLD_WINDOW: &str = "fold_window";
-pub const STAGE_COUNTS_MAP_FULL: &str = "counts_map_full";
+pub(crate) const STAGE_KERNEL_RINGBUF: &str = "kernel_ringbuf";
+pub(crate) const STAGE_FOLD_WINDOW: &str = "fold_window";
+pub(crate) const STAGE_COUNTS_MAP_FULL: &str = "counts_map_full";
 /// Hook invocations the kernel skipped because the program was already running on that CPU:
 /// refusals among them are not counted anywhere, so this one is a real loss.
-pub const STAGE_KERNEL_RECURSION: &str = "kernel_recursion";
+pub(crate) const STAGE_KERNEL_RECURSION: &str = "kernel_recursion";
 /// Caps of `bindtrace_cardinality_folded_total`.
-pub const CAP_CONTAINER_PORTS: &str = "container_ports";
-pub const CAP_SERIES: &str = "series";
+pub(crate) const CAP_CONTAINER_PORTS: &str = "container_ports";
+pub(crate) const CAP_SERIES: &str = "series";
 
 /// Labels of `bindtrace_refused_connections_total`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RefusalLabels {
-    pub bridge: String,
-    pub container: String,
-    pub container_port: String,
+pub(crate) struct RefusalLabels {
+    pub(crate) bridge: String,
+    pub(crate) container: String,
+    pub(crate) container_port: String,
     /// The published port on the host, when known (from Docker's port map); absent otherwise.
-    pub host_port: Option<String>,
-    pub proto: String,
-    pub verdict: String,
+    pub(crate) host_port: Option<String>,
+    pub(crate) proto: String,
+    pub(crate) verdict: String,
 }
 
 impl RefusalLabels {
-    pub fn of(report: &Report) -> RefusalLabels {
+    pub(crate) fn of(report: &Report) -> RefusalLabels {
         RefusalLabels {
             bridge: report.bridge.clone(),
             container: container_label(report),
@@ -90,7 +90,7 @@ impl RefusalLabels {
     }
 
     /// The series everything folded goes to.
-    pub fn other() -> RefusalLabels {
+    pub(crate) fn other() -> RefusalLabels {
         RefusalLabels {
             bridge: OTHER.into(),
             container: OTHER.into(),
@@ -121,7 +121,7 @@ impl EncodeLabelSet for RefusalLabels {
 /// The Docker container's name when Docker knows the namespace; otherwise the network namespace,
 /// `netns:<inode>` (the inode `ls -l /proc/PID/ns/net` shows). `unknown` when even the namespace
 /// is unknown.
-pub fn container_label(report: &Report) -> String {
+pub(crate) fn container_label(report: &Report) -> String {
     if let Some(c) = &report.docker.container {
         return c.name.clone();
     }
@@ -130,7 +130,7 @@ pub fn container_label(report: &Report) -> String {
 
 /// The `host_port` label: the published port the connection used, when Docker says it is
 /// published (absent otherwise, never empty).
-pub fn host_port_label(report: &Report) -> Option<String> {
+pub(crate) fn host_port_label(report: &Report) -> Option<String> {
     report.docker.published.as_ref().map(|b| b.host_port.to_string())
 }
 
@@ -145,10 +145,10 @@ struct CapLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, prometheus_client::encoding::EncodeLabelSet)]
-pub struct ListenerLabels {
-    pub container: String,
-    pub address: String,
-    pub port: u16,
+pub(crate) struct ListenerLabels {
+    pub(crate) container: String,
+    pub(crate) address: String,
+    pub(crate) port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
@@ -162,9 +162,9 @@ struct BuildLabels {
 
 /// Settings from the command line.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_series: usize,
-    pub max_ports: usize,
+pub(crate) struct Limits {
+    pub(crate) max_series: usize,
+    pub(crate) max_ports: usize,
 }
 
 impl Default for Limits {
@@ -184,7 +184,7 @@ struct Tracked {
 /// The metric handles and the bookkeeping behind the caps. Owned by the event loop; the
 /// registry that encodes the same families belongs to the server thread.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     refused: Family<RefusalLabels, Counter>,
     lost: Family<StageLabels, Counter>,
     folded: Family<CapLabels, Counter>,
@@ -209,7 +209,7 @@ pub struct Metrics {
 impl Metrics {
     /// The metrics and a registry that encodes them. `hook` and the kernel release go into
     /// `bindtrace_build_info`.
-    pub fn new(limits: Limits, hook: &'static str, hook_reason: &str) -> (Metrics, Registry) {
+    pub(crate) fn new(limits: Limits, hook: &'static str, hook_reason: &str) -> (Metrics, Registry) {
         let mut registry = Registry::default();
         let m = Metrics {
             refused: Family::default(),
@@ -275,7 +275,7 @@ impl Metrics {
 
     /// A line was written: its count goes to its labels (or `other`), and the loopback-only
     /// listeners it names are tracked.
-    pub fn on_line(&mut self, key: &CountKey, report: &Report) {
+    pub(crate) fn on_line(&mut self, key: &CountKey, report: &Report) {
         let (labels, folded_by) = self.admit(RefusalLabels::of(report));
         self.refused.get_or_create(&labels).inc_by(report.count);
         if let Some(cap) = folded_by {
@@ -289,7 +289,7 @@ impl Metrics {
 
     /// The kernel's cumulative counters (ring-buffer reservations that failed, refusals counted
     /// in the overflow slot because COUNTS was full), read just now.
-    pub fn on_kernel_stats(&mut self, ringbuf_lost: u64, overflow: u64, recursion_misses: u64) {
+    pub(crate) fn on_kernel_stats(&mut self, ringbuf_lost: u64, overflow: u64, recursion_misses: u64) {
         if recursion_misses > self.recursion_seen {
             self.lost
                 .get_or_create(&StageLabels { stage: STAGE_KERNEL_RECURSION })
@@ -363,7 +363,7 @@ impl Metrics {
 
     /// Checks every tracked listener again (at most every [`LOOPBACK_RECHECK`]): `decide` gives
     /// the key's verdict now, or None when its namespace is gone.
-    pub fn recheck_loopback(
+    pub(crate) fn recheck_loopback(
         &mut self,
         now: Instant,
         mut decide: impl FnMut(&CountKey, IpAddr) -> Option<Decision>,
@@ -386,7 +386,7 @@ impl Metrics {
 
     /// An audit line was written: a published port whose service listens on loopback only
     /// enters the gauge before any client connects; any other verdict for it takes it out.
-    pub fn on_audit(&mut self, report: &crate::diagnose::report::AuditReport) {
+    pub(crate) fn on_audit(&mut self, report: &crate::diagnose::report::AuditReport) {
         let key = (report.container.name.clone(), report.target_port);
         if report.verdict == Verdict::LoopbackOnly.as_str() {
             let listeners = report.listeners.iter().map(|l| (l.ip, l.port)).collect();
@@ -398,7 +398,7 @@ impl Metrics {
     }
 
     /// Forgets audit findings of containers that are no longer running.
-    pub fn retain_audited(&mut self, running: impl Fn(&str) -> bool) {
+    pub(crate) fn retain_audited(&mut self, running: impl Fn(&str) -> bool) {
         let before = self.audited.len();
         self.audited.retain(|(container, _), _| running(container));
         if self.audited.len() != before {
@@ -438,7 +438,7 @@ fn kernel_release() -> String {
 
 /// Why the metrics endpoint could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
+pub(crate) enum MetricsError {
     #[error(
         "cannot serve metrics on {addr}: port {port} is already in use (another bindtrace or an \
          exporter?); choose a free port with --metrics-addr {ip}:PORT, or turn metrics off with --no-metrics"
@@ -456,7 +456,7 @@ pub enum MetricsError {
 }
 
 /// Binds the metrics socket (before anything slow happens, so a busy port fails fast).
-pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
+pub(crate) fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
     std::net::TcpListener::bind(addr).map_err(|source| {
         let (ip, port) = (addr.ip(), addr.port());
         match source.kind() {
@@ -470,7 +470,7 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{diagnose::report::ListenerReport, diagnose::sockets::Listener};
+    use crate::{diagnose::listeners::Listener, diagnose::report::ListenerReport};
 
     fn report(netns: u64, port: u16, verdict: Verdict, count: u64) -> Report {
         Report {

@@ -9,22 +9,22 @@ use prometheus_client::{
 };
 
 #[derive(Debug)]
-pub struct ProcessCollector;
+pub(crate) struct ProcessCollector;
 
 /// What `/proc/self/stat` and friends say about this process.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub cpu_seconds: f64,
-    pub resident_bytes: i64,
-    pub virtual_bytes: i64,
-    pub start_time_seconds: f64,
-    pub open_fds: i64,
-    pub max_fds: i64,
+pub(crate) struct Sample {
+    pub(crate) cpu_seconds: f64,
+    pub(crate) resident_bytes: i64,
+    pub(crate) virtual_bytes: i64,
+    pub(crate) start_time_seconds: f64,
+    pub(crate) open_fds: i64,
+    pub(crate) max_fds: i64,
 }
 
 /// Parses `/proc/PID/stat` (fields after the parenthesised comm, which may contain spaces) given
 /// clock ticks per second, page size and the boot time (`btime` of /proc/stat).
-pub fn parse_stat(stat: &str, ticks: f64, page: i64, btime: f64) -> Option<(f64, i64, i64, f64)> {
+pub(crate) fn parse_stat(stat: &str, ticks: f64, page: i64, btime: f64) -> Option<(f64, i64, i64, f64)> {
     let rest = stat.get(stat.rfind(')')? + 2..)?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state): field N is f[N - 3].

@@ -17,15 +17,15 @@ use prometheus_client::{encoding, registry::Registry};
 use super::MetricsError;
 
 /// OpenMetrics 1.0, for scrapers that ask for it (Prometheus does).
-pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// The Prometheus text format 0.0.4, for everything else (curl, promtool, older scrapers).
-pub const PROMETHEUS_TEXT: &str = encoding::prometheus_text::CONTENT_TYPE;
+pub(crate) const PROMETHEUS_TEXT: &str = encoding::prometheus_text::CONTENT_TYPE;
 
 /// A client that sends nothing is dropped after this long.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `registry` on `listener` from a new thread, for as long as the process lives.
-pub fn spawn(listener: std::net::TcpListener, registry: Registry) -> Result<SocketAddr, MetricsError> {
+pub(crate) fn spawn(listener: std::net::TcpListener, registry: Registry) -> Result<SocketAddr, MetricsError> {
     let addr = listener.local_addr().map_err(MetricsError::Thread)?;
     listener.set_nonblocking(true).map_err(MetricsError::Thread)?;
     let registry = Arc::new(registry);
@@ -76,7 +76,7 @@ async fn accept_loop(listener: std::net::TcpListener, registry: Arc<Registry>) {
 }
 
 /// The whole HTTP surface: `/metrics` (GET, HEAD), a pointer to it on `/`, 404 and 405 otherwise.
-pub fn respond(
+pub(crate) fn respond(
     registry: &Registry,
     method: &Method,
     path: &str,
@@ -129,7 +129,7 @@ pub fn respond(
 
 /// Content negotiation: OpenMetrics when the client accepts `application/openmetrics-text`
 /// (version 1.0.0 or unversioned) at least as much as plain text; Prometheus text otherwise.
-pub fn wants_openmetrics(headers: &HeaderMap) -> bool {
+pub(crate) fn wants_openmetrics(headers: &HeaderMap) -> bool {
     let mut om_q: f32 = 0.0;
     let mut text_q: f32 = 0.0;
     for value in headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()) {

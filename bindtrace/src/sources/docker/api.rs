@@ -13,121 +13,119 @@ use serde::Deserialize;
 use super::{Binding, Container, Endpoint, Network, PortMapping};
 
 #[derive(Debug, Deserialize)]
-pub struct ContainerSummary {
+pub(crate) struct ContainerSummary {
     #[serde(rename = "Id")]
-    pub id: String,
+    pub(crate) id: String,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct ContainerJson {
-    pub id: String,
+pub(crate) struct ContainerJson {
+    pub(crate) id: String,
     #[serde(default)]
-    pub name: String,
+    pub(crate) name: String,
     #[serde(default)]
-    pub state: State,
+    pub(crate) state: State,
     #[serde(default)]
-    pub config: Config,
+    pub(crate) config: Config,
     #[serde(default)]
-    pub host_config: HostConfig,
+    pub(crate) host_config: HostConfig,
     #[serde(default)]
-    pub network_settings: NetworkSettings,
+    pub(crate) network_settings: NetworkSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct State {
+pub(crate) struct State {
     #[serde(default)]
-    pub running: bool,
+    pub(crate) running: bool,
     #[serde(default)]
-    pub pid: u32,
+    pub(crate) pid: u32,
     #[serde(default)]
-    pub started_at: String,
+    pub(crate) started_at: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct Config {
+pub(crate) struct Config {
     #[serde(default)]
-    pub image: String,
+    pub(crate) image: String,
     #[serde(default)]
-    pub labels: Option<HashMap<String, String>>,
+    pub(crate) labels: Option<HashMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct HostConfig {
+pub(crate) struct HostConfig {
     #[serde(default)]
-    pub network_mode: String,
+    pub(crate) network_mode: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct NetworkSettings {
+pub(crate) struct NetworkSettings {
     #[serde(default)]
-    pub sandbox_key: String,
+    pub(crate) sandbox_key: String,
     #[serde(default)]
-    pub ports: Option<HashMap<String, Option<Vec<PortBindingJson>>>>,
+    pub(crate) ports: Option<HashMap<String, Option<Vec<PortBindingJson>>>>,
     #[serde(default)]
-    pub networks: Option<HashMap<String, EndpointJson>>,
+    pub(crate) networks: Option<HashMap<String, EndpointJson>>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct PortBindingJson {
+pub(crate) struct PortBindingJson {
     #[serde(rename = "HostIp", default)]
-    pub host_ip: String,
+    pub(crate) host_ip: String,
     #[serde(rename = "HostPort", default)]
-    pub host_port: String,
+    pub(crate) host_port: String,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct EndpointJson {
+pub(crate) struct EndpointJson {
     #[serde(rename = "NetworkID", default)]
-    pub network_id: String,
+    pub(crate) network_id: String,
     #[serde(rename = "IPAddress", default)]
-    pub ip_address: String,
+    pub(crate) ip_address: String,
     #[serde(rename = "GlobalIPv6Address", default)]
-    pub global_ipv6_address: String,
+    pub(crate) global_ipv6_address: String,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-pub struct NetworkJson {
-    pub id: String,
+pub(crate) struct NetworkJson {
+    pub(crate) id: String,
     #[serde(default)]
-    pub name: String,
+    pub(crate) driver: String,
     #[serde(default)]
-    pub driver: String,
-    #[serde(default)]
-    pub options: Option<HashMap<String, String>>,
+    pub(crate) options: Option<HashMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct EventJson {
+pub(crate) struct EventJson {
     #[serde(rename = "Type", default)]
-    pub kind: String,
+    pub(crate) kind: String,
     #[serde(rename = "Action", default)]
-    pub action: String,
+    pub(crate) action: String,
     #[serde(rename = "Actor", default)]
-    pub actor: Actor,
+    pub(crate) actor: Actor,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct Actor {
+pub(crate) struct Actor {
     #[serde(rename = "ID", default)]
-    pub id: String,
+    pub(crate) id: String,
     #[serde(rename = "Attributes", default)]
-    pub attributes: Option<HashMap<String, String>>,
+    pub(crate) attributes: Option<HashMap<String, String>>,
 }
 
 impl EventJson {
-    pub fn attribute(&self, key: &str) -> Option<&str> {
+    pub(crate) fn attribute(&self, key: &str) -> Option<&str> {
         self.actor.attributes.as_ref()?.get(key).map(String::as_str)
     }
 }
 
 /// The bridge Docker made for a network of the bridge driver.
-pub fn bridge_name(n: &NetworkJson) -> Option<String> {
+pub(crate) fn bridge_name(n: &NetworkJson) -> Option<String> {
     if n.driver != "bridge" {
         return None;
     }
@@ -141,7 +139,7 @@ pub fn bridge_name(n: &NetworkJson) -> Option<String> {
 
 impl From<&NetworkJson> for Network {
     fn from(n: &NetworkJson) -> Network {
-        Network { id: n.id.clone(), name: n.name.clone(), driver: n.driver.clone(), bridge: bridge_name(n) }
+        Network { id: n.id.clone(), bridge: bridge_name(n) }
     }
 }
 
@@ -156,7 +154,7 @@ fn parse_port_key(key: &str) -> Option<(u16, String)> {
 }
 
 impl ContainerJson {
-    pub fn into_container(self) -> Container {
+    pub(crate) fn into_container(self) -> Container {
         let labels = self.config.labels.unwrap_or_default();
         let mut ports: Vec<PortMapping> = self
             .network_settings

@@ -22,10 +22,10 @@ const MAX_BODY: usize = 64 << 20;
 /// Header lines and chunk-size lines longer than this are a protocol error.
 const MAX_LINE: usize = 16 << 10;
 /// A request that does not complete within this is abandoned.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
-pub enum DockerError {
+pub(crate) enum DockerError {
     #[error("cannot connect to the Docker API at {}: {source}", path.display())]
     Connect { path: PathBuf, source: io::Error },
     #[error("Docker API, {what}: {source}")]
@@ -41,14 +41,14 @@ pub enum DockerError {
 }
 
 impl DockerError {
-    pub fn is_not_found(&self) -> bool {
+    pub(crate) fn is_not_found(&self) -> bool {
         matches!(self, DockerError::Status { status: 404, .. })
     }
 }
 
 /// The Docker Engine API at a unix socket.
 #[derive(Debug, Clone)]
-pub struct Client {
+pub(crate) struct Client {
     socket: PathBuf,
 }
 
@@ -69,16 +69,16 @@ struct Response {
 }
 
 impl Client {
-    pub fn new(socket: impl Into<PathBuf>) -> Client {
+    pub(crate) fn new(socket: impl Into<PathBuf>) -> Client {
         Client { socket: socket.into() }
     }
 
-    pub fn socket(&self) -> &Path {
+    pub(crate) fn socket(&self) -> &Path {
         &self.socket
     }
 
     /// `GET path` and decode the JSON reply.
-    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, DockerError> {
+    pub(crate) async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, DockerError> {
         let what = format!("GET {path}");
         let body = tokio::time::timeout(REQUEST_TIMEOUT, async {
             let mut resp = self.request(path).await?;
@@ -94,7 +94,7 @@ impl Client {
     }
 
     /// `GET path` for a stream of newline-separated JSON values (`/events`).
-    pub async fn stream(&self, path: &str) -> Result<JsonStream, DockerError> {
+    pub(crate) async fn stream(&self, path: &str) -> Result<JsonStream, DockerError> {
         let what = format!("GET {path}");
         let mut resp = tokio::time::timeout(REQUEST_TIMEOUT, self.request(path))
             .await
@@ -288,14 +288,14 @@ impl Response {
 
 /// Newline-separated JSON values from a streaming reply. Values may span chunks, and a chunk
 /// may hold several.
-pub struct JsonStream {
+pub(crate) struct JsonStream {
     resp: Response,
     buf: Vec<u8>,
 }
 
 impl JsonStream {
     /// The next value; an error when the stream ends (the daemon or a relay went away).
-    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<T, DockerError> {
+    pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Result<T, DockerError> {
         loop {
             if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=pos).collect();
@@ -323,7 +323,7 @@ impl JsonStream {
 }
 
 /// Percent-encodes a query value (RFC 3986 unreserved characters stay).
-pub fn encode_query(value: &str) -> String {
+pub(crate) fn encode_query(value: &str) -> String {
     let mut out = String::with_capacity(value.len() * 3);
     for b in value.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {

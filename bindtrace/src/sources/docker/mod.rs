@@ -4,9 +4,9 @@
 //! Everything here is optional to the detector: without a reachable daemon (podman, plain
 //! namespaces, a stopped dockerd) bindtrace reports by namespace and address, warns once, and
 //! picks Docker up again when it comes back ([`watch`]).
-pub mod api;
-pub mod http;
-pub mod watch;
+pub(crate) mod api;
+pub(crate) mod http;
+pub(crate) mod watch;
 
 use std::{
     collections::BTreeMap,
@@ -16,14 +16,14 @@ use std::{
     time::SystemTime,
 };
 
-pub use http::{Client, DockerError};
+pub(crate) use http::{Client, DockerError};
 
 /// Where the Docker API is when nothing says otherwise.
-pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+pub(crate) const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 
 /// The socket to use: `--docker-host`, else `DOCKER_HOST`, else the default. Only unix
 /// sockets are supported (`unix:///path` or a plain path).
-pub fn socket_path(flag: Option<&str>) -> Result<PathBuf, String> {
+pub(crate) fn socket_path(flag: Option<&str>) -> Result<PathBuf, String> {
     let env = std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty());
     let (value, from) = match (flag, env.as_deref()) {
         (Some(f), _) => (f, "--docker-host"),
@@ -47,67 +47,67 @@ fn parse_host(value: &str) -> Option<PathBuf> {
 
 /// A container's address on one network.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// Network name (`bridge`, or a user-defined network).
-    pub network: String,
-    pub network_id: String,
-    pub ipv4: Option<Ipv4Addr>,
-    pub ipv6: Option<Ipv6Addr>,
+    pub(crate) network: String,
+    pub(crate) network_id: String,
+    pub(crate) ipv4: Option<Ipv4Addr>,
+    pub(crate) ipv6: Option<Ipv6Addr>,
 }
 
 /// One host address a container port is published on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Binding {
-    pub host_ip: IpAddr,
-    pub host_port: u16,
+pub(crate) struct Binding {
+    pub(crate) host_ip: IpAddr,
+    pub(crate) host_port: u16,
 }
 
 /// A container port and where the host publishes it (empty when exposed but not published).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortMapping {
-    pub container_port: u16,
-    pub proto: String,
-    pub bindings: Vec<Binding>,
+pub(crate) struct PortMapping {
+    pub(crate) container_port: u16,
+    pub(crate) proto: String,
+    pub(crate) bindings: Vec<Binding>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Container {
-    pub id: String,
-    pub name: String,
-    pub image: String,
-    pub compose_project: Option<String>,
-    pub compose_service: Option<String>,
-    pub running: bool,
+pub(crate) struct Container {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) image: String,
+    pub(crate) compose_project: Option<String>,
+    pub(crate) compose_service: Option<String>,
+    pub(crate) running: bool,
     /// Main process, host pid namespace (0 when not running).
-    pub pid: u32,
-    pub started_at: Option<SystemTime>,
+    pub(crate) pid: u32,
+    pub(crate) started_at: Option<SystemTime>,
     /// `NetworkSettings.SandboxKey`: the namespace handle under /run/docker/netns.
-    pub sandbox_key: Option<PathBuf>,
+    pub(crate) sandbox_key: Option<PathBuf>,
     /// `HostConfig.NetworkMode`: `default`, `bridge`, a network name, `host`, `container:ID`.
-    pub network_mode: String,
+    pub(crate) network_mode: String,
     /// Inodes of the container's network namespace, through the sandbox handle and through
     /// `/proc/PID/ns/net` (normally the same one).
-    pub netns_inodes: Vec<u64>,
-    pub networks: Vec<Endpoint>,
-    pub ports: Vec<PortMapping>,
+    pub(crate) netns_inodes: Vec<u64>,
+    pub(crate) networks: Vec<Endpoint>,
+    pub(crate) ports: Vec<PortMapping>,
 }
 
 impl Container {
-    pub fn short_id(&self) -> &str {
+    pub(crate) fn short_id(&self) -> &str {
         self.id.get(..12).unwrap_or(&self.id)
     }
 
-    pub fn port(&self, container_port: u16, proto: &str) -> Option<&PortMapping> {
+    pub(crate) fn port(&self, container_port: u16, proto: &str) -> Option<&PortMapping> {
         self.ports.iter().find(|p| p.container_port == container_port && p.proto == proto)
     }
 
     /// Published TCP ports (those with at least one host binding).
-    pub fn published_tcp(&self) -> impl Iterator<Item = &PortMapping> {
+    pub(crate) fn published_tcp(&self) -> impl Iterator<Item = &PortMapping> {
         self.ports.iter().filter(|p| p.proto == "tcp" && !p.bindings.is_empty())
     }
 
     /// The address forwarded connections arrive at: the first IPv4 address, else IPv6.
-    pub fn address(&self) -> Option<IpAddr> {
+    pub(crate) fn address(&self) -> Option<IpAddr> {
         self.networks
             .iter()
             .find_map(|e| e.ipv4.map(IpAddr::V4))
@@ -116,31 +116,29 @@ impl Container {
 
     /// Whether the container has a network namespace of its own (not `host`, not another
     /// container's).
-    pub fn owns_netns(&self) -> bool {
+    pub(crate) fn owns_netns(&self) -> bool {
         self.network_mode != "host" && !self.network_mode.starts_with("container:")
     }
 }
 
 /// A Docker network; `bridge` is the Linux bridge of a bridge-driver network.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Network {
-    pub id: String,
-    pub name: String,
-    pub driver: String,
-    pub bridge: Option<String>,
+pub(crate) struct Network {
+    pub(crate) id: String,
+    pub(crate) bridge: Option<String>,
 }
 
 /// What the daemon said last: running containers and networks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Inventory {
-    pub containers: BTreeMap<String, Arc<Container>>,
-    pub networks: BTreeMap<String, Network>,
+pub(crate) struct Inventory {
+    pub(crate) containers: BTreeMap<String, Arc<Container>>,
+    pub(crate) networks: BTreeMap<String, Network>,
 }
 
 impl Inventory {
     /// The container whose network namespace has this inode. When several share it
     /// (`--network container:X`), the one that owns it.
-    pub fn by_netns(&self, inode: u64) -> Option<&Arc<Container>> {
+    pub(crate) fn by_netns(&self, inode: u64) -> Option<&Arc<Container>> {
         let mut found = self.containers.values().filter(|c| c.netns_inodes.contains(&inode));
         let first = found.next()?;
         if first.owns_netns() {
@@ -150,20 +148,16 @@ impl Inventory {
     }
 
     /// Bridges of every bridge-driver network, sorted.
-    pub fn bridges(&self) -> Vec<String> {
+    pub(crate) fn bridges(&self) -> Vec<String> {
         let mut names: Vec<String> = self.networks.values().filter_map(|n| n.bridge.clone()).collect();
         names.sort();
         names.dedup();
         names
     }
-
-    pub fn bridge_of_network(&self, network_id: &str) -> Option<&str> {
-        self.networks.get(network_id).and_then(|n| n.bridge.as_deref())
-    }
 }
 
 /// One complete read of the daemon's state.
-pub async fn snapshot(client: &Client) -> Result<Inventory, DockerError> {
+pub(crate) async fn snapshot(client: &Client) -> Result<Inventory, DockerError> {
     let mut inv = Inventory::default();
     refresh_networks(client, &mut inv).await?;
     let list: Vec<api::ContainerSummary> = client.get_json("/containers/json").await?;
@@ -173,14 +167,18 @@ pub async fn snapshot(client: &Client) -> Result<Inventory, DockerError> {
     Ok(inv)
 }
 
-pub async fn refresh_networks(client: &Client, inv: &mut Inventory) -> Result<(), DockerError> {
+pub(crate) async fn refresh_networks(client: &Client, inv: &mut Inventory) -> Result<(), DockerError> {
     let list: Vec<api::NetworkJson> = client.get_json("/networks").await?;
     inv.networks = list.iter().map(|n| (n.id.clone(), Network::from(n))).collect();
     Ok(())
 }
 
 /// Re-reads one container: kept when running, dropped when stopped or gone.
-pub async fn refresh_container(client: &Client, inv: &mut Inventory, id: &str) -> Result<(), DockerError> {
+pub(crate) async fn refresh_container(
+    client: &Client,
+    inv: &mut Inventory,
+    id: &str,
+) -> Result<(), DockerError> {
     match client.get_json::<api::ContainerJson>(&format!("/containers/{}/json", http::encode_query(id))).await
     {
         Ok(json) => {

@@ -12,13 +12,13 @@ use tokio::sync::watch;
 use super::{Client, DockerError, Inventory, api::EventJson, refresh_container, refresh_networks, snapshot};
 
 /// Pause between attempts while the daemon is unreachable.
-pub const RETRY: Duration = Duration::from_secs(1);
+pub(crate) const RETRY: Duration = Duration::from_secs(1);
 
 /// Container and network events that change what bindtrace knows.
 const EVENT_FILTER: &str = r#"{"type":["container","network"],"event":["start","die","destroy","rename","create","connect","disconnect","remove","unpause"]}"#;
 
 #[derive(Debug, Clone)]
-pub enum DockerState {
+pub(crate) enum DockerState {
     /// Not known yet (the first attempt is under way).
     Connecting,
     Up(Arc<Inventory>),
@@ -30,7 +30,7 @@ pub enum DockerState {
 }
 
 impl DockerState {
-    pub fn inventory(&self) -> Option<&Arc<Inventory>> {
+    pub(crate) fn inventory(&self) -> Option<&Arc<Inventory>> {
         match self {
             DockerState::Up(inv) => Some(inv),
             DockerState::Down { last, .. } => last.as_ref(),
@@ -38,13 +38,13 @@ impl DockerState {
         }
     }
 
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         matches!(self, DockerState::Up(_))
     }
 }
 
 /// Starts following the daemon at `client` on the current tokio runtime.
-pub fn spawn(client: Client) -> watch::Receiver<DockerState> {
+pub(crate) fn spawn(client: Client) -> watch::Receiver<DockerState> {
     let (tx, rx) = watch::channel(DockerState::Connecting);
     tokio::spawn(follow(client, tx));
     rx

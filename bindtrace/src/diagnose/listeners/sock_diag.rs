@@ -12,15 +12,12 @@
 //! accepts IPv4 unless the flag is set (nginx sets it by default for `listen [::]:80`). The
 //! kernel reports INET_DIAG_SKV6ONLY for every IPv6 listener in the same dump.
 use std::{
-    collections::HashSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::{
-    netlink::{Attrs, read_u32, transact_on},
-    diagnose::sockets::Listener,
-};
+use super::{Listener, Listening};
+use crate::netlink::{Attrs, read_u32, transact_on};
 
 /// include/uapi/linux/sock_diag.h and inet_diag.h.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -34,16 +31,8 @@ const SPORT: usize = 4;
 const SRC: usize = 8;
 const INODE: usize = 68;
 
-/// What one dump of a namespace says.
-#[derive(Debug, Default)]
-pub struct Listening {
-    pub listeners: Vec<Listener>,
-    /// Socket inodes of the IPv6 listeners with IPV6_V6ONLY set.
-    pub v6only: HashSet<u64>,
-}
-
 /// The TCP listeners (IPv4 and IPv6) of the calling thread's network namespace.
-pub fn listening_here() -> io::Result<Listening> {
+pub(super) fn listening_here() -> io::Result<Listening> {
     let mut found = Listening::default();
     dump(libc::AF_INET as u8, &mut found)?;
     // No IPv6 in this kernel is not an error.

@@ -1,0 +1,92 @@
+//! The detector's state: what the set-up built and the event loop keeps current (the scope,
+//! the folder, the Docker side, loss accounting). The loop and its handlers live beside it,
+//! one file per kind of event.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bindtrace_common::{CountKey, ScopeKey};
+use tokio::sync::watch;
+
+use crate::{
+    attribution::connect::ConnectTracker,
+    diagnose::audit::Auditor,
+    kernel::loader::Loaded,
+    netns::{
+        prefixes::Prefix,
+        scope::{Bridges, Port, Resolver},
+    },
+    sinks::metrics::Metrics,
+    sources::{
+        conntrack::Conntrack,
+        docker::{Inventory, watch::DockerState},
+        fold::Folder,
+    },
+};
+
+/// How often the kernel counters are read when nothing is pending: this is the only periodic
+/// wake-up while idle.
+pub(super) const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Link notifications come in bursts (a container start is several); wait this long for the
+/// burst to end before recomputing the scope.
+pub(super) const RESCAN_DEBOUNCE: Duration = Duration::from_millis(20);
+/// How long the details of an interface that left scope are kept, for lines still in flight.
+pub(super) const DEPARTED_GRACE: Duration = Duration::from_secs(10);
+/// How long the start waits for the Docker API's first answer before reporting ready anyway.
+pub(super) const DOCKER_START_WAIT: Duration = Duration::from_secs(5);
+/// A refusal whose connector is not known yet is looked up again after this: the reset that
+/// completes the connector's record, and the conntrack event, arrive right after the refusal.
+pub(super) const ATTRIBUTION_RETRY: Duration = Duration::from_millis(30);
+/// How long a line waits for Docker to report the container a connection came from (a client
+/// container that has just started: its start event and inspection come a few ms later).
+pub(super) const CLIENT_CONTAINER_WAIT: Duration = Duration::from_millis(500);
+/// How often lines waiting for their attribution are looked at again.
+pub(super) const ATTRIBUTION_POLL: Duration = Duration::from_millis(2);
+/// Samples older than this get no retry (folded lines; their flows are long recorded).
+pub(super) const FRESH_SAMPLE: Duration = Duration::from_millis(500);
+
+/// Everything set up before the loop, in the order it must be checked.
+pub(crate) struct Detector {
+    pub(super) loaded: Loaded,
+    pub(super) bridges: Bridges,
+    pub(super) resolver: Resolver,
+    pub(super) ports: BTreeMap<ScopeKey, Port>,
+    pub(super) departed: HashMap<ScopeKey, (Port, Instant)>,
+    pub(super) folder: Folder,
+    pub(super) hook_name: &'static str,
+    pub(super) lost_reported: u64,
+    pub(super) recursion_reported: u64,
+    /// None with --no-metrics.
+    pub(super) metrics: Option<Metrics>,
+    pub(super) docker: DockerSide,
+}
+
+/// What the Docker integration adds: containers and networks from the Engine API, who
+/// connected (connect tracker, conntrack), and the proactive audit.
+pub(super) struct DockerSide {
+    /// No `-i`: the bridges of Docker's networks are followed.
+    pub(super) auto_bridges: bool,
+    /// The watcher's channel (None with --no-docker). `run`'s loop waits on a clone of it;
+    /// this one is read whenever the latest state matters (before a line is enriched).
+    pub(super) state: Option<watch::Receiver<DockerState>>,
+    /// Inode of bindtrace's own network namespace (a connector there is a host process).
+    pub(super) own_netns: u64,
+    pub(super) inventory: Option<Arc<Inventory>>,
+    pub(super) connect: Option<ConnectTracker>,
+    pub(super) conntrack: Option<Conntrack>,
+    pub(super) prefixes: BTreeSet<Prefix>,
+    pub(super) auditor: Auditor,
+}
+
+impl Detector {
+    pub(super) fn port_for(&self, key: &CountKey) -> Option<&Port> {
+        let scope_key = ScopeKey { netns_cookie: key.netns_cookie, ifindex: key.ifindex, _pad: 0 };
+        self.ports.get(&scope_key).or_else(|| self.departed.get(&scope_key).map(|(p, _)| p))
+    }
+
+    pub(super) fn key_total(&self, key: &CountKey) -> u64 {
+        self.loaded.counts.get(key, 0).map(|v| v.iter().map(|c| c.count).sum()).unwrap_or(0)
+    }
+}

@@ -1,0 +1,63 @@
+//! Taking in what the Docker watcher reports: new networks' bridges, the inventory behind names
+//! and published ports, container starts for the audit.
+use std::{collections::BTreeSet, time::Instant};
+
+use super::detector::Detector;
+use crate::{netns::scope, sources::docker::watch::DockerState};
+
+impl Detector {
+    /// Takes in what the Docker watcher reports: new networks' bridges (without `-i`), the
+    /// inventory for names and published ports, and container starts for the audit.
+    pub(super) fn apply_docker(&mut self, state: &DockerState) -> anyhow::Result<()> {
+        let Some(inv) = state.inventory().cloned() else { return Ok(()) };
+        let mut added = false;
+        if self.docker.auto_bridges {
+            let before: BTreeSet<String> =
+                self.docker.inventory.as_ref().map(|i| i.bridges().into_iter().collect()).unwrap_or_default();
+            let now: BTreeSet<String> = inv.bridges().into_iter().collect();
+            for bridge in &now {
+                if self.bridges.add(bridge) {
+                    added = true;
+                    // Docker creates the bridge with the network; one missing here means
+                    // bindtrace runs in another network namespace than Docker's.
+                    if scope::validate(std::slice::from_ref(bridge)).is_ok() {
+                        log::info!("following Docker network bridge {bridge}");
+                    } else {
+                        log::debug!("Docker network bridge {bridge} is not in this network namespace");
+                    }
+                }
+            }
+            for gone in before.difference(&now) {
+                log::info!("Docker network bridge {gone} removed");
+            }
+        }
+        self.docker.inventory = Some(inv.clone());
+        if added {
+            self.rescan()?;
+        }
+        if state.is_up() {
+            self.docker.auditor.on_inventory(&inv, Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Applies the Docker watcher's latest state if it changed since last looked at.
+    pub(super) fn sync_docker(&mut self) -> anyhow::Result<()> {
+        let Some(rx) = self.docker.state.as_mut() else { return Ok(()) };
+        if !rx.has_changed().unwrap_or(false) {
+            return Ok(());
+        }
+        let state = rx.borrow_and_update().clone();
+        self.apply_docker(&state)
+    }
+
+    pub(super) fn docker_up(&self) -> bool {
+        self.docker.state.as_ref().is_some_and(|rx| rx.borrow().is_up())
+    }
+
+    /// Whether a connector's namespace is neither ours nor a container Docker has reported.
+    pub(super) fn unknown_netns(&self, ino: u64) -> bool {
+        ino != self.docker.own_netns
+            && self.docker.inventory.as_ref().is_none_or(|inv| inv.by_netns(ino).is_none())
+    }
+}

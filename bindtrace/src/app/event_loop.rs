@@ -1,0 +1,193 @@
+//! The event loop: waits on signals, the ring buffer, link changes, Docker, audits and the poll
+//! timer, and hands each to its handler; the final flush prints everything still counted.
+use std::{
+    io::Write,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::RingBuf;
+use bindtrace_common::RefusalEvent;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use super::{
+    detector::{DOCKER_START_WAIT, Detector, IDLE_POLL, RESCAN_DEBOUNCE},
+    timer::PollTimer,
+};
+use crate::{
+    netns::scope,
+    sinks::output::Output,
+    sources::{docker::watch::DockerState, kernel_log::KernelLog, link_events::LinkWatcher},
+};
+
+impl Detector {
+    /// Runs until a signal, the optional duration, or an error.
+    pub(crate) async fn run<W: Write>(
+        mut self,
+        out: &mut Output<W>,
+        duration: Option<Duration>,
+    ) -> anyhow::Result<()> {
+        let ring: RingBuf<_> = self.loaded.events.take().context("ring buffer already taken")?;
+        // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer, so the fd
+        // stays open for as long as it is registered.
+        let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
+        let mut links = LinkWatcher::new().context("subscribing to link changes")?;
+        let mut kernel_log = KernelLog::new(&mut self.loaded.ebpf);
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+        let stop_at = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stop_at);
+
+        let mut docker_state = self.docker.state.clone();
+        if let Some(rx) = docker_state.as_mut() {
+            let _ = tokio::time::timeout(
+                DOCKER_START_WAIT,
+                rx.wait_for(|s| !matches!(s, DockerState::Connecting)),
+            )
+            .await;
+            rx.borrow_and_update();
+            let state = self.docker.state.as_mut().map(|r| r.borrow_and_update().clone());
+            let state = state.unwrap_or(DockerState::Connecting);
+            self.apply_docker(&state)?;
+            if self.bridges.names.is_empty()
+                && let DockerState::Down { error, .. } = &state
+            {
+                anyhow::bail!(
+                    "no bridge to watch: there is no {} here and the Docker API is unavailable ({error}); \
+                     name the bridges with -i",
+                    scope::DOCKER0
+                );
+            }
+        }
+        self.run_audits(out)?;
+
+        log::info!(
+            "ready: watching {} ({} container interfaces)",
+            self.bridges.names.join(", "),
+            self.ports.len()
+        );
+        // Tests and scripts wait for this line on stderr.
+        eprintln!("bindtrace: ready");
+
+        let mut poll_timer = PollTimer::new().context("creating the poll timer")?;
+        let mut next_full = Instant::now() + IDLE_POLL;
+        let mut next_poll = next_full;
+        loop {
+            poll_timer.arm(next_poll).context("arming the poll timer")?;
+            let audit_at = self.docker.auditor.next_due();
+            tokio::select! {
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = &mut stop_at => break,
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let mut samples = Vec::new();
+                    while let Some(item) = guard.get_inner_mut().next() {
+                        if item.len() >= size_of::<RefusalEvent>() {
+                            // SAFETY: RefusalEvent is Pod and the item is at least that long.
+                            samples.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RefusalEvent>()) });
+                        }
+                    }
+                    guard.clear_ready();
+                    let now = Instant::now();
+                    let mut lines = Vec::new();
+                    for ev in samples {
+                        let total = self.key_total(&crate::sources::fold::key_of(&ev));
+                        lines.extend(self.folder.on_event(ev, total, now));
+                    }
+                    self.print(out, &lines).await?;
+                }
+                () = docker_changed(&mut docker_state) => {
+                    self.sync_docker()?;
+                    self.run_audits(out)?;
+                }
+                _ = sleep_until_opt(audit_at) => self.run_audits(out)?,
+                changed = links.changed() => {
+                    changed.context("reading link notifications")?;
+                    tokio::time::sleep(RESCAN_DEBOUNCE).await;
+                    // Drain what arrived during the pause: one rescan covers the burst.
+                    let _ = tokio::time::timeout(Duration::ZERO, links.changed()).await;
+                    self.rescan()?;
+                }
+                _ = kernel_log.readable() => kernel_log.flush(),
+                fired = poll_timer.wait() => fired.context("waiting on the poll timer")?,
+            }
+            let now = Instant::now();
+            if now >= next_full {
+                // The idle pass: the loss counters, the loopback gauge, and, only when samples
+                // were lost (a key may then be known to the kernel alone), every key's count.
+                // Otherwise every key announced itself with a sample, and closed windows are
+                // read one key at a time below: a pass over 10 000 keys takes ~40 ms of syscalls.
+                let stats = self.loaded.stats();
+                if stats.0 > self.lost_reported || self.folder.awaiting_samples() {
+                    let totals = self.loaded.totals();
+                    let lines = self.folder.on_totals(&totals, now, false);
+                    self.print(out, &lines).await?;
+                }
+                self.report_lost(out, stats)?;
+                self.recheck_loopback(now);
+                next_full = now + IDLE_POLL;
+            }
+            // Windows that closed: one lookup per key, not a pass over the whole map (a burst
+            // of new ports closes a window every millisecond or so).
+            {
+                let mut lines = Vec::new();
+                for key in self.folder.due(now) {
+                    let total = self.key_total(&key);
+                    lines.extend(self.folder.on_key_total(key, total, now));
+                }
+                self.print(out, &lines).await?;
+            }
+            next_poll = self.folder.next_deadline().map_or(next_full, |d| d.min(next_full));
+        }
+
+        // Nothing counted stays unprinted.
+        let totals = self.loaded.totals();
+        let lines = self.folder.on_totals(&totals, Instant::now(), true);
+        self.print(out, &lines).await?;
+        self.report_lost(out, self.loaded.stats())?;
+        let total: u64 = totals.values().sum();
+        match self.loaded.recursion_misses() {
+            Some(0) => {
+                log::info!("detaching; {total} refusals counted since start (exact: the hook never skipped)")
+            }
+            Some(m) => log::info!(
+                "detaching; {total} refusals counted since start (a lower bound: the kernel skipped the hook {m} times)"
+            ),
+            None => log::info!("detaching; {total} refusals counted since start"),
+        }
+        drop(self);
+        eprintln!("bindtrace: detached");
+        Ok(())
+    }
+}
+
+/// Resolves when the Docker state changed (never without Docker, or once the watcher is gone).
+/// `rx` is the loop's own clone: the state itself is read from the detector's receiver.
+async fn docker_changed(rx: &mut Option<watch::Receiver<DockerState>>) {
+    if let Some(r) = rx.as_mut()
+        && r.changed().await.is_ok()
+    {
+        r.borrow_and_update();
+        return;
+    }
+    *rx = None;
+    std::future::pending().await
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

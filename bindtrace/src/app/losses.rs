@@ -1,0 +1,48 @@
+//! What could not be delivered, said as such: samples the ring buffer dropped, hook runs the
+//! kernel skipped, refusals that found the COUNTS map full.
+use std::io::Write;
+
+use super::detector::Detector;
+use crate::{
+    diagnose::report::{LostReport, now_rfc3339},
+    sinks::output::Output,
+};
+
+impl Detector {
+    /// Reports samples the kernel could not deliver since the last call, from `stats` (read
+    /// with [`Loaded::stats`](crate::kernel::loader::Loaded::stats) just before).
+    pub(super) fn report_lost<W: Write>(
+        &mut self,
+        out: &mut Output<W>,
+        stats: (u64, u64),
+    ) -> anyhow::Result<()> {
+        let (ringbuf_lost, overflow) = stats;
+        let misses = self.loaded.recursion_misses().unwrap_or(0);
+        if let Some(m) = &mut self.metrics {
+            m.on_kernel_stats(ringbuf_lost, overflow, misses);
+        }
+        if ringbuf_lost > self.lost_reported {
+            out.lost(&LostReport {
+                time: now_rfc3339(),
+                event: "lost",
+                stage: "kernel_ringbuf",
+                count: ringbuf_lost - self.lost_reported,
+            })?;
+            self.lost_reported = ringbuf_lost;
+        }
+        // Not a lost sample but possibly lost counts: say so rather than look exact.
+        if misses > self.recursion_reported {
+            out.lost(&LostReport {
+                time: now_rfc3339(),
+                event: "lost",
+                stage: "kernel_recursion",
+                count: misses - self.recursion_reported,
+            })?;
+            self.recursion_reported = misses;
+        }
+        if overflow > 0 {
+            log::warn!("{overflow} refusals did not fit in the COUNTS map (counted as overflow)");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,150 @@
+//! Set-up, in the order failures must surface: privileges and the metrics port first, then
+//! the kernel's layout, the hook, the eBPF object, and the optional sources (connect tracker,
+//! conntrack, Docker). Everything that can fail for a reason the user can fix fails here,
+//! before the loop starts.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    os::unix::fs::MetadataExt,
+};
+
+use anyhow::Context as _;
+
+use super::{
+    cli::Args,
+    detector::{Detector, DockerSide},
+};
+use crate::{
+    attribution::connect::ConnectTracker,
+    diagnose::audit::Auditor,
+    kernel::{
+        btf::Btf,
+        hook,
+        layout::KernelLayout,
+        loader::{self, LoadOptions, Loaded},
+        privileges,
+        sock_layout::SockLayout,
+        tc,
+    },
+    netns::scope::{self, Resolver},
+    sinks::metrics::{self, Metrics},
+    sources::{conntrack::Conntrack, docker, fold::Folder},
+};
+
+pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
+    loader::check_object()?;
+    privileges::check()?;
+    privileges::raise_memlock();
+    // Bound first: a busy port fails before the slow part of the set-up.
+    let metrics_listener = if args.no_metrics { None } else { Some(metrics::bind(args.metrics_addr)?) };
+    let btf = Btf::from_sys_fs()?;
+    let layout = KernelLayout::resolve(&btf).context("reading this kernel's layout from BTF")?;
+    log::debug!("kernel layout from BTF: {layout:?}");
+    let tc_mode = tc::AttachMode::detect(&btf);
+    let sock_layout = SockLayout::resolve(&btf);
+    drop(btf);
+    let (hook, why) = hook::choose(args.hook, &layout)?;
+    let auto_bridges = args.ifaces.is_empty();
+    let bridges =
+        if auto_bridges { scope::validate_auto(!args.no_docker)? } else { scope::validate(&args.ifaces)? };
+    let docker_socket = match args.no_docker {
+        true => None,
+        false => Some(docker::socket_path(args.docker_host.as_deref()).map_err(anyhow::Error::msg)?),
+    };
+    // Before aya's copy of the BTF is parsed (see `Loaded::loader`).
+    let loader = Loaded::loader();
+    let aya_btf = aya::Btf::from_sys_fs().context("loading /sys/kernel/btf/vmlinux")?;
+    let opts = LoadOptions {
+        ringbuf_bytes: args.ringbuf_size,
+        fold_window_ns: args.fold_window.as_nanos() as u64,
+        kernel_log_level: kernel_log_level(),
+        globals: match &sock_layout {
+            Ok(s) => s.globals(layout.net_cookie, layout.net_ns_inum),
+            Err(_) => SockLayout::unresolved_globals(),
+        },
+        tc_mode,
+    };
+    let mut loaded = Loaded::load(loader, &layout, hook, &aya_btf, &opts)?;
+    match hook.tracepoint() {
+        Some(tp) => log::info!("attached tp_btf/{tp} (hook {hook}: {why})"),
+        None => log::info!(
+            "loaded classifier {} (hook {hook}: {why}); attaching it to each port's host-side veth ({} ingress)",
+            hook.program(),
+            tc_mode.name()
+        ),
+    }
+    let connect = match sock_layout {
+        Ok(_) => match ConnectTracker::attach(&mut loaded.ebpf, &aya_btf) {
+            Ok(c) => {
+                log::info!("attached tp_btf/inet_sock_set_state (who connects to the watched bridges)");
+                Some(c)
+            }
+            Err(e) => {
+                log::warn!("not tracking who connects ({e:#}): `via` docker-proxy/direct will be missing");
+                None
+            }
+        },
+        Err(e) => {
+            log::warn!(
+                "not tracking who connects (struct sock layout: {e}): `via` docker-proxy/direct will be missing"
+            );
+            None
+        }
+    };
+    let conntrack = match Conntrack::spawn() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn!("no conntrack events ({e}): NATed connections will not be reported as `via` dnat");
+            None
+        }
+    };
+    let docker_state = docker_socket.map(|path| docker::watch::spawn(docker::Client::new(path)));
+    let metrics = match metrics_listener {
+        Some(listener) => {
+            let limits = metrics::Limits {
+                max_series: args.metrics_max_series as usize,
+                max_ports: args.metrics_max_ports as usize,
+            };
+            let (metrics, registry) = Metrics::new(limits, hook.name(), &why);
+            let addr = metrics::server::spawn(listener, registry)?;
+            log::info!("metrics: serving http://{addr}/metrics");
+            Some(metrics)
+        }
+        None => None,
+    };
+    let mut detector = Detector {
+        loaded,
+        bridges,
+        resolver: Resolver::new().context("opening bindtrace's own network namespace")?,
+        ports: BTreeMap::new(),
+        departed: HashMap::new(),
+        folder: Folder::new(args.fold_window),
+        hook_name: hook.name(),
+        lost_reported: 0,
+        recursion_reported: 0,
+        metrics,
+        docker: DockerSide {
+            auto_bridges,
+            state: docker_state,
+            inventory: None,
+            connect,
+            conntrack,
+            own_netns: std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or(0),
+            prefixes: BTreeSet::new(),
+            auditor: Auditor::new(args.audit_grace),
+        },
+    };
+    detector.rescan()?;
+    Ok(detector)
+}
+
+/// aya-log's level global: kernel-side messages follow the userspace log level.
+fn kernel_log_level() -> u8 {
+    match log::max_level() {
+        log::LevelFilter::Off => 0,
+        log::LevelFilter::Error => 1,
+        log::LevelFilter::Warn => 2,
+        log::LevelFilter::Info => 3,
+        log::LevelFilter::Debug => 4,
+        log::LevelFilter::Trace => 5,
+    }
+}

@@ -1,0 +1,116 @@
+//! Link events: a netlink socket subscribed to link and namespace-id changes, which only says
+//! *that* something changed; the scope is then recomputed from a fresh dump.
+use std::{
+    io,
+    os::fd::{AsRawFd, OwnedFd},
+};
+
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::netlink::{Messages, NlSocket, RECV_BUF_LEN, setsockopt_int};
+
+/// Receive buffer asked for on the watcher socket. Starting a batch of containers produces a
+/// burst of notifications; a larger queue makes ENOBUFS (and thus a full re-dump) rarer. The
+/// kernel caps it at net.core.rmem_max, which is fine: overruns are handled anyway.
+const WATCH_RCVBUF: libc::c_int = 1 << 20;
+
+/// A netlink socket subscribed to RTNLGRP_LINK (and RTNLGRP_NSID), registered with tokio.
+///
+/// It only says *that* something changed; callers re-run [`dump_links`] for the new state. That
+/// keeps one code path for the state (the dump) and makes lost notifications harmless.
+pub(crate) struct LinkWatcher {
+    fd: AsyncFd<OwnedFd>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for LinkWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkWatcher").field("fd", &self.fd.get_ref().as_raw_fd()).finish()
+    }
+}
+
+impl LinkWatcher {
+    /// Creates the socket in the calling thread's network namespace. Must be called inside a
+    /// tokio runtime with IO enabled (an error is returned otherwise).
+    pub(crate) fn new() -> io::Result<LinkWatcher> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(io::Error::other("LinkWatcher::new needs a tokio runtime with IO enabled"));
+        }
+        let sock = NlSocket::open(true)?;
+        // Link changes (new/changed/deleted interfaces, master changes) and namespace ids: a
+        // peer moving to another namespace shows up here as a RTM_DELLINK of the peer plus,
+        // the first time, a RTM_NEWNSID for its new namespace.
+        for group in [libc::RTNLGRP_LINK, libc::RTNLGRP_NSID] {
+            setsockopt_int(
+                sock.fd.as_raw_fd(),
+                libc::SOL_NETLINK,
+                libc::NETLINK_ADD_MEMBERSHIP,
+                group as libc::c_int,
+            )?;
+        }
+        if let Err(e) = setsockopt_int(sock.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, WATCH_RCVBUF) {
+            log::debug!("netlink watcher: SO_RCVBUF not raised: {e}");
+        }
+        // Only readability matters; registering for writes would just wake us for nothing.
+        // SAFETY: an OwnedFd stays open and keeps its number until the AsyncFd drops it.
+        let fd = unsafe { AsyncFd::register_with_interest(sock.fd, Interest::READABLE) }?;
+        Ok(LinkWatcher { fd, buf: vec![0; RECV_BUF_LEN] })
+    }
+
+    /// Waits until at least one link/nsid notification arrives, drains every queued message
+    /// without blocking, and returns how many were read. On ENOBUFS (the socket overran) it
+    /// returns Ok too, counting the overrun as one: the caller re-dumps anyway.
+    ///
+    /// Cancel safe: nothing is lost if the future is dropped while waiting.
+    pub(crate) async fn changed(&mut self) -> io::Result<usize> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let fd = guard.get_inner().as_raw_fd();
+            let mut count = 0usize;
+            loop {
+                // MSG_TRUNC makes the kernel report the full datagram length; a notification
+                // bigger than the buffer is still counted by what fits.
+                // SAFETY: the buffer is valid for writes of its length.
+                let n = unsafe {
+                    libc::recv(
+                        fd,
+                        self.buf.as_mut_ptr().cast(),
+                        self.buf.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                    )
+                };
+                if n < 0 {
+                    let err = io::Error::last_os_error();
+                    match err.raw_os_error() {
+                        Some(libc::EAGAIN) => {
+                            guard.clear_ready();
+                            break;
+                        }
+                        Some(libc::EINTR) => continue,
+                        Some(libc::ENOBUFS) => {
+                            // Notifications were dropped; what is still queued comes after
+                            // the gap. Keep draining, and report the gap as a change.
+                            log::debug!("netlink watcher overran (ENOBUFS)");
+                            count += 1;
+                            continue;
+                        }
+                        _ => return Err(err),
+                    }
+                }
+                let len = (n as usize).min(self.buf.len());
+                count += Messages::new(&self.buf[..len])
+                    .map_while(Result::ok)
+                    .filter(|m| {
+                        matches!(
+                            m.msg_type,
+                            libc::RTM_NEWLINK | libc::RTM_DELLINK | libc::RTM_NEWNSID | libc::RTM_DELNSID
+                        )
+                    })
+                    .count();
+            }
+            if count > 0 {
+                return Ok(count);
+            }
+        }
+    }
+}
