@@ -3,11 +3,10 @@
 use std::{collections::HashMap, io::Write, sync::Arc, time::Instant};
 
 use anyhow::Context as _;
-use bindtrace_common::ScopeKey;
 
-use super::detector::Detector;
+use super::detector::{Detector, port_in};
 use crate::{
-    diagnose::{listeners, verdict},
+    diagnose::{namespace_reads::NamespaceReads, verdict},
     netns::Netns,
     sinks::output::Output,
 };
@@ -35,12 +34,11 @@ impl Detector {
     pub(super) fn recheck_loopback(&mut self, now: Instant) {
         let Some(m) = &mut self.metrics else { return };
         let (ports, departed) = (&self.ports, &self.departed);
-        let mut read: HashMap<u64, Option<Vec<listeners::Listener>>> = HashMap::new();
+        let mut reads = NamespaceReads::default();
         m.recheck_loopback(now, |key, target| {
-            let scope_key = ScopeKey { netns_cookie: key.netns_cookie, ifindex: key.ifindex, _pad: 0 };
-            let port = ports.get(&scope_key).or_else(|| departed.get(&scope_key).map(|(p, _)| p))?;
-            let all = read.entry(key.netns_cookie).or_insert_with(|| listeners::listeners_in(&port.ns).ok());
-            Some(verdict::decide(target, key.port, all.as_deref()?))
+            let port = port_in(ports, departed, key)?;
+            let found = reads.listening(&port.ns).ok()?;
+            Some(verdict::decide(target, key.port, &found.listeners))
         });
     }
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::{
     diagnose::audit,
     diagnose::hint::endpoint,
+    diagnose::namespace_reads::NamespaceReads,
     diagnose::report::{AuditReport, now_rfc3339},
     diagnose::verdict::Verdict,
     sinks::output::Format,
@@ -91,7 +92,8 @@ pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
         let deadline = audit::deadline(c, args.audit_grace, Instant::now());
         for mapping in c.published_tcp() {
             let check = loop {
-                match audit::check_port(c, mapping, &ns) {
+                // A fresh read each time: the service may have started listening meanwhile.
+                match audit::check_port(c, mapping, &ns, &mut NamespaceReads::default()) {
                     Ok(check) if check.verdict == Some(Verdict::NoListener) && Instant::now() < deadline => {
                         tokio::time::sleep(audit::POLL).await;
                     }

@@ -82,11 +82,20 @@ pub(super) struct DockerSide {
 
 impl Detector {
     pub(super) fn port_for(&self, key: &CountKey) -> Option<&Port> {
-        let scope_key = ScopeKey { netns_cookie: key.netns_cookie, ifindex: key.ifindex, _pad: 0 };
-        self.ports.get(&scope_key).or_else(|| self.departed.get(&scope_key).map(|(p, _)| p))
+        port_in(&self.ports, &self.departed, key)
     }
 
     pub(super) fn key_total(&self, key: &CountKey) -> u64 {
         self.loaded.counts.get(key, 0).map(|v| v.iter().map(|c| c.count).sum()).unwrap_or(0)
     }
+}
+
+/// The port a kernel key counts on: in scope now, or departed within [`DEPARTED_GRACE`].
+pub(super) fn port_in<'a>(
+    ports: &'a BTreeMap<ScopeKey, Port>,
+    departed: &'a HashMap<ScopeKey, (Port, Instant)>,
+    key: &CountKey,
+) -> Option<&'a Port> {
+    let scope_key = ScopeKey { netns_cookie: key.netns_cookie, ifindex: key.ifindex, _pad: 0 };
+    ports.get(&scope_key).or_else(|| departed.get(&scope_key).map(|(p, _)| p))
 }

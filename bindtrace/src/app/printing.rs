@@ -13,6 +13,7 @@ use crate::{
     diagnose::{
         enrich,
         hint::{HintContext, hint_in},
+        namespace_reads::NamespaceReads,
         report::{DockerContext, Report},
     },
     kernel::clock::monotonic_ns,
@@ -58,15 +59,13 @@ impl Detector {
         mut report: Report,
         ctx: DockerContext,
     ) -> anyhow::Result<()> {
-        if let Some(p) = ctx.published {
-            report.hint = hint_in(
-                &HintContext { host_port: Some(p.host_port) },
-                report.verdict,
-                report.target_ip,
-                report.target_port,
-                &report.listeners,
-            );
-        }
+        report.hint = hint_in(
+            &HintContext { host_port: ctx.published.map(|p| p.host_port) },
+            report.verdict,
+            report.target_ip,
+            report.target_port,
+            &report.listeners,
+        );
         report.docker = ctx;
         if let Some(m) = &mut self.metrics {
             m.on_line(&line.key, &report);
@@ -85,7 +84,7 @@ impl Detector {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut seen = enrich::Snapshots::default();
+        let mut seen = NamespaceReads::default();
         let mut pending: Vec<(&Line, Report)> = lines
             .iter()
             .map(|line| {

@@ -17,8 +17,8 @@ use std::{
 
 use crate::{
     diagnose::hint::{HintContext, hint_in},
-    diagnose::listeners::{self, Listener, Listening},
-    diagnose::procfs,
+    diagnose::listeners::{Listener, Listening},
+    diagnose::namespace_reads::NamespaceReads,
     diagnose::report::{AuditReport, ContainerReport, ListenerReport, now_rfc3339},
     diagnose::verdict::{self, Verdict},
     netns::Netns,
@@ -60,18 +60,6 @@ pub(crate) fn open_netns(c: &Container) -> io::Result<Netns> {
     Err(last)
 }
 
-/// Would `l` accept a connection to `target`, knowing which `[::]` listeners are V6ONLY?
-fn accepts(l: &Listener, target: IpAddr, v6only: &HashSet<u64>) -> bool {
-    match (l.addr, target) {
-        (IpAddr::V4(b), IpAddr::V4(t)) => b.is_unspecified() || b == t,
-        (IpAddr::V6(b), IpAddr::V4(t)) => {
-            (b.is_unspecified() && !v6only.contains(&l.inode)) || b.to_ipv4_mapped() == Some(t)
-        }
-        (IpAddr::V6(b), IpAddr::V6(t)) => b.is_unspecified() || b == t,
-        (IpAddr::V4(_), IpAddr::V6(_)) => false,
-    }
-}
-
 /// Decides one port from the namespace's listeners (pure: the tests feed it).
 pub(crate) fn decide(
     target: IpAddr,
@@ -80,7 +68,7 @@ pub(crate) fn decide(
     v6only: &HashSet<u64>,
 ) -> (Option<Verdict>, Vec<Listener>) {
     let on_port: Vec<Listener> = all.iter().filter(|l| l.port == port).cloned().collect();
-    if on_port.iter().any(|l| accepts(l, target, v6only)) {
+    if on_port.iter().any(|l| verdict::accepts(l, target, v6only.contains(&l.inode))) {
         return (None, on_port);
     }
     let d = verdict::decide(target, port, all);
@@ -90,22 +78,22 @@ pub(crate) fn decide(
     }
 }
 
-/// Checks one published port of `c`, whose namespace is `ns`.
-pub(crate) fn check_port(c: &Container, mapping: &PortMapping, ns: &Netns) -> io::Result<PortCheck> {
-    let Listening { listeners: all, v6only } = listeners::listening_in(ns)?;
+/// Checks one published port of `c`, whose namespace is `ns`, with this pass's `reads`.
+pub(crate) fn check_port(
+    c: &Container,
+    mapping: &PortMapping,
+    ns: &Netns,
+    reads: &mut NamespaceReads,
+) -> io::Result<PortCheck> {
+    // The error is the namespace's, shared by every port of the pass: say it again per port.
+    let Listening { listeners: all, v6only } = reads.listening(ns).map_err(|e| match e.raw_os_error() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::new(e.kind(), e.to_string()),
+    })?;
     let target = c.address();
     let (verdict, listeners) =
-        decide(target.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), mapping.container_port, &all, &v6only);
-    let inodes: Vec<u64> = listeners.iter().map(|l| l.inode).collect();
-    let holders = procfs::holders(&inodes, ns.inode);
-    let listeners = listeners
-        .iter()
-        .map(|l| ListenerReport {
-            ip: l.addr,
-            port: l.port,
-            pids: holders.get(&l.inode).cloned().unwrap_or_default(),
-        })
-        .collect();
+        decide(target.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), mapping.container_port, all, v6only);
+    let listeners = reads.reports(ns, &listeners);
     Ok(PortCheck { mapping: mapping.clone(), verdict, target, listeners })
 }
 
@@ -199,6 +187,7 @@ impl Auditor {
         now: Instant,
     ) -> Vec<AuditReport> {
         let mut out = Vec::new();
+        let mut reads = NamespaceReads::default();
         let due: Vec<(String, u16)> =
             self.pending.iter().filter(|(_, p)| p.next <= now).map(|(k, _)| k.clone()).collect();
         for key in due {
@@ -222,7 +211,7 @@ impl Auditor {
                 self.pending.remove(&key);
                 continue;
             };
-            match check_port(c, mapping, ns) {
+            match check_port(c, mapping, ns, &mut reads) {
                 Err(e) => {
                     log::debug!("auditing {}:{}: {e}", c.name, key.1);
                     if expired {

@@ -1,55 +1,19 @@
 //! Turns a folded line (kernel key, count, sample) into a full report: the namespace's
 //! listeners, the verdict, the processes, the hint.
 //!
-//! Lines come in batches (everything the ring buffer held when the loop woke up). Reading a
-//! namespace's listeners means joining it from a thread, and finding who holds a socket means
-//! walking /proc: each is done at most once per namespace per batch, however many keys a burst
-//! of new ports brings.
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+//! Lines come in batches (everything the ring buffer held when the loop woke up); a batch shares
+//! one [`NamespaceReads`], so a burst of new ports reads each namespace once.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bindtrace_common::{AF_INET6, HookKind, RefusalEvent};
 
 use crate::{
-    diagnose::hint::hint,
-    diagnose::listeners::{self, Listener},
-    diagnose::procfs::{self, Holder},
-    diagnose::report::{ListenerReport, Report, now_rfc3339},
+    diagnose::namespace_reads::NamespaceReads,
+    diagnose::report::{Report, now_rfc3339},
     diagnose::verdict::{self, Verdict},
     netns::scope::{Bridges, Port},
     sources::fold::Line,
 };
-
-/// What one batch has read of each namespace, by namespace inode.
-#[derive(Default)]
-pub(crate) struct Snapshots {
-    listeners: HashMap<u64, Result<Vec<Listener>, String>>,
-    holders: HashMap<u64, BTreeMap<u64, Vec<Holder>>>,
-}
-
-impl Snapshots {
-    fn listeners(&mut self, port: &Port) -> Result<&[Listener], &str> {
-        self.listeners
-            .entry(port.ns.inode)
-            .or_insert_with(|| listeners::listeners_in(&port.ns).map_err(|e| e.to_string()))
-            .as_deref()
-            .map_err(String::as_str)
-    }
-
-    /// The holders of every listener of the namespace, found in one walk of /proc.
-    fn holders(&mut self, port: &Port) -> &BTreeMap<u64, Vec<Holder>> {
-        if !self.holders.contains_key(&port.ns.inode) {
-            let inodes: Vec<u64> = match self.listeners(port) {
-                Ok(all) => all.iter().map(|l| l.inode).collect(),
-                Err(_) => Vec::new(),
-            };
-            self.holders.insert(port.ns.inode, procfs::holders(&inodes, port.ns.inode));
-        }
-        &self.holders[&port.ns.inode]
-    }
-}
 
 pub(crate) fn addr_of(family: u8, bytes: &[u8; 16]) -> IpAddr {
     if family == AF_INET6 {
@@ -75,7 +39,7 @@ pub(crate) fn report(
     port: Option<&Port>,
     bridges: &Bridges,
     hook: &'static str,
-    seen: &mut Snapshots,
+    seen: &mut NamespaceReads,
 ) -> Report {
     let sample = line.sample.as_ref();
     let family = line.key.family;
@@ -88,24 +52,12 @@ pub(crate) fn report(
     // The decision owns the listeners it keeps, so the batch's snapshot is not copied per line.
     let decided = port.map(|p| {
         let decision = seen
-            .listeners(p)
-            .map(|all| verdict::decide(target_ip.unwrap_or(unspecified), line.key.port, all));
-        (p, decision.map_err(str::to_owned))
+            .listening(&p.ns)
+            .map(|found| verdict::decide(target_ip.unwrap_or(unspecified), line.key.port, &found.listeners));
+        (p, decision.map_err(|e| e.to_string()))
     });
     let (verdict, listeners) = match decided {
-        Some((p, Ok(decision))) => {
-            let holders = if decision.listeners.is_empty() { &BTreeMap::new() } else { seen.holders(p) };
-            let listeners = decision
-                .listeners
-                .iter()
-                .map(|l| ListenerReport {
-                    ip: l.addr,
-                    port: l.port,
-                    pids: holders.get(&l.inode).cloned().unwrap_or_default(),
-                })
-                .collect();
-            (decision.verdict, listeners)
-        }
+        Some((p, Ok(decision))) => (decision.verdict, seen.reports(&p.ns, &decision.listeners)),
         Some((_, Err(e))) => {
             log::debug!("reading listeners: {e}");
             (Verdict::Unknown, Vec::new())
@@ -132,7 +84,8 @@ pub(crate) fn report(
         ifindex: line.key.ifindex,
         veth: port.map(|p| p.host_ifname.clone()).unwrap_or_default(),
         hook: hook_name(sample, hook),
-        hint: hint(verdict, target_ip, line.key.port, &listeners),
+        // Written with the attribution, which knows the published port the fix names.
+        hint: String::new(),
         listeners,
         count: line.count,
         docker: Default::default(),

@@ -43,6 +43,7 @@ fn wildcard_for(target: Option<IpAddr>) -> &'static str {
     }
 }
 
+#[cfg(test)]
 pub(crate) fn hint(
     verdict: Verdict,
     target: Option<IpAddr>,

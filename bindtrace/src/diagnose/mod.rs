@@ -6,6 +6,7 @@ pub(crate) mod enrich;
 pub(crate) mod framework;
 pub(crate) mod hint;
 pub(crate) mod listeners;
+pub(crate) mod namespace_reads;
 pub(crate) mod procfs;
 pub(crate) mod report;
 pub(crate) mod verdict;

@@ -61,23 +61,24 @@ fn is_unspecified_v6(addr: IpAddr) -> bool {
     matches!(addr, IpAddr::V6(a) if a.is_unspecified())
 }
 
-/// Would a socket bound to `bound` accept a connection to `target`? `[::]` is taken to accept
-/// IPv6 only: when an IPv4 SYN was refused while `[::]:P` listened, that socket has IPV6_V6ONLY.
-fn accepts(bound: IpAddr, target: IpAddr) -> bool {
-    match (bound, target) {
+/// Would `l` accept a connection to `target`? `[::]` takes IPv4 too unless the socket has
+/// IPV6_V6ONLY; `v6only` says whether it is taken to have it.
+pub(crate) fn accepts(l: &Listener, target: IpAddr, v6only: bool) -> bool {
+    match (l.addr, target) {
         (IpAddr::V4(b), IpAddr::V4(t)) => b.is_unspecified() || b == t,
+        (IpAddr::V6(b), IpAddr::V4(t)) => (b.is_unspecified() && !v6only) || b.to_ipv4_mapped() == Some(t),
         (IpAddr::V6(b), IpAddr::V6(t)) => b.is_unspecified() || b == t,
-        (IpAddr::V6(b), IpAddr::V4(t)) => b.to_ipv4_mapped() == Some(t),
         (IpAddr::V4(_), IpAddr::V6(_)) => false,
     }
 }
 
-/// Decides why a SYN to `target:port` was refused, given the namespace's listeners now.
+/// Decides why a SYN to `target:port` was refused, given the namespace's listeners now. `[::]`
+/// is taken to be V6ONLY: when an IPv4 SYN was refused while `[::]:P` listened, it has the flag.
 pub(crate) fn decide(target: IpAddr, port: u16, listeners: &[Listener]) -> Decision {
     let on_port: Vec<Listener> = listeners.iter().filter(|l| l.port == port).cloned().collect();
     let verdict = if on_port.is_empty() {
         Verdict::NoListener
-    } else if on_port.iter().any(|l| accepts(l.addr, target)) {
+    } else if on_port.iter().any(|l| accepts(l, target, true)) {
         Verdict::ListeningNow
     } else if on_port.iter().any(|l| is_loopback(l.addr)) {
         Verdict::LoopbackOnly

@@ -410,6 +410,16 @@ impl Btf {
         Ok(bit_offset != 0 || u64::from(bits) != u64::from(t.size_or_type) * 8)
     }
 
+    /// Offset of a member the eBPF programs read with a fixed width: a member of another size
+    /// would be read wrong in the kernel, so it is an error here.
+    pub(crate) fn member_offset(&self, path: &str, expected: u32) -> Result<u32, BtfError> {
+        let member = self.member(path)?;
+        if member.size != expected {
+            return Err(BtfError::WrongSize { path: path.to_owned(), size: member.size, expected });
+        }
+        Ok(member.offset)
+    }
+
     /// Member at a dotted path from a named struct/union, e.g. "sk_buff.dev",
     /// "net_device.nd_net.net", "net.ns.inum". Each step also looks inside anonymous
     /// structs/unions and follows typedefs/qualifiers to the struct of a named member for the

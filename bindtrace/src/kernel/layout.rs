@@ -37,15 +37,15 @@ const PTR: u32 = 8;
 impl KernelLayout {
     pub(crate) fn resolve(btf: &Btf) -> Result<KernelLayout, BtfError> {
         Ok(KernelLayout {
-            skb_dev: offset(btf, "sk_buff.dev", PTR)?,
-            skb_head: offset(btf, "sk_buff.head", PTR)?,
-            skb_network_header: offset(btf, "sk_buff.network_header", 2)?,
-            skb_transport_header: offset(btf, "sk_buff.transport_header", 2)?,
-            dev_ifindex: offset(btf, "net_device.ifindex", 4)?,
-            dev_nd_net: offset(btf, "net_device.nd_net.net", PTR)?,
+            skb_dev: btf.member_offset("sk_buff.dev", PTR)?,
+            skb_head: btf.member_offset("sk_buff.head", PTR)?,
+            skb_network_header: btf.member_offset("sk_buff.network_header", 2)?,
+            skb_transport_header: btf.member_offset("sk_buff.transport_header", 2)?,
+            dev_ifindex: btf.member_offset("net_device.ifindex", 4)?,
+            dev_nd_net: btf.member_offset("net_device.nd_net.net", PTR)?,
             // atomic64_t before 5.12, u64 since: both 8 bytes, which is all the reader cares about.
-            net_cookie: offset(btf, "net.net_cookie", 8)?,
-            net_ns_inum: offset(btf, "net.ns.inum", 4)?,
+            net_cookie: btf.member_offset("net.net_cookie", 8)?,
+            net_ns_inum: btf.member_offset("net.ns.inum", 4)?,
             rst_reason_no_socket: reason(
                 btf,
                 "btf_trace_tcp_send_reset",
@@ -66,16 +66,6 @@ impl KernelLayout {
             },
         })
     }
-}
-
-/// Offset of a member the eBPF programs read with a fixed width: a member of another size
-/// would be read wrong in the kernel, so it is an error here.
-fn offset(btf: &Btf, path: &str, expected: u32) -> Result<u32, BtfError> {
-    let member = btf.member(path)?;
-    if member.size != expected {
-        return Err(BtfError::WrongSize { path: path.to_owned(), size: member.size, expected });
-    }
-    Ok(member.offset)
 }
 
 /// `enumerator` of `enum <enum_name>` if the tracepoint prototype behind `typedef`
@@ -178,7 +168,7 @@ mod tests {
 
     #[test]
     fn wrong_size_is_an_error() {
-        let e = offset(fixture(V6_18), "sk_buff.dev", 4).unwrap_err();
+        let e = fixture(V6_18).member_offset("sk_buff.dev", 4).unwrap_err();
         assert_eq!(e.to_string(), "`sk_buff.dev` is 8 bytes, expected 4");
     }
 

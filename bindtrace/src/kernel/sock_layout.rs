@@ -18,14 +18,6 @@ pub(crate) struct SockLayout {
     pub(crate) inet_sport: u32,
 }
 
-fn offset(btf: &Btf, path: &str, expected: u32) -> Result<u32, BtfError> {
-    let m = btf.member(path)?;
-    if m.size != expected {
-        return Err(BtfError::WrongSize { path: path.to_owned(), size: m.size, expected });
-    }
-    Ok(m.offset)
-}
-
 fn optional(r: Result<u32, BtfError>) -> Result<Option<u32>, BtfError> {
     match r {
         Ok(v) => Ok(Some(v)),
@@ -38,14 +30,14 @@ impl SockLayout {
     pub(crate) fn resolve(btf: &Btf) -> Result<SockLayout, BtfError> {
         let common = "sock.__sk_common";
         Ok(SockLayout {
-            family: offset(btf, &format!("{common}.skc_family"), 2)?,
-            daddr: offset(btf, &format!("{common}.skc_daddr"), 4)?,
-            rcv_saddr: offset(btf, &format!("{common}.skc_rcv_saddr"), 4)?,
-            dport: offset(btf, &format!("{common}.skc_dport"), 2)?,
-            v6_daddr: optional(offset(btf, &format!("{common}.skc_v6_daddr"), 16))?,
-            v6_rcv_saddr: optional(offset(btf, &format!("{common}.skc_v6_rcv_saddr"), 16))?,
-            net: offset(btf, &format!("{common}.skc_net.net"), 8)?,
-            inet_sport: offset(btf, "inet_sock.inet_sport", 2)?,
+            family: btf.member_offset(&format!("{common}.skc_family"), 2)?,
+            daddr: btf.member_offset(&format!("{common}.skc_daddr"), 4)?,
+            rcv_saddr: btf.member_offset(&format!("{common}.skc_rcv_saddr"), 4)?,
+            dport: btf.member_offset(&format!("{common}.skc_dport"), 2)?,
+            v6_daddr: optional(btf.member_offset(&format!("{common}.skc_v6_daddr"), 16))?,
+            v6_rcv_saddr: optional(btf.member_offset(&format!("{common}.skc_v6_rcv_saddr"), 16))?,
+            net: btf.member_offset(&format!("{common}.skc_net.net"), 8)?,
+            inet_sport: btf.member_offset("inet_sock.inet_sport", 2)?,
         })
     }
 

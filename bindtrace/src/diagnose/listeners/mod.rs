@@ -25,11 +25,6 @@ pub(crate) struct Listening {
     pub(crate) v6only: HashSet<u64>,
 }
 
-/// Listening sockets of the namespace, IPv4 and IPv6 together.
-pub(crate) fn listeners_in(ns: &Netns) -> io::Result<Vec<Listener>> {
-    listening_in(ns).map(|l| l.listeners)
-}
-
 /// Listening sockets of the namespace, and which IPv6 ones have IPV6_V6ONLY: one sock_diag dump
 /// made from a thread that joined the namespace. Where sock_diag fails (a kernel without
 /// inet_diag/tcp_diag), the slower /proc tables give the listeners, and no listener is taken
