@@ -13,11 +13,10 @@ use serde::Serialize;
 
 use crate::{
     diagnose::audit,
-    diagnose::hint::endpoint,
     diagnose::namespace_reads::NamespaceReads,
     diagnose::report::{AuditReport, now_rfc3339},
     diagnose::verdict::Verdict,
-    sinks::output::Format,
+    sinks::{output::Format, table::table},
     sources::docker::{self, Client},
 };
 
@@ -82,29 +81,7 @@ pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
     let mut checked = 0;
     for c in containers.iter().filter(|c| c.owns_netns() && c.published_tcp().next().is_some()) {
         checked += 1;
-        let ns = match audit::open_netns(c) {
-            Ok(ns) => ns,
-            Err(e) => {
-                errors.push(namespace_error(&c.name, &e));
-                continue;
-            }
-        };
-        let deadline = audit::deadline(c, args.audit_grace, Instant::now());
-        for mapping in c.published_tcp() {
-            let check = loop {
-                // A fresh read each time: the service may have started listening meanwhile.
-                match audit::check_port(c, mapping, &ns, &mut NamespaceReads::default()) {
-                    Ok(check) if check.verdict == Some(Verdict::NoListener) && Instant::now() < deadline => {
-                        tokio::time::sleep(audit::POLL).await;
-                    }
-                    other => break other,
-                }
-            };
-            match check {
-                Ok(check) => rows.push(audit::report(c, &check, ns.inode)),
-                Err(e) => errors.push(namespace_error(&c.name, &e)),
-            }
-        }
+        check_container(c, args.audit_grace, &mut rows, &mut errors).await;
     }
 
     let code = exit_code(&rows, &errors);
@@ -131,6 +108,36 @@ pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
         return EXIT_CANNOT_RUN;
     }
     code
+}
+
+/// Audits every published TCP port of `c`, waiting out the grace period for ports nothing
+/// listens on yet; a row per port, or an error per port that could not be read.
+async fn check_container(
+    c: &docker::Container,
+    grace: Duration,
+    rows: &mut Vec<AuditReport>,
+    errors: &mut Vec<String>,
+) {
+    let ns = match audit::open_netns(c) {
+        Ok(ns) => ns,
+        Err(e) => return errors.push(namespace_error(&c.name, &e)),
+    };
+    let deadline = audit::deadline(c, grace, Instant::now());
+    for mapping in c.published_tcp() {
+        let check = loop {
+            // A fresh read each time: the service may have started listening meanwhile.
+            match audit::check_port(c, mapping, &ns, &mut NamespaceReads::default()) {
+                Ok(check) if check.verdict == Some(Verdict::NoListener) && Instant::now() < deadline => {
+                    tokio::time::sleep(audit::POLL).await;
+                }
+                other => break other,
+            }
+        };
+        match check {
+            Ok(check) => rows.push(audit::report(c, &check, ns.inode)),
+            Err(e) => errors.push(namespace_error(&c.name, &e)),
+        }
+    }
 }
 
 fn cannot_run(why: &str) -> u8 {
@@ -162,57 +169,6 @@ pub(crate) fn exit_code(rows: &[AuditReport], errors: &[String]) -> u8 {
     } else {
         EXIT_REACHABLE
     }
-}
-
-/// `CONTAINER  PORT  PUBLISHED  LISTENING  VERDICT`, then one hint per problem and a summary.
-pub(crate) fn table(rows: &[AuditReport], containers: usize) -> String {
-    if rows.is_empty() {
-        return "no running container publishes a TCP port\n".into();
-    }
-    let header = ["CONTAINER", "PORT", "PUBLISHED", "LISTENING", "VERDICT"].map(String::from);
-    let mut cells: Vec<[String; 5]> = vec![header];
-    for r in rows {
-        let published: Vec<String> = r.bindings.iter().map(|b| endpoint(b.host_ip, b.host_port)).collect();
-        let listening: Vec<String> = r
-            .listeners
-            .iter()
-            .map(|l| {
-                let who = l.pids.first().map(|p| format!(" ({})", p.comm)).unwrap_or_default();
-                format!("{}{who}", endpoint(l.ip, l.port))
-            })
-            .collect();
-        cells.push([
-            r.container.name.clone(),
-            format!("{}/tcp", r.target_port),
-            published.join(", "),
-            if listening.is_empty() { "-".into() } else { listening.join(", ") },
-            r.verdict.to_owned(),
-        ]);
-    }
-    let widths: Vec<usize> =
-        (0..5).map(|i| cells.iter().map(|c| c[i].chars().count()).max().unwrap_or(0)).collect();
-    let mut s = String::new();
-    for row in &cells {
-        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        s.push_str(line.join("  ").trim_end());
-        s.push('\n');
-    }
-    let problems: Vec<&AuditReport> = rows.iter().filter(|r| r.verdict != "ok").collect();
-    if !problems.is_empty() {
-        s.push('\n');
-        for r in &problems {
-            s.push_str(&format!("{} {}/tcp: {}: {}\n", r.container.name, r.target_port, r.verdict, r.hint));
-        }
-    }
-    s.push_str(&format!(
-        "\n{} published port{} in {containers} container{}: {} reachable, {} not\n",
-        rows.len(),
-        if rows.len() == 1 { "" } else { "s" },
-        if containers == 1 { "" } else { "s" },
-        rows.len() - problems.len(),
-        problems.len()
-    ));
-    s
 }
 
 #[cfg(test)]

@@ -6,8 +6,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::RingBuf;
-use bindtrace_common::RefusalEvent;
+use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -21,8 +20,17 @@ use super::{
 use crate::{
     netns::scope,
     sinks::output::Output,
-    sources::{docker::watch::DockerState, kernel_log::KernelLog, link_events::LinkWatcher},
+    sources::{
+        docker::watch::DockerState, fold::key_of, kernel_log::KernelLog, link_events::LinkWatcher, ring,
+    },
 };
+
+/// When the loop must wake next even if nothing arrives: the idle pass, or the earliest fold
+/// window to close.
+struct Deadlines {
+    next_full: Instant,
+    next_poll: Instant,
+}
 
 impl Detector {
     /// Runs until a signal, the optional duration, or an error.
@@ -31,7 +39,7 @@ impl Detector {
         out: &mut Output<W>,
         duration: Option<Duration>,
     ) -> anyhow::Result<()> {
-        let ring: RingBuf<_> = self.loaded.events.take().context("ring buffer already taken")?;
+        let ring: RingBuf<MapData> = self.loaded.events.take().context("ring buffer already taken")?;
         // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer, so the fd
         // stays open for as long as it is registered.
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
@@ -39,17 +47,56 @@ impl Detector {
         let mut kernel_log = KernelLog::new(&mut self.loaded.ebpf);
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
-        let deadline = duration.map(|d| tokio::time::Instant::now() + d);
-        let stop_at = async move {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
+        let stop_at = sleep_until_opt(duration.map(|d| Instant::now() + d));
         tokio::pin!(stop_at);
 
         let mut docker_state = self.docker.state.clone();
-        if let Some(rx) = docker_state.as_mut() {
+        self.start(out, docker_state.as_mut()).await?;
+
+        let mut poll_timer = PollTimer::new().context("creating the poll timer")?;
+        let now = Instant::now();
+        let mut at = Deadlines { next_full: now + IDLE_POLL, next_poll: now + IDLE_POLL };
+        loop {
+            poll_timer.arm(at.next_poll).context("arming the poll timer")?;
+            let audit_at = self.docker.auditor.next_due();
+            tokio::select! {
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = &mut stop_at => break,
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let samples = ring::drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                    self.on_samples(out, samples).await?;
+                }
+                () = docker_changed(&mut docker_state) => {
+                    self.sync_docker()?;
+                    self.run_audits(out)?;
+                }
+                _ = sleep_until_opt(audit_at) => self.run_audits(out)?,
+                changed = links.changed() => {
+                    changed.context("reading link notifications")?;
+                    tokio::time::sleep(RESCAN_DEBOUNCE).await;
+                    // Drain what arrived during the pause: one rescan covers the burst.
+                    let _ = tokio::time::timeout(Duration::ZERO, links.changed()).await;
+                    self.rescan()?;
+                }
+                _ = kernel_log.readable() => kernel_log.flush(),
+                fired = poll_timer.wait() => fired.context("waiting on the poll timer")?,
+            }
+            self.on_wake(out, &mut at).await?;
+        }
+        self.finish(out).await
+    }
+
+    /// Before the loop: Docker's first answer (for its bridges and names), the first audits,
+    /// then the ready line.
+    async fn start<W: Write>(
+        &mut self,
+        out: &mut Output<W>,
+        docker_state: Option<&mut watch::Receiver<DockerState>>,
+    ) -> anyhow::Result<()> {
+        if let Some(rx) = docker_state {
             let _ = tokio::time::timeout(
                 DOCKER_START_WAIT,
                 rx.wait_for(|s| !matches!(s, DockerState::Connecting)),
@@ -70,7 +117,6 @@ impl Detector {
             }
         }
         self.run_audits(out)?;
-
         log::info!(
             "ready: watching {} ({} container interfaces)",
             self.bridges.names.join(", "),
@@ -78,80 +124,56 @@ impl Detector {
         );
         // Tests and scripts wait for this line on stderr.
         eprintln!("bindtrace: ready");
+        Ok(())
+    }
 
-        let mut poll_timer = PollTimer::new().context("creating the poll timer")?;
-        let mut next_full = Instant::now() + IDLE_POLL;
-        let mut next_poll = next_full;
-        loop {
-            poll_timer.arm(next_poll).context("arming the poll timer")?;
-            let audit_at = self.docker.auditor.next_due();
-            tokio::select! {
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
-                _ = &mut stop_at => break,
-                guard = ring.readable_mut() => {
-                    let mut guard = guard?;
-                    let mut samples = Vec::new();
-                    while let Some(item) = guard.get_inner_mut().next() {
-                        if item.len() >= size_of::<RefusalEvent>() {
-                            // SAFETY: RefusalEvent is Pod and the item is at least that long.
-                            samples.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RefusalEvent>()) });
-                        }
-                    }
-                    guard.clear_ready();
-                    let now = Instant::now();
-                    let mut lines = Vec::new();
-                    for ev in samples {
-                        let total = self.key_total(&crate::sources::fold::key_of(&ev));
-                        lines.extend(self.folder.on_event(ev, total, now));
-                    }
-                    self.print(out, &lines).await?;
-                }
-                () = docker_changed(&mut docker_state) => {
-                    self.sync_docker()?;
-                    self.run_audits(out)?;
-                }
-                _ = sleep_until_opt(audit_at) => self.run_audits(out)?,
-                changed = links.changed() => {
-                    changed.context("reading link notifications")?;
-                    tokio::time::sleep(RESCAN_DEBOUNCE).await;
-                    // Drain what arrived during the pause: one rescan covers the burst.
-                    let _ = tokio::time::timeout(Duration::ZERO, links.changed()).await;
-                    self.rescan()?;
-                }
-                _ = kernel_log.readable() => kernel_log.flush(),
-                fired = poll_timer.wait() => fired.context("waiting on the poll timer")?,
-            }
-            let now = Instant::now();
-            if now >= next_full {
-                // The idle pass: the loss counters, the loopback gauge, and, only when samples
-                // were lost (a key may then be known to the kernel alone), every key's count.
-                // Otherwise every key announced itself with a sample, and closed windows are
-                // read one key at a time below: a pass over 10 000 keys takes ~40 ms of syscalls.
-                let stats = self.loaded.stats();
-                if stats.0 > self.lost_reported || self.folder.awaiting_samples() {
-                    let totals = self.loaded.totals();
-                    let lines = self.folder.on_totals(&totals, now, false);
-                    self.print(out, &lines).await?;
-                }
-                self.report_lost(out, stats)?;
-                self.recheck_loopback(now);
-                next_full = now + IDLE_POLL;
-            }
-            // Windows that closed: one lookup per key, not a pass over the whole map (a burst
-            // of new ports closes a window every millisecond or so).
-            {
-                let mut lines = Vec::new();
-                for key in self.folder.due(now) {
-                    let total = self.key_total(&key);
-                    lines.extend(self.folder.on_key_total(key, total, now));
-                }
+    /// Samples from the ring buffer: each key's total read at once, folded into lines.
+    async fn on_samples<W: Write>(
+        &mut self,
+        out: &mut Output<W>,
+        samples: Vec<bindtrace_common::RefusalEvent>,
+    ) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let mut lines = Vec::new();
+        for ev in samples {
+            let total = self.key_total(&key_of(&ev));
+            lines.extend(self.folder.on_event(ev, total, now));
+        }
+        self.print(out, &lines).await
+    }
+
+    /// After every wake-up: the idle pass when it is due, then the fold windows that closed.
+    async fn on_wake<W: Write>(&mut self, out: &mut Output<W>, at: &mut Deadlines) -> anyhow::Result<()> {
+        let now = Instant::now();
+        if now >= at.next_full {
+            // The idle pass: the loss counters, the loopback gauge, and, only when samples
+            // were lost (a key may then be known to the kernel alone), every key's count.
+            // Otherwise every key announced itself with a sample, and closed windows are
+            // read one key at a time below: a pass over 10 000 keys takes ~40 ms of syscalls.
+            let stats = self.loaded.stats();
+            if stats.0 > self.lost_reported || self.folder.awaiting_samples() {
+                let totals = self.loaded.totals();
+                let lines = self.folder.on_totals(&totals, now, false);
                 self.print(out, &lines).await?;
             }
-            next_poll = self.folder.next_deadline().map_or(next_full, |d| d.min(next_full));
+            self.report_lost(out, stats)?;
+            self.recheck_loopback(now);
+            at.next_full = now + IDLE_POLL;
         }
+        // Windows that closed: one lookup per key, not a pass over the whole map (a burst of
+        // new ports closes a window every millisecond or so).
+        let mut lines = Vec::new();
+        for key in self.folder.due(now) {
+            let total = self.key_total(&key);
+            lines.extend(self.folder.on_key_total(key, total, now));
+        }
+        self.print(out, &lines).await?;
+        at.next_poll = self.folder.next_deadline().map_or(at.next_full, |d| d.min(at.next_full));
+        Ok(())
+    }
 
-        // Nothing counted stays unprinted.
+    /// After the loop: nothing counted stays unprinted, then the summary and the detach.
+    async fn finish<W: Write>(mut self, out: &mut Output<W>) -> anyhow::Result<()> {
         let totals = self.loaded.totals();
         let lines = self.folder.on_totals(&totals, Instant::now(), true);
         self.print(out, &lines).await?;

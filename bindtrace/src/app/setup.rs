@@ -72,24 +72,7 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
             tc_mode.name()
         ),
     }
-    let connect = match sock_layout {
-        Ok(_) => match ConnectTracker::attach(&mut loaded.ebpf, &aya_btf) {
-            Ok(c) => {
-                log::info!("attached tp_btf/inet_sock_set_state (who connects to the watched bridges)");
-                Some(c)
-            }
-            Err(e) => {
-                log::warn!("not tracking who connects ({e:#}): `via` docker-proxy/direct will be missing");
-                None
-            }
-        },
-        Err(e) => {
-            log::warn!(
-                "not tracking who connects (struct sock layout: {e}): `via` docker-proxy/direct will be missing"
-            );
-            None
-        }
-    };
+    let connect = attach_connect_tracker(&mut loaded, &aya_btf, sock_layout.as_ref().map(|_| ()));
     let conntrack = match Conntrack::spawn() {
         Ok(c) => Some(c),
         Err(e) => {
@@ -99,16 +82,7 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
     };
     let docker_state = docker_socket.map(|path| docker::watch::spawn(docker::Client::new(path)));
     let metrics = match metrics_listener {
-        Some(listener) => {
-            let limits = metrics::Limits {
-                max_series: args.metrics_max_series as usize,
-                max_ports: args.metrics_max_ports as usize,
-            };
-            let (metrics, registry) = Metrics::new(limits, hook.name(), &why);
-            let addr = metrics::server::spawn(listener, registry)?;
-            log::info!("metrics: serving http://{addr}/metrics");
-            Some(metrics)
-        }
+        Some(listener) => Some(serve_metrics(args, listener, hook.name(), &why)?),
         None => None,
     };
     let mut detector = Detector {
@@ -135,6 +109,46 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
     };
     detector.rescan()?;
     Ok(detector)
+}
+
+/// The connect tracker (who connected: `via` docker-proxy or direct) is optional: without it
+/// lines lack `via`, which is said once here.
+fn attach_connect_tracker(
+    loaded: &mut Loaded,
+    aya_btf: &aya::Btf,
+    sock_layout: Result<(), &crate::kernel::btf::BtfError>,
+) -> Option<ConnectTracker> {
+    let attached = match sock_layout {
+        Ok(()) => ConnectTracker::attach(&mut loaded.ebpf, aya_btf).map_err(|e| format!("{e:#}")),
+        Err(e) => Err(format!("struct sock layout: {e}")),
+    };
+    match attached {
+        Ok(c) => {
+            log::info!("attached tp_btf/inet_sock_set_state (who connects to the watched bridges)");
+            Some(c)
+        }
+        Err(e) => {
+            log::warn!("not tracking who connects ({e}): `via` docker-proxy/direct will be missing");
+            None
+        }
+    }
+}
+
+/// The metrics and the thread that serves them on the listener bound at the start.
+fn serve_metrics(
+    args: &Args,
+    listener: std::net::TcpListener,
+    hook: &'static str,
+    why: &str,
+) -> anyhow::Result<Metrics> {
+    let limits = metrics::Limits {
+        max_series: args.metrics_max_series as usize,
+        max_ports: args.metrics_max_ports as usize,
+    };
+    let (metrics, registry) = Metrics::new(limits, hook, why);
+    let addr = metrics::server::spawn(listener, registry)?;
+    log::info!("metrics: serving http://{addr}/metrics");
+    Ok(metrics)
 }
 
 /// aya-log's level global: kernel-side messages follow the userspace log level.

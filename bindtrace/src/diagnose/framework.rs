@@ -111,6 +111,7 @@ fn base(s: &str) -> &str {
 
 /// Recognises the server from its arguments (process titles such as `gunicorn: master [app]`
 /// or `puma 6.4 (tcp://127.0.0.1:3000)` included) and its executable.
+// Long because it is a table: one arm per server it recognises.
 fn detect(argv: &[String], exe: &str) -> Option<Kind> {
     let tokens: Vec<&str> = argv.iter().flat_map(|a| a.split_whitespace()).collect();
     let names: Vec<String> =

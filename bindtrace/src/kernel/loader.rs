@@ -121,32 +121,7 @@ impl Loaded {
         }
         let mut ebpf = loader.load(OBJECT).map_err(LoadError::Load)?;
 
-        let program = ebpf.program_mut(hook.program()).ok_or(LoadError::Missing("hook program"))?;
-        let tc = match hook.tracepoint() {
-            Some(tracepoint) => {
-                let program: &mut BtfTracePoint = program
-                    .try_into()
-                    .map_err(|source| LoadError::Attach { what: hook.program().into(), source })?;
-                let what = || format!("tp_btf/{tracepoint} ({})", hook.program());
-                program.load(tracepoint, btf).map_err(|source| LoadError::Attach { what: what(), source })?;
-                program.attach().map_err(|source| LoadError::Attach { what: what(), source })?;
-                None
-            }
-            None => {
-                // Loaded now (the verifier speaks before anything is attached), attached per port.
-                let program: &mut SchedClassifier = program
-                    .try_into()
-                    .map_err(|source| LoadError::Attach { what: hook.program().into(), source })?;
-                program.load().map_err(|source| LoadError::Attach {
-                    what: format!("classifier {}", hook.program()),
-                    source,
-                })?;
-                let ports = take(&mut ebpf, "TC_PORTS").and_then(|m| {
-                    HashMap::try_from(m).map_err(|source| LoadError::Map { name: "TC_PORTS", source })
-                })?;
-                Some(TcPorts::new(opts.tc_mode, ports))
-            }
-        };
+        let tc = attach_hook(&mut ebpf, hook, btf, opts.tc_mode)?;
 
         let scope = take(&mut ebpf, "SCOPE")
             .and_then(|m| HashMap::try_from(m).map_err(|source| LoadError::Map { name: "SCOPE", source }))?;
@@ -207,4 +182,41 @@ impl Loaded {
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
     ebpf.take_map(name).ok_or(LoadError::Missing(name))
+}
+
+/// Loads the hook's program and attaches it: a tracepoint at once; a classifier is only loaded
+/// (the verifier speaks before anything is attached) and attached per port by [`TcPorts`].
+fn attach_hook(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    btf: &Btf,
+    tc_mode: AttachMode,
+) -> Result<Option<TcPorts>, LoadError> {
+    let program = ebpf.program_mut(hook.program()).ok_or(LoadError::Missing("hook program"))?;
+    let tc = match hook.tracepoint() {
+        Some(tracepoint) => {
+            let program: &mut BtfTracePoint = program
+                .try_into()
+                .map_err(|source| LoadError::Attach { what: hook.program().into(), source })?;
+            let what = || format!("tp_btf/{tracepoint} ({})", hook.program());
+            program.load(tracepoint, btf).map_err(|source| LoadError::Attach { what: what(), source })?;
+            program.attach().map_err(|source| LoadError::Attach { what: what(), source })?;
+            None
+        }
+        None => {
+            // Loaded now (the verifier speaks before anything is attached), attached per port.
+            let program: &mut SchedClassifier = program
+                .try_into()
+                .map_err(|source| LoadError::Attach { what: hook.program().into(), source })?;
+            program.load().map_err(|source| LoadError::Attach {
+                what: format!("classifier {}", hook.program()),
+                source,
+            })?;
+            let ports = take(ebpf, "TC_PORTS").and_then(|m| {
+                HashMap::try_from(m).map_err(|source| LoadError::Map { name: "TC_PORTS", source })
+            })?;
+            Some(TcPorts::new(tc_mode, ports))
+        }
+    };
+    Ok(tc)
 }

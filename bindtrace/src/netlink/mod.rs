@@ -207,6 +207,8 @@ fn transact(
 }
 
 /// [`transact`] on a socket of another netlink family (sock_diag, for `listen_diag.rs`).
+// Long because send, receive, sequence checks and the error/done messages of a request are
+// one loop; splitting it would pass its state around.
 pub(crate) fn transact_on(
     protocol: libc::c_int,
     msg_type: u16,

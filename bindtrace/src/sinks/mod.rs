@@ -1,3 +1,5 @@
 //! What goes out: text and JSON lines on stdout, Prometheus metrics on `/metrics`.
 pub(crate) mod metrics;
 pub(crate) mod output;
+pub(crate) mod table;
+pub(crate) mod text;

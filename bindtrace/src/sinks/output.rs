@@ -1,10 +1,9 @@
-//! Rendering records as text lines or JSON lines, flushed one by one (the stream is live).
+//! The line sink: each record as a text line ([`text`](super::text)) or a JSON line, flushed
+//! one by one (the stream is live).
 use std::io::{self, Write};
 
-use crate::{
-    diagnose::hint::endpoint,
-    diagnose::report::{AuditReport, DockerContext, LostReport, Report, Via},
-};
+use super::text;
+use crate::diagnose::report::{AuditReport, LostReport, Report};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Format {
@@ -27,7 +26,7 @@ impl<W: Write> Output<W> {
     pub(crate) fn refusal(&mut self, r: &Report) -> io::Result<()> {
         match self.format {
             Format::Json => serde_json::to_writer(&mut self.out, r)?,
-            Format::Text => write!(self.out, "{}", text(r))?,
+            Format::Text => write!(self.out, "{}", text::refusal(r))?,
         }
         self.out.write_all(b"\n")?;
         self.out.flush()
@@ -37,7 +36,7 @@ impl<W: Write> Output<W> {
     pub(crate) fn audit(&mut self, r: &AuditReport) -> io::Result<()> {
         match self.format {
             Format::Json => serde_json::to_writer(&mut self.out, r)?,
-            Format::Text => write!(self.out, "{}", audit_text(r))?,
+            Format::Text => write!(self.out, "{}", text::audit(r))?,
         }
         self.out.write_all(b"\n")?;
         self.out.flush()
@@ -61,99 +60,4 @@ impl<W: Write> Output<W> {
         self.out.write_all(b"\n")?;
         self.out.flush()
     }
-}
-
-/// `TIME refused CLIENT -> TARGET/tcp on BRIDGE [xN]: VERDICT: HINT`
-pub(crate) fn text(r: &Report) -> String {
-    let client = match (r.client_ip, r.client_port) {
-        (Some(ip), Some(port)) => endpoint(ip, port),
-        _ => "?".into(),
-    };
-    let target = match r.target_ip {
-        Some(ip) => endpoint(ip, r.target_port),
-        None => format!("port {}", r.target_port),
-    };
-    let count = if r.count > 1 { format!(" [x{}]", r.count) } else { String::new() };
-    match &r.docker.container {
-        // `TIME refused CLIENT -> TARGET/tcp on BRIDGE [xN]: container NAME (ID, image IMG)
-        //  port P published on H:P via HOW: VERDICT: HINT`
-        Some(c) => format!(
-            "{} refused {client} -> {target}/{} on {}{count}: container {} ({}, image {}){}: {}: {}",
-            r.time,
-            r.proto,
-            r.bridge,
-            c.name,
-            c.id,
-            c.image,
-            how(&r.docker),
-            r.verdict.as_str(),
-            r.hint
-        ),
-        None => format!(
-            "{} refused {client} -> {target}/{} on {} (netns {}){count}{}: {}: {}",
-            r.time,
-            r.proto,
-            r.bridge,
-            r.netns,
-            how(&r.docker),
-            r.verdict.as_str(),
-            r.hint
-        ),
-    }
-}
-
-/// `, published on 0.0.0.0:8000 via docker-proxy (pid 12)`, `, via direct from curl (pid 9)`...
-fn how(d: &DockerContext) -> String {
-    let mut s = String::new();
-    if let Some(p) = &d.published {
-        s.push_str(&format!(", published on {}", endpoint(p.host_ip, p.host_port)));
-    }
-    let Some(via) = d.via else { return s };
-    s.push_str(&format!(" via {}", via.as_str()));
-    match via {
-        Via::DockerProxy => {
-            if let Some(p) = &d.client_process {
-                s.push_str(&format!(" (pid {})", p.pid));
-            }
-        }
-        Via::Dnat => {
-            if let Some(o) = &d.original {
-                s.push_str(&format!(
-                    " from {} to {}",
-                    endpoint(o.client_ip, o.client_port),
-                    endpoint(o.target_ip, o.target_port)
-                ));
-            }
-        }
-        Via::Direct => {
-            let mut from = Vec::new();
-            if let Some(p) = &d.client_process {
-                from.push(format!("{} (pid {})", p.comm, p.pid));
-            }
-            if let Some(c) = &d.client_container {
-                from.push(format!("in container {}", c.name));
-            }
-            if !from.is_empty() {
-                s.push_str(&format!(" from {}", from.join(" ")));
-            }
-        }
-    }
-    s
-}
-
-/// `TIME audit container NAME (ID, image IMG) port P/tcp published on H:P: VERDICT: HINT`
-pub(crate) fn audit_text(r: &AuditReport) -> String {
-    let published: Vec<String> = r.bindings.iter().map(|b| endpoint(b.host_ip, b.host_port)).collect();
-    format!(
-        "{} audit container {} ({}, image {}) port {}/{} published on {}: {}: {}",
-        r.time,
-        r.container.name,
-        r.container.id,
-        r.container.image,
-        r.target_port,
-        r.proto,
-        published.join(", "),
-        r.verdict,
-        r.hint
-    )
 }

@@ -5,3 +5,4 @@ pub(crate) mod docker;
 pub(crate) mod fold;
 pub(crate) mod kernel_log;
 pub(crate) mod link_events;
+pub(crate) mod ring;

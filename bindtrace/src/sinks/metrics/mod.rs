@@ -209,6 +209,7 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// The metrics and a registry that encodes them. `hook` and the kernel release go into
     /// `bindtrace_build_info`.
+    // Long because it registers every metric with its help text, one after the other.
     pub(crate) fn new(limits: Limits, hook: &'static str, hook_reason: &str) -> (Metrics, Registry) {
         let mut registry = Registry::default();
         let m = Metrics {

@@ -154,6 +154,7 @@ fn parse_port_key(key: &str) -> Option<(u16, String)> {
 }
 
 impl ContainerJson {
+    // Long because it maps the inspect document field by field; nothing in it branches much.
     pub(crate) fn into_container(self) -> Container {
         let labels = self.config.labels.unwrap_or_default();
         let mut ports: Vec<PortMapping> = self
