@@ -124,4 +124,5 @@ for f in help.txt check-help.txt json.txt metrics.txt; do
     echo "surface.sh: $f differs:"; cat "$work/$f.diff"; status=1
   fi
 done
+echo "surface.sh: event kinds compared: $(cut -d: -f1 "$work/new/json.txt" | sort -u | tr '\n' ' ')"
 exit $status
