@@ -1,6 +1,7 @@
 //! The processes behind a socket, from /proc: who holds which socket inode (by walking
 //! `/proc/PID/fd` of the processes of one namespace), their pid inside the container, command
-//! line and executable.
+//! line and executable. Read by hand: a few files and symlinks per process, not worth the procfs
+//! crate.
 use std::{
     collections::{BTreeMap, HashMap},
     fs,

@@ -8,6 +8,7 @@
 //! Only the tc hook runs on those kernels (the tracepoint hooks need 5.17), and it never reads a
 //! cookie in the kernel: it gets the value from userspace, which holds every in-scope namespace
 //! open, so the inode cannot be reused while it identifies a port.
+pub(crate) mod links;
 pub(crate) mod prefixes;
 pub(crate) mod scope;
 

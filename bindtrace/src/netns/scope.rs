@@ -17,7 +17,7 @@ use std::{
 use bindtrace_common::{BridgeId, ScopeKey};
 
 use crate::{
-    netlink::{self, Link},
+    netns::links::{self, Link},
     netns::{self, Netns},
 };
 
@@ -84,7 +84,7 @@ pub(crate) fn validate_auto(docker: bool) -> Result<Bridges, ScopeError> {
 
 /// Checks that every selected name is a bridge of this namespace.
 pub(crate) fn validate(names: &[String]) -> Result<Bridges, ScopeError> {
-    let links = netlink::dump_links()?;
+    let links = links::dump_links()?;
     let bridges: Vec<String> =
         links.iter().filter(|l| l.kind.as_deref() == Some("bridge")).map(|l| l.name.clone()).collect();
     for name in names {
@@ -118,7 +118,7 @@ impl Resolver {
     /// The current scope: every container-side interface of every port of `bridges`. A bridge
     /// that has disappeared simply has no ports.
     pub(crate) fn resolve(&mut self, bridges: &Bridges) -> io::Result<BTreeMap<ScopeKey, Port>> {
-        let links = netlink::dump_links()?;
+        let links = links::dump_links()?;
         let bridge_ids: HashMap<u32, BridgeId> = links
             .iter()
             .filter(|l| l.kind.as_deref() == Some("bridge"))
@@ -164,13 +164,13 @@ impl Resolver {
     /// once a namespace dies); otherwise every namespace reachable from here is asked.
     fn namespace(&mut self, nsid: i32) -> Option<Arc<Netns>> {
         if let Some(ns) = self.by_nsid.get(&nsid)
-            && netlink::netnsid_of(ns.file.as_fd()).ok().flatten() == Some(nsid)
+            && links::netnsid_of(ns.file.as_fd()).ok().flatten() == Some(nsid)
         {
             return Some(ns.clone());
         }
         for candidate in netns::candidates() {
             let Ok(file) = File::open(&candidate.path) else { continue };
-            if netlink::netnsid_of(file.as_fd()).ok().flatten() == Some(nsid) {
+            if links::netnsid_of(file.as_fd()).ok().flatten() == Some(nsid) {
                 let ns = Arc::new(Netns::from_file(file).ok()?);
                 self.by_nsid.insert(nsid, ns.clone());
                 return Some(ns);

@@ -10,41 +10,34 @@
 //! from a watched prefix, keyed by their reply tuple, which is exactly the refusal's
 //! (container address, client address as the container saw it).
 //!
-//! Our own small netlink code (`netlink.rs`), like the rtnetlink client: the few attributes
-//! needed do not justify a dependency.
+//! The messages come from netlink-packet-netfilter and the socket from netlink-sys; only the
+//! group number and the SO_RCVBUFFORCE call are spelled out here (neither crate has them).
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, RawFd},
+    net::SocketAddr,
+    os::fd::AsRawFd,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use netlink_packet_core::NetlinkPayload;
+use netlink_packet_netfilter::{
+    NetfilterMessage, NetfilterMessageInner,
+    conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple as CtTuple},
+};
+use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
-    netlink::{Attrs, Messages, NlSocket, read_u16, read_u32, setsockopt_int},
+    netlink::{Messages, Msg, RECV_BUF_LEN},
     netns::prefixes::{Prefix, prefix_contains},
 };
 
-/// include/uapi/linux/netfilter/nfnetlink.h and nfnetlink_conntrack.h.
-const NFNLGRP_CONNTRACK_DESTROY: libc::c_int = 3;
+/// include/uapi/linux/netfilter/nfnetlink.h and nfnetlink_conntrack.h (not in the crate).
+const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-/// `struct nfgenmsg`: family u8, version u8, res_id be16.
-const NFGENMSG_LEN: usize = 4;
-const CTA_TUPLE_ORIG: u16 = 1;
-const CTA_TUPLE_REPLY: u16 = 2;
-const CTA_TUPLE_IP: u16 = 1;
-const CTA_TUPLE_PROTO: u16 = 2;
-const CTA_IP_V4_SRC: u16 = 1;
-const CTA_IP_V4_DST: u16 = 2;
-const CTA_IP_V6_SRC: u16 = 3;
-const CTA_IP_V6_DST: u16 = 4;
-const CTA_PROTO_NUM: u16 = 1;
-const CTA_PROTO_SRC_PORT: u16 = 2;
-const CTA_PROTO_DST_PORT: u16 = 3;
 
 /// How long a NATed flow is kept for a refusal line to find it. Lines are written within
 /// milliseconds of the refusal; folded lines use their latest sample, at most a fold window old.
@@ -128,28 +121,37 @@ impl Conntrack {
     /// CAP_NET_ADMIN) and starts reading them on the current tokio runtime. Fails when the
     /// kernel has no conntrack netlink support.
     pub(crate) fn spawn() -> io::Result<Conntrack> {
-        let sock = NlSocket::open_with(libc::NETLINK_NETFILTER, true)?;
-        let fd = sock.fd;
-        setsockopt_int(
-            fd.as_raw_fd(),
-            libc::SOL_NETLINK,
-            libc::NETLINK_ADD_MEMBERSHIP,
-            NFNLGRP_CONNTRACK_DESTROY,
-        )?;
-        if setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RCVBUF).is_err() {
-            let _ = setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, RCVBUF);
+        let mut sock = Socket::new(NETLINK_NETFILTER)?;
+        sock.bind_auto()?;
+        sock.set_non_blocking(true)?;
+        sock.add_membership(NFNLGRP_CONNTRACK_DESTROY)?;
+        // SO_RCVBUFFORCE passes net.core.rmem_max (we have CAP_NET_ADMIN); netlink-sys only
+        // offers SO_RCVBUF, the fallback.
+        let rcvbuf = RCVBUF;
+        // SAFETY: `rcvbuf` is a valid c_int for the duration of the call.
+        let forced = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const rcvbuf).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        } == 0;
+        if !forced {
+            let _ = sock.set_rx_buf_sz(RCVBUF);
         }
-        // SAFETY: the OwnedFd stays open and keeps its number until the AsyncFd drops it.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?;
+        // SAFETY: the Socket owns its descriptor and closes it only when the AsyncFd drops it.
+        let fd = unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) }?;
         let flows: Arc<Mutex<Flows>> = Arc::default();
         let reader = flows.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
+            let mut buf = Vec::with_capacity(RECV_BUF_LEN);
             loop {
                 let result = match fd.readable().await {
                     Ok(mut guard) => {
                         guard.clear_ready();
-                        drain(guard.get_inner().as_raw_fd(), &mut buf, &reader)
+                        drain(guard.get_inner(), &mut buf, &reader)
                     }
                     Err(e) => Err(e),
                 };
@@ -177,14 +179,12 @@ impl Conntrack {
 }
 
 /// Reads every queued event without blocking.
-fn drain(fd: RawFd, buf: &mut [u8], flows: &Mutex<Flows>) -> io::Result<()> {
+fn drain(sock: &Socket, buf: &mut Vec<u8>, flows: &Mutex<Flows>) -> io::Result<()> {
     let now = Instant::now();
     let mut flows = flows.lock().map_err(|_| io::Error::other("conntrack state poisoned"))?;
     loop {
-        // SAFETY: the buffer is valid for writes of its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
+        buf.clear();
+        if let Err(err) = sock.recv(buf, libc::MSG_DONTWAIT) {
             match err.raw_os_error() {
                 Some(libc::EAGAIN) => break,
                 Some(libc::EINTR) => continue,
@@ -200,12 +200,8 @@ fn drain(fd: RawFd, buf: &mut [u8], flows: &Mutex<Flows>) -> io::Result<()> {
                 _ => return Err(err),
             }
         }
-        let len = (n as usize).min(buf.len());
-        for msg in Messages::new(&buf[..len]).map_while(Result::ok) {
-            if msg.msg_type != (NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE) {
-                continue;
-            }
-            if let Some(flow) = parse_destroy(msg.payload)
+        for msg in Messages::new(buf).map_while(Result::ok) {
+            if let Some(flow) = destroyed_flow(&msg)
                 && flows.wanted(&flow)
             {
                 flows.remember(flow, now);
@@ -216,15 +212,25 @@ fn drain(fd: RawFd, buf: &mut [u8], flows: &Mutex<Flows>) -> io::Result<()> {
     Ok(())
 }
 
-/// Both tuples of a TCP destroy event.
-fn parse_destroy(payload: &[u8]) -> Option<NatFlow> {
-    let attrs = payload.get(NFGENMSG_LEN..)?;
+/// Both tuples of a TCP destroy event; None for any other message.
+fn destroyed_flow(msg: &Msg<'_>) -> Option<NatFlow> {
+    // Check the type before decoding: every connection of the host ends in one of these.
+    if msg.header.message_type != (NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE) {
+        return None;
+    }
+    let NetlinkPayload::InnerMessage(NetfilterMessage {
+        inner: NetfilterMessageInner::Conntrack(ConntrackMessage::Delete(attrs)),
+        ..
+    }) = msg.decode::<NetfilterMessage>()?
+    else {
+        return None;
+    };
     let mut orig = None;
     let mut reply = None;
-    for (ty, value) in Attrs::new(attrs) {
-        match ty {
-            CTA_TUPLE_ORIG => orig = parse_tuple(value),
-            CTA_TUPLE_REPLY => reply = parse_tuple(value),
+    for attr in &attrs {
+        match attr {
+            ConntrackAttribute::CtaTupleOrig(t) => orig = parse_tuple(t),
+            ConntrackAttribute::CtaTupleReply(t) => reply = parse_tuple(t),
             _ => {}
         }
     }
@@ -232,27 +238,25 @@ fn parse_destroy(payload: &[u8]) -> Option<NatFlow> {
 }
 
 /// A TCP tuple; None for other protocols.
-fn parse_tuple(value: &[u8]) -> Option<Tuple> {
+fn parse_tuple(parts: &[CtTuple]) -> Option<Tuple> {
     let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, None, None, None);
-    for (ty, v) in Attrs::new(value) {
-        match ty {
-            CTA_TUPLE_IP => {
-                for (t, a) in Attrs::new(v) {
-                    match t {
-                        CTA_IP_V4_SRC => src = v4(a),
-                        CTA_IP_V4_DST => dst = v4(a),
-                        CTA_IP_V6_SRC => src = v6(a),
-                        CTA_IP_V6_DST => dst = v6(a),
+    for part in parts {
+        match part {
+            CtTuple::Ip(ips) => {
+                for ip in ips {
+                    match ip {
+                        IPTuple::SourceAddress(a) => src = Some(*a),
+                        IPTuple::DestinationAddress(a) => dst = Some(*a),
                         _ => {}
                     }
                 }
             }
-            CTA_TUPLE_PROTO => {
-                for (t, a) in Attrs::new(v) {
-                    match t {
-                        CTA_PROTO_NUM => proto = a.first().copied(),
-                        CTA_PROTO_SRC_PORT => sport = read_u16(a).map(u16::from_be),
-                        CTA_PROTO_DST_PORT => dport = read_u16(a).map(u16::from_be),
+            CtTuple::Proto(ps) => {
+                for p in ps {
+                    match p {
+                        ProtoTuple::Protocol(p) => proto = Some(*p),
+                        ProtoTuple::SourcePort(v) => sport = Some(*v),
+                        ProtoTuple::DestinationPort(v) => dport = Some(*v),
                         _ => {}
                     }
                 }
@@ -260,24 +264,35 @@ fn parse_tuple(value: &[u8]) -> Option<Tuple> {
             _ => {}
         }
     }
-    if proto? != libc::IPPROTO_TCP as u8 {
+    if proto? != Protocol::Tcp {
         return None;
     }
     Some(Tuple { src: SocketAddr::new(src?, sport?), dst: SocketAddr::new(dst?, dport?) })
 }
 
-fn v4(a: &[u8]) -> Option<IpAddr> {
-    Some(IpAddr::V4(Ipv4Addr::from(read_u32(a)?.to_ne_bytes())))
-}
-
-fn v6(a: &[u8]) -> Option<IpAddr> {
-    let b: [u8; 16] = a.get(..16)?.try_into().ok()?;
-    Some(IpAddr::V6(Ipv6Addr::from(b)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const CTA_TUPLE_ORIG: u16 = 1;
+    const CTA_TUPLE_REPLY: u16 = 2;
+    const CTA_TUPLE_IP: u16 = 1;
+    const CTA_TUPLE_PROTO: u16 = 2;
+    const CTA_IP_V4_SRC: u16 = 1;
+    const CTA_IP_V4_DST: u16 = 2;
+    const CTA_PROTO_NUM: u16 = 1;
+    const CTA_PROTO_SRC_PORT: u16 = 2;
+    const CTA_PROTO_DST_PORT: u16 = 3;
+
+    /// `payload` (nfgenmsg + attributes) framed as one IPCTNL_MSG_CT_DELETE event, decoded.
+    fn parse_destroy(payload: &[u8]) -> Option<NatFlow> {
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
+        msg.extend_from_slice(&(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
+        msg.extend_from_slice(&[0u8; 10]);
+        msg.extend_from_slice(payload);
+        destroyed_flow(&Messages::new(&msg).next()?.ok()?)
+    }
 
     fn attr(ty: u16, value: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -357,5 +372,13 @@ mod tests {
         assert!(parse_destroy(&[&[2u8, 0, 0, 0][..], &udp].concat()).is_none());
         assert!(parse_destroy(&[1, 2]).is_none());
         assert!(parse_destroy(&[2, 0, 0, 0, 0xff, 0xff, 1]).is_none());
+        // Every truncation of a valid event: skipped or parsed, never a panic.
+        let mut full = vec![2, 0, 0, 0];
+        full.extend(tuple(CTA_TUPLE_ORIG, [10, 9, 0, 2], [10, 9, 0, 1], 40000, 8000));
+        full.extend(tuple(CTA_TUPLE_REPLY, [172, 17, 0, 2], [10, 9, 0, 2], 8000, 40000));
+        for n in 0..full.len() {
+            let _ = parse_destroy(&full[..n]);
+        }
+        assert!(parse_destroy(&full).is_some());
     }
 }

@@ -1,13 +1,13 @@
 //! Link events: a netlink socket subscribed to link and namespace-id changes, which only says
-//! *that* something changed; the scope is then recomputed from a fresh dump.
-use std::{
-    io,
-    os::fd::{AsRawFd, OwnedFd},
-};
+//! *that* something changed; the scope is then recomputed from a fresh dump
+//! (`netns::links::dump_links`). The socket is netlink-sys's; the messages are only counted by
+//! their header type, never decoded.
+use std::{io, os::fd::AsRawFd};
 
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::netlink::{Messages, NlSocket, RECV_BUF_LEN, setsockopt_int};
+use crate::netlink::{Messages, RECV_BUF_LEN};
 
 /// Receive buffer asked for on the watcher socket. Starting a batch of containers produces a
 /// burst of notifications; a larger queue makes ENOBUFS (and thus a full re-dump) rarer. The
@@ -16,10 +16,10 @@ const WATCH_RCVBUF: libc::c_int = 1 << 20;
 
 /// A netlink socket subscribed to RTNLGRP_LINK (and RTNLGRP_NSID), registered with tokio.
 ///
-/// It only says *that* something changed; callers re-run [`dump_links`] for the new state. That
+/// It only says *that* something changed; callers re-run `dump_links` for the new state. That
 /// keeps one code path for the state (the dump) and makes lost notifications harmless.
 pub(crate) struct LinkWatcher {
-    fd: AsyncFd<OwnedFd>,
+    fd: AsyncFd<Socket>,
     buf: Vec<u8>,
 }
 
@@ -36,25 +36,22 @@ impl LinkWatcher {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(io::Error::other("LinkWatcher::new needs a tokio runtime with IO enabled"));
         }
-        let sock = NlSocket::open(true)?;
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind_auto()?;
+        sock.set_non_blocking(true)?;
         // Link changes (new/changed/deleted interfaces, master changes) and namespace ids: a
         // peer moving to another namespace shows up here as a RTM_DELLINK of the peer plus,
         // the first time, a RTM_NEWNSID for its new namespace.
         for group in [libc::RTNLGRP_LINK, libc::RTNLGRP_NSID] {
-            setsockopt_int(
-                sock.fd.as_raw_fd(),
-                libc::SOL_NETLINK,
-                libc::NETLINK_ADD_MEMBERSHIP,
-                group as libc::c_int,
-            )?;
+            sock.add_membership(group)?;
         }
-        if let Err(e) = setsockopt_int(sock.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, WATCH_RCVBUF) {
+        if let Err(e) = sock.set_rx_buf_sz(WATCH_RCVBUF) {
             log::debug!("netlink watcher: SO_RCVBUF not raised: {e}");
         }
         // Only readability matters; registering for writes would just wake us for nothing.
-        // SAFETY: an OwnedFd stays open and keeps its number until the AsyncFd drops it.
-        let fd = unsafe { AsyncFd::register_with_interest(sock.fd, Interest::READABLE) }?;
-        Ok(LinkWatcher { fd, buf: vec![0; RECV_BUF_LEN] })
+        // SAFETY: the Socket owns its descriptor and closes it only when the AsyncFd drops it.
+        let fd = unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) }?;
+        Ok(LinkWatcher { fd, buf: Vec::with_capacity(RECV_BUF_LEN) })
     }
 
     /// Waits until at least one link/nsid notification arrives, drains every queued message
@@ -65,23 +62,15 @@ impl LinkWatcher {
     pub(crate) async fn changed(&mut self) -> io::Result<usize> {
         loop {
             let mut guard = self.fd.readable().await?;
-            let fd = guard.get_inner().as_raw_fd();
             let mut count = 0usize;
             loop {
                 // MSG_TRUNC makes the kernel report the full datagram length; a notification
-                // bigger than the buffer is still counted by what fits.
-                // SAFETY: the buffer is valid for writes of its length.
-                let n = unsafe {
-                    libc::recv(
-                        fd,
-                        self.buf.as_mut_ptr().cast(),
-                        self.buf.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                    )
-                };
-                if n < 0 {
-                    let err = io::Error::last_os_error();
-                    match err.raw_os_error() {
+                // bigger than the buffer is still counted by what fits (recv writes at most the
+                // buffer's capacity).
+                self.buf.clear();
+                match guard.get_inner().recv(&mut self.buf, libc::MSG_DONTWAIT | libc::MSG_TRUNC) {
+                    Ok(_) => {}
+                    Err(e) => match e.raw_os_error() {
                         Some(libc::EAGAIN) => {
                             guard.clear_ready();
                             break;
@@ -94,15 +83,14 @@ impl LinkWatcher {
                             count += 1;
                             continue;
                         }
-                        _ => return Err(err),
-                    }
+                        _ => return Err(e),
+                    },
                 }
-                let len = (n as usize).min(self.buf.len());
-                count += Messages::new(&self.buf[..len])
+                count += Messages::new(&self.buf)
                     .map_while(Result::ok)
                     .filter(|m| {
                         matches!(
-                            m.msg_type,
+                            m.header.message_type,
                             libc::RTM_NEWLINK | libc::RTM_DELLINK | libc::RTM_NEWNSID | libc::RTM_DELNSID
                         )
                     })

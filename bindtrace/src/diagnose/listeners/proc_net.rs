@@ -1,5 +1,6 @@
 //! The listening sockets in `/proc/net/tcp` and `/proc/net/tcp6`: the fallback where sock_diag
 //! is unavailable. Slower (each read walks the established hash) and without IPV6_V6ONLY.
+//! Parsed by hand: four columns of a fixed kernel text format, not worth the procfs crate.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::Listener;

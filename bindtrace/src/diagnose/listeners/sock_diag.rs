@@ -11,25 +11,20 @@
 //! while `[::]:P` listens proves it), but the audit checks before any connection, and `[::]:P`
 //! accepts IPv4 unless the flag is set (nginx sets it by default for `listen [::]:80`). The
 //! kernel reports INET_DIAG_SKV6ONLY for every IPv6 listener in the same dump.
-use std::{
-    io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+//!
+//! The messages come from netlink-packet-sock-diag; the request loop is the shared one in
+//! `crate::netlink`.
+use std::io;
+
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
 };
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
 use super::{Listener, Listening};
-use crate::netlink::{Attrs, read_u32, transact_on};
-
-/// include/uapi/linux/sock_diag.h and inet_diag.h.
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const INET_DIAG_SKV6ONLY: u16 = 11;
-const TCP_LISTEN: u32 = 10;
-/// `struct inet_diag_msg`: family, state, timer, retrans (u8 each), then `inet_diag_sockid`
-/// (sport and dport big-endian u16, src and dst as four u32, interface, cookie), expires,
-/// rqueue, wqueue, uid, inode.
-const MSG_LEN: usize = 72;
-const SPORT: usize = 4;
-const SRC: usize = 8;
-const INODE: usize = 68;
+use crate::netlink;
 
 /// The TCP listeners (IPv4 and IPv6) of the calling thread's network namespace.
 pub(super) fn listening_here() -> io::Result<Listening> {
@@ -45,64 +40,107 @@ pub(super) fn listening_here() -> io::Result<Listening> {
 }
 
 fn dump(family: u8, found: &mut Listening) -> io::Result<()> {
-    // struct inet_diag_req_v2: family, protocol, ext, pad, states (u32), id (48 bytes).
-    let mut req = vec![family, libc::IPPROTO_TCP as u8, 0, 0];
-    req.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-    req.resize(56, 0);
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    transact_on(libc::NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, flags, &req, |msg_type, payload| {
-        if msg_type == SOCK_DIAG_BY_FAMILY
-            && let Some((l, v6only)) = parse(payload)
-        {
+    let req = InetRequest {
+        family,
+        protocol: libc::IPPROTO_TCP as u8,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::LISTEN,
+        socket_id: if i32::from(family) == libc::AF_INET { SocketId::new_v4() } else { SocketId::new_v6() },
+    };
+    let reply =
+        netlink::transact(NETLINK_SOCK_DIAG, NLM_F_REQUEST | NLM_F_DUMP, SockDiagMessage::InetRequest(req))?;
+    for msg in reply.messages {
+        if let Some((l, v6only)) = parse(&msg) {
             if v6only {
                 found.v6only.insert(l.inode);
             }
             found.listeners.push(l);
         }
-        Ok(())
-    })?;
+    }
     Ok(())
 }
 
-fn parse(p: &[u8]) -> Option<(Listener, bool)> {
-    if p.len() < MSG_LEN {
-        return None;
-    }
-    let port = u16::from_be_bytes([p[SPORT], p[SPORT + 1]]);
-    let addr = match i32::from(p[0]) {
-        libc::AF_INET => IpAddr::V4(Ipv4Addr::new(p[SRC], p[SRC + 1], p[SRC + 2], p[SRC + 3])),
-        libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&p[SRC..SRC + 16]).ok()?)),
-        _ => return None,
-    };
-    let v6only = Attrs::new(&p[MSG_LEN..])
-        .find(|&(ty, _)| ty == INET_DIAG_SKV6ONLY)
-        .and_then(|(_, v)| v.first().copied())
-        .is_some_and(|v| v != 0);
-    Some((Listener { addr, port, inode: u64::from(read_u32(&p[INODE..MSG_LEN])?) }, v6only))
+fn parse(msg: &SockDiagMessage) -> Option<(Listener, bool)> {
+    let SockDiagMessage::InetResponse(r) = msg else { return None };
+    let v6only = r.nlas.iter().any(|n| matches!(n, Nla::SkV6Only(true)));
+    let id = &r.header.socket_id;
+    Some((
+        Listener { addr: id.source_address, port: id.source_port, inode: u64::from(r.header.inode) },
+        v6only,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::{net::TcpListener, os::fd::AsRawFd, os::unix::fs::MetadataExt};
+    use std::{
+        net::{IpAddr, TcpListener},
+        os::fd::AsRawFd,
+        os::unix::fs::MetadataExt,
+    };
 
     fn inode_of(fd: i32) -> u64 {
         std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino()
     }
 
+    /// A SOCK_DIAG_BY_FAMILY reply message (inet_diag_msg + attributes) as the kernel frames it.
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
+        msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        msg.extend_from_slice(&[0u8; 10]);
+        msg.extend_from_slice(payload);
+        msg
+    }
+
+    fn decode(datagram: &[u8]) -> Option<(Listener, bool)> {
+        let msg = netlink::Messages::new(datagram).next()?.ok()?;
+        match msg.decode::<SockDiagMessage>()? {
+            netlink_packet_core::NetlinkPayload::InnerMessage(m) => parse(&m),
+            _ => None,
+        }
+    }
+
+    /// include/uapi/linux/sock_diag.h and inet_diag.h: `struct inet_diag_msg` is family, state,
+    /// timer, retrans (u8 each), then `inet_diag_sockid` (ports big-endian, src and dst as four
+    /// u32, interface, cookie), expires, rqueue, wqueue, uid, inode.
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const MSG_LEN: usize = 72;
+    const SPORT: usize = 4;
+    const SRC: usize = 8;
+    const INODE: usize = 68;
+
     #[test]
     fn parses_a_message_and_its_v6only_flag() {
         let mut p = vec![0u8; MSG_LEN];
         p[0] = libc::AF_INET as u8;
+        p[1] = 10; // TCP_LISTEN
         p[SPORT..SPORT + 2].copy_from_slice(&8000u16.to_be_bytes());
         p[SRC..SRC + 4].copy_from_slice(&[127, 0, 0, 1]);
         p[INODE..INODE + 4].copy_from_slice(&77u32.to_ne_bytes());
-        let (l, v6only) = parse(&p).unwrap();
+        let (l, v6only) = decode(&frame(&p)).unwrap();
         assert_eq!((l.addr, l.port, l.inode, v6only), ("127.0.0.1".parse().unwrap(), 8000, 77, false));
-        assert!(parse(&p[..MSG_LEN - 1]).is_none());
         p[0] = libc::AF_INET6 as u8;
         p.extend_from_slice(&[5, 0, 11, 0, 1, 0, 0, 0]);
-        assert!(parse(&p).unwrap().1);
+        assert!(decode(&frame(&p)).unwrap().1);
+    }
+
+    /// Truncated or garbage replies are skipped, never a panic.
+    #[test]
+    fn malformed_replies_are_skipped() {
+        let mut p = vec![0u8; MSG_LEN];
+        p[0] = libc::AF_INET as u8;
+        p.extend_from_slice(&[5, 0, 11, 0, 1, 0, 0, 0]);
+        for n in 0..MSG_LEN {
+            assert!(decode(&frame(&p[..n])).is_none(), "{n} bytes");
+        }
+        for n in MSG_LEN..p.len() {
+            let _ = decode(&frame(&p[..n]));
+        }
+        let _ = decode(&frame(&[0xff; 100]));
+        let mut bad = p.clone();
+        bad[0] = 77; // no such family
+        let _ = decode(&frame(&bad));
     }
 
     /// Our own listeners, IPv4 and IPv6, are found with their inodes; a connected socket is not.
