@@ -8,6 +8,7 @@
 //! share, and `app` wires it all; this file only parses arguments and calls it.
 mod app;
 mod attribution;
+mod bounds;
 mod diagnose;
 mod kernel;
 mod netlink;
@@ -57,8 +58,21 @@ fn main() -> std::process::ExitCode {
         1 => "info,bindtrace=debug",
         _ => "debug,bindtrace=trace",
     };
+    // Log lines carry names and command lines that containers choose: escaped like the text
+    // sink's, so a message cannot write to the terminal or start a line of its own.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_target(false)
+        .format(|buf, record| {
+            use std::io::Write as _;
+            let style = buf.default_level_style(record.level());
+            let message = record.args().to_string();
+            writeln!(
+                buf,
+                "[{} {style}{:<5}{style:#}] {}",
+                buf.timestamp(),
+                record.level(),
+                sinks::escape::escaped(&message)
+            )
+        })
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -80,7 +94,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bindtrace: error: {e:#}");
+            eprintln!("bindtrace: error: {}", sinks::escape::escaped(&format!("{e:#}")));
             std::process::ExitCode::FAILURE
         }
     }

@@ -101,7 +101,7 @@ pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
         Format::Text => write!(out, "{}", table(&rows, checked)),
     };
     for e in &errors {
-        eprintln!("bindtrace check: {e}");
+        eprintln!("bindtrace check: {}", crate::sinks::escape::escaped(e));
     }
     if let Err(e) = written.and_then(|()| out.flush()) {
         eprintln!("bindtrace check: writing the result: {e}");
@@ -141,7 +141,7 @@ async fn check_container(
 }
 
 fn cannot_run(why: &str) -> u8 {
-    eprintln!("bindtrace check: cannot run: {why}");
+    eprintln!("bindtrace check: cannot run: {}", crate::sinks::escape::escaped(why));
     EXIT_CANNOT_RUN
 }
 
@@ -196,6 +196,7 @@ mod tests {
             published: None,
             bindings: vec![docker::Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 8000 }],
             listeners: vec![],
+            listeners_omitted: 0,
             hint: "fix it".into(),
         }
     }

@@ -40,6 +40,7 @@ pub(crate) struct PortCheck {
     pub(crate) verdict: Option<Verdict>,
     pub(crate) target: Option<IpAddr>,
     pub(crate) listeners: Vec<ListenerReport>,
+    pub(crate) listeners_omitted: usize,
 }
 
 /// Opens the container's network namespace: its sandbox handle, else its main process's.
@@ -93,8 +94,8 @@ pub(crate) fn check_port(
     let target = c.address();
     let (verdict, listeners) =
         decide(target.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), mapping.container_port, all, v6only);
-    let listeners = reads.reports(ns, &listeners);
-    Ok(PortCheck { mapping: mapping.clone(), verdict, target, listeners })
+    let (listeners, listeners_omitted) = reads.reports(ns, &listeners);
+    Ok(PortCheck { mapping: mapping.clone(), verdict, target, listeners, listeners_omitted })
 }
 
 /// The audit record for a checked port.
@@ -124,6 +125,7 @@ pub(crate) fn report(c: &Container, check: &PortCheck, netns: u64) -> AuditRepor
         published,
         bindings: check.mapping.bindings.clone(),
         listeners: check.listeners.clone(),
+        listeners_omitted: check.listeners_omitted,
         hint,
     }
 }

@@ -56,13 +56,13 @@ pub(crate) fn report(
             .map(|found| verdict::decide(target_ip.unwrap_or(unspecified), line.key.port, &found.listeners));
         (p, decision.map_err(|e| e.to_string()))
     });
-    let (verdict, listeners) = match decided {
+    let (verdict, (listeners, listeners_omitted)) = match decided {
         Some((p, Ok(decision))) => (decision.verdict, seen.reports(&p.ns, &decision.listeners)),
         Some((_, Err(e))) => {
             log::debug!("reading listeners: {e}");
-            (Verdict::Unknown, Vec::new())
+            (Verdict::Unknown, (Vec::new(), 0))
         }
-        None => (Verdict::Unknown, Vec::new()),
+        None => (Verdict::Unknown, (Vec::new(), 0)),
     };
     Report {
         time: now_rfc3339(),
@@ -87,6 +87,7 @@ pub(crate) fn report(
         // Written with the attribution, which knows the published port the fix names.
         hint: String::new(),
         listeners,
+        listeners_omitted,
         count: line.count,
         docker: Default::default(),
     }

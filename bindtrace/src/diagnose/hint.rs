@@ -156,7 +156,7 @@ mod tests {
     use crate::diagnose::procfs::Holder;
 
     fn listener(ip: &str, port: u16, holder: Holder) -> ListenerReport {
-        ListenerReport { ip: ip.parse().unwrap(), port, pids: vec![holder] }
+        ListenerReport { ip: ip.parse().unwrap(), port, pids: vec![holder], pids_omitted: 0 }
     }
 
     fn httpd() -> Holder {
@@ -167,6 +167,7 @@ mod tests {
             comm: "httpd".into(),
             container_pid: Some(1),
             cmdline: argv.join(" "),
+            cmdline_truncated: 0,
             argv,
             exe: "busybox".into(),
         }

@@ -8,6 +8,7 @@ use std::{
 };
 
 use crate::{
+    bounds,
     diagnose::{
         listeners::{self, Listener, Listening},
         procfs::{self, Holder},
@@ -41,19 +42,23 @@ impl NamespaceReads {
         &self.holders[&ns.inode]
     }
 
-    /// `listeners` (of `ns`) as reported, each with the processes holding it.
-    pub(crate) fn reports(&mut self, ns: &Netns, listeners: &[Listener]) -> Vec<ListenerReport> {
+    /// `listeners` (of `ns`) as reported, each with the processes holding it, within the
+    /// bounds of [`bounds::LISTENERS`] and [`bounds::HOLDERS`]; and how many listeners were
+    /// left out.
+    pub(crate) fn reports(&mut self, ns: &Netns, listeners: &[Listener]) -> (Vec<ListenerReport>, usize) {
         if listeners.is_empty() {
-            return Vec::new();
+            return (Vec::new(), 0);
         }
         let holders = self.holders(ns);
-        listeners
+        let shown = listeners.len().min(bounds::LISTENERS);
+        let reports = listeners[..shown]
             .iter()
-            .map(|l| ListenerReport {
-                ip: l.addr,
-                port: l.port,
-                pids: holders.get(&l.inode).cloned().unwrap_or_default(),
+            .map(|l| {
+                let (pids, pids_omitted) =
+                    bounds::first(holders.get(&l.inode).cloned().unwrap_or_default(), bounds::HOLDERS);
+                ListenerReport { ip: l.addr, port: l.port, pids, pids_omitted }
             })
-            .collect()
+            .collect();
+        (reports, listeners.len() - shown)
     }
 }

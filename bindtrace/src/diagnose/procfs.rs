@@ -2,14 +2,27 @@
 //! `/proc/PID/fd` of the processes of one namespace), their pid inside the container, command
 //! line and executable. Read by hand: a few files and symlinks per process, not worth the procfs
 //! crate.
+//!
+//! Race-free: a pid can be reused between two reads of `/proc/PID/...`, and then the advice
+//! would name another program. Each process's directory is opened once ([`ProcDir`]) and
+//! everything is read through that descriptor: once the process is gone, reads through it
+//! fail (the directory belongs to the process, not to the number), so a reused pid can never
+//! answer for it. The start time is checked at the end as well.
 use std::{
     collections::{BTreeMap, HashMap},
-    fs,
+    ffi::CString,
+    fs::File,
+    io::{self, Read},
+    os::{
+        fd::{AsRawFd, FromRawFd},
+        unix::ffi::OsStrExt,
+    },
+    path::PathBuf,
 };
 
 use serde::Serialize;
 
-use crate::netns;
+use crate::{bounds, netns};
 
 /// A process holding a socket, as seen from the host's pid namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -20,14 +33,21 @@ pub(crate) struct Holder {
     /// when it is the host's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) container_pid: Option<u32>,
-    /// The command line, arguments joined by spaces.
+    /// The command line, arguments joined by spaces (at most [`bounds::CMDLINE_BYTES`]).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub(crate) cmdline: String,
+    /// Bytes of the command line not kept.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) cmdline_truncated: usize,
     /// The arguments one by one, and the executable's file name (`busybox` for its applets).
     #[serde(skip)]
     pub(crate) argv: Vec<String>,
     #[serde(skip)]
     pub(crate) exe: String,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Holder {
@@ -39,22 +59,140 @@ impl Holder {
             comm: comm.into(),
             container_pid: None,
             cmdline: String::new(),
+            cmdline_truncated: 0,
             argv: Vec::new(),
             exe: String::new(),
         }
     }
+}
 
-    /// Everything /proc says about `pid` that helps a reader: comm, the pid inside its
+/// One process's `/proc/PID` directory, open: every read goes through it.
+pub(crate) struct ProcDir {
+    pid: u32,
+    dir: File,
+    /// `starttime` from `stat`, in clock ticks since boot: with the pid, it names one process.
+    start_time: u64,
+}
+
+impl ProcDir {
+    pub(crate) fn open(pid: u32) -> io::Result<ProcDir> {
+        let path = CString::new(format!("/proc/{pid}")).map_err(io::Error::other)?;
+        // SAFETY: a NUL-terminated path; the fd is owned by the File below.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just opened and is owned by nobody else.
+        let dir = unsafe { File::from_raw_fd(fd) };
+        let mut p = ProcDir { pid, dir, start_time: 0 };
+        p.start_time = p.read_start_time()?;
+        Ok(p)
+    }
+
+    /// Opens `name` below the process's directory.
+    fn open_at(&self, name: &str, flags: libc::c_int) -> io::Result<File> {
+        let c = CString::new(name).map_err(io::Error::other)?;
+        // SAFETY: a valid directory fd and a NUL-terminated relative path.
+        let fd = unsafe { libc::openat(self.dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just opened and is owned by nobody else.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Up to `max` bytes of the file `name`, and how many more it had.
+    fn read_bounded(&self, name: &str, max: usize) -> io::Result<(Vec<u8>, usize)> {
+        let mut f = self.open_at(name, libc::O_RDONLY)?;
+        let mut kept = Vec::new();
+        (&mut f).take(max as u64).read_to_end(&mut kept)?;
+        let rest = io::copy(&mut f, &mut io::sink())? as usize;
+        Ok((kept, rest))
+    }
+
+    fn read_string(&self, name: &str) -> io::Result<String> {
+        let (bytes, _) = self.read_bounded(name, 16 * 1024)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn read_link(&self, name: &str) -> io::Result<PathBuf> {
+        let c = CString::new(name).map_err(io::Error::other)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize];
+        // SAFETY: valid directory fd, NUL-terminated path, buffer of the length given.
+        let n =
+            unsafe { libc::readlinkat(self.dir.as_raw_fd(), c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&buf)))
+    }
+
+    fn read_start_time(&self) -> io::Result<u64> {
+        let stat = self.read_string("stat")?;
+        parse_start_time(&stat)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no starttime in stat"))
+    }
+
+    /// Whether the process this directory was opened for still runs (a pid reused meanwhile
+    /// belongs to another directory, so reads through this one fail).
+    pub(crate) fn still_same(&self) -> bool {
+        self.read_start_time().is_ok_and(|t| t == self.start_time)
+    }
+
+    /// Inode of the process's network namespace.
+    pub(crate) fn netns_inode(&self) -> Option<u64> {
+        let f = self.open_at("ns/net", libc::O_RDONLY).ok()?;
+        use std::os::unix::fs::MetadataExt;
+        f.metadata().ok().map(|m| m.ino())
+    }
+
+    /// The socket inodes among the process's open files.
+    pub(crate) fn socket_inodes(&self) -> Vec<u64> {
+        let Ok(fd_dir) = self.open_at("fd", libc::O_RDONLY | libc::O_DIRECTORY) else { return Vec::new() };
+        // The directory is read through our own descriptor of it.
+        let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", fd_dir.as_raw_fd())) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let link = self.read_link(&format!("fd/{}", e.file_name().to_str()?)).ok()?;
+                link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect()
+    }
+
+    /// The command line split at NULs (at most [`bounds::CMDLINE_BYTES`]), and the bytes cut.
+    pub(crate) fn argv(&self) -> (Vec<String>, usize) {
+        let Ok((raw, cut)) = self.read_bounded("cmdline", bounds::CMDLINE_BYTES) else {
+            return (Vec::new(), 0);
+        };
+        let argv = raw
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        (argv, cut)
+    }
+
+    pub(crate) fn comm(&self) -> String {
+        self.read_string("comm").map(|s| s.trim_end().to_owned()).unwrap_or_default()
+    }
+
+    /// Everything /proc says about the process that helps a reader: comm, the pid inside its
     /// namespace, the command line and the executable.
-    pub(crate) fn describe(pid: u32) -> Holder {
-        let argv = argv_of(pid);
+    pub(crate) fn describe(&self) -> Holder {
+        let (argv, cmdline_truncated) = self.argv();
         Holder {
-            pid,
-            comm: comm_of(pid),
-            container_pid: nspid_of(pid),
+            pid: self.pid,
+            comm: self.comm(),
+            container_pid: self.read_string("status").ok().as_deref().and_then(parse_nspid),
             cmdline: argv.join(" "),
+            cmdline_truncated,
             argv,
-            exe: fs::read_link(format!("/proc/{pid}/exe"))
+            exe: self
+                .read_link("exe")
                 .ok()
                 .and_then(|p| {
                     p.file_name().map(|n| n.to_string_lossy().trim_end_matches(" (deleted)").to_owned())
@@ -64,20 +202,16 @@ impl Holder {
     }
 }
 
-/// `/proc/PID/cmdline` split at NULs.
-pub(crate) fn argv_of(pid: u32) -> Vec<String> {
-    let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else { return Vec::new() };
-    raw.split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect()
+/// Field 22 of `/proc/PID/stat`, counted after the command name (which may hold spaces and
+/// parentheses: the last `)` ends it).
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// The pid of `pid` in its own pid namespace (last field of `NSpid:` in /proc/PID/status),
-/// when that namespace is not the one bindtrace sees it from.
-pub(crate) fn nspid_of(pid: u32) -> Option<u32> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_nspid(&status)
+/// `/proc/PID/cmdline` split at NULs (bounded as [`ProcDir::argv`]).
+pub(crate) fn argv_of(pid: u32) -> Vec<String> {
+    ProcDir::open(pid).map(|p| p.argv().0).unwrap_or_default()
 }
 
 fn parse_nspid(status: &str) -> Option<u32> {
@@ -90,25 +224,31 @@ fn parse_nspid(status: &str) -> Option<u32> {
 }
 
 /// The processes holding each of `inodes`, among the processes of the namespace `netns_inode`
-/// (all of them share one listening socket when a server pre-forks). Sorted by pid.
+/// (all of them share one listening socket when a server pre-forks). Sorted by pid. A process
+/// that ended (or whose pid was reused) while it was being read is left out.
 pub(crate) fn holders(inodes: &[u64], netns_inode: u64) -> BTreeMap<u64, Vec<Holder>> {
     let mut found: BTreeMap<u64, Vec<Holder>> = BTreeMap::new();
     if inodes.is_empty() {
         return found;
     }
-    let wanted: HashMap<String, u64> = inodes.iter().map(|i| (format!("socket:[{i}]"), *i)).collect();
+    let wanted: HashMap<u64, ()> = inodes.iter().map(|i| (*i, ())).collect();
     for pid in netns::pids() {
-        if netns::inode_of_pid(pid) != Some(netns_inode) {
+        let Ok(proc) = ProcDir::open(pid) else { continue };
+        if proc.netns_inode() != Some(netns_inode) {
             continue;
         }
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
-        for fd in fds.flatten() {
-            let Ok(target) = fs::read_link(fd.path()) else { continue };
-            if let Some(inode) = target.to_str().and_then(|t| wanted.get(t)) {
-                let holders = found.entry(*inode).or_default();
-                if !holders.iter().any(|h| h.pid == pid) {
-                    holders.push(Holder::describe(pid));
-                }
+        let held: Vec<u64> = proc.socket_inodes().into_iter().filter(|i| wanted.contains_key(i)).collect();
+        if held.is_empty() {
+            continue;
+        }
+        let holder = proc.describe();
+        if !proc.still_same() {
+            continue;
+        }
+        for inode in held {
+            let holders = found.entry(inode).or_default();
+            if !holders.iter().any(|h| h.pid == pid) {
+                holders.push(holder.clone());
             }
         }
     }
@@ -116,10 +256,6 @@ pub(crate) fn holders(inodes: &[u64], netns_inode: u64) -> BTreeMap<u64, Vec<Hol
         holders.sort();
     }
     found
-}
-
-pub(crate) fn comm_of(pid: u32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim_end().to_owned()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -134,8 +270,15 @@ mod tests {
     }
 
     #[test]
+    fn start_time_survives_odd_command_names() {
+        let stat = "42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 777 1000 10";
+        assert_eq!(parse_start_time(stat), Some(777));
+        assert_eq!(parse_start_time("42 (x"), None);
+    }
+
+    #[test]
     fn describe_reads_our_own_process() {
-        let me = Holder::describe(std::process::id());
+        let me = ProcDir::open(std::process::id()).unwrap().describe();
         assert!(!me.argv.is_empty());
         assert_eq!(me.cmdline, me.argv.join(" "));
         assert!(!me.exe.is_empty());

@@ -9,7 +9,15 @@ use crate::{diagnose::procfs::Holder, diagnose::verdict::Verdict, sources::docke
 pub(crate) struct ListenerReport {
     pub(crate) ip: IpAddr,
     pub(crate) port: u16,
+    /// At most [`bounds::HOLDERS`](crate::bounds::HOLDERS), lowest pids first.
     pub(crate) pids: Vec<Holder>,
+    /// Holders of the socket not listed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) pids_omitted: usize,
+}
+
+pub(crate) fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The JSON line, field for field; the text line is rendered from it.
@@ -36,6 +44,9 @@ pub(crate) struct Report {
     pub(crate) veth: String,
     pub(crate) hook: &'static str,
     pub(crate) listeners: Vec<ListenerReport>,
+    /// Listeners not listed (beyond [`bounds::LISTENERS`](crate::bounds::LISTENERS)).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) listeners_omitted: usize,
     /// Refusals this line stands for (exact: from the kernel's counters).
     pub(crate) count: u64,
     pub(crate) hint: String,
@@ -150,6 +161,8 @@ pub(crate) struct AuditReport {
     pub(crate) published: Option<Binding>,
     pub(crate) bindings: Vec<Binding>,
     pub(crate) listeners: Vec<ListenerReport>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) listeners_omitted: usize,
     pub(crate) hint: String,
 }
 

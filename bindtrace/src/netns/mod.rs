@@ -135,11 +135,6 @@ pub(crate) fn pids() -> Vec<u32> {
     entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
 }
 
-/// Inode of the network namespace of `pid`, if it still exists.
-pub(crate) fn inode_of_pid(pid: u32) -> Option<u64> {
-    fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,5 @@
 //! What goes out: text and JSON lines on stdout, Prometheus metrics on `/metrics`.
+pub(crate) mod escape;
 pub(crate) mod metrics;
 pub(crate) mod output;
 pub(crate) mod table;

@@ -1,4 +1,5 @@
 //! `bindtrace check`'s table: one row per published port, columns lined up.
+use super::escape::{escaped, field};
 use crate::diagnose::{hint::endpoint, report::AuditReport};
 
 /// `CONTAINER  PORT  PUBLISHED  LISTENING  VERDICT`, then one hint per problem and a summary.
@@ -14,12 +15,12 @@ pub(crate) fn table(rows: &[AuditReport], containers: usize) -> String {
             .listeners
             .iter()
             .map(|l| {
-                let who = l.pids.first().map(|p| format!(" ({})", p.comm)).unwrap_or_default();
+                let who = l.pids.first().map(|p| format!(" ({})", field(&p.comm))).unwrap_or_default();
                 format!("{}{who}", endpoint(l.ip, l.port))
             })
             .collect();
         cells.push([
-            r.container.name.clone(),
+            field(&r.container.name).into_owned(),
             format!("{}/tcp", r.target_port),
             published.join(", "),
             if listening.is_empty() { "-".into() } else { listening.join(", ") },
@@ -38,7 +39,13 @@ pub(crate) fn table(rows: &[AuditReport], containers: usize) -> String {
     if !problems.is_empty() {
         s.push('\n');
         for r in &problems {
-            s.push_str(&format!("{} {}/tcp: {}: {}\n", r.container.name, r.target_port, r.verdict, r.hint));
+            s.push_str(&format!(
+                "{} {}/tcp: {}: {}\n",
+                field(&r.container.name),
+                r.target_port,
+                r.verdict,
+                escaped(&r.hint)
+            ));
         }
     }
     s.push_str(&format!(

@@ -1,4 +1,7 @@
-//! The text form of each record: one line a person can read and grep.
+//! The text form of each record: one line a person can read and grep. Every value that comes
+//! from outside (names, images, process names, bridges and veths, hints quoting command lines)
+//! goes through [`escape`](super::escape) first.
+use super::escape::{escaped, field};
 use crate::{
     diagnose::hint::endpoint,
     diagnose::report::{AuditReport, DockerContext, Report, Via},
@@ -22,23 +25,23 @@ pub(crate) fn refusal(r: &Report) -> String {
             "{} refused {client} -> {target}/{} on {}{count}: container {} ({}, image {}){}: {}: {}",
             r.time,
             r.proto,
-            r.bridge,
-            c.name,
-            c.id,
-            c.image,
+            field(&r.bridge),
+            field(&c.name),
+            field(&c.id),
+            field(&c.image),
             how(&r.docker),
             r.verdict.as_str(),
-            r.hint
+            escaped(&r.hint)
         ),
         None => format!(
             "{} refused {client} -> {target}/{} on {} (netns {}){count}{}: {}: {}",
             r.time,
             r.proto,
-            r.bridge,
+            field(&r.bridge),
             r.netns,
             how(&r.docker),
             r.verdict.as_str(),
-            r.hint
+            escaped(&r.hint)
         ),
     }
 }
@@ -69,10 +72,10 @@ fn how(d: &DockerContext) -> String {
         Via::Direct => {
             let mut from = Vec::new();
             if let Some(p) = &d.client_process {
-                from.push(format!("{} (pid {})", p.comm, p.pid));
+                from.push(format!("{} (pid {})", field(&p.comm), p.pid));
             }
             if let Some(c) = &d.client_container {
-                from.push(format!("in container {}", c.name));
+                from.push(format!("in container {}", field(&c.name)));
             }
             if !from.is_empty() {
                 s.push_str(&format!(" from {}", from.join(" ")));
@@ -88,13 +91,13 @@ pub(crate) fn audit(r: &AuditReport) -> String {
     format!(
         "{} audit container {} ({}, image {}) port {}/{} published on {}: {}: {}",
         r.time,
-        r.container.name,
-        r.container.id,
-        r.container.image,
+        field(&r.container.name),
+        field(&r.container.id),
+        field(&r.container.image),
         r.target_port,
         r.proto,
         published.join(", "),
         r.verdict,
-        r.hint
+        escaped(&r.hint)
     )
 }

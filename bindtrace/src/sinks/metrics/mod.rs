@@ -491,7 +491,13 @@ mod tests {
             ifindex: 2,
             veth: String::new(),
             hook: "kfree-skb",
-            listeners: vec![ListenerReport { ip: "127.0.0.1".parse().unwrap(), port, pids: vec![] }],
+            listeners: vec![ListenerReport {
+                ip: "127.0.0.1".parse().unwrap(),
+                port,
+                pids: vec![],
+                pids_omitted: 0,
+            }],
+            listeners_omitted: 0,
             count,
             hint: String::new(),
             docker: Default::default(),
@@ -542,7 +548,13 @@ mod tests {
             },
             published: None,
             bindings: vec![],
-            listeners: vec![ListenerReport { ip: "127.0.0.1".parse().unwrap(), port: 8000, pids: vec![] }],
+            listeners: vec![ListenerReport {
+                ip: "127.0.0.1".parse().unwrap(),
+                port: 8000,
+                pids: vec![],
+                pids_omitted: 0,
+            }],
+            listeners_omitted: 0,
             hint: String::new(),
         };
         let gauge =

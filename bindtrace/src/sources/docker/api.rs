@@ -10,6 +10,8 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::bounds;
+
 use super::{Binding, Container, Endpoint, Network, PortMapping};
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +149,10 @@ fn inode_of(path: &str) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
+fn label(s: String) -> String {
+    bounds::cut(s, bounds::LABEL_BYTES).0
+}
+
 /// `"8000/tcp"` -> (8000, "tcp").
 fn parse_port_key(key: &str) -> Option<(u16, String)> {
     let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
@@ -207,10 +213,11 @@ impl ContainerJson {
             netns_inodes.push(ino);
         }
         Container {
-            name: self.name.trim_start_matches('/').to_owned(),
-            image: self.config.image,
-            compose_project: labels.get("com.docker.compose.project").cloned(),
-            compose_service: labels.get("com.docker.compose.service").cloned(),
+            // Names, images and labels are the container owner's to choose: kept within bounds.
+            name: label(self.name.trim_start_matches('/').to_owned()),
+            image: label(self.config.image),
+            compose_project: labels.get("com.docker.compose.project").cloned().map(label),
+            compose_service: labels.get("com.docker.compose.service").cloned().map(label),
             running: self.state.running,
             pid: self.state.pid,
             started_at: humantime::parse_rfc3339_weak(&self.state.started_at).ok(),
