@@ -4,16 +4,17 @@
 //! 1. conntrack: a NATed flow whose reply tuple is the refusal's means `dnat`; its original
 //!    tuple names the real client and the published address it dialed (`conntrack.rs`);
 //! 2. the connect tracker: the process that connected with the refusal's 4-tuple, recorded in
-//!    the kernel as it connected (`connect.rs`). docker-proxy means `docker-proxy` (its command
-//!    line names the host address it serves); anything else is `direct`, with the process and,
-//!    when it runs in one, its container;
+//!    the kernel as it connected (`connect.rs`). The daemon's own proxy (recognised by its
+//!    executable, parent and namespaces, `sources/docker/daemon.rs`, never by its name) means
+//!    `docker-proxy`, the published port taken from the daemon's bindings; anything else is
+//!    `direct`, with the process and, when it runs in one, its container;
 //! 3. Docker's inventory: a client address that is another container's means `direct`.
 //!
 //! Otherwise `via` stays unknown rather than guessed.
 use std::net::{IpAddr, SocketAddr};
 
 use crate::{
-    attribution::connect::{ConnectTracker, ConnectorInfo},
+    attribution::connect::ConnectTracker,
     diagnose::procfs,
     diagnose::report::{
         ClientProcess, ContainerRef, ContainerReport, DockerContext, OriginalTuple, Report, Via,
@@ -21,9 +22,6 @@ use crate::{
     sources::conntrack::Conntrack,
     sources::docker::{Binding, Container, Inventory},
 };
-
-/// docker-proxy's process name (and executable).
-pub(crate) const DOCKER_PROXY: &str = "docker-proxy";
 
 /// Everything known about the connection behind `report`.
 pub(crate) fn docker_context(
@@ -65,9 +63,20 @@ pub(crate) fn docker_context(
     }
 
     if let Some(who) = connect.and_then(|c| c.lookup(client, target)) {
-        if is_docker_proxy(&who) {
+        let daemon = inventory.and_then(|inv| inv.daemon.as_ref());
+        if daemon.is_none() && who.comm == "docker-proxy" {
+            // Calls itself the proxy, and the daemon is not known to check it against (not
+            // reachable, or outside our pid namespace): say nothing rather than guess.
+            return ctx;
+        }
+        if daemon.is_some_and(|d| d.owns_proxy(who.pid)) {
             ctx.via = Some(Via::DockerProxy);
-            ctx.published = proxy_binding(who.pid).or_else(|| single(bindings));
+            // The daemon's bindings say what is published; the proxy's own arguments only pick
+            // which of them when the port is published more than once.
+            let serves = proxy_binding(who.pid);
+            ctx.published = serves
+                .and_then(|b| binding_for(bindings, SocketAddr::new(b.host_ip, b.host_port)))
+                .or_else(|| single(bindings));
         } else {
             ctx.via = Some(Via::Direct);
             ctx.client_container =
@@ -101,15 +110,6 @@ fn container_with_ip(inv: &Inventory, ip: IpAddr) -> Option<&Container> {
                 .any(|e| e.ipv4.map(IpAddr::V4) == Some(ip) || e.ipv6.map(IpAddr::V6) == Some(ip))
         })
         .map(|c| &**c)
-}
-
-fn is_docker_proxy(who: &ConnectorInfo) -> bool {
-    if who.comm == DOCKER_PROXY {
-        return true;
-    }
-    std::fs::read_link(format!("/proc/{}/exe", who.pid))
-        .ok()
-        .is_some_and(|p| p.file_name().is_some_and(|n| n == DOCKER_PROXY))
 }
 
 /// The binding a connection to `dialed` used: same port, and the same address or a wildcard.

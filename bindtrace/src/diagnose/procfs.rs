@@ -15,7 +15,7 @@ use std::{
     io::{self, Read},
     os::{
         fd::{AsRawFd, FromRawFd},
-        unix::ffi::OsStrExt,
+        unix::{ffi::OsStrExt, fs::MetadataExt},
     },
     path::PathBuf,
 };
@@ -142,9 +142,26 @@ impl ProcDir {
 
     /// Inode of the process's network namespace.
     pub(crate) fn netns_inode(&self) -> Option<u64> {
-        let f = self.open_at("ns/net", libc::O_RDONLY).ok()?;
-        use std::os::unix::fs::MetadataExt;
+        self.namespace_inode("net")
+    }
+
+    /// Inode of one of the process's namespaces (`net`, `mnt`, `pid`, ...).
+    pub(crate) fn namespace_inode(&self, kind: &str) -> Option<u64> {
+        let f = self.open_at(&format!("ns/{kind}"), libc::O_RDONLY).ok()?;
         f.metadata().ok().map(|m| m.ino())
+    }
+
+    /// (device, inode) of the file the process runs, whatever its path says: the executable
+    /// is opened through `exe`, which names it in the process's own mount namespace.
+    pub(crate) fn exe_identity(&self) -> Option<(u64, u64)> {
+        let f = self.open_at("exe", libc::O_PATH).ok()?;
+        f.metadata().ok().map(|m| (m.dev(), m.ino()))
+    }
+
+    /// The parent's pid (`PPid` in `status`).
+    pub(crate) fn parent(&self) -> Option<u32> {
+        let status = self.read_string("status").ok()?;
+        status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim().parse().ok()
     }
 
     /// The socket inodes among the process's open files.

@@ -5,6 +5,7 @@
 //! namespaces, a stopped dockerd) bindtrace reports by namespace and address, warns once, and
 //! picks Docker up again when it comes back ([`watch`]).
 pub(crate) mod api;
+pub(crate) mod daemon;
 pub(crate) mod http;
 pub(crate) mod watch;
 
@@ -133,6 +134,8 @@ pub(crate) struct Network {
 pub(crate) struct Inventory {
     pub(crate) containers: BTreeMap<String, Arc<Container>>,
     pub(crate) networks: BTreeMap<String, Network>,
+    /// The daemon answering on the socket, to recognise its own proxy processes.
+    pub(crate) daemon: Option<daemon::Daemon>,
 }
 
 impl Inventory {
@@ -158,7 +161,7 @@ impl Inventory {
 
 /// One complete read of the daemon's state.
 pub(crate) async fn snapshot(client: &Client) -> Result<Inventory, DockerError> {
-    let mut inv = Inventory::default();
+    let mut inv = Inventory { daemon: daemon::Daemon::behind(client.socket()).await, ..Default::default() };
     refresh_networks(client, &mut inv).await?;
     let list: Vec<api::ContainerSummary> = client.get_json("/containers/json").await?;
     for c in list {
