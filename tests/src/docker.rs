@@ -62,8 +62,18 @@ pub struct Image {
 
 impl Image {
     pub fn busybox() -> Image {
+        Image::busybox_with(&[])
+    }
+
+    /// The busybox image with more files: (path in the image, file on this machine).
+    pub fn busybox_with(files: &[(&str, &Path)]) -> Image {
         let tag = format!("{}:busybox", unique_name("img"));
         let root = std::env::temp_dir().join(unique_name("rootfs"));
+        for (inside, outside) in files {
+            let dest = root.join(inside.trim_start_matches('/'));
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::fs::copy(outside, &dest).unwrap_or_else(|e| panic!("{}: {e}", outside.display()));
+        }
         std::fs::create_dir_all(root.join("bin")).unwrap();
         std::fs::create_dir_all(root.join("www")).unwrap();
         std::fs::create_dir_all(root.join("tmp")).unwrap();

@@ -4,6 +4,7 @@
 //! Every address used lives in namespaces these guards create; nothing leaves the machine.
 pub mod bindtrace;
 pub mod docker;
+pub mod hostile;
 pub mod metrics;
 pub mod native;
 pub mod net;

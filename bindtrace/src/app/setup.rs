@@ -73,6 +73,9 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
         ),
     }
     let connect = attach_connect_tracker(&mut loaded, &aya_btf, sock_layout.as_ref().map(|_| ()));
+    // Everything is loaded: from here on, in this thread and every thread started after it,
+    // only what the running daemon still needs (see privileges::KEPT).
+    privileges::restrict().context("dropping the capabilities set-up needed")?;
     let conntrack = match Conntrack::spawn() {
         Ok(c) => Some(c),
         Err(e) => {

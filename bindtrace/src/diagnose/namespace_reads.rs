@@ -22,12 +22,25 @@ use crate::{
 pub(crate) struct NamespaceReads {
     listening: HashMap<u64, io::Result<Listening>>,
     holders: HashMap<u64, BTreeMap<u64, Vec<Holder>>>,
+    /// Namespaces read in this pass (each at most once), for the audit's account of its work.
+    reads: usize,
 }
 
 impl NamespaceReads {
     /// The namespace's listeners (with their V6ONLY flags), read on first use in this pass.
     pub(crate) fn listening(&mut self, ns: &Netns) -> Result<&Listening, &io::Error> {
-        self.listening.entry(ns.inode).or_insert_with(|| listeners::listening_in(ns)).as_ref()
+        self.listening
+            .entry(ns.inode)
+            .or_insert_with(|| {
+                self.reads += 1;
+                listeners::listening_in(ns)
+            })
+            .as_ref()
+    }
+
+    /// How many namespaces this pass has read.
+    pub(crate) fn reads(&self) -> usize {
+        self.reads
     }
 
     /// The holders of every listener of the namespace, found in one walk of /proc.

@@ -1,6 +1,7 @@
 //! bindtrace needs to load BPF programs, enter namespaces and read other processes' file
-//! descriptors. Say exactly which capability is missing, before anything is loaded.
-use std::fs;
+//! descriptors. Say exactly which capability is missing, before anything is loaded; once
+//! everything is loaded, keep only what the running daemon still uses ([`restrict`]).
+use std::{fs, io};
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_PTRACE: u32 = 19;
@@ -58,6 +59,70 @@ fn missing_from(eff: u64) -> Result<(), MissingCapabilities> {
         .map(|(_, name, _)| *name)
         .collect();
     if missing.is_empty() { Ok(()) } else { Err(MissingCapabilities { missing }) }
+}
+
+/// What the running daemon keeps after set-up, and why:
+/// - CAP_SYS_ADMIN: enter container network namespaces (setns), for every line and audit;
+/// - CAP_NET_ADMIN: attach the tc hook to ports that appear later;
+/// - CAP_SYS_PTRACE: read other processes' /proc (who holds a socket, the daemon's root);
+/// - CAP_BPF: read the maps (before about 6.5 every bpf() command needs it when unprivileged
+///   BPF is disabled, Debian's default; CAP_SYS_ADMIN stands in before 5.8).
+///
+/// Everything else goes, CAP_PERFMON and CAP_SYS_RESOURCE included (loading is done).
+pub(crate) const KEPT: &[(u32, &str)] = &[
+    (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
+    (CAP_BPF, "CAP_BPF"),
+];
+
+/// The kernel's capability header and data (linux/capability.h, version 3: two 32-bit words).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Drops every capability but [`KEPT`] from the calling thread's effective, permitted and
+/// inheritable sets, and sets no_new_privs, so nothing exec'd later can gain any back. Both are
+/// per thread and inherited by threads created afterwards: call it on the main thread after
+/// loading and before any long-lived thread starts.
+pub(crate) fn restrict() -> io::Result<()> {
+    // SAFETY: prctl with constant arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let keep: u64 = KEPT.iter().fold(0, |m, (bit, _)| m | (1u64 << bit));
+    let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: header and a two-element data array, as version 3 wants.
+    if unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    for (i, d) in data.iter_mut().enumerate() {
+        let word = (keep >> (32 * i)) as u32;
+        // Only ever clear bits: a bit kept that the thread lacks stays absent.
+        d.effective &= word;
+        d.permitted &= word;
+        d.inheritable = 0;
+    }
+    // SAFETY: as above.
+    if unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    log::debug!(
+        "set-up done: kept {} (and no_new_privs)",
+        KEPT.iter().map(|(_, n)| *n).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it (harmless elsewhere).

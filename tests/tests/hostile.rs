@@ -1,0 +1,231 @@
+//! Hostile containers (need root, and Docker for the proxy and audit tests): nothing a
+//! tenant controls reaches the operator's terminal raw, grows without bound, or passes for
+//! the daemon's own processes.
+use std::{
+    io::Read,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bindtrace_tests::{
+    Bindtrace, Hook, Topology, connect,
+    bindtrace::binary,
+    docker::{self, Container, Image, curl, free_port},
+    hostile::{HostileListener, helper},
+    is_root,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Root is needed; under CI a missing prerequisite is a failure, elsewhere a skip.
+fn skip(needs_docker: bool) -> bool {
+    let missing = if !is_root() {
+        Some("needs root")
+    } else if needs_docker && !docker::available() {
+        Some("no Docker daemon answers here")
+    } else {
+        None
+    };
+    match missing {
+        Some(why) if std::env::var_os("CI").is_some() => panic!("{why} (CI is set: this test must run)"),
+        Some(why) => {
+            eprintln!("skipped: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// What a tenant can put in a command line: OSC (title), CSI (clear), BEL, CR, a newline
+/// followed by a line of its own, a bidi override, and bulk.
+fn hostile_args() -> Vec<String> {
+    let mut args: Vec<String> = [
+        "\u{1b}]0;PWNED\u{7}",
+        "\u{1b}[2J\u{1b}[H",
+        "--bind=127.0.0.1:8000\r",
+        "x\n2026-01-01T00:00:00Z refused 1.2.3.4:1 -> 5.6.7.8:80/tcp: FORGED",
+        "evil\u{202e}txt.exe",
+        "zero\u{200b}width",
+    ]
+    .map(String::from)
+    .to_vec();
+    for i in 0..4 {
+        args.push(format!("--pad{i}={}", "A".repeat(100_000)));
+    }
+    args
+}
+
+/// Bytes a terminal would act on: C0 controls but the newline, DEL, and (decoded) C1 controls,
+/// bidi controls, zero-width characters.
+fn terminal_controls(bytes: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(bytes);
+    text.chars()
+        .filter(|&c| {
+            (c.is_control() && c != '\n')
+                || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .map(|c| format!("U+{:04X}", c as u32))
+        .collect()
+}
+
+/// Runs bindtrace with `args` in `host`'s namespace until `during` has run, then stops it and
+/// returns everything it wrote (stdout, stderr).
+fn run_raw(host: &str, args: &[&str], during: impl FnOnce()) -> (Vec<u8>, Vec<u8>) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", host, &binary()])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start bindtrace");
+    let err = Arc::new(Mutex::new(Vec::new()));
+    let mut stderr = child.stderr.take().unwrap();
+    let err_writer = err.clone();
+    let err_thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            err_writer.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let mut stdout = child.stdout.take().unwrap();
+    let out_thread = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
+    let deadline = Instant::now() + WAIT;
+    while !String::from_utf8_lossy(&err.lock().unwrap()).contains("bindtrace: ready") {
+        assert!(Instant::now() < deadline, "not ready:\n{}", String::from_utf8_lossy(&err.lock().unwrap()));
+        assert!(child.try_wait().unwrap().is_none(), "exited:\n{}", String::from_utf8_lossy(&err.lock().unwrap()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    during();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let out = out_thread.join().unwrap();
+    err_thread.join().unwrap();
+    let err = err.lock().unwrap().clone();
+    assert!(status.success(), "bindtrace failed:\n{}", String::from_utf8_lossy(&err));
+    (out, err)
+}
+
+/// 1. A loopback-bound server whose comm and argv carry terminal escapes, a forged line and
+///    400 KB: the text output and stderr hold no control byte and no forged line; the JSON
+///    lines parse and stay under the documented bound.
+#[test]
+fn hostile_names_and_arguments_reach_no_terminal_raw() {
+    if skip(false) {
+        return;
+    }
+    let mut topo = Topology::new();
+    let c = topo.container();
+    let args = hostile_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = HostileListener::start(&c.ns.name, "127.0.0.1", 8000, &args);
+    let refuse = || {
+        let err = connect(&topo.host, c.ipv4, 8000).expect_err("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    };
+
+    let common = ["--hook", Hook::TcpSendReset.arg(), "--no-metrics", "--no-docker", "-v"];
+    let (out, err) = run_raw(&topo.host.name, &[&common[..], &["--format", "text"]].concat(), refuse);
+    let out_text = String::from_utf8_lossy(&out);
+    assert!(out_text.contains(" refused "), "a refused line:\n{out_text}");
+    assert!(out_text.contains("\\u{1b}]0;PWNED"), "the name is shown, escaped:\n{out_text}");
+    for (what, bytes) in [("stdout", &out), ("stderr", &err)] {
+        let found = terminal_controls(bytes);
+        assert!(found.is_empty(), "{what} has terminal controls {found:?}:\n{}", String::from_utf8_lossy(bytes));
+        let text = String::from_utf8_lossy(bytes);
+        assert!(!text.lines().any(|l| l.contains("FORGED") && !l.contains(" refused 172.")), "forged line");
+    }
+    assert!(out_text.lines().all(|l| l.starts_with("20")), "every line is bindtrace's own:\n{out_text}");
+
+    let (out, _) = run_raw(&topo.host.name, &[&common[..], &["--format", "json"]].concat(), refuse);
+    let mut refused = 0;
+    for line in String::from_utf8_lossy(&out).lines() {
+        assert!(line.len() < 16 * 1024, "a JSON line of {} bytes", line.len());
+        let v: Value = serde_json::from_str(line).expect("JSON");
+        if v["event"] == "refused" {
+            refused += 1;
+            let holder = &v["listeners"][0]["pids"][0];
+            assert_eq!(holder["pid"], server.pid(), "{v:#}");
+            assert_eq!(holder["comm"], "\u{1b}]0;PWNED\u{7}\u{1b}[2J", "JSON carries the real name");
+            let kept = holder["cmdline"].as_str().unwrap().len();
+            assert!(kept <= 4096, "cmdline kept {kept} bytes");
+            assert!(holder["cmdline_truncated"].as_u64().unwrap() > 390_000, "{holder:#}");
+        }
+    }
+    assert_eq!(refused, 1);
+}
+
+/// 2. A container process calling itself docker-proxy, run from its own file at the proxy's
+///    path with a fake -host-port, dialing another container, is `direct` from that container;
+///    the daemon's real proxy is still recognised.
+#[test]
+fn a_process_named_docker_proxy_is_not_the_proxy() {
+    if skip(true) {
+        return;
+    }
+    let fake = helper();
+    let img = Image::busybox_with(&[("/usr/bin/docker-proxy", &fake), ("/usr/sbin/docker-proxy", &fake)]);
+    let port = free_port();
+    let target = Container::run(&img, &["-p", &format!("{port}:8000")], &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"]);
+    target.wait_listening(8000);
+    let ip = target.ip("bridge").to_string();
+    let bt = Bindtrace::start_here(&["--fold-window", "200ms"]);
+
+    // The daemon's own proxy first: still recognised.
+    let (code, _) = curl(&format!("http://127.0.0.1:{port}/"));
+    assert!(code == 52 || code == 56, "curl: {code}");
+    let line = bt.expect_line("refused via the real proxy", WAIT, |l| {
+        l["event"] == "refused" && l["container"]["name"] == target.name.as_str() && l["via"] == "docker-proxy"
+    });
+    assert_eq!(line["published"]["host_port"], port, "{line:#}");
+
+    // The impostor: comm docker-proxy, exe at /usr/bin/docker-proxy in its own root.
+    let impostor = Container::run(
+        &img,
+        &[],
+        &["sh", "-c", &format!("/usr/bin/docker-proxy dial {ip} 8000 -host-ip 0.0.0.0 -host-port 6666; sleep 60")],
+    );
+    let line = bt.expect_line("refused from the impostor", WAIT, |l| {
+        l["event"] == "refused" && l["container"]["name"] == target.name.as_str() && !l["client_container"].is_null()
+    });
+    assert_eq!(line["via"], "direct", "{line:#}");
+    assert_eq!(line["client_container"]["name"], impostor.name.as_str(), "{line:#}");
+    assert_eq!(line["client_process"]["comm"], "docker-proxy", "{line:#}");
+    assert!(line["published"].is_null(), "no port taken from its argv: {line:#}");
+}
+
+/// 5. After set-up every thread of bindtrace holds only the documented capabilities
+///    (CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_BPF) and no_new_privs.
+#[test]
+fn every_thread_keeps_only_the_documented_capabilities() {
+    if skip(false) {
+        return;
+    }
+    let topo = Topology::new();
+    let bt = Bindtrace::start(&topo.host, Hook::TcpSendReset, &[]);
+    let kept: u64 = [21u32, 12, 19, 39].iter().fold(0, |m, b| m | (1u64 << b));
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{}/task", bt.pid())).unwrap().flatten().collect();
+    assert!(tasks.len() >= 2, "the metrics thread runs too");
+    for task in tasks {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let field = |name: &str| {
+            status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_else(|| panic!("{name}"))
+        };
+        let eff = u64::from_str_radix(field("CapEff:"), 16).unwrap();
+        let prm = u64::from_str_radix(field("CapPrm:"), 16).unwrap();
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap();
+        assert_eq!(eff & !kept, 0, "thread {} has CapEff {eff:x}", comm.trim());
+        assert_eq!(prm & !kept, 0, "thread {} has CapPrm {prm:x}", comm.trim());
+        assert_eq!(field("NoNewPrivs:"), "1", "thread {}", comm.trim());
+    }
+}
