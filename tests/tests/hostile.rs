@@ -229,3 +229,40 @@ fn every_thread_keeps_only_the_documented_capabilities() {
         assert_eq!(field("NoNewPrivs:"), "1", "thread {}", comm.trim());
     }
 }
+
+/// `n` consecutive host ports that are free now.
+fn free_range(n: u16) -> u16 {
+    (20..60)
+        .map(|k| k * 1000)
+        .find(|&base| (base..base + n).all(|p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok()))
+        .expect("a free block of ports")
+}
+
+/// 4. A container publishing a 1 000-port range (the most the shared Docker 20.10 should run:
+///    one docker-proxy per port): the audit reads its namespace once per pass, as counted.
+#[test]
+fn a_thousand_published_ports_cost_one_namespace_read_per_pass() {
+    if skip(true) {
+        return;
+    }
+    let img = Image::busybox();
+    let base = free_range(1000);
+    let range = format!("127.0.0.1:{base}-{}:8000-8999", base + 999);
+    let c = Container::run(&img, &["-p", &range], &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"]);
+    c.wait_listening(8000);
+    let mut bt = Bindtrace::start_here(&["-v", "--audit-grace", "0s"]);
+    assert!(
+        bt.wait_stderr("audit pass: 1000 ports checked, 1 namespace reads", WAIT),
+        "one read for 1000 ports:\n{}",
+        bt.stderr().lines().filter(|l| l.contains("audit pass")).collect::<Vec<_>>().join("\n")
+    );
+    // Counted after the exit flush: every line written is in.
+    assert_eq!(bt.stop(), Some(0), "{}", bt.stderr());
+    let audits: Vec<Value> = bt
+        .lines()
+        .into_iter()
+        .filter(|l| l["event"] == "audit" && l["container"]["name"] == c.name.as_str())
+        .collect();
+    assert_eq!(audits.len(), 1000, "one audit line per published port");
+    assert_eq!(audits.iter().filter(|l| l["verdict"] == "loopback_only").count(), 1);
+}

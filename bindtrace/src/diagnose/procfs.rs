@@ -300,4 +300,92 @@ mod tests {
         assert_eq!(me.cmdline, me.argv.join(" "));
         assert!(!me.exe.is_empty());
     }
+
+    /// A child running `prog arg` under exactly host pid `pid` (clone3 with set_tid; needs root),
+    /// or None when that pid is taken.
+    fn spawn_with_pid(pid: Option<u32>, prog: &str, arg: &str) -> Option<u32> {
+        #[repr(C)]
+        #[derive(Default)]
+        struct CloneArgs {
+            flags: u64,
+            pidfd: u64,
+            child_tid: u64,
+            parent_tid: u64,
+            exit_signal: u64,
+            stack: u64,
+            stack_size: u64,
+            tls: u64,
+            set_tid: u64,
+            set_tid_size: u64,
+            cgroup: u64,
+        }
+        let tid = pid.map(|p| p as libc::pid_t);
+        let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
+        if let Some(t) = &tid {
+            args.set_tid = std::ptr::from_ref(t) as u64;
+            args.set_tid_size = 1;
+        }
+        let path = CString::new(prog).unwrap();
+        let arg = CString::new(arg).unwrap();
+        let argv = [path.as_ptr(), arg.as_ptr(), std::ptr::null()];
+        // SAFETY: clone3 without CLONE_VM: the child has its own copy of memory and only calls
+        // execv (async-signal-safe) or _exit.
+        let rc = unsafe { libc::syscall(libc::SYS_clone3, &raw mut args, size_of::<CloneArgs>()) };
+        match rc {
+            0 => unsafe {
+                libc::execv(path.as_ptr(), argv.as_ptr());
+                libc::_exit(127)
+            },
+            n if n > 0 => Some(n as u32),
+            _ => None,
+        }
+    }
+
+    fn kill_and_reap(pid: u32) {
+        // SAFETY: our own child.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+            libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+        }
+    }
+
+    /// 3. A pid reused for real: the directory opened for the first process never answers for
+    /// the second one, which gets the same pid.
+    #[test]
+    fn a_reused_pid_never_answers_for_the_process_it_replaced() {
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "needs root (clone3 set_tid), and CI is set");
+            return eprintln!("skipped: needs root (clone3 set_tid)");
+        }
+        for _ in 0..20 {
+            let first = spawn_with_pid(None, "/bin/sleep", "60").expect("spawn sleep");
+            // Wait until it has exec'd, so its command line is its own.
+            let opened = loop {
+                let p = ProcDir::open(first).unwrap();
+                if p.argv().0 == ["/bin/sleep", "60"] {
+                    break p;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            };
+            kill_and_reap(first);
+            // The same host pid for another program; retry if something else took it.
+            let Some(second) = spawn_with_pid(Some(first), "/bin/sleep", "61") else { continue };
+            assert_eq!(second, first);
+            let fresh = loop {
+                let p = ProcDir::open(second).unwrap();
+                if p.argv().0 == ["/bin/sleep", "61"] {
+                    break p;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            };
+            assert_eq!(opened.comm(), "", "the old directory reads nothing of the new process");
+            assert!(opened.argv().0.is_empty());
+            assert_eq!(opened.netns_inode(), None);
+            assert!(!opened.still_same());
+            assert!(fresh.still_same());
+            kill_and_reap(second);
+            return;
+        }
+        panic!("the pid was taken by another process 20 times in a row");
+    }
 }
