@@ -8,6 +8,7 @@
 //! | processes listed per listening socket | [`HOLDERS`] | `pids_omitted` in JSON, `+N more` in text |
 //! | listeners listed per line | [`LISTENERS`] | `listeners_omitted` in JSON |
 //! | a container's name, image, compose labels | [`LABEL_BYTES`] bytes each | cut at a character boundary |
+//! | one runtime event | [`EVENT_BYTES`] bytes | skipped, counted, and the inventory re-read |
 
 /// Bytes of `/proc/PID/cmdline` kept per process: enough for any server's own flags, far
 /// below what `ARG_MAX` allows (a 300 KB command line is the attack this bounds).
@@ -19,6 +20,9 @@ pub(crate) const HOLDERS: usize = 8;
 pub(crate) const LISTENERS: usize = 16;
 /// Bytes kept of a container's name, image and compose labels.
 pub(crate) const LABEL_BYTES: usize = 256;
+/// Largest runtime event taken in (Docker's are a few hundred bytes; an image's labels, which
+/// every container event carries, can make one huge).
+pub(crate) const EVENT_BYTES: usize = 64 * 1024;
 
 /// `s` cut to at most `max` bytes at a character boundary, and how many bytes were cut.
 pub(crate) fn cut(mut s: String, max: usize) -> (String, usize) {

@@ -9,8 +9,9 @@ use std::{
 };
 
 use bindtrace_tests::{
-    Bindtrace, Hook, Topology, connect,
+    Bindtrace, Hook, Topology,
     bindtrace::binary,
+    connect,
     docker::{self, Container, Image, curl, free_port},
     hostile::{HostileListener, helper},
     is_root,
@@ -102,7 +103,11 @@ fn run_raw(host: &str, args: &[&str], during: impl FnOnce()) -> (Vec<u8>, Vec<u8
     let deadline = Instant::now() + WAIT;
     while !String::from_utf8_lossy(&err.lock().unwrap()).contains("bindtrace: ready") {
         assert!(Instant::now() < deadline, "not ready:\n{}", String::from_utf8_lossy(&err.lock().unwrap()));
-        assert!(child.try_wait().unwrap().is_none(), "exited:\n{}", String::from_utf8_lossy(&err.lock().unwrap()));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited:\n{}",
+            String::from_utf8_lossy(&err.lock().unwrap())
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     during();
@@ -141,7 +146,11 @@ fn hostile_names_and_arguments_reach_no_terminal_raw() {
     assert!(out_text.contains("\\u{1b}]0;PWNED"), "the name is shown, escaped:\n{out_text}");
     for (what, bytes) in [("stdout", &out), ("stderr", &err)] {
         let found = terminal_controls(bytes);
-        assert!(found.is_empty(), "{what} has terminal controls {found:?}:\n{}", String::from_utf8_lossy(bytes));
+        assert!(
+            found.is_empty(),
+            "{what} has terminal controls {found:?}:\n{}",
+            String::from_utf8_lossy(bytes)
+        );
         let text = String::from_utf8_lossy(bytes);
         assert!(!text.lines().any(|l| l.contains("FORGED") && !l.contains(" refused 172.")), "forged line");
     }
@@ -176,7 +185,11 @@ fn a_process_named_docker_proxy_is_not_the_proxy() {
     let fake = helper();
     let img = Image::busybox_with(&[("/usr/bin/docker-proxy", &fake), ("/usr/sbin/docker-proxy", &fake)]);
     let port = free_port();
-    let target = Container::run(&img, &["-p", &format!("{port}:8000")], &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"]);
+    let target = Container::run(
+        &img,
+        &["-p", &format!("{port}:8000")],
+        &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"],
+    );
     target.wait_listening(8000);
     let ip = target.ip("bridge").to_string();
     let bt = Bindtrace::start_here(&["--fold-window", "200ms"]);
@@ -185,7 +198,9 @@ fn a_process_named_docker_proxy_is_not_the_proxy() {
     let (code, _) = curl(&format!("http://127.0.0.1:{port}/"));
     assert!(code == 52 || code == 56, "curl: {code}");
     let line = bt.expect_line("refused via the real proxy", WAIT, |l| {
-        l["event"] == "refused" && l["container"]["name"] == target.name.as_str() && l["via"] == "docker-proxy"
+        l["event"] == "refused"
+            && l["container"]["name"] == target.name.as_str()
+            && l["via"] == "docker-proxy"
     });
     assert_eq!(line["published"]["host_port"], port, "{line:#}");
 
@@ -193,10 +208,16 @@ fn a_process_named_docker_proxy_is_not_the_proxy() {
     let impostor = Container::run(
         &img,
         &[],
-        &["sh", "-c", &format!("/usr/bin/docker-proxy dial {ip} 8000 -host-ip 0.0.0.0 -host-port 6666; sleep 60")],
+        &[
+            "sh",
+            "-c",
+            &format!("/usr/bin/docker-proxy dial {ip} 8000 -host-ip 0.0.0.0 -host-port 6666; sleep 60"),
+        ],
     );
     let line = bt.expect_line("refused from the impostor", WAIT, |l| {
-        l["event"] == "refused" && l["container"]["name"] == target.name.as_str() && !l["client_container"].is_null()
+        l["event"] == "refused"
+            && l["container"]["name"] == target.name.as_str()
+            && !l["client_container"].is_null()
     });
     assert_eq!(line["via"], "direct", "{line:#}");
     assert_eq!(line["client_container"]["name"], impostor.name.as_str(), "{line:#}");
@@ -219,7 +240,11 @@ fn every_thread_keeps_only_the_documented_capabilities() {
     for task in tasks {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap();
         let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_else(|| panic!("{name}"))
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("{name}"))
         };
         let eff = u64::from_str_radix(field("CapEff:"), 16).unwrap();
         let prm = u64::from_str_radix(field("CapPrm:"), 16).unwrap();

@@ -23,11 +23,11 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tokio::{net::UnixStream, task::JoinHandle};
 
+use crate::bounds;
+
 /// Replies larger than this are refused (a `GET /containers/json` on a host with thousands of
 /// containers is a few MB).
 const MAX_BODY: usize = 64 << 20;
-/// An `/events` value longer than this is a protocol error.
-const MAX_EVENT: usize = 1 << 20;
 /// A request that does not complete within this is abandoned.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -127,7 +127,7 @@ impl Client {
                 tokio::time::timeout(REQUEST_TIMEOUT, resp.read_body()).await.unwrap_or(Ok(Bytes::new()))?;
             return Err(status_error(&what, status, &body));
         }
-        Ok(JsonStream { resp, buf: Vec::new() })
+        Ok(JsonStream { skipping: false, resp, buf: Vec::new() })
     }
 
     /// Connects, sends `GET path` and reads the response head.
@@ -200,28 +200,34 @@ impl Response {
 pub(crate) struct JsonStream {
     resp: Response,
     buf: Vec<u8>,
+    /// Inside a value longer than [`bounds::EVENT_BYTES`]: its bytes are dropped until its end.
+    skipping: bool,
 }
 
 impl JsonStream {
-    /// The next value; an error when the stream ends (the daemon or a relay went away).
-    pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Result<T, DockerError> {
+    /// The next value, or None for one skipped because it was longer than
+    /// [`bounds::EVENT_BYTES`] (an image's labels can make an event huge: the stream goes on,
+    /// and the caller re-reads what the skipped value may have changed). An error when the
+    /// stream ends (the daemon or a relay went away).
+    pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, DockerError> {
         loop {
             if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                if std::mem::take(&mut self.skipping) {
+                    return Ok(None);
+                }
                 let line = line.trim_ascii();
                 if line.is_empty() {
                     continue;
                 }
-                return serde_json::from_slice(line).map_err(|e| DockerError::Protocol {
+                return serde_json::from_slice(line).map(Some).map_err(|e| DockerError::Protocol {
                     what: self.resp.what.clone(),
                     detail: e.to_string(),
                 });
             }
-            if self.buf.len() > MAX_EVENT {
-                return Err(DockerError::Protocol {
-                    what: self.resp.what.clone(),
-                    detail: "event too large".into(),
-                });
+            if self.skipping || self.buf.len() > bounds::EVENT_BYTES {
+                self.skipping = true;
+                self.buf.clear();
             }
             match self.resp.body.frame().await {
                 Some(Ok(frame)) => {
@@ -346,12 +352,35 @@ mod tests {
             );
             let (client, _server) = serve(&dir, vec![reply.into_bytes()]).await;
             let mut s = client.stream("/events").await.unwrap();
-            let first: serde_json::Value = s.next().await.unwrap();
-            let second: serde_json::Value = s.next().await.unwrap();
+            let first: serde_json::Value = s.next().await.unwrap().unwrap();
+            let second: serde_json::Value = s.next().await.unwrap().unwrap();
             assert_eq!(first["Action"], "start");
             assert_eq!(second["Type"], "network");
             // The server closes without the final chunk: the stream reports it.
             assert!(s.next::<serde_json::Value>().await.is_err());
+        });
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An event over the bound is skipped (None), and the stream goes on with the next one.
+    #[test]
+    fn an_oversized_event_is_skipped_and_the_stream_goes_on() {
+        let dir = tempdir();
+        rt().block_on(async {
+            let huge = format!("{{\"Type\":\"container\",\"Labels\":\"{}\"}}\n", "x".repeat(300 * 1024));
+            let body = format!("{huge}{{\"Type\":\"network\",\"Action\":\"create\"}}\n");
+            let mut reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for chunk in body.as_bytes().chunks(16 * 1024) {
+                reply.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                reply.extend_from_slice(chunk);
+                reply.extend_from_slice(b"\r\n");
+            }
+            let (client, _server) = serve(&dir, vec![reply]).await;
+            let mut s = client.stream("/events").await.unwrap();
+            assert!(s.next::<serde_json::Value>().await.unwrap().is_none(), "skipped");
+            let next: serde_json::Value = s.next().await.unwrap().unwrap();
+            assert_eq!(next["Type"], "network");
+            assert!(s.buf.capacity() < 2 * bounds::EVENT_BYTES, "the skipped event was not kept");
         });
         let _ = std::fs::remove_dir_all(dir);
     }

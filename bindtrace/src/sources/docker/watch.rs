@@ -10,6 +10,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 
 use super::{Client, DockerError, Inventory, api::EventJson, refresh_container, refresh_networks, snapshot};
+use crate::bounds;
 
 /// Pause between attempts while the daemon is unreachable.
 pub(crate) const RETRY: Duration = Duration::from_secs(1);
@@ -96,9 +97,27 @@ async fn session(
     }
     log::info!("Docker: {} running containers, bridges {}", inv.containers.len(), inv.bridges().join(", "));
     publish(tx, last, &inv);
+    let mut skipped = 0u64;
     loop {
         let event: EventJson = match events.next().await {
-            Ok(e) => e,
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                // Too large to take in: whatever it changed is read afresh instead.
+                skipped += 1;
+                if skipped.is_power_of_two() {
+                    log::warn!(
+                        "skipped {skipped} Docker events over {} KiB since connecting (huge image labels?); \
+                         re-reading the containers instead",
+                        bounds::EVENT_BYTES / 1024
+                    );
+                }
+                match snapshot(client).await {
+                    Ok(fresh) => inv = fresh,
+                    Err(e) => return e,
+                }
+                publish(tx, last, &inv);
+                continue;
+            }
             Err(e) => return e,
         };
         if let Err(e) = apply(client, &mut inv, &event).await {
