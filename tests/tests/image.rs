@@ -71,15 +71,16 @@ fn skip() -> bool {
     true
 }
 
-/// A bindtrace container, `docker rm -f`'d on drop.
+/// A bindtrace container, `docker rm -f`'d on drop (or its Compose project taken down).
 struct Tracer {
     name: String,
+    compose_project: Option<String>,
 }
 
 impl Tracer {
     fn start(flags: &[&str], metrics_port: u16) -> Tracer {
         // The guard first: a container that was created but failed to start is removed too.
-        let t = Tracer { name: unique_name("bindtrace") };
+        let t = Tracer { name: unique_name("bindtrace"), compose_project: None };
         let addr = format!("127.0.0.1:{metrics_port}");
         let mut args = vec!["run", "-d", "--name", &t.name];
         args.extend_from_slice(flags);
@@ -89,6 +90,38 @@ impl Tracer {
         docker_ok(&args);
         t.wait_logs("bindtrace: ready", Duration::from_secs(30));
         t
+    }
+
+    /// `docker-compose -p PROJECT up -d` of deploy/compose/docker-compose.yml.
+    fn compose_up(metrics_port: u16) -> Tracer {
+        let project = unique_name("compose").replace('-', "");
+        let t = Tracer { name: format!("{project}_bindtrace_1"), compose_project: Some(project) };
+        let out = t.compose(&["up", "-d"], metrics_port);
+        assert!(out.status.success(), "docker-compose up: {}", String::from_utf8_lossy(&out.stderr));
+        t.wait_logs("bindtrace: ready", Duration::from_secs(30));
+        t
+    }
+
+    fn compose(&self, args: &[&str], metrics_port: u16) -> std::process::Output {
+        let project = self.compose_project.as_deref().expect("a Compose project");
+        Command::new("docker-compose")
+            .arg("-f")
+            .arg(compose_file())
+            .args(["-p", project, "--ansi", "never"])
+            .args(args)
+            .env("BINDTRACE_IMAGE", image())
+            .env("BINDTRACE_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .output()
+            .expect("run docker-compose")
+    }
+
+    /// `docker stop`, or `docker-compose stop` for a Compose service; panics unless it exits 0.
+    fn stop(&self) {
+        let out = match &self.compose_project {
+            None => docker(&["stop", "-t", "20", &self.name]),
+            Some(_) => self.compose(&["stop"], 0),
+        };
+        assert!(out.status.success(), "stop: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     fn logs(&self) -> String {
@@ -117,8 +150,15 @@ impl Tracer {
 
 impl Drop for Tracer {
     fn drop(&mut self) {
+        if self.compose_project.is_some() {
+            let _ = self.compose(&["down"], 0);
+        }
         let _ = docker(&["rm", "-f", &self.name]);
     }
+}
+
+fn compose_file() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose/docker-compose.yml")
 }
 
 /// `--privileged` asks runc for every capability the Engine knows; an Engine whose own bounding
@@ -202,7 +242,8 @@ const CAPABILITIES: &[&str] = &[
     "AUDIT_READ",
 ];
 
-fn the_article_case(flags: &[&str]) {
+/// `start(metrics_port)` starts bindtrace; `flags` are the same privileges for `check`.
+fn the_article_case(flags: &[&str], start: impl FnOnce(u16) -> Tracer) {
     let img = Image::busybox();
     let port = free_port();
     let server = Container::run(
@@ -212,7 +253,7 @@ fn the_article_case(flags: &[&str]) {
     );
     server.wait_listening(8000);
     let metrics_port = free_port();
-    let tracer = Tracer::start(flags, metrics_port);
+    let tracer = start(metrics_port);
     let held = programs_held_by(tracer.pid());
     assert!(!held.is_empty(), "bindtrace holds no BPF program:\n{}", tracer.logs());
 
@@ -244,8 +285,7 @@ fn the_article_case(flags: &[&str]) {
     assert!(text.contains(&server.name) && text.contains("loopback"), "{text}");
 
     // `docker stop` ends it cleanly, and its programs leave the kernel.
-    let stop = docker(&["stop", "-t", "20", &tracer.name]);
-    assert!(stop.status.success(), "docker stop: {}", String::from_utf8_lossy(&stop.stderr));
+    tracer.stop();
     let code = docker_ok(&["inspect", "--format", "{{.State.ExitCode}}", &tracer.name]);
     assert_eq!(code, "0", "bindtrace exited with {code}:\n{}", tracer.logs());
     assert_eq!(wait_unloaded(&held), Vec::<u32>::new(), "programs still loaded after docker stop");
@@ -258,7 +298,8 @@ fn image_privileged_line() {
         return;
     }
     let flags = privileged_flags();
-    the_article_case(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    the_article_case(&flags, |port| Tracer::start(&flags, port));
 }
 
 /// Named capabilities, read-only root, no-new-privileges: the same checks.
@@ -267,7 +308,22 @@ fn image_least_privilege_line() {
     if skip() {
         return;
     }
-    the_article_case(LEAST_PRIVILEGE);
+    the_article_case(LEAST_PRIVILEGE, |port| Tracer::start(LEAST_PRIVILEGE, port));
+}
+
+/// deploy/compose/docker-compose.yml (the least-privilege form) with docker-compose 1.29: the
+/// same checks, `docker-compose stop` exiting 0.
+#[test]
+fn compose_service() {
+    if skip() {
+        return;
+    }
+    if Command::new("docker-compose").arg("version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI is set and docker-compose is missing");
+        eprintln!("skipped: no docker-compose (Debian package docker-compose)");
+        return;
+    }
+    the_article_case(LEAST_PRIVILEGE, Tracer::compose_up);
 }
 
 /// The image holds the binary and nothing else, and it runs there (static, no libc needed).
