@@ -1,5 +1,7 @@
 //! Developer tasks that need more than one cargo command: `cargo xtask <task>`.
 mod bench;
+mod dist;
+mod image;
 mod kernels;
 mod lint;
 mod test;
@@ -22,16 +24,32 @@ enum Task {
     Test(test::Options),
     /// The benchmark: bindtrace against no tracer and bpftrace on the reset path (BENCHMARKS.md).
     Bench(bench::Options),
+    /// The release tarball: a static x86_64 binary, reproducible, with its sha256 (target/dist).
+    Dist(dist::Options),
+    /// The container image bindtrace:VERSION and :latest, FROM scratch with the dist binary.
+    Image(image::Options),
     /// The kernel matrix: the core scenarios on Debian's 6.1 and 5.10 under qemu, and natively.
     Kernels(kernels::Options),
 }
 
 fn main() -> std::process::ExitCode {
+    // `dist` makes cargo call this binary as its rustc wrapper: `xtask RUSTC ARGS...`.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if std::env::var_os(dist::REMAP_ENV).is_some()
+        && args
+            .first()
+            .and_then(|a| std::path::Path::new(a).file_name())
+            .is_some_and(|n| n.to_string_lossy().starts_with("rustc"))
+    {
+        dist::wrap_rustc(&args);
+    }
     let result = match Cli::parse().task {
         Task::Lint => lint::run(),
         Task::Test(opts) => test::run(&opts),
         Task::Kernels(opts) => kernels::run(&opts),
         Task::Bench(opts) => bench::run(&opts),
+        Task::Dist(opts) => dist::run(&opts),
+        Task::Image(opts) => image::run(&opts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

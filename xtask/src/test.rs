@@ -1,6 +1,7 @@
 //! The whole test suite, in the order that fails fastest: lint, unit tests (no root), the
-//! deploy/ artefacts (promtool), release build, then the integration tests, which need root and
-//! run one at a time because they load eBPF programs and create network namespaces.
+//! deploy/ artefacts (promtool), release build, the image (`dist`'s static binary), then the
+//! integration tests, which need root and run one at a time because they load eBPF programs and
+//! create network namespaces.
 use crate::util::{Tally, cargo, root, run_cmd, run_tests};
 
 #[derive(clap::Args)]
@@ -29,15 +30,28 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     build.args(["build", "--release", "-p", "bindtrace"]);
     run_cmd(build)?;
 
+    // The image (and with it the static dist binary), under a name of this run's own: the
+    // image tests run it; it is removed afterwards, also when they fail.
+    // Without a Docker daemon (and outside CI) the Docker tests skip: build no image then.
+    let image_tags = if crate::image::docker_answers() || std::env::var_os("CI").is_some() {
+        crate::image::build(&format!("bindtrace-test-{}", std::process::id()))?.to_vec()
+    } else {
+        eprintln!("xtask: no Docker daemon answers: not building the image (its tests skip)");
+        Vec::new()
+    };
+
     let mut integration = cargo();
     integration
         .args(["test", "--release", "-p", "bindtrace-tests", "--"])
         .arg("--test-threads=1")
-        .env("BINDTRACE_BIN", root().join("target/release/bindtrace"));
+        .env("BINDTRACE_BIN", root().join("target/release/bindtrace"))
+        .env("BINDTRACE_IMAGE", image_tags.last().map_or("bindtrace:latest", String::as_str));
     if let Some(filter) = &opts.filter {
         integration.arg(filter);
     }
-    run_tests(integration, &mut tally)?;
+    let integration = run_tests(integration, &mut tally);
+    crate::image::remove(&image_tags);
+    integration?;
     if opts.filter.is_none() {
         // The benchmark's smoke run: the harness works end to end (exact counts, every phase
         // produces its figures); no timing is asserted.
