@@ -13,9 +13,9 @@ use std::{
 use bindtrace_tests::{
     Bindtrace, Hook, Listener, Topology,
     bindtrace::binary,
-    connect, is_root,
+    connect,
     metrics::{METRICS_ADDR, Prometheus, Scrape, http_get, scrape, syn_flood},
-    snmp_out_rsts,
+    root_or_skip, snmp_out_rsts,
 };
 
 const REFUSED: &str = "bindtrace_refused_connections_total";
@@ -25,7 +25,7 @@ const LOOPBACK: &str = "bindtrace_loopback_listeners";
 
 macro_rules! root_test {
     ($($name:ident),* $(,)?) => {
-        $( #[test] fn $name() { if is_root() { scenarios::$name() } else { eprintln!("skipped: needs root") } } )*
+        $( #[test] fn $name() { if root_or_skip() { scenarios::$name() } } )*
     };
 }
 
