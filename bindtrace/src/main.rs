@@ -15,6 +15,8 @@ mod netlink;
 mod netns;
 mod sinks;
 mod sources;
+#[cfg(test)]
+mod testing;
 
 use clap::Parser as _;
 

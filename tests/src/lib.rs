@@ -13,4 +13,4 @@ pub mod proc;
 pub use bindtrace::{Bindtrace, Hook};
 pub use native::NativeListener;
 pub use net::{Container, Netns, Topology, connect, snmp_out_rsts};
-pub use proc::{Listener, is_root};
+pub use proc::{Listener, in_ci, is_root, root_or_skip, skip};

@@ -18,6 +18,27 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// True when the environment variable `CI` is set (to anything but empty, `0` or `false`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// Says why a test does not run here and lets it pass as skipped; under `CI` a skip would
+/// hide a runner without root or Docker, so it panics instead.
+pub fn skip(why: &str) {
+    assert!(!in_ci(), "CI is set, so this test may not skip: {why}");
+    eprintln!("skipped: {why}");
+}
+
+/// True when running as root; otherwise [`skip`]s (which panics under `CI`).
+pub fn root_or_skip() -> bool {
+    if is_root() {
+        return true;
+    }
+    skip("needs root");
+    false
+}
+
 /// A python listener (see listener.py) running in a namespace; killed on drop.
 pub struct Listener {
     child: Child,

@@ -3,18 +3,16 @@
 use std::{net::IpAddr, time::Duration};
 
 use bindtrace_tests::{
-    Bindtrace, Container, Hook, Listener, Netns, Topology, connect, is_root, snmp_out_rsts,
+    Bindtrace, Container, Hook, Listener, Netns, Topology, connect, root_or_skip, snmp_out_rsts,
 };
 use serde_json::Value;
-
-const QUIET: Duration = Duration::from_millis(1500);
 
 /// Instantiates a scenario `fn name(hook: Hook)` once per hook.
 macro_rules! for_each_hook {
     ($($name:ident),* $(,)?) => {
-        mod tcp_send_reset { $( #[test] fn $name() { if super::is_root() { super::$name(super::Hook::TcpSendReset) } else { eprintln!("skipped: needs root") } } )* }
-        mod kfree_skb { $( #[test] fn $name() { if super::is_root() { super::$name(super::Hook::KfreeSkb) } else { eprintln!("skipped: needs root") } } )* }
-        mod tc { $( #[test] fn $name() { if super::is_root() { super::$name(super::Hook::Tc) } else { eprintln!("skipped: needs root") } } )* }
+        mod tcp_send_reset { $( #[test] fn $name() { if super::root_or_skip() { super::$name(super::Hook::TcpSendReset) } } )* }
+        mod kfree_skb { $( #[test] fn $name() { if super::root_or_skip() { super::$name(super::Hook::KfreeSkb) } } )* }
+        mod tc { $( #[test] fn $name() { if super::root_or_skip() { super::$name(super::Hook::Tc) } } )* }
     };
 }
 
@@ -146,12 +144,11 @@ fn healthy_listener_and_dead_server_are_silent(hook: Hook) {
     let mut topo = Topology::new();
     let c = topo.container();
     let healthy = Listener::start(&c.ns.name, "0.0.0.0", 8007, &[]);
-    let bt = Bindtrace::start(&topo.host, hook, &[]);
+    let mut bt = Bindtrace::start(&topo.host, hook, &[]);
     let mut s = connect(&topo.host, c.ipv4, 8007).expect("healthy listener accepts");
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
     assert!(reply.contains("200 OK"));
-    bt.expect_no_refused(8007, QUIET);
 
     // A server killed while a client keeps sending: the resets answer data, not SYNs.
     let victim = Listener::start(&c.ns.name, "0.0.0.0", 8008, &[]);
@@ -163,7 +160,9 @@ fn healthy_listener_and_dead_server_are_silent(hook: Hook) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    bt.expect_no_refused(8008, QUIET);
+    // Both negative checks after the exit flush.
+    bt.expect_no_refused_after_exit(8007);
+    bt.expect_no_refused_after_exit(8008);
     drop(healthy);
 }
 
@@ -204,18 +203,22 @@ fn scope_is_the_selected_bridge_only(hook: Hook) {
     assert_eq!(ours.ipv4, theirs.ipv4);
     let _a = Listener::start(&ours.ns.name, "127.0.0.1", 8020, &[]);
     let _b = Listener::start(&theirs.ns.name, "127.0.0.1", 8020, &[]);
-    let bt = Bindtrace::start(&topo.host, hook, &[]);
+    let mut bt = Bindtrace::start(&topo.host, hook, &[]);
     refused(&theirs, &other.host, theirs.ipv4, 8020);
-    bt.expect_no_refused(8020, QUIET);
     refused(&ours, &topo.host, ours.ipv4, 8020);
     let line = bt.expect_refused(8020);
     assert_eq!(line["netns"], ours.ns.inode());
+    // After the exit flush: theirs never got a line, ours exactly one.
+    let theirs_ns = theirs.ns.inode();
+    bt.expect_none_after_exit("refused in the other topology", |l| {
+        l["event"] == "refused" && l["netns"] == theirs_ns
+    });
     assert_eq!(bt.lines().iter().filter(|l| l["event"] == "refused").count(), 1);
 }
 
 fn ports_that_join_and_leave(hook: Hook) {
     let topo = Topology::new();
-    let bt = Bindtrace::start(&topo.host, hook, &[]);
+    let mut bt = Bindtrace::start(&topo.host, hook, &[]);
     // Joins after start, in Docker's order (the host side is enslaved, then the peer moves).
     let ns = Netns::new("btlate");
     topo.attach(&ns, "vlate0", "eth0", "docker0", 17, 40, false);
@@ -238,16 +241,11 @@ fn ports_that_join_and_leave(hook: Hook) {
     topo.host.ip(&["link", "set", "vlate0", "nomaster"]);
     topo.host.ip(&["addr", "add", "172.31.0.1/24", "dev", "vlate0"]);
     ns.ip(&["addr", "add", "172.31.0.40/24", "dev", "eth0"]);
-    std::thread::sleep(Duration::from_millis(1200));
-    let counted = |bt: &Bindtrace| -> u64 {
-        bt.lines().iter().filter(|l| l["target_port"] == 8030).map(|l| l["count"].as_u64().unwrap()).sum()
-    };
-    let before = counted(&bt);
+    assert!(bt.wait_stderr("vlate0 left scope", Duration::from_secs(5)), "{}", bt.stderr());
     let err = connect(&topo.host, "172.31.0.40".parse().unwrap(), 8030).expect_err("refused");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
-    std::thread::sleep(QUIET);
-    assert_eq!(counted(&bt), before, "a port that left is not watched: {:#?}", bt.lines());
-    assert!(bt.stderr().contains("vlate0 left scope"), "{}", bt.stderr());
+    // After the exit flush, which prints everything counted: a port that left is not watched.
+    bt.expect_none_after_exit("refused over the direct link", |l| l["target_ip"] == "172.31.0.40");
 }
 
 fn container_on_two_bridges(hook: Hook) {
@@ -258,12 +256,14 @@ fn container_on_two_bridges(hook: Hook) {
     let _server = Listener::start(&c.ns.name, "127.0.0.1", 8040, &[]);
     let two: IpAddr = "172.19.0.2".parse().unwrap();
     {
-        let bt = Bindtrace::start(&topo.host, hook, &["-i", "docker0"]);
+        let mut bt = Bindtrace::start(&topo.host, hook, &["-i", "docker0"]);
         refused(&c, &topo.host, two, 8040);
-        bt.expect_no_refused(8040, QUIET);
         refused(&c, &topo.host, c.ipv4, 8040);
         let line = bt.expect_refused(8040);
         assert_eq!(line["bridge"], "docker0");
+        bt.expect_none_after_exit("refused on the unwatched br-two", |l| {
+            l["event"] == "refused" && l["target_ip"] == "172.19.0.2"
+        });
     }
     let bt = Bindtrace::start(&topo.host, hook, &["-i", "docker0", "-i", "br-two"]);
     refused(&c, &topo.host, two, 8040);
@@ -299,7 +299,7 @@ fn folding_adds_up_with_a_tiny_ring_buffer(hook: Hook) {
         }
     });
     let rsts = snmp_out_rsts(&c.ns) - rsts_before;
-    std::thread::sleep(Duration::from_millis(700));
+    // No pause: the exit flush below prints every count.
     assert_eq!(bt.stop(), Some(0), "clean exit:\n{}", bt.stderr());
     assert!(bt.stderr().contains("exact: the hook never skipped"), "{}", bt.stderr());
     let lines = bt.lines();

@@ -4,14 +4,14 @@ use std::{process::Command, time::Duration};
 use bindtrace_tests::{
     Bindtrace, Hook, Topology,
     bindtrace::binary,
-    is_root,
     native::{programs_held_by, still_loaded},
+    root_or_skip,
 };
 
 #[test]
 fn unknown_interface_lists_the_bridges() {
-    if !is_root() {
-        return eprintln!("skipped: needs root");
+    if !root_or_skip() {
+        return;
     }
     let topo = Topology::new();
     let mut bt = Bindtrace::spawn(&topo.host, Hook::KfreeSkb, &["-i", "nosuch0"]);
@@ -23,8 +23,8 @@ fn unknown_interface_lists_the_bridges() {
 
 #[test]
 fn not_a_bridge_is_refused() {
-    if !is_root() {
-        return eprintln!("skipped: needs root");
+    if !root_or_skip() {
+        return;
     }
     let topo = Topology::new();
     let mut bt = Bindtrace::spawn(&topo.host, Hook::KfreeSkb, &["-i", "lo"]);
@@ -35,8 +35,8 @@ fn not_a_bridge_is_refused() {
 
 #[test]
 fn unprivileged_run_names_the_capabilities() {
-    if !is_root() {
-        return eprintln!("skipped: needs root (to drop to nobody)");
+    if !root_or_skip() {
+        return;
     }
     let mut cmd = Command::new("setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", &binary()]);
@@ -50,8 +50,8 @@ fn unprivileged_run_names_the_capabilities() {
 
 #[test]
 fn sigterm_detaches_everything() {
-    if !is_root() {
-        return eprintln!("skipped: needs root");
+    if !root_or_skip() {
+        return;
     }
     for hook in [Hook::TcpSendReset, Hook::KfreeSkb, Hook::Tc] {
         let topo = Topology::new();

@@ -13,9 +13,9 @@ use std::{
 use bindtrace_tests::{
     Bindtrace, Hook, Listener, Topology,
     bindtrace::binary,
-    connect, is_root,
+    connect,
     metrics::{METRICS_ADDR, Prometheus, Scrape, http_get, scrape, syn_flood},
-    snmp_out_rsts,
+    root_or_skip, snmp_out_rsts,
 };
 
 const REFUSED: &str = "bindtrace_refused_connections_total";
@@ -25,7 +25,7 @@ const LOOPBACK: &str = "bindtrace_loopback_listeners";
 
 macro_rules! root_test {
     ($($name:ident),* $(,)?) => {
-        $( #[test] fn $name() { if is_root() { scenarios::$name() } else { eprintln!("skipped: needs root") } } )*
+        $( #[test] fn $name() { if root_or_skip() { scenarios::$name() } } )*
     };
 }
 
@@ -37,6 +37,7 @@ root_test!(
     cardinality_is_capped_and_exact,
     endpoint_is_loopback_only_by_default,
     busy_port_is_named,
+    server_survives_idle_connections_and_slowloris,
 );
 
 fn repo() -> PathBuf {
@@ -478,6 +479,126 @@ mod scenarios {
         assert!(stderr.contains("192.0.2.1 is not an address of this host"), "{stderr}");
         // --no-metrics runs regardless.
         let _bt = Bindtrace::start(&topo.host, Hook::KfreeSkb, &["--no-metrics"]);
+    }
+
+    /// 1 000 idle connections and a slowloris client (request headers a byte per second): a
+    /// scrape by the test, curl and a real Prometheus still succeed, the slow client is closed
+    /// by the header timeout (5 s) or the cap, and bindtrace's descriptors stay within the
+    /// connection cap (64) plus a margin of 8 over what it held before.
+    pub fn server_survives_idle_connections_and_slowloris() {
+        use std::{
+            io::Read,
+            net::TcpStream,
+            sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+        };
+        const IDLE: usize = 1000;
+        const CAP: usize = 64;
+        const MARGIN: usize = 8;
+        raise_nofile();
+        let topo = Topology::new();
+        let bt = Bindtrace::start(&topo.host, Hook::KfreeSkb, &[]);
+        let fds = || std::fs::read_dir(format!("/proc/{}/fd", bt.pid())).unwrap().count();
+        let baseline = fds();
+        let prom = Prometheus::start(&topo.host, &[]);
+        let up = "up{job=\"bindtrace\"}";
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while prom.value(up) != Some(1.0) {
+            assert!(Instant::now() < deadline, "Prometheus never scraped bindtrace:\n{}", prom.stderr());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let addr: SocketAddr = METRICS_ADDR.parse().unwrap();
+        let done = AtomicBool::new(false);
+        let max_fds = AtomicUsize::new(0);
+        let (idle, slow_closed_after, scrapes) = std::thread::scope(|s| {
+            // bindtrace's descriptors, sampled every 20 ms while the clients run.
+            s.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    max_fds.fetch_max(fds(), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+            let idle = topo.host.run(|| {
+                (0..IDLE)
+                    .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
+                    .collect::<Vec<_>>()
+            });
+            let slow = s.spawn(|| {
+                topo.host.run(|| {
+                    let start = Instant::now();
+                    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+                    c.set_read_timeout(Some(Duration::from_millis(900))).unwrap();
+                    for b in
+                        b"GET /metrics HTTP/1.1\r\nHost: bindtrace\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa".iter()
+                    {
+                        if c.write_all(&[*b]).is_err() {
+                            break;
+                        }
+                        let mut buf = [0u8; 512];
+                        // EOF (or a reset, or a 408) means the server let go.
+                        match c.read(&mut buf) {
+                            Ok(_) => break,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => break,
+                        }
+                        assert!(start.elapsed() < Duration::from_secs(30), "slowloris never closed");
+                    }
+                    start.elapsed()
+                })
+            });
+            // Scrapes during the slowloris: by the test's client and by curl.
+            std::thread::sleep(Duration::from_millis(1500));
+            let mut scrapes = Vec::new();
+            for _ in 0..5 {
+                let r = topo.host.run(|| http_get(addr, "/metrics", None)).expect("scrape under the flood");
+                assert_eq!(r.status, 200);
+                assert!(r.body.contains("bindtrace_build_info"));
+                scrapes.push(r.elapsed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let curl = Command::new("ip")
+                .args(["netns", "exec", &topo.host.name, "curl", "-sS", "--max-time", "5"])
+                .arg(format!("http://{METRICS_ADDR}/metrics"))
+                .output()
+                .expect("run curl");
+            assert!(curl.status.success(), "curl: {}", String::from_utf8_lossy(&curl.stderr));
+            // Prometheus scrapes after the flood began, and they succeed.
+            let flooded_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let at = prom.value(&format!("timestamp({up})")).unwrap_or(0.0);
+                if at > flooded_at.as_secs_f64() && prom.value(up) == Some(1.0) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no Prometheus scrape succeeded under the flood");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let slow = slow.join().unwrap();
+            done.store(true, Ordering::Relaxed);
+            (idle, slow, scrapes)
+        });
+        let max_fds = max_fds.load(Ordering::Relaxed);
+        eprintln!(
+            "{} idle connections + slowloris: bindtrace fds {baseline} before, at most {max_fds} during \
+             (cap {CAP}, margin {MARGIN}); slowloris closed after {slow_closed_after:?}; scrapes took {scrapes:?}",
+            idle.len()
+        );
+        assert!(idle.len() >= IDLE * 9 / 10, "only {} of {IDLE} idle connections opened", idle.len());
+        assert!(max_fds <= baseline + CAP + MARGIN, "bindtrace held {max_fds} fds, {baseline} before");
+        assert!(slow_closed_after < Duration::from_secs(7), "slowloris held on for {slow_closed_after:?}");
+        assert!(scrapes.iter().all(|t| *t < Duration::from_secs(1)), "{scrapes:?}");
+        drop(idle);
+        drop(bt);
+    }
+
+    /// The test holds 1 000 sockets at once: the soft descriptor limit up to the hard one.
+    fn raise_nofile() {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: plain syscalls on a valid struct.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+            lim.rlim_cur = lim.rlim_max;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
     }
 }
 

@@ -4,8 +4,9 @@
 use std::time::{Duration, Instant};
 
 use bindtrace_tests::{
-    Bindtrace, Hook, Netns, Topology, is_root,
+    Bindtrace, Hook, Netns, Topology,
     native::{ingress_programs, programs_held_by, wait_unloaded},
+    root_or_skip,
 };
 
 /// Polls `ingress_programs` until `done` holds (rescans are debounced and asynchronous).
@@ -23,8 +24,8 @@ fn wait_for(ns: &Netns, ifname: &str, what: &str, done: impl Fn(&[u32]) -> bool)
 
 #[test]
 fn attached_per_port_and_detached_as_ports_leave_and_at_exit() {
-    if !is_root() {
-        return eprintln!("skipped: needs root");
+    if !root_or_skip() {
+        return;
     }
     let mut topo = Topology::new();
     let a = topo.container();
@@ -73,8 +74,8 @@ fn attached_per_port_and_detached_as_ports_leave_and_at_exit() {
 
 #[test]
 fn other_bridges_ports_are_left_alone() {
-    if !is_root() {
-        return eprintln!("skipped: needs root");
+    if !root_or_skip() {
+        return;
     }
     let mut topo = Topology::new();
     topo.add_bridge("br-other", 21);
@@ -102,8 +103,8 @@ fn fast_path_cost() {
             atomic::{AtomicBool, AtomicU64, Ordering},
         },
     };
-    if !is_root() {
-        return eprintln!("skipped: needs root");
+    if !root_or_skip() {
+        return;
     }
     const ROUND: Duration = Duration::from_secs(3);
     let mut topo = Topology::new();

@@ -349,13 +349,12 @@ mod tests {
         }
     }
 
-    /// 3. A pid reused for real: the directory opened for the first process never answers for
+    /// Test 3, a pid reused for real: the directory opened for the first process never answers for
     /// the second one, which gets the same pid.
     #[test]
     fn a_reused_pid_never_answers_for_the_process_it_replaced() {
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(std::env::var_os("CI").is_none(), "needs root (clone3 set_tid), and CI is set");
-            return eprintln!("skipped: needs root (clone3 set_tid)");
+        if !crate::testing::root_or_skip("clone3 with set_tid") {
+            return;
         }
         for _ in 0..20 {
             let first = spawn_with_pid(None, "/bin/sleep", "60").expect("spawn sleep");

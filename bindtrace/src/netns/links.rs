@@ -152,12 +152,7 @@ mod tests {
 
     /// The topology tests create namespaces, links and bridges.
     fn skip_unless_root() -> bool {
-        // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root (creates network namespaces)");
-            return true;
-        }
-        false
+        !crate::testing::root_or_skip("creates network namespaces")
     }
 
     static NS_COUNT: AtomicUsize = AtomicUsize::new(0);

@@ -139,14 +139,9 @@ pub(crate) fn pids() -> Vec<u32> {
 mod tests {
     use super::*;
 
-    fn root() -> bool {
-        unsafe { libc::geteuid() == 0 }
-    }
-
     #[test]
     fn own_namespace_has_a_stable_cookie() {
-        if !root() {
-            eprintln!("skipped: needs root (setns)");
+        if !crate::testing::root_or_skip("setns") {
             return;
         }
         let a = Netns::own().unwrap();

@@ -1,7 +1,16 @@
 //! `GET /metrics` over HTTP/1.1 (hyper), on a thread of its own with its own single-threaded
 //! runtime: the event loop does blocking /proc reads and must not delay a scrape, and a slow
 //! scraper must not delay the event loop. They share only the metric families (atomics).
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use http_body_util::Full;
 use hyper::{
@@ -21,8 +30,20 @@ pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.
 /// The Prometheus text format 0.0.4, for everything else (curl, promtool, older scrapers).
 pub(crate) const PROMETHEUS_TEXT: &str = encoding::prometheus_text::CONTENT_TYPE;
 
-/// A client that sends nothing is dropped after this long.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection whose request headers are not complete this long after it opened (or after
+/// its previous response) is closed: below Prometheus' default scrape timeout of 10 s, so a
+/// slow client cannot hold a connection longer than one scrape may wait.
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// At most this many connections are open at once. At the cap, a new connection closes the
+/// oldest one that has not completed a request yet (or, when every one has, the oldest idle
+/// keep-alive connection): a flood of idle or slow clients cannot lock out a scraper, and the
+/// server holds at most this many descriptors for clients.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+
+/// Request headers larger than this are answered with 431 and the connection closed (hyper's
+/// smallest read buffer; a scrape request is a few hundred bytes). Bodies are never read.
+pub(crate) const MAX_REQUEST_BYTES: usize = 8192;
 
 /// Serves `registry` on `listener` from a new thread, for as long as the process lives.
 pub(crate) fn spawn(listener: std::net::TcpListener, registry: Registry) -> Result<SocketAddr, MetricsError> {
@@ -42,11 +63,57 @@ pub(crate) fn spawn(listener: std::net::TcpListener, registry: Registry) -> Resu
     Ok(addr)
 }
 
+/// One open connection, as the cap sees it.
+struct Conn {
+    abort: tokio::task::AbortHandle,
+    /// Set once a request's headers were complete (hyper called the service).
+    served: Arc<AtomicBool>,
+}
+
+/// The open connections by accept order (ids only grow, so the first is the oldest).
+#[derive(Default)]
+struct Conns {
+    next_id: u64,
+    open: BTreeMap<u64, Conn>,
+}
+
+impl Conns {
+    /// Closes one connection to make room: the oldest whose headers never completed, else the
+    /// oldest of all (idle keep-alive connections wait for their next request's headers).
+    /// Returns its abort handle, to be used once the table's lock is released (the aborted
+    /// task's drop takes the lock).
+    fn evict_one(&mut self) -> Option<tokio::task::AbortHandle> {
+        let victim = self
+            .open
+            .iter()
+            .find(|(_, c)| !c.served.load(Ordering::Relaxed))
+            .or_else(|| self.open.iter().next())
+            .map(|(id, _)| *id)?;
+        self.open.remove(&victim).map(|c| c.abort)
+    }
+}
+
+/// Removes its connection from the table when the connection's task ends or is aborted.
+struct Registered {
+    conns: Arc<Mutex<Conns>>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.conns.lock() {
+            g.open.remove(&self.id);
+        }
+    }
+}
+
 async fn accept_loop(listener: std::net::TcpListener, registry: Arc<Registry>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => return log::error!("metrics: cannot serve: {e}"),
     };
+    let conns: Arc<Mutex<Conns>> = Arc::default();
+    let mut evicted = 0u64;
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -57,21 +124,52 @@ async fn accept_loop(listener: std::net::TcpListener, registry: Arc<Registry>) {
                 continue;
             }
         };
+        let lock = || conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let victim = {
+            let mut table = lock();
+            if table.open.len() >= MAX_CONNECTIONS { table.evict_one() } else { None }
+        };
+        if let Some(victim) = victim {
+            victim.abort();
+            // Let the runtime drop the aborted task (and close its socket) before the next
+            // accept: otherwise a burst of connections outpaces the closing.
+            tokio::task::yield_now().await;
+            evicted += 1;
+            if evicted.is_power_of_two() {
+                log::warn!(
+                    "metrics: {MAX_CONNECTIONS} connections open, closing the oldest idle one \
+                     ({evicted} closed so far)"
+                );
+            }
+        }
+        let id = {
+            let mut table = lock();
+            table.next_id += 1;
+            table.next_id - 1
+        };
+        let served = Arc::new(AtomicBool::new(false));
         let registry = registry.clone();
-        tokio::spawn(async move {
+        let registered = Registered { conns: conns.clone(), id };
+        let flag = served.clone();
+        let task = tokio::spawn(async move {
+            let _registered = registered;
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                flag.store(true, Ordering::Relaxed);
                 let response = respond(&registry, req.method(), req.uri().path(), req.headers());
                 async move { Ok::<_, Infallible>(response) }
             });
-            let served = http1::Builder::new()
+            let result = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_BYTES)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
-            if let Err(e) = served {
+            if let Err(e) = result {
                 log::debug!("metrics: connection ended: {e}");
             }
         });
+        // The task has not run yet (one thread): it is in the table before it can leave it.
+        lock().open.insert(id, Conn { abort: task.abort_handle(), served });
     }
 }
 
@@ -182,6 +280,26 @@ mod tests {
         assert!(!wants_openmetrics(&accept("application/openmetrics-text;version=0.0.1")));
         assert!(!wants_openmetrics(&accept("application/openmetrics-text;q=0.2, text/plain")));
         assert!(wants_openmetrics(&accept("application/openmetrics-text")));
+    }
+
+    #[test]
+    fn the_cap_closes_the_oldest_connection_without_a_request_first() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let mut c = Conns::default();
+            for (id, served) in [(0, true), (1, false), (2, false)] {
+                let task = tokio::spawn(std::future::pending::<()>());
+                c.open.insert(id, Conn { abort: task.abort_handle(), served: Arc::new(served.into()) });
+            }
+            let ids = |c: &Conns| c.open.keys().copied().collect::<Vec<_>>();
+            c.evict_one().unwrap().abort();
+            assert_eq!(ids(&c), [0, 2]);
+            c.evict_one().unwrap().abort();
+            assert_eq!(ids(&c), [0], "then the next one without a request");
+            c.evict_one().unwrap().abort();
+            assert!(ids(&c).is_empty(), "then the oldest idle keep-alive connection");
+            assert!(c.evict_one().is_none());
+        });
     }
 
     #[test]
