@@ -73,12 +73,22 @@ pub struct CountValue {
 
 /// Slots of the per-CPU `STATS` array.
 pub const STAT_RINGBUF_LOST: u32 = 0;
-/// Refusals that could not get their own key because `COUNTS` was full (counted, not lost).
+/// Refusals that could not get their own key because the active count map was full (counted,
+/// not lost: they are part of every total).
 pub const STAT_COUNT_OVERFLOW: u32 = 1;
 pub const STAT_SLOTS: u32 = 2;
 
-/// Capacity of the `COUNTS` map: (namespace, interface, port, family, proto) keys.
+/// Default capacity of each of the two count maps (`COUNTS_A`, `COUNTS_B`): (namespace,
+/// interface, port, family, proto) keys. The loader sets the real size (`--counts-size`).
 pub const COUNTS_MAX_ENTRIES: u32 = 16_384;
+/// Capacity of `OVERFLOW_SAMPLES`, the LRU map that rate-limits samples of refusals whose key
+/// found the count map full (one per key per fold window). Used for sampling only, never for
+/// counting, so an eviction costs at most an extra sample.
+pub const OVERFLOW_SAMPLE_KEYS: u32 = 4_096;
+/// Which count map the hooks count into: slot 0 of the `GENERATION` array holds 0 (`COUNTS_A`)
+/// or 1 (`COUNTS_B`). Userspace flips it, waits an RCU grace period, and then owns the other map
+/// alone (see `bindtrace/src/kernel/counts.rs`).
+pub const GENERATION_SLOTS: u32 = 1;
 /// Capacity of the `SCOPE` map: container-side interfaces on selected bridges.
 pub const SCOPE_MAX_ENTRIES: u32 = 16_384;
 
@@ -102,12 +112,17 @@ pub struct RefusalEvent {
     pub proto: u8,
     /// A [`HookKind`] value.
     pub hook: u8,
-    pub _pad0: u8,
+    /// `EVENT_*` bits.
+    pub flags: u8,
     /// Addresses in network byte order; IPv4 uses the first 4 bytes.
     pub client_addr: [u8; 16],
     pub target_addr: [u8; 16],
     pub _pad1: u32,
 }
+
+/// [`RefusalEvent::flags`]: the refusal found the count map full, so it has no count of its own
+/// (it is in `STATS[STAT_COUNT_OVERFLOW]`).
+pub const EVENT_OVERFLOW: u8 = 1;
 
 /// What the tc hook knows about a port, under the host-side veth's ifindex (in bindtrace's own
 /// namespace) in the `TC_PORTS` map: the container side the RST left from, as the other hooks

@@ -5,12 +5,13 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use aya_log_ebpf::{debug, warn};
+use aya_log_ebpf::debug;
 use bindtrace_common::{
-    BridgeId, COUNTS_MAX_ENTRIES, CountKey, CountValue, RefusalEvent, SCOPE_MAX_ENTRIES, STAT_COUNT_OVERFLOW,
-    STAT_RINGBUF_LOST, STAT_SLOTS, ScopeKey,
+    BridgeId, COUNTS_MAX_ENTRIES, CountKey, CountValue, EVENT_OVERFLOW, GENERATION_SLOTS,
+    OVERFLOW_SAMPLE_KEYS, RefusalEvent, SCOPE_MAX_ENTRIES, STAT_COUNT_OVERFLOW, STAT_RINGBUF_LOST,
+    STAT_SLOTS, ScopeKey,
 };
 
 use crate::{kernel::Ingress, packet::Segment};
@@ -19,10 +20,27 @@ use crate::{kernel::Ingress, packet::Segment};
 #[map]
 static SCOPE: HashMap<ScopeKey, BridgeId> = HashMap::with_max_entries(SCOPE_MAX_ENTRIES, 0);
 
-/// Exact refusal counts. Preallocated: an insert into a full map fails (it never evicts), and
-/// the refusal is then counted in `STATS[STAT_COUNT_OVERFLOW]` instead.
+/// Exact refusal counts, in two maps: the hooks count into the one `GENERATION` names, and
+/// userspace drains the other. A hook may hold a pointer into a preallocated element until it
+/// returns, and a deleted element is reused at once, so userspace deletes only from a map no
+/// hook can be using: the inactive one, one RCU grace period after the flip, or keys whose scope
+/// entry went one grace period ago (the protocol is in `bindtrace/src/kernel/counts.rs`). Sizes
+/// are set by the loader (`--counts-size`). A full map never evicts: the refusal is then
+/// counted in `STATS[STAT_COUNT_OVERFLOW]`.
 #[map]
-static COUNTS: PerCpuHashMap<CountKey, CountValue> = PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
+static COUNTS_A: PerCpuHashMap<CountKey, CountValue> = PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
+#[map]
+static COUNTS_B: PerCpuHashMap<CountKey, CountValue> = PerCpuHashMap::with_max_entries(COUNTS_MAX_ENTRIES, 0);
+
+/// Slot 0: 0 counts into `COUNTS_A`, 1 into `COUNTS_B`. Written by userspace only.
+#[map]
+static GENERATION: Array<u32> = Array::with_max_entries(GENERATION_SLOTS, 0);
+
+/// When each overflowing key last sent a sample (`bpf_ktime_get_ns`): sampling only. An LRU
+/// element may be recycled under a hook that still writes it; the worst case is one sample
+/// more or less for some key, never a wrong count.
+#[map]
+static OVERFLOW_SAMPLES: LruHashMap<CountKey, u64> = LruHashMap::with_max_entries(OVERFLOW_SAMPLE_KEYS, 0);
 
 /// Per-CPU counters of what could not be delivered as it happened.
 #[map]
@@ -33,7 +51,7 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_SLOTS, 0);
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// At most one event per key per CPU within this many nanoseconds (the loader sets it from
-/// `--fold-window`); the counts in `COUNTS` cover the rest.
+/// `--fold-window`); the counts cover the rest.
 #[unsafe(no_mangle)]
 static FOLD_WINDOW_NS: Global<u64> = Global::new(1_000_000_000);
 
@@ -50,6 +68,58 @@ fn bump(slot: u32) {
 pub fn in_scope(ingress: &Ingress) -> Option<BridgeId> {
     let key = ScopeKey { netns_cookie: ingress.netns_cookie, ifindex: ingress.ifindex, _pad: 0 };
     unsafe { SCOPE.get(&key) }.copied()
+}
+
+/// What counting one refusal decided.
+enum Counted {
+    /// Counted under its key; `true` when this CPU owes userspace a sample for it.
+    Keyed(bool),
+    /// The active map is full: counted in the overflow slot.
+    Overflow,
+}
+
+/// Counts one refusal of `key` in `counts`, exactly.
+#[inline(always)]
+fn count_in(counts: &PerCpuHashMap<CountKey, CountValue>, key: &CountKey, now: u64) -> Counted {
+    if let Some(value) = counts.get_ptr_mut(key) {
+        let value = unsafe { &mut *value };
+        value.count += 1;
+        if now.wrapping_sub(value.last_event_ns) >= FOLD_WINDOW_NS.load() || value.count == 1 {
+            value.last_event_ns = now;
+            return Counted::Keyed(true);
+        }
+        return Counted::Keyed(false);
+    }
+    let first = CountValue { count: 1, last_event_ns: now };
+    if counts.insert(key, &first, BPF_NOEXIST as u64).is_ok() {
+        return Counted::Keyed(true);
+    }
+    // Either another CPU created the key an instant ago (then our slot exists now) or the map
+    // is full.
+    match counts.get_ptr_mut(key) {
+        Some(value) => {
+            let value = unsafe { &mut *value };
+            value.count += 1;
+            value.last_event_ns = now;
+            Counted::Keyed(true)
+        }
+        None => Counted::Overflow,
+    }
+}
+
+/// Whether an overflowing refusal of `key` gets a sample: at most one per key per fold window.
+#[inline(always)]
+fn overflow_sample_due(key: &CountKey, now: u64) -> bool {
+    if let Some(last) = OVERFLOW_SAMPLES.get_ptr_mut(key) {
+        let last = unsafe { &mut *last };
+        if now.wrapping_sub(*last) < FOLD_WINDOW_NS.load() {
+            return false;
+        }
+        *last = now;
+        return true;
+    }
+    let _ = OVERFLOW_SAMPLES.insert(key, &now, 0);
+    true
 }
 
 /// Counts the refusal and, when this CPU has not told userspace about the key within the fold
@@ -70,33 +140,15 @@ pub fn record<C: aya_ebpf::EbpfContext>(
         proto: seg.proto,
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let send = match COUNTS.get_ptr_mut(&key) {
-        Some(value) => unsafe {
-            (*value).count += 1;
-            if now.wrapping_sub((*value).last_event_ns) >= FOLD_WINDOW_NS.load() || (*value).count == 1 {
-                (*value).last_event_ns = now;
-                true
-            } else {
-                false
-            }
-        },
-        None => {
-            let first = CountValue { count: 1, last_event_ns: now };
-            if COUNTS.insert(&key, &first, BPF_NOEXIST as u64).is_err() {
-                // Either another CPU created the key an instant ago (then our slot exists now)
-                // or the map is full (then the overflow slot takes the count).
-                match COUNTS.get_ptr_mut(&key) {
-                    Some(value) => unsafe {
-                        (*value).count += 1;
-                        (*value).last_event_ns = now;
-                    },
-                    None => {
-                        bump(STAT_COUNT_OVERFLOW);
-                        warn!(ctx, "bindtrace: COUNTS map full, refusal counted as overflow");
-                    }
-                }
-            }
-            true
+    let generation = GENERATION.get(0).copied().unwrap_or(0);
+    let counted =
+        if generation == 0 { count_in(&COUNTS_A, &key, now) } else { count_in(&COUNTS_B, &key, now) };
+    let (send, flags) = match counted {
+        Counted::Keyed(send) => (send, 0),
+        Counted::Overflow => {
+            // No log here: one line per refusal would flood the log. The slot is the report.
+            bump(STAT_COUNT_OVERFLOW);
+            (overflow_sample_due(&key, now), EVENT_OVERFLOW)
         }
     };
     if send {
@@ -108,13 +160,13 @@ pub fn record<C: aya_ebpf::EbpfContext>(
             ingress.netns_ino,
             ingress.ifindex
         );
-        emit(now, hook, ingress, bridge, seg);
+        emit(now, hook, flags, ingress, bridge, seg);
         crate::connect::want(seg.family, &seg.saddr, seg.sport, &seg.daddr, seg.dport);
     }
 }
 
 #[inline(always)]
-fn emit(now: u64, hook: u8, ingress: &Ingress, bridge: BridgeId, seg: &Segment) {
+fn emit(now: u64, hook: u8, flags: u8, ingress: &Ingress, bridge: BridgeId, seg: &Segment) {
     let Some(mut entry) = EVENTS.reserve::<RefusalEvent>(0) else {
         bump(STAT_RINGBUF_LOST);
         return;
@@ -130,7 +182,7 @@ fn emit(now: u64, hook: u8, ingress: &Ingress, bridge: BridgeId, seg: &Segment) 
         family: seg.family,
         proto: seg.proto,
         hook,
-        _pad0: 0,
+        flags,
         client_addr: seg.saddr,
         target_addr: seg.daddr,
         _pad1: 0,

@@ -7,12 +7,13 @@ use std::collections::BTreeMap;
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePoint, SchedClassifier},
 };
-use bindtrace_common::{BridgeId, CountKey, CountValue, STAT_COUNT_OVERFLOW, STAT_RINGBUF_LOST, ScopeKey};
+use bindtrace_common::{BridgeId, CountKey, STAT_COUNT_OVERFLOW, STAT_RINGBUF_LOST, ScopeKey};
 
 use crate::{
+    kernel::counts::Counts,
     kernel::hook::Hook,
     kernel::layout::KernelLayout,
     kernel::tc::{AttachError, AttachMode, TcPorts},
@@ -43,6 +44,8 @@ pub(crate) enum LoadError {
 #[derive(Debug, Clone)]
 pub(crate) struct LoadOptions {
     pub(crate) ringbuf_bytes: u32,
+    /// Keys each of the two count maps holds (`--counts-size`).
+    pub(crate) counts_size: u32,
     pub(crate) fold_window_ns: u64,
     /// aya-log level for kernel-side messages (0 = off).
     pub(crate) kernel_log_level: u8,
@@ -59,7 +62,10 @@ pub(crate) struct Loaded {
     /// Holds the programs, the link and the aya-log buffer: dropped last.
     pub(crate) ebpf: Ebpf,
     pub(crate) scope: HashMap<MapData, ScopeKey, BridgeId>,
-    pub(crate) counts: PerCpuHashMap<MapData, CountKey, CountValue>,
+    pub(crate) counts: Counts,
+    /// When each key that found the count map full last sent a sample (an LRU map): read when
+    /// samples were lost, so that such a key still gets its line.
+    pub(crate) overflow_samples: HashMap<MapData, CountKey, u64>,
     pub(crate) stats: PerCpuArray<MapData, u64>,
     pub(crate) events: Option<RingBuf<MapData>>,
     pub(crate) hook: Hook,
@@ -107,7 +113,9 @@ impl Loaded {
             .override_global("OFF_NET_NS_INUM", &layout.net_ns_inum, true)
             .override_global("FOLD_WINDOW_NS", &opts.fold_window_ns, true)
             .override_global(aya_log::LEVEL, &opts.kernel_log_level, false)
-            .map_max_entries("EVENTS", opts.ringbuf_bytes);
+            .map_max_entries("EVENTS", opts.ringbuf_bytes)
+            .map_max_entries("COUNTS_A", opts.counts_size)
+            .map_max_entries("COUNTS_B", opts.counts_size);
         // The reason values this kernel uses; u32::MAX (never a reason) for the hook not attached.
         let rst = layout.rst_reason_no_socket.unwrap_or(u32::MAX);
         let drop = layout.drop_reason_no_socket.unwrap_or(u32::MAX);
@@ -125,8 +133,18 @@ impl Loaded {
 
         let scope = take(&mut ebpf, "SCOPE")
             .and_then(|m| HashMap::try_from(m).map_err(|source| LoadError::Map { name: "SCOPE", source }))?;
-        let counts = take(&mut ebpf, "COUNTS").and_then(|m| {
-            PerCpuHashMap::try_from(m).map_err(|source| LoadError::Map { name: "COUNTS", source })
+        let count_map = |ebpf: &mut Ebpf, name: &'static str| {
+            take(ebpf, name)
+                .and_then(|m| PerCpuHashMap::try_from(m).map_err(|source| LoadError::Map { name, source }))
+        };
+        let (a, b) = (count_map(&mut ebpf, "COUNTS_A")?, count_map(&mut ebpf, "COUNTS_B")?);
+        let generation = take(&mut ebpf, "GENERATION").and_then(|m| {
+            Array::try_from(m).map_err(|source| LoadError::Map { name: "GENERATION", source })
+        })?;
+        let counts =
+            Counts::new(a, b, generation).map_err(|source| LoadError::Map { name: "GENERATION", source })?;
+        let overflow_samples = take(&mut ebpf, "OVERFLOW_SAMPLES").and_then(|m| {
+            HashMap::try_from(m).map_err(|source| LoadError::Map { name: "OVERFLOW_SAMPLES", source })
         })?;
         let stats = take(&mut ebpf, "STATS").and_then(|m| {
             PerCpuArray::try_from(m).map_err(|source| LoadError::Map { name: "STATS", source })
@@ -138,6 +156,7 @@ impl Loaded {
             ebpf,
             scope,
             counts,
+            overflow_samples,
             stats,
             events: Some(events),
             hook,
@@ -158,7 +177,7 @@ impl Loaded {
     }
 
     /// Kernel-side counters summed over CPUs: (ring-buffer reservations that failed, refusals
-    /// counted in the overflow slot because COUNTS was full).
+    /// counted in the overflow slot because the active count map was full).
     pub(crate) fn stats(&self) -> (u64, u64) {
         let sum = |slot: u32| self.stats.get(&slot, 0).map(|v| v.iter().copied().sum::<u64>()).unwrap_or(0);
         (sum(STAT_RINGBUF_LOST), sum(STAT_COUNT_OVERFLOW))
@@ -172,11 +191,6 @@ impl Loaded {
         let program = self.ebpf.program(self.hook.program())?;
         let fd = program.fd().ok()?;
         crate::kernel::prog_info::recursion_misses(fd.as_fd(), offset).ok()
-    }
-
-    /// Exact per-key totals, summed over CPUs.
-    pub(crate) fn totals(&self) -> std::collections::HashMap<CountKey, u64> {
-        self.counts.iter().filter_map(Result::ok).map(|(k, v)| (k, v.iter().map(|c| c.count).sum())).collect()
     }
 }
 

@@ -3,6 +3,7 @@
 //! and the privileges all that takes.
 pub(crate) mod btf;
 pub(crate) mod clock;
+pub(crate) mod counts;
 pub(crate) mod hook;
 pub(crate) mod layout;
 pub(crate) mod loader;
