@@ -47,6 +47,22 @@ pub(crate) struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024, value_parser = parse_ringbuf_size)]
     pub(crate) ringbuf_size: u32,
 
+    /// Keys (namespace, interface, port) each of the kernel's two count maps holds. Keys leave
+    /// the kernel when idle or when their port leaves scope; refusals that find the map full
+    /// still get a line, of unknown count, and are counted as overflow.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = bindtrace_common::COUNTS_MAX_ENTRIES,
+        value_parser = clap::value_parser!(u32).range(16..=4_194_304)
+    )]
+    pub(crate) counts_size: u32,
+
+    /// How long a key may go unrefused before the kernel map lets it go (its count stays
+    /// exact: userspace keeps it until its lines are written). Tests and the soak shorten it.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration, hide = true)]
+    pub(crate) idle_key_after: Duration,
+
     /// Repeated refusals of one namespace and port within this window fold into one line with a
     /// count (e.g. 500ms, 1s, 2s).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_window)]

@@ -46,6 +46,9 @@ pub(super) const CLIENT_CONTAINER_WAIT: Duration = Duration::from_millis(500);
 pub(super) const ATTRIBUTION_POLL: Duration = Duration::from_millis(2);
 /// Samples older than this get no retry (folded lines; their flows are long recorded).
 pub(super) const FRESH_SAMPLE: Duration = Duration::from_millis(500);
+/// Flips forced by a full count map come at most this often (each waits a grace period and
+/// drains a map).
+pub(super) const MIN_FLIP_GAP: Duration = Duration::from_millis(250);
 
 /// Everything set up before the loop, in the order it must be checked.
 pub(crate) struct Detector {
@@ -55,6 +58,7 @@ pub(crate) struct Detector {
     pub(super) ports: BTreeMap<ScopeKey, Port>,
     pub(super) departed: HashMap<ScopeKey, (Port, Instant)>,
     pub(super) folder: Folder,
+    pub(super) keys: KeyLifecycle,
     pub(super) hook_name: &'static str,
     pub(super) lost_reported: u64,
     pub(super) recursion_reported: u64,
@@ -86,7 +90,41 @@ impl Detector {
     }
 
     pub(super) fn key_total(&self, key: &CountKey) -> u64 {
-        self.loaded.counts.get(key, 0).map(|v| v.iter().map(|c| c.count).sum()).unwrap_or(0)
+        self.loaded.counts.total(key)
+    }
+}
+
+/// When count keys leave the kernel (see `kernel/counts.rs` for how, and `app/key_sync.rs`).
+pub(crate) struct KeyLifecycle {
+    /// A key unrefused for this long leaves the kernel at the next flip, and userspace forgets
+    /// it once its lines are written.
+    pub(super) idle_after: Duration,
+    pub(super) next_flip: Instant,
+    /// The overflow total at the last flip: when it grows, the active map is full, so flip now.
+    pub(super) overflow_at_flip: u64,
+    /// When a refusal first found the map full (for the lines of unknown count).
+    pub(super) overflow_since: Option<std::time::SystemTime>,
+    /// The counts of every line written since start: keys are forgotten, this is not.
+    pub(super) counted_in_lines: u64,
+    /// Lines for overflowing keys whose samples were lost.
+    pub(super) overflow_lines: crate::sources::overflow::OverflowLines,
+    pub(super) last_flip: Option<Instant>,
+    /// The overflow total the log last mentioned.
+    pub(super) overflow_logged: u64,
+}
+
+impl KeyLifecycle {
+    pub(crate) fn new(idle_after: Duration) -> KeyLifecycle {
+        KeyLifecycle {
+            idle_after,
+            next_flip: Instant::now() + idle_after,
+            overflow_at_flip: 0,
+            overflow_since: None,
+            counted_in_lines: 0,
+            overflow_lines: Default::default(),
+            last_flip: None,
+            overflow_logged: 0,
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use bindtrace_common::EVENT_OVERFLOW;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -135,9 +136,18 @@ impl Detector {
     ) -> anyhow::Result<()> {
         let now = Instant::now();
         let mut lines = Vec::new();
+        let mut overflowed = false;
         for ev in samples {
+            if ev.flags & EVENT_OVERFLOW != 0 {
+                self.keys.overflow_lines.on_sample(key_of(&ev), ev.ktime_ns);
+                overflowed = true;
+            }
             let total = self.key_total(&key_of(&ev));
             lines.extend(self.folder.on_event(ev, total, now));
+        }
+        if overflowed {
+            // The active map is full: make room now rather than at the next idle pass.
+            self.sync_keys(now, self.loaded.stats().1);
         }
         self.print(out, &lines).await
     }
@@ -151,12 +161,16 @@ impl Detector {
             // Otherwise every key announced itself with a sample, and closed windows are
             // read one key at a time below: a pass over 10 000 keys takes ~40 ms of syscalls.
             let stats = self.loaded.stats();
-            if stats.0 > self.lost_reported || self.folder.awaiting_samples() {
-                let totals = self.loaded.totals();
+            let samples_lost = stats.0 > self.lost_reported;
+            if samples_lost || self.folder.awaiting_samples() {
+                let totals = self.loaded.counts.totals();
                 let lines = self.folder.on_totals(&totals, now, false);
                 self.print(out, &lines).await?;
             }
+            let lines = self.overflow_lines(samples_lost, stats.1);
+            self.print(out, &lines).await?;
             self.report_lost(out, stats)?;
+            self.sync_keys(now, stats.1);
             self.recheck_loopback(now);
             at.next_full = now + IDLE_POLL;
         }
@@ -174,24 +188,38 @@ impl Detector {
 
     /// After the loop: nothing counted stays unprinted, then the summary and the detach.
     async fn finish<W: Write>(mut self, out: &mut Output<W>) -> anyhow::Result<()> {
-        let totals = self.loaded.totals();
+        let totals = self.loaded.counts.totals();
         let lines = self.folder.on_totals(&totals, Instant::now(), true);
         self.print(out, &lines).await?;
-        self.report_lost(out, self.loaded.stats())?;
-        let total: u64 = totals.values().sum();
-        match self.loaded.recursion_misses() {
-            Some(0) => {
-                log::info!("detaching; {total} refusals counted since start (exact: the hook never skipped)")
-            }
-            Some(m) => log::info!(
-                "detaching; {total} refusals counted since start (a lower bound: the kernel skipped the hook {m} times)"
-            ),
-            None => log::info!("detaching; {total} refusals counted since start"),
-        }
+        let stats = self.loaded.stats();
+        self.report_lost(out, stats)?;
+        log::info!(
+            "detaching; {}",
+            summary(self.keys.counted_in_lines, stats.1, self.loaded.recursion_misses())
+        );
         drop(self);
         eprintln!("bindtrace: detached");
         Ok(())
     }
+}
+
+/// The exit summary's figures: every refusal counted (per key, plus those that found the map
+/// full), and whether that is exact.
+fn summary(keyed: u64, overflow: u64, recursion_misses: Option<u64>) -> String {
+    let total = keyed + overflow;
+    let split = if overflow > 0 {
+        format!(
+            " ({keyed} with their own count, {overflow} found the count map full and are counted without a key)"
+        )
+    } else {
+        String::new()
+    };
+    let exactness = match recursion_misses {
+        Some(0) => " (exact: the hook never skipped)".to_owned(),
+        Some(m) => format!(" (a lower bound: the kernel skipped the hook {m} times)"),
+        None => " (exact unless the kernel skipped the hook: this kernel does not say)".to_owned(),
+    };
+    format!("{total} refusals counted since start{exactness}{split}")
 }
 
 /// Resolves when the Docker state changed (never without Docker, or once the watcher is gone).

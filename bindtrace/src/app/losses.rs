@@ -40,8 +40,13 @@ impl Detector {
             })?;
             self.recursion_reported = misses;
         }
-        if overflow > 0 {
-            log::warn!("{overflow} refusals did not fit in the COUNTS map (counted as overflow)");
+        // Said when it grows, with the total: never once per refusal or per second.
+        if overflow > self.keys.overflow_logged {
+            log::warn!(
+                "{overflow} refusals since start found the kernel's count map full (--counts-size keys): \
+                 counted without a key of their own, their lines say \"count unknown\""
+            );
+            self.keys.overflow_logged = overflow;
         }
         Ok(())
     }

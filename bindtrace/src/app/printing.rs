@@ -67,6 +67,11 @@ impl Detector {
             &report.listeners,
         );
         report.docker = ctx;
+        self.keys.counted_in_lines += line.count.unwrap_or(0);
+        if line.count.is_none() {
+            self.keys.overflow_since.get_or_insert_with(std::time::SystemTime::now);
+            report.count_unknown = Some(self.count_unknown());
+        }
         if let Some(m) = &mut self.metrics {
             m.on_line(&line.key, &report);
         }

@@ -1,8 +1,9 @@
 //! Keeping the scope current: the watched bridges' ports in the kernel's SCOPE map (and the tc
 //! attachments), and their address prefixes in the connect tracker and conntrack.
-use std::time::Instant;
+use std::{collections::HashSet, time::Instant};
 
 use anyhow::Context as _;
+use bindtrace_common::ScopeKey;
 
 use super::detector::{DEPARTED_GRACE, Detector};
 use crate::netns::prefixes;
@@ -12,7 +13,8 @@ impl Detector {
     pub(super) fn rescan(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
         let fresh = self.resolver.resolve(&self.bridges).context("resolving bridge ports")?;
-        for key in self.ports.keys().filter(|k| !fresh.contains_key(k)).copied().collect::<Vec<_>>() {
+        let gone: HashSet<ScopeKey> = self.ports.keys().filter(|k| !fresh.contains_key(k)).copied().collect();
+        for &key in &gone {
             if let Err(e) = self.loaded.scope.remove(&key) {
                 log::warn!("removing {key:?} from scope: {e}");
             }
@@ -36,6 +38,8 @@ impl Detector {
         self.ports = fresh;
         // The tc hook follows the same scope, per port (a no-op for the tracepoint hooks).
         self.loaded.sync_tc(&self.ports)?;
+        // No hook can count for the departed ports any more: their keys may leave the kernel.
+        self.retire_keys(&gone);
         self.departed.retain(|_, (_, since)| now.duration_since(*since) < DEPARTED_GRACE);
         self.refresh_prefixes();
         Ok(())

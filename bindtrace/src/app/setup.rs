@@ -11,7 +11,7 @@ use anyhow::Context as _;
 
 use super::{
     cli::Args,
-    detector::{Detector, DockerSide},
+    detector::{Detector, DockerSide, KeyLifecycle},
 };
 use crate::{
     attribution::connect::ConnectTracker,
@@ -55,6 +55,7 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
     let aya_btf = aya::Btf::from_sys_fs().context("loading /sys/kernel/btf/vmlinux")?;
     let opts = LoadOptions {
         ringbuf_bytes: args.ringbuf_size,
+        counts_size: args.counts_size,
         fold_window_ns: args.fold_window.as_nanos() as u64,
         kernel_log_level: kernel_log_level(),
         globals: match &sock_layout {
@@ -71,6 +72,14 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
             hook.program(),
             tc_mode.name()
         ),
+    }
+    if !loaded.counts.lifecycle() {
+        log::warn!(
+            "this kernel cannot wait for an RCU grace period here (membarrier without \
+             MEMBARRIER_CMD_GLOBAL, as with nohz_full CPUs): count keys are never deleted, so once \
+             {} keys were refused, further new keys are counted as overflow",
+            args.counts_size
+        );
     }
     let connect = attach_connect_tracker(&mut loaded, &aya_btf, sock_layout.as_ref().map(|_| ()));
     // Everything is loaded: from here on, in this thread and every thread started after it,
@@ -95,6 +104,7 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
         ports: BTreeMap::new(),
         departed: HashMap::new(),
         folder: Folder::new(args.fold_window),
+        keys: KeyLifecycle::new(args.idle_key_after),
         hook_name: hook.name(),
         lost_reported: 0,
         recursion_reported: 0,

@@ -89,6 +89,8 @@ pub(crate) fn report(
         listeners,
         listeners_omitted,
         count: line.count,
+        // Filled in by the caller, which knows the overflow total.
+        count_unknown: None,
         docker: Default::default(),
     }
 }

@@ -47,12 +47,26 @@ pub(crate) struct Report {
     /// Listeners not listed (beyond [`bounds::LISTENERS`](crate::bounds::LISTENERS)).
     #[serde(skip_serializing_if = "is_zero")]
     pub(crate) listeners_omitted: usize,
-    /// Refusals this line stands for (exact: from the kernel's counters).
-    pub(crate) count: u64,
+    /// Refusals this line stands for (exact: from the kernel's counters); null when the
+    /// refusal found the count map full (then `count_unknown` says so).
+    pub(crate) count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) count_unknown: Option<CountUnknown>,
     pub(crate) hint: String,
     /// Which container, which published port, how the connection got there.
     #[serde(flatten)]
     pub(crate) docker: DockerContext,
+}
+
+/// Why a line has no count: the refusal found the kernel's count map full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct CountUnknown {
+    /// `map_full`.
+    pub(crate) reason: &'static str,
+    /// Refusals counted only in the overflow total, since `since` (exact).
+    pub(crate) overflowed: u64,
+    /// RFC 3339: when the first refusal found the map full.
+    pub(crate) since: String,
 }
 
 /// The Docker side of a refusal (every field null when unknown: no Docker, or not a container).

@@ -17,7 +17,14 @@ pub(crate) fn refusal(r: &Report) -> String {
         Some(ip) => endpoint(ip, r.target_port),
         None => format!("port {}", r.target_port),
     };
-    let count = if r.count > 1 { format!(" [x{}]", r.count) } else { String::new() };
+    let count = match (r.count, &r.count_unknown) {
+        (Some(n), _) if n > 1 => format!(" [x{n}]"),
+        (Some(_), _) => String::new(),
+        (None, Some(u)) => {
+            format!(" [count unknown: map full, {} refusals overflowed since {}]", u.overflowed, u.since)
+        }
+        (None, None) => " [count unknown]".into(),
+    };
     match &r.docker.container {
         // `TIME refused CLIENT -> TARGET/tcp on BRIDGE [xN]: container NAME (ID, image IMG)
         //  port P published on H:P via HOW: VERDICT: HINT`

@@ -5,18 +5,22 @@
 //! sample (with the client's address), and samples may be lost when the ring buffer is full.
 //! Each line carries the increase of the key's total since the previous line, so per key the
 //! `count`s of all lines add up to the kernel's total, whatever was lost on the way.
+//!
+//! A refusal that found the kernel's count map full has no total: its sample (rate-limited per
+//! key by the kernel) becomes a line whose count is unknown, and keeps no state here.
 use std::{
     collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
-use bindtrace_common::{CountKey, RefusalEvent};
+use bindtrace_common::{CountKey, EVENT_OVERFLOW, RefusalEvent};
 
 /// One line to print: `count` refusals of `key`, with the latest sample seen for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Line {
     pub(crate) key: CountKey,
-    pub(crate) count: u64,
+    /// None: the refusal found the count map full and is counted only in the overflow total.
+    pub(crate) count: Option<u64>,
     pub(crate) sample: Option<RefusalEvent>,
 }
 
@@ -25,6 +29,8 @@ struct KeyState {
     /// Sum of the counts already printed.
     reported: u64,
     last_line: Option<Instant>,
+    /// Last time a sample arrived or the total grew: keys idle long enough are forgotten.
+    last_active: Option<Instant>,
     sample: Option<RefusalEvent>,
     /// The count was read after the window of `last_line` closed: nothing is due for this key
     /// until a new sample arrives (the kernel sends one for the first refusal after a window).
@@ -68,10 +74,14 @@ impl Folder {
     /// one within the window.
     pub(crate) fn on_event(&mut self, ev: RefusalEvent, total: u64, now: Instant) -> Option<Line> {
         let key = key_of(&ev);
+        if ev.flags & EVENT_OVERFLOW != 0 {
+            return Some(Line { key, count: None, sample: Some(ev) });
+        }
         self.map_only.remove(&key);
         let state = self.keys.entry(key).or_default();
         state.sample = Some(ev);
         state.settled = false;
+        state.last_active = Some(now);
         if state.in_window(self.window, now) || total <= state.reported {
             return None;
         }
@@ -79,9 +89,10 @@ impl Folder {
     }
 
     fn take_line(key: CountKey, state: &mut KeyState, total: u64, now: Instant) -> Line {
-        let line = Line { key, count: total - state.reported, sample: state.sample };
+        let line = Line { key, count: Some(total - state.reported), sample: state.sample };
         state.reported = total;
         state.last_line = Some(now);
+        state.last_active = Some(now);
         state.settled = false;
         line
     }
@@ -134,6 +145,38 @@ impl Folder {
         lines
     }
 
+    /// Keys with no sample and no new count for `idle` or longer, whose every refusal up to
+    /// `reported` has its line: candidates for [`Folder::forget`] once the caller has checked
+    /// that the kernel holds nothing more for them.
+    pub(crate) fn idle(&self, idle: Duration, now: Instant) -> Vec<(CountKey, u64)> {
+        self.keys
+            .iter()
+            .filter(|(k, s)| {
+                !self.map_only.contains(k)
+                    && s.last_active.is_none_or(|t| now.duration_since(t) >= idle)
+                    && !s.in_window(self.window, now)
+            })
+            .map(|(k, s)| (*k, s.reported))
+            .collect()
+    }
+
+    /// Drops a key: if it is refused again it is new, and its lines count from zero.
+    pub(crate) fn forget(&mut self, key: &CountKey) {
+        self.keys.remove(key);
+        self.map_only.remove(key);
+    }
+
+    /// Keys with state (a gauge for the operator, and for the soak).
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Gives memory back after a large forget.
+    pub(crate) fn shrink(&mut self) {
+        self.keys.shrink_to_fit();
+        self.map_only.shrink_to_fit();
+    }
+
     /// Whether a full pass found keys whose sample has not arrived yet (the next pass decides).
     pub(crate) fn awaiting_samples(&self) -> bool {
         !self.map_only.is_empty()
@@ -165,14 +208,14 @@ mod tests {
         let t0 = Instant::now();
         let mut f = Folder::new(Duration::from_secs(1));
         let first = f.on_event(ev(80), 1, t0).expect("first line at once");
-        assert_eq!(first.count, 1);
+        assert_eq!(first.count, Some(1));
         assert_eq!(f.on_event(ev(80), 2, t0 + Duration::from_millis(10)), None);
         assert_eq!(f.on_event(ev(80), 5, t0 + Duration::from_millis(20)), None);
         let totals = HashMap::from([(key_of(&ev(80)), 5)]);
         assert!(f.on_totals(&totals, t0 + Duration::from_millis(500), false).is_empty());
         let lines = f.on_totals(&totals, t0 + Duration::from_millis(1001), false);
         assert_eq!(lines.len(), 1);
-        assert_eq!(lines[0].count, 4);
+        assert_eq!(lines[0].count, Some(4));
         assert!(f.on_totals(&totals, t0 + Duration::from_secs(5), false).is_empty());
     }
 
@@ -186,12 +229,16 @@ mod tests {
         for (i, total) in [3u64, 10, 11, 40, 41, 100].into_iter().enumerate() {
             let now = t0 + Duration::from_millis(70 * i as u64);
             if i % 2 == 0 {
-                printed += f.on_event(ev(80), total, now).map_or(0, |l| l.count);
+                printed += f.on_event(ev(80), total, now).and_then(|l| l.count).unwrap_or(0);
             }
-            printed +=
-                f.on_totals(&HashMap::from([(k, total)]), now, false).iter().map(|l| l.count).sum::<u64>();
+            printed += f
+                .on_totals(&HashMap::from([(k, total)]), now, false)
+                .iter()
+                .filter_map(|l| l.count)
+                .sum::<u64>();
         }
-        printed += f.on_totals(&HashMap::from([(k, 100)]), t0, true).iter().map(|l| l.count).sum::<u64>();
+        printed +=
+            f.on_totals(&HashMap::from([(k, 100)]), t0, true).iter().filter_map(|l| l.count).sum::<u64>();
         assert_eq!(printed, 100);
     }
 
@@ -203,7 +250,7 @@ mod tests {
         // The sample may still be on its way: not yet.
         assert!(f.on_totals(&HashMap::from([(k, 9)]), t0, false).is_empty());
         let lines = f.on_totals(&HashMap::from([(k, 9)]), t0 + Duration::from_secs(1), false);
-        assert_eq!(lines, vec![Line { key: k, count: 9, sample: None }]);
+        assert_eq!(lines, vec![Line { key: k, count: Some(9), sample: None }]);
     }
 
     #[test]
@@ -228,7 +275,7 @@ mod tests {
         let later = t0 + Duration::from_secs(1);
         assert_eq!(f.due(later), vec![k]);
         // Folded refusals: a line, and a new window.
-        assert_eq!(f.on_key_total(k, 7, later).map(|l| l.count), Some(6));
+        assert_eq!(f.on_key_total(k, 7, later).and_then(|l| l.count), Some(6));
         assert_eq!(f.next_deadline(), Some(later + Duration::from_secs(1)));
         // Nothing new: settled, no more deadlines for it.
         let end = later + Duration::from_secs(1);
@@ -237,7 +284,7 @@ mod tests {
         assert!(f.due(end).is_empty());
         assert_eq!(f.next_deadline(), None);
         // A new sample after the window: a line at once.
-        assert_eq!(f.on_event(ev(80), 8, end + Duration::from_secs(3)).map(|l| l.count), Some(1));
+        assert_eq!(f.on_event(ev(80), 8, end + Duration::from_secs(3)).and_then(|l| l.count), Some(1));
     }
 
     #[test]
@@ -248,5 +295,33 @@ mod tests {
         assert!(f.on_totals(&HashMap::from([(k, 1)]), t0, false).is_empty());
         assert_eq!(f.on_totals(&HashMap::from([(k, 1)]), t0, false).len(), 1);
         assert_eq!(f.on_event(ev(80), 1, t0 + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn an_overflowing_refusal_gets_a_line_of_unknown_count_and_no_state() {
+        let t0 = Instant::now();
+        let mut f = Folder::new(Duration::from_secs(1));
+        let overflow = RefusalEvent { flags: EVENT_OVERFLOW, ..ev(9000) };
+        let line = f.on_event(overflow, 0, t0).expect("a line at once");
+        assert_eq!(line.count, None);
+        assert!(line.sample.is_some());
+        assert_eq!(f.len(), 0);
+        assert!(f.on_totals(&HashMap::new(), t0, true).is_empty());
+    }
+
+    #[test]
+    fn idle_keys_are_offered_for_forgetting_only_after_their_lines() {
+        let t0 = Instant::now();
+        let mut f = Folder::new(Duration::from_secs(1));
+        let k = key_of(&ev(80));
+        f.on_event(ev(80), 1, t0).expect("first line");
+        let idle = Duration::from_secs(10);
+        assert!(f.idle(idle, t0 + Duration::from_secs(9)).is_empty());
+        assert_eq!(f.idle(idle, t0 + Duration::from_secs(10)), vec![(k, 1)]);
+        f.forget(&k);
+        assert_eq!(f.len(), 0);
+        // Back after being forgotten: a new key, counted from zero.
+        let line = f.on_event(ev(80), 1, t0 + Duration::from_secs(11)).expect("a new first line");
+        assert_eq!(line.count, Some(1));
     }
 }

@@ -5,4 +5,5 @@ pub(crate) mod docker;
 pub(crate) mod fold;
 pub(crate) mod kernel_log;
 pub(crate) mod link_events;
+pub(crate) mod overflow;
 pub(crate) mod ring;

@@ -139,6 +139,13 @@ struct StageLabels {
     stage: &'static str,
 }
 
+/// Where a count key is held: `kernel` (in the two count maps, at their last walk) or
+/// `userspace` (drained from the kernel, kept until its lines are written and it is idle).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct HeldLabels {
+    held: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
 struct CapLabels {
     cap: &'static str,
@@ -189,6 +196,7 @@ pub(crate) struct Metrics {
     lost: Family<StageLabels, Counter>,
     folded: Family<CapLabels, Counter>,
     loopback: Family<ListenerLabels, Gauge>,
+    keys: Family<HeldLabels, Gauge>,
     limits: Limits,
     /// Label sets that have their own series (the `other` series is not among them).
     series: HashSet<RefusalLabels>,
@@ -217,6 +225,7 @@ impl Metrics {
             lost: Family::default(),
             folded: Family::default(),
             loopback: Family::default(),
+            keys: Family::default(),
             limits,
             series: HashSet::new(),
             ports: HashMap::new(),
@@ -244,7 +253,8 @@ impl Metrics {
             "bindtrace_events_lost",
             "What did not get a line of its own: samples the kernel ring buffer could not take \
              (kernel_ringbuf), refusals folded into another line's count (fold_window), refusals \
-             that found the COUNTS map full (counts_map_full); every one is still counted in \
+             that found the kernel's count map full (counts_map_full: their lines say \
+             \"count unknown\"); every one is still counted in \
              bindtrace_refused_connections_total. Hook invocations the kernel skipped \
              (kernel_recursion) are not",
             m.lost.clone(),
@@ -255,6 +265,16 @@ impl Metrics {
              container_ports (--metrics-max-ports) or series (--metrics-max-series)",
             m.folded.clone(),
         );
+        registry.register(
+            "bindtrace_count_keys",
+            "Count keys (namespace, interface, port) bindtrace holds: in the kernel's two count maps \
+             (held=kernel, at their last walk; each holds --counts-size) and drained into userspace \
+             (held=userspace, until their lines are written and they are idle)",
+            m.keys.clone(),
+        );
+        for held in ["kernel", "userspace"] {
+            let _ = m.keys.get_or_create(&HeldLabels { held });
+        }
         let build = Info::new(BuildLabels {
             version: env!("CARGO_PKG_VERSION"),
             hook,
@@ -276,20 +296,30 @@ impl Metrics {
 
     /// A line was written: its count goes to its labels (or `other`), and the loopback-only
     /// listeners it names are tracked.
+    /// A line of unknown count (the map was full) adds nothing: its refusal is in the overflow
+    /// total, which `on_kernel_stats` adds under `other`.
     pub(crate) fn on_line(&mut self, key: &CountKey, report: &Report) {
-        let (labels, folded_by) = self.admit(RefusalLabels::of(report));
-        self.refused.get_or_create(&labels).inc_by(report.count);
-        if let Some(cap) = folded_by {
-            self.folded.get_or_create(&CapLabels { cap }).inc_by(report.count);
-        }
-        if report.count > 1 {
-            self.lost.get_or_create(&StageLabels { stage: STAGE_FOLD_WINDOW }).inc_by(report.count - 1);
+        if let Some(count) = report.count {
+            let (labels, folded_by) = self.admit(RefusalLabels::of(report));
+            self.refused.get_or_create(&labels).inc_by(count);
+            if let Some(cap) = folded_by {
+                self.folded.get_or_create(&CapLabels { cap }).inc_by(count);
+            }
+            if count > 1 {
+                self.lost.get_or_create(&StageLabels { stage: STAGE_FOLD_WINDOW }).inc_by(count - 1);
+            }
         }
         self.track(key, report);
     }
 
+    /// How many count keys are held where (see [`HeldLabels`]).
+    pub(crate) fn on_count_keys(&mut self, kernel: usize, userspace: usize) {
+        self.keys.get_or_create(&HeldLabels { held: "kernel" }).set(kernel as i64);
+        self.keys.get_or_create(&HeldLabels { held: "userspace" }).set(userspace as i64);
+    }
+
     /// The kernel's cumulative counters (ring-buffer reservations that failed, refusals counted
-    /// in the overflow slot because COUNTS was full), read just now.
+    /// in the overflow slot because the active count map was full), read just now.
     pub(crate) fn on_kernel_stats(&mut self, ringbuf_lost: u64, overflow: u64, recursion_misses: u64) {
         if recursion_misses > self.recursion_seen {
             self.lost
@@ -498,7 +528,8 @@ mod tests {
                 pids_omitted: 0,
             }],
             listeners_omitted: 0,
-            count,
+            count: Some(count),
+            count_unknown: None,
             hint: String::new(),
             docker: Default::default(),
         }
