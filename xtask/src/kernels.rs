@@ -53,7 +53,7 @@ struct Kernel {
     /// ABI of the BTF fixture (see bindtrace/testdata/btf/README.md).
     abi: &'static str,
     fixture: &'static str,
-    /// Hooks bindtrace must accept on it (facts from ../shared/toolchain.md, and the fixtures).
+    /// Hooks bindtrace must accept on it (what each kernel provides, docs/kernels.md, and the fixtures).
     expect: &'static [&'static str],
 }
 
