@@ -58,6 +58,21 @@ pub(crate) struct Args {
     )]
     pub(crate) counts_size: u32,
 
+    /// Ports (a container's interface on a watched bridge) the kernel's scope map holds. Ports
+    /// beyond it are not watched until others leave; that is logged and counted in
+    /// bindtrace_errors_total{stage="scope"}.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = bindtrace_common::SCOPE_MAX_ENTRIES,
+        value_parser = clap::value_parser!(u32).range(1..=1_048_576)
+    )]
+    pub(crate) scope_size: u32,
+
+    /// SO_RCVBUF of the link-notification socket; tests make it tiny to force overruns.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::sources::link_events::WATCH_RCVBUF, hide = true)]
+    pub(crate) link_events_rcvbuf: u32,
+
     /// How long a key may go unrefused before the kernel map lets it go (its count stays
     /// exact: userspace keeps it until its lines are written). Tests and the soak shorten it.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration, hide = true)]

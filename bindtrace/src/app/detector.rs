@@ -65,6 +65,10 @@ pub(crate) struct Detector {
     /// None with --no-metrics.
     pub(super) metrics: Option<Metrics>,
     pub(super) docker: DockerSide,
+    /// SO_RCVBUF asked for on the link-notification socket (hidden `--link-events-rcvbuf`).
+    pub(super) link_rcvbuf: u32,
+    /// Transient failures since start, and when to retry (see `app/hiccups.rs`).
+    pub(super) hiccups: super::hiccups::Hiccups,
 }
 
 /// What the Docker integration adds: containers and networks from the Engine API, who

@@ -33,7 +33,7 @@ impl Detector {
         }
         self.docker.inventory = Some(inv.clone());
         if added {
-            self.rescan()?;
+            self.rescan_or_retry();
         }
         if state.is_up() {
             self.docker.auditor.on_inventory(&inv, Instant::now());

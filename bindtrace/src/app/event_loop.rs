@@ -22,7 +22,11 @@ use crate::{
     netns::scope,
     sinks::output::Output,
     sources::{
-        docker::watch::DockerState, fold::key_of, kernel_log::KernelLog, link_events::LinkWatcher, ring,
+        docker::watch::DockerState,
+        fold::key_of,
+        kernel_log::KernelLog,
+        link_events::{LinkChanges, LinkWatcher},
+        ring,
     },
 };
 
@@ -44,7 +48,7 @@ impl Detector {
         // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer, so the fd
         // stays open for as long as it is registered.
         let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
-        let mut links = LinkWatcher::new().context("subscribing to link changes")?;
+        let mut links = Some(LinkWatcher::new(self.link_rcvbuf).context("subscribing to link changes")?);
         let mut kernel_log = KernelLog::new(&mut self.loaded.ebpf);
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
@@ -75,17 +79,21 @@ impl Detector {
                     self.run_audits(out)?;
                 }
                 _ = sleep_until_opt(audit_at) => self.run_audits(out)?,
-                changed = links.changed() => {
-                    changed.context("reading link notifications")?;
+                changed = link_changes(&mut links) => {
                     tokio::time::sleep(RESCAN_DEBOUNCE).await;
                     // Drain what arrived during the pause: one rescan covers the burst.
-                    let _ = tokio::time::timeout(Duration::ZERO, links.changed()).await;
-                    self.rescan()?;
+                    let more = match links.as_mut() {
+                        Some(l) => tokio::time::timeout(Duration::ZERO, l.changed()).await.ok(),
+                        None => None,
+                    };
+                    self.on_link_changes(&mut links, [Some(changed), more].into_iter().flatten());
+                    self.rescan_or_retry();
                 }
                 _ = kernel_log.readable() => kernel_log.flush(),
                 fired = poll_timer.wait() => fired.context("waiting on the poll timer")?,
             }
             self.on_wake(out, &mut at).await?;
+            self.retry_hiccups(&mut links, Instant::now());
         }
         self.finish(out).await
     }
@@ -220,6 +228,15 @@ fn summary(keyed: u64, overflow: u64, recursion_misses: Option<u64>) -> String {
         None => " (exact unless the kernel skipped the hook: this kernel does not say)".to_owned(),
     };
     format!("{total} refusals counted since start{exactness}{split}")
+}
+
+/// The link watcher's next wake-up; never while there is no watcher (it failed, and the retry
+/// that makes a new one is pending).
+async fn link_changes(links: &mut Option<LinkWatcher>) -> std::io::Result<LinkChanges> {
+    match links.as_mut() {
+        Some(l) => l.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when the Docker state changed (never without Docker, or once the watcher is gone).

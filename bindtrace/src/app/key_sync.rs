@@ -8,7 +8,10 @@ use std::{
 
 use bindtrace_common::ScopeKey;
 
-use super::detector::{Detector, MIN_FLIP_GAP};
+use super::{
+    detector::{Detector, MIN_FLIP_GAP},
+    hiccups::Stage,
+};
 use crate::{diagnose::report::CountUnknown, sources::fold::Line};
 
 impl Detector {
@@ -23,15 +26,20 @@ impl Detector {
             && self.keys.last_flip.is_none_or(|t| now.duration_since(t) >= MIN_FLIP_GAP);
         if self.loaded.counts.lifecycle() && (full || now >= self.keys.next_flip) {
             match self.loaded.counts.flip() {
-                Ok(moved) => log::debug!(
-                    "count maps flipped{}: {} idle keys ({} refusals) moved to userspace",
-                    if full { " (the active map was full)" } else { "" },
-                    moved.keys,
-                    moved.refusals
-                ),
-                Err(e) => {
-                    log::warn!("flipping the count maps: {e} (keys stay in the kernel until the next try)")
+                Ok(moved) => {
+                    self.hiccups.succeeded(Stage::CountFlip);
+                    log::debug!(
+                        "count maps flipped{}: {} idle keys ({} refusals) moved to userspace",
+                        if full { " (the active map was full)" } else { "" },
+                        moved.keys,
+                        moved.refusals
+                    )
                 }
+                Err(e) => self.hiccup(
+                    Stage::CountFlip,
+                    1,
+                    format_args!("flipping the count maps: {e} (keys stay in the kernel until the next try)"),
+                ),
             }
             self.keys.overflow_at_flip = overflow;
             self.keys.next_flip = now + self.keys.idle_after;

@@ -5,14 +5,46 @@ use std::{collections::HashSet, time::Instant};
 use anyhow::Context as _;
 use bindtrace_common::ScopeKey;
 
-use super::detector::{DEPARTED_GRACE, Detector};
-use crate::netns::prefixes;
+use super::{
+    detector::{DEPARTED_GRACE, Detector},
+    hiccups::Stage,
+};
+use crate::{
+    netns::prefixes,
+    sources::link_events::{LinkChanges, LinkWatcher},
+};
+
+/// What one rescan could not do (each already counted and logged as a hiccup).
+#[derive(Debug, Default)]
+pub(super) struct RescanGaps {
+    /// Ports the SCOPE map had no room for.
+    pub(super) scope_full: usize,
+    /// Ports the tc hook could not be attached to, and how many it is attached to.
+    pub(super) tc_failed: usize,
+    pub(super) tc_attached: usize,
+}
 
 impl Detector {
-    /// Recomputes the scope and brings the kernel's SCOPE map in line with it.
-    pub(super) fn rescan(&mut self) -> anyhow::Result<()> {
+    /// Recomputes the scope and brings the kernel's SCOPE map in line with it. An error means
+    /// the ports could not be listed at all (the scope stays as it was); what failed for single
+    /// ports is counted, logged and tried again at the next rescan, which a backoff schedules.
+    pub(super) fn rescan(&mut self) -> anyhow::Result<RescanGaps> {
         let now = Instant::now();
-        let fresh = self.resolver.resolve(&self.bridges).context("resolving bridge ports")?;
+        let resolved = self.resolver.resolve(&self.bridges).context("listing the watched bridges' ports")?;
+        let mut fresh = resolved.ports;
+        // A port whose namespace could not be opened is not watched yet: the retry tries again.
+        match resolved.skipped.first() {
+            Some((ifname, e)) => self.hiccup(
+                Stage::Rescan,
+                resolved.skipped.len() as u64,
+                format_args!(
+                    "{} ports are not watched yet, the first ({ifname}) because its namespace could not \
+                     be opened: {e}",
+                    resolved.skipped.len()
+                ),
+            ),
+            None => self.hiccups.succeeded(Stage::Rescan),
+        }
         let gone: HashSet<ScopeKey> = self.ports.keys().filter(|k| !fresh.contains_key(k)).copied().collect();
         for &key in &gone {
             if let Err(e) = self.loaded.scope.remove(&key) {
@@ -23,26 +55,127 @@ impl Detector {
                 self.departed.insert(key, (port, now));
             }
         }
-        for (key, port) in &fresh {
-            if !self.ports.contains_key(key) {
-                self.loaded.scope.insert(*key, port.bridge, 0).context("updating the SCOPE map")?;
-                log::info!(
-                    "{}: watching {} (netns {}, ifindex {})",
-                    self.bridges.name(port.bridge),
-                    port.host_ifname,
-                    port.ns.inode,
-                    port.ifindex
-                );
+        let mut gaps = RescanGaps::default();
+        let mut scope_error = None;
+        fresh.retain(|key, port| {
+            if self.ports.contains_key(key) {
+                return true;
             }
+            if let Err(e) = self.loaded.scope.insert(*key, port.bridge, 0) {
+                // Left out of `ports`, so the next rescan tries it again.
+                gaps.scope_full += 1;
+                scope_error.get_or_insert_with(|| format!("{} ({e})", port.host_ifname));
+                return false;
+            }
+            log::info!(
+                "{}: watching {} (netns {}, ifindex {})",
+                self.bridges.name(port.bridge),
+                port.host_ifname,
+                port.ns.inode,
+                port.ifindex
+            );
+            true
+        });
+        match scope_error {
+            Some(first) => self.hiccup(
+                Stage::Scope,
+                gaps.scope_full as u64,
+                format_args!(
+                    "{} ports could not be added to the kernel's SCOPE map, first {first}: their refusals \
+                     are not seen until they fit (it holds --scope-size ports)",
+                    gaps.scope_full
+                ),
+            ),
+            None => self.hiccups.succeeded(Stage::Scope),
         }
         self.ports = fresh;
         // The tc hook follows the same scope, per port (a no-op for the tracepoint hooks).
-        self.loaded.sync_tc(&self.ports)?;
+        let (failed, attached) = self.loaded.sync_tc(&self.ports);
+        (gaps.tc_failed, gaps.tc_attached) = (failed.len(), attached);
+        match failed.first() {
+            Some(first) => self.hiccup(
+                Stage::TcAttach,
+                failed.len() as u64,
+                format_args!(
+                    "{} ports are not watched, the first because {first}; their refusals are not seen \
+                     until the hook is attached",
+                    failed.len(),
+                ),
+            ),
+            None => self.hiccups.succeeded(Stage::TcAttach),
+        }
         // No hook can count for the departed ports any more: their keys may leave the kernel.
         self.retire_keys(&gone);
         self.departed.retain(|_, (_, since)| now.duration_since(*since) < DEPARTED_GRACE);
         self.refresh_prefixes();
-        Ok(())
+        Ok(gaps)
+    }
+
+    /// A rescan from the event loop: a failure to list the ports is a hiccup, retried later.
+    pub(super) fn rescan_or_retry(&mut self) {
+        if let Err(e) = self.rescan() {
+            self.hiccup(Stage::Rescan, 1, format_args!("{e:#} (the scope stays as it was)"));
+        }
+    }
+
+    /// What the link watcher reported: overruns and failures are hiccups (the rescan that
+    /// follows re-reads every link, so nothing stays missed). A failed watcher is dropped; the
+    /// retry makes a new one.
+    pub(super) fn on_link_changes(
+        &mut self,
+        links: &mut Option<LinkWatcher>,
+        changes: impl Iterator<Item = std::io::Result<LinkChanges>>,
+    ) {
+        for c in changes {
+            match c {
+                Ok(c) if c.overruns > 0 => self.hiccup(
+                    Stage::LinkEvents,
+                    c.overruns,
+                    format_args!(
+                        "the link-notification socket overran (ENOBUFS): notifications were lost, every \
+                         link is read again"
+                    ),
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    *links = None;
+                    self.hiccup(
+                        Stage::LinkEvents,
+                        1,
+                        format_args!("reading link notifications: {e} (the watcher is opened again)"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Retries what failed once its backoff is over: a new link watcher if the old one failed,
+    /// then a rescan (which retries listing the ports, SCOPE entries and tc attachments).
+    pub(super) fn retry_hiccups(&mut self, links: &mut Option<LinkWatcher>, now: Instant) {
+        if !self.hiccups.retry_due(now) {
+            return;
+        }
+        self.hiccups.take_due(now);
+        if links.is_none() {
+            match LinkWatcher::new(self.link_rcvbuf) {
+                Ok(l) => {
+                    *links = Some(l);
+                    self.hiccups.succeeded(Stage::LinkEvents);
+                }
+                Err(e) => {
+                    self.hiccup(Stage::LinkEvents, 1, format_args!("subscribing to link changes again: {e}"))
+                }
+            }
+        }
+        self.rescan_or_retry();
+    }
+
+    /// Counts and logs a hiccup (see `app/hiccups.rs`), and adds it to `bindtrace_errors_total`.
+    pub(super) fn hiccup(&mut self, stage: Stage, n: u64, what: std::fmt::Arguments<'_>) {
+        self.hiccups.failed(stage, n, what, Instant::now());
+        if let Some(m) = &mut self.metrics {
+            m.on_errors(stage.label(), n);
+        }
     }
 
     /// The watched bridges' address prefixes, for the connect tracker and conntrack.

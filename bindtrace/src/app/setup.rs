@@ -34,6 +34,7 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
     loader::check_object()?;
     privileges::check()?;
     privileges::raise_memlock();
+    privileges::raise_nofile();
     // Bound first: a busy port fails before the slow part of the set-up.
     let metrics_listener = if args.no_metrics { None } else { Some(metrics::bind(args.metrics_addr)?) };
     let btf = Btf::from_sys_fs()?;
@@ -56,6 +57,7 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
     let opts = LoadOptions {
         ringbuf_bytes: args.ringbuf_size,
         counts_size: args.counts_size,
+        scope_size: args.scope_size,
         fold_window_ns: args.fold_window.as_nanos() as u64,
         kernel_log_level: kernel_log_level(),
         globals: match &sock_layout {
@@ -119,8 +121,19 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
             prefixes: BTreeSet::new(),
             auditor: Auditor::new(args.audit_grace),
         },
+        link_rcvbuf: args.link_events_rcvbuf,
+        hiccups: Default::default(),
     };
-    detector.rescan()?;
+    // Listing the ports must work once; single ports that cannot be watched are hiccups
+    // (logged, counted, retried), unless the tc hook could be attached to none of them.
+    let gaps = detector.rescan()?;
+    if gaps.tc_failed > 0 && gaps.tc_attached == 0 {
+        anyhow::bail!(
+            "the tc hook could not be attached to any of the {} ports (see the warning above); \
+             choose another with --hook",
+            gaps.tc_failed
+        );
+    }
     Ok(detector)
 }
 

@@ -46,6 +46,8 @@ pub(crate) struct LoadOptions {
     pub(crate) ringbuf_bytes: u32,
     /// Keys each of the two count maps holds (`--counts-size`).
     pub(crate) counts_size: u32,
+    /// Ports (namespace, interface) the SCOPE and TC_PORTS maps hold (`--scope-size`).
+    pub(crate) scope_size: u32,
     pub(crate) fold_window_ns: u64,
     /// aya-log level for kernel-side messages (0 = off).
     pub(crate) kernel_log_level: u8,
@@ -115,7 +117,9 @@ impl Loaded {
             .override_global(aya_log::LEVEL, &opts.kernel_log_level, false)
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
             .map_max_entries("COUNTS_A", opts.counts_size)
-            .map_max_entries("COUNTS_B", opts.counts_size);
+            .map_max_entries("COUNTS_B", opts.counts_size)
+            .map_max_entries("SCOPE", opts.scope_size)
+            .map_max_entries("TC_PORTS", opts.scope_size);
         // The reason values this kernel uses; u32::MAX (never a reason) for the hook not attached.
         let rst = layout.rst_reason_no_socket.unwrap_or(u32::MAX);
         let drop = layout.drop_reason_no_socket.unwrap_or(u32::MAX);
@@ -165,15 +169,17 @@ impl Loaded {
     }
 
     /// Attaches the tc hook to the ports that joined and detaches it from those that left (a
-    /// no-op for the tracepoint hooks).
-    pub(crate) fn sync_tc(&mut self, ports: &BTreeMap<ScopeKey, Port>) -> Result<(), AttachError> {
-        let Some(tc) = self.tc.as_mut() else { return Ok(()) };
+    /// no-op for the tracepoint hooks). Returns the ports it could not attach to (tried again
+    /// at the next sync) and how many it is attached to.
+    pub(crate) fn sync_tc(&mut self, ports: &BTreeMap<ScopeKey, Port>) -> (Vec<AttachError>, usize) {
+        let Some(tc) = self.tc.as_mut() else { return (Vec::new(), 0) };
         let program: &mut SchedClassifier = self
             .ebpf
             .program_mut(self.hook.program())
             .and_then(|p| p.try_into().ok())
             .expect("the tc program was loaded as a SchedClassifier");
-        tc.sync(program, ports)
+        let failed = tc.sync(program, ports);
+        (failed, tc.attached())
     }
 
     /// Kernel-side counters summed over CPUs: (ring-buffer reservations that failed, refusals

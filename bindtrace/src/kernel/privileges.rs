@@ -133,6 +133,23 @@ pub(crate) fn raise_memlock() {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit (never the hard limit itself): a
+/// host with thousands of containers needs a descriptor per watched namespace, and the
+/// default soft limit of 1024 is a relic of select(2), which bindtrace does not use.
+pub(crate) fn raise_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        log::debug!("could not raise RLIMIT_NOFILE: {}", std::io::Error::last_os_error());
+    } else {
+        log::debug!("open-file limit raised from {} to {}", lim.rlim_cur, lim.rlim_max);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

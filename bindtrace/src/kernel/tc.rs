@@ -83,12 +83,14 @@ impl TcPorts {
     /// Attaches to ports that joined, detaches from ports that left, and updates the container
     /// side of ports whose peer moved (Docker moves it into the container after enslaving the
     /// host side). A port that vanishes while being attached is skipped: the next rescan sees it
-    /// gone. Any other failure is returned: a port bindtrace cannot watch must not pass silently.
+    /// gone. Every other failure is returned, and the port stays unattached, so the next sync
+    /// tries it again: a port bindtrace cannot watch must not pass silently, nor stop the others.
     pub(crate) fn sync(
         &mut self,
         program: &mut SchedClassifier,
         ports: &BTreeMap<ScopeKey, Port>,
-    ) -> Result<(), AttachError> {
+    ) -> Vec<AttachError> {
+        let mut failed = Vec::new();
         let wanted: BTreeMap<u32, (&str, TcPort)> = ports
             .values()
             .map(|p| {
@@ -135,11 +137,16 @@ impl TcPorts {
                 }
                 Err(e) => {
                     let _ = self.map.remove(&ifindex);
-                    return Err(e);
+                    failed.push(e);
                 }
             }
         }
-        Ok(())
+        failed
+    }
+
+    /// Ports the hook is attached to now.
+    pub(crate) fn attached(&self) -> usize {
+        self.attached.len()
     }
 
     /// Ok(None) when `ifname` no longer names `ifindex` (deleted or renamed meanwhile).

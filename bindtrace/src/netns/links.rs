@@ -261,7 +261,8 @@ mod tests {
         let n = tokio::time::timeout(Duration::from_secs(5), w.changed())
             .await
             .unwrap_or_else(|_| panic!("no link notification after {what}"))
-            .expect("watcher error");
+            .expect("watcher error")
+            .messages;
         assert!(n > 0, "changed() returned 0 after {what}");
         n
     }
@@ -348,7 +349,8 @@ mod tests {
                 assert_eq!(e.peer_ifindex, Some(v.ifindex));
                 assert_eq!(netnsid_of(ctr.open().as_fd()).expect("netnsid_of"), None);
 
-                let mut w = LinkWatcher::new().expect("LinkWatcher::new");
+                let mut w =
+                    LinkWatcher::new(crate::sources::link_events::WATCH_RCVBUF).expect("LinkWatcher::new");
                 drain(&mut w).await;
                 host.ip(&["link", "set", "eth0", "netns", &ctr.name]);
                 let n = expect_change(&mut w, "moving eth0 to ctr").await;
@@ -385,7 +387,8 @@ mod tests {
                 let links = dump_links().expect("dump_links");
                 assert_eq!(ports(&links, bridge), ["vethA", "vethB"]);
 
-                let mut w = LinkWatcher::new().expect("LinkWatcher::new");
+                let mut w =
+                    LinkWatcher::new(crate::sources::link_events::WATCH_RCVBUF).expect("LinkWatcher::new");
                 drain(&mut w).await;
                 host.ip(&["link", "set", "vethA", "nomaster"]);
                 expect_change(&mut w, "vethA nomaster").await;
@@ -459,7 +462,7 @@ mod tests {
 
     #[test]
     fn watcher_needs_runtime() {
-        assert!(LinkWatcher::new().is_err());
+        assert!(LinkWatcher::new(crate::sources::link_events::WATCH_RCVBUF).is_err());
     }
 
     const IFINFOMSG_LEN: usize = 16;

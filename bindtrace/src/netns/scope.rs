@@ -110,6 +110,18 @@ pub(crate) struct Resolver {
     by_nsid: HashMap<i32, Arc<Netns>>,
 }
 
+/// The ports found on the watched bridges, and those skipped because their namespace could
+/// not be opened (interface name, why).
+#[derive(Debug, Default)]
+pub(crate) struct Resolved {
+    pub(crate) ports: BTreeMap<ScopeKey, Port>,
+    pub(crate) skipped: Vec<(String, io::Error)>,
+}
+
+fn out_of_resources(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM))
+}
+
 impl Resolver {
     pub(crate) fn new() -> io::Result<Resolver> {
         Ok(Resolver { own: Arc::new(Netns::own()?), by_nsid: HashMap::new() })
@@ -117,7 +129,7 @@ impl Resolver {
 
     /// The current scope: every container-side interface of every port of `bridges`. A bridge
     /// that has disappeared simply has no ports.
-    pub(crate) fn resolve(&mut self, bridges: &Bridges) -> io::Result<BTreeMap<ScopeKey, Port>> {
+    pub(crate) fn resolve(&mut self, bridges: &Bridges) -> io::Result<Resolved> {
         let links = links::dump_links()?;
         let bridge_ids: HashMap<u32, BridgeId> = links
             .iter()
@@ -125,6 +137,7 @@ impl Resolver {
             .filter_map(|l| Some((l.ifindex, bridges.names.iter().position(|n| *n == l.name)? as BridgeId)))
             .collect();
         let mut scope = BTreeMap::new();
+        let mut skipped = Vec::new();
         let mut used = HashMap::new();
         for link in &links {
             let Some(&bridge) = link.master.and_then(|m| bridge_ids.get(&m)) else { continue };
@@ -133,9 +146,13 @@ impl Resolver {
                 // Peer still in our namespace (Docker moves it an instant later).
                 None => self.own.clone(),
                 Some(nsid) => match self.namespace(nsid) {
-                    Some(ns) => ns,
-                    None => {
+                    Ok(Some(ns)) => ns,
+                    Ok(None) => {
                         log::debug!("port {}: no namespace found for nsid {nsid} yet", link.name);
+                        continue;
+                    }
+                    Err(e) => {
+                        skipped.push((link.name.clone(), e));
                         continue;
                     }
                 },
@@ -157,26 +174,33 @@ impl Resolver {
         }
         // Let go of namespaces no port refers to any more, so they can be freed.
         self.by_nsid = used;
-        Ok(scope)
+        Ok(Resolved { ports: scope, skipped })
     }
 
     /// The namespace our namespace calls `nsid`. A cached one is re-checked (ids are reused
     /// once a namespace dies); otherwise every namespace reachable from here is asked.
-    fn namespace(&mut self, nsid: i32) -> Option<Arc<Netns>> {
+    /// Ok(None) when no namespace has that id (yet); an error when one could not be opened for
+    /// want of resources (EMFILE, ENFILE, ENOMEM): that port is then skipped, and said so.
+    fn namespace(&mut self, nsid: i32) -> io::Result<Option<Arc<Netns>>> {
         if let Some(ns) = self.by_nsid.get(&nsid)
             && links::netnsid_of(ns.file.as_fd()).ok().flatten() == Some(nsid)
         {
-            return Some(ns.clone());
+            return Ok(Some(ns.clone()));
         }
         for candidate in netns::candidates() {
-            let Ok(file) = File::open(&candidate.path) else { continue };
+            let file = match File::open(&candidate.path) {
+                Ok(f) => f,
+                Err(e) if out_of_resources(&e) => return Err(e),
+                // The process exited, or its namespace is not ours to open: not this one.
+                Err(_) => continue,
+            };
             if links::netnsid_of(file.as_fd()).ok().flatten() == Some(nsid) {
-                let ns = Arc::new(Netns::from_file(file).ok()?);
+                let ns = Arc::new(Netns::from_file(file)?);
                 self.by_nsid.insert(nsid, ns.clone());
-                return Some(ns);
+                return Ok(Some(ns));
             }
         }
-        None
+        Ok(None)
     }
 }
 

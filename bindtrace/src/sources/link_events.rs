@@ -12,7 +12,17 @@ use crate::netlink::{Messages, RECV_BUF_LEN};
 /// Receive buffer asked for on the watcher socket. Starting a batch of containers produces a
 /// burst of notifications; a larger queue makes ENOBUFS (and thus a full re-dump) rarer. The
 /// kernel caps it at net.core.rmem_max, which is fine: overruns are handled anyway.
-const WATCH_RCVBUF: libc::c_int = 1 << 20;
+pub(crate) const WATCH_RCVBUF: u32 = 1 << 20;
+
+/// What one wake-up of the watcher read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LinkChanges {
+    /// Link and namespace-id notifications.
+    pub(crate) messages: usize,
+    /// Times the socket overran (ENOBUFS): notifications were dropped, so the caller must
+    /// re-read every link.
+    pub(crate) overruns: u64,
+}
 
 /// A netlink socket subscribed to RTNLGRP_LINK (and RTNLGRP_NSID), registered with tokio.
 ///
@@ -30,9 +40,10 @@ impl std::fmt::Debug for LinkWatcher {
 }
 
 impl LinkWatcher {
-    /// Creates the socket in the calling thread's network namespace. Must be called inside a
-    /// tokio runtime with IO enabled (an error is returned otherwise).
-    pub(crate) fn new() -> io::Result<LinkWatcher> {
+    /// Creates the socket in the calling thread's network namespace, asking for `rcvbuf` bytes
+    /// of receive buffer. Must be called inside a tokio runtime with IO enabled (an error is
+    /// returned otherwise).
+    pub(crate) fn new(rcvbuf: u32) -> io::Result<LinkWatcher> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(io::Error::other("LinkWatcher::new needs a tokio runtime with IO enabled"));
         }
@@ -45,7 +56,7 @@ impl LinkWatcher {
         for group in [libc::RTNLGRP_LINK, libc::RTNLGRP_NSID] {
             sock.add_membership(group)?;
         }
-        if let Err(e) = sock.set_rx_buf_sz(WATCH_RCVBUF) {
+        if let Err(e) = sock.set_rx_buf_sz(rcvbuf.min(i32::MAX as u32) as libc::c_int) {
             log::debug!("netlink watcher: SO_RCVBUF not raised: {e}");
         }
         // Only readability matters; registering for writes would just wake us for nothing.
@@ -54,15 +65,14 @@ impl LinkWatcher {
         Ok(LinkWatcher { fd, buf: Vec::with_capacity(RECV_BUF_LEN) })
     }
 
-    /// Waits until at least one link/nsid notification arrives, drains every queued message
-    /// without blocking, and returns how many were read. On ENOBUFS (the socket overran) it
-    /// returns Ok too, counting the overrun as one: the caller re-dumps anyway.
+    /// Waits until at least one link/nsid notification arrives or the socket overran, drains
+    /// every queued message without blocking, and says what it read.
     ///
     /// Cancel safe: nothing is lost if the future is dropped while waiting.
-    pub(crate) async fn changed(&mut self) -> io::Result<usize> {
+    pub(crate) async fn changed(&mut self) -> io::Result<LinkChanges> {
         loop {
             let mut guard = self.fd.readable().await?;
-            let mut count = 0usize;
+            let mut changes = LinkChanges::default();
             loop {
                 // MSG_TRUNC makes the kernel report the full datagram length; a notification
                 // bigger than the buffer is still counted by what fits (recv writes at most the
@@ -79,14 +89,13 @@ impl LinkWatcher {
                         Some(libc::ENOBUFS) => {
                             // Notifications were dropped; what is still queued comes after
                             // the gap. Keep draining, and report the gap as a change.
-                            log::debug!("netlink watcher overran (ENOBUFS)");
-                            count += 1;
+                            changes.overruns += 1;
                             continue;
                         }
                         _ => return Err(e),
                     },
                 }
-                count += Messages::new(&self.buf)
+                changes.messages += Messages::new(&self.buf)
                     .map_while(Result::ok)
                     .filter(|m| {
                         matches!(
@@ -96,8 +105,8 @@ impl LinkWatcher {
                     })
                     .count();
             }
-            if count > 0 {
-                return Ok(count);
+            if changes != LinkChanges::default() {
+                return Ok(changes);
             }
         }
     }

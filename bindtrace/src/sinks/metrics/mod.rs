@@ -197,6 +197,7 @@ pub(crate) struct Metrics {
     folded: Family<CapLabels, Counter>,
     loopback: Family<ListenerLabels, Gauge>,
     keys: Family<HeldLabels, Gauge>,
+    errors: Family<StageLabels, Counter>,
     limits: Limits,
     /// Label sets that have their own series (the `other` series is not among them).
     series: HashSet<RefusalLabels>,
@@ -226,6 +227,7 @@ impl Metrics {
             folded: Family::default(),
             loopback: Family::default(),
             keys: Family::default(),
+            errors: Family::default(),
             limits,
             series: HashSet::new(),
             ports: HashMap::new(),
@@ -272,6 +274,17 @@ impl Metrics {
              (held=userspace, until their lines are written and they are idle)",
             m.keys.clone(),
         );
+        registry.register(
+            "bindtrace_errors",
+            "Transient failures after start, by stage: listing the watched ports (rescan), ports the \
+             kernel's scope map had no room for (scope, see --scope-size), tc attachments refused \
+             (tc_attach), link-notification overruns or failures (link_events), count-map flips \
+             that failed (count_flip). Each is logged and retried; bindtrace keeps running",
+            m.errors.clone(),
+        );
+        for stage in crate::app::hiccups::Stage::ALL {
+            let _ = m.errors.get_or_create(&StageLabels { stage: stage.label() });
+        }
         for held in ["kernel", "userspace"] {
             let _ = m.keys.get_or_create(&HeldLabels { held });
         }
@@ -310,6 +323,11 @@ impl Metrics {
             }
         }
         self.track(key, report);
+    }
+
+    /// `n` transient failures at `stage` (see `app/hiccups.rs`).
+    pub(crate) fn on_errors(&mut self, stage: &'static str, n: u64) {
+        self.errors.get_or_create(&StageLabels { stage }).inc_by(n);
     }
 
     /// How many count keys are held where (see [`HeldLabels`]).
