@@ -186,7 +186,10 @@ pub(crate) fn platform_check(f: &PlatformFacts) -> Check {
             format!("run bindtrace on the daemon's machine, e.g. its image: {IMAGE_LINE}"),
         );
     }
-    Check::ok(NAME, "Linux, the Docker daemon's own kernel (not WSL2, not Docker Desktop)")
+    match f.docker_kernel {
+        Some(_) => Check::ok(NAME, "Linux, the Docker daemon's own kernel (not WSL2, not Docker Desktop)"),
+        None => Check::ok(NAME, "Linux (not WSL2, not Docker Desktop's VM)"),
+    }
 }
 
 #[cfg(test)]

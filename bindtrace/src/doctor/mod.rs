@@ -83,8 +83,11 @@ async fn checks(args: &DoctorArgs) -> Vec<Check> {
         runtimes::probe_api(&podman_socket, runtimes::PROBE_TIMEOUT),
         async {
             match std::fs::symlink_metadata(&containerd_socket) {
-                Ok(_) => Some(runtimes::probe_http2(&containerd_socket, runtimes::PROBE_TIMEOUT).await),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    Some(Err(format!("cannot look: {e}")))
+                }
                 Err(_) => None,
+                Ok(_) => Some(runtimes::probe_http2(&containerd_socket, runtimes::PROBE_TIMEOUT).await),
             }
         },
     );

@@ -90,7 +90,11 @@ pub(crate) fn write_text<W: Write>(checks: &[Check], out: &mut W) -> io::Result<
     let failed: Vec<&str> = checks.iter().filter(|c| c.status == Status::Fail).map(|c| c.name).collect();
     let warned = checks.iter().filter(|c| c.status == Status::Warn).count();
     match failed.len() {
-        0 => writeln!(out, "bindtrace doctor: ready ({warned} warnings)"),
+        0 => writeln!(
+            out,
+            "bindtrace doctor: ready ({warned} {})",
+            if warned == 1 { "warning" } else { "warnings" }
+        ),
         n => writeln!(out, "bindtrace doctor: not ready: {n} failed ({})", failed.join(", ")),
     }
 }

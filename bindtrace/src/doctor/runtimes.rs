@@ -118,8 +118,11 @@ pub(crate) async fn probe_api(socket: &Path, timeout: Duration) -> ApiProbe {
 }
 
 async fn api_outcome(socket: &Path, timeout: Duration) -> ApiOutcome {
-    if std::fs::symlink_metadata(socket).is_err() {
-        return ApiOutcome::Absent;
+    if let Err(e) = std::fs::symlink_metadata(socket) {
+        return match e.kind() {
+            std::io::ErrorKind::PermissionDenied => ApiOutcome::Unreachable(format!("cannot look: {e}")),
+            _ => ApiOutcome::Absent,
+        };
     }
     let stream = match tokio::time::timeout(timeout, UnixStream::connect(socket)).await {
         Err(_) => return ApiOutcome::Silent,
@@ -167,9 +170,14 @@ pub(crate) async fn probe_http2(socket: &Path, timeout: Duration) -> Result<(), 
         .unwrap_or_else(|_| Err(format!("no answer within {} s", timeout.as_secs_f32())))
 }
 
-/// The first of `paths` that exists, else the first.
+/// The first of `paths` that exists or cannot be looked at (a directory we may not enter:
+/// probing it then says so), else the first.
 pub(crate) fn first_present(paths: &[PathBuf]) -> PathBuf {
-    paths.iter().find(|p| std::fs::symlink_metadata(p).is_ok()).unwrap_or(&paths[0]).clone()
+    let there = |p: &&PathBuf| match std::fs::symlink_metadata(p) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+    };
+    paths.iter().find(there).unwrap_or(&paths[0]).clone()
 }
 
 /// Podman's sockets: rootful, then this user's.
