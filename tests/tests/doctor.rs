@@ -301,3 +301,22 @@ fn in_an_unprivileged_container_names_capabilities_and_flags() {
     assert_eq!(status(&checks, "network_namespace"), "fail");
     assert!(remedy("network_namespace").contains("--network host"));
 }
+
+/// The least-privilege line with --pid host but without --network host: the daemon is seen,
+/// its network namespace is not ours, and doctor names the flag.
+#[test]
+fn in_a_container_without_network_host_names_the_flag() {
+    if skip_image() {
+        return;
+    }
+    let flags =
+        ["--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN", "--cap-add", "SYS_PTRACE", "--pid", "host"];
+    let (_b, run) = Boxed::doctor(&flags, &[]);
+    assert_eq!(run.code, Some(1), "{}{}", run.stdout, run.stderr);
+    assert!(run.line("pid_namespace").starts_with("ok "), "{}", run.stdout);
+    let net = run.line("network_namespace");
+    assert!(
+        net.starts_with("fail ") && net.contains("not the Docker daemon's") && net.contains("--network host"),
+        "{net}"
+    );
+}

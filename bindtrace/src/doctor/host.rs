@@ -111,10 +111,19 @@ pub(crate) fn workloads_check(
             .iter()
             .map(|c| c.ports.iter().filter(|p| p.proto == "tcp" && p.public_port.is_some()).count())
             .sum();
-        parts.push(format!("{runtime}: {} running containers, {published} published TCP ports", list.len()));
+        parts.push(format!(
+            "{runtime}: {}, {}",
+            counted(list.len(), "running container"),
+            counted(published, "published TCP port")
+        ));
     }
-    parts.push(format!("{ports} container interfaces on the bridges"));
+    parts.push(format!("{} on the bridges", counted(ports, "container interface")));
     Check::ok(NAME, parts.join("; "))
+}
+
+/// `1 port`, `2 ports`.
+fn counted(n: usize, what: &str) -> String {
+    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
 }
 
 /// The bind set-up does first: a port in use stops bindtrace before anything is loaded.
@@ -184,7 +193,7 @@ mod tests {
         let w = workloads_check(&[("docker", Some(&list)), ("podman", None)], &links);
         assert_eq!(
             w.detail,
-            "docker: 2 running containers, 1 published TCP ports; 2 container interfaces on the bridges"
+            "docker: 2 running containers, 1 published TCP port; 2 container interfaces on the bridges"
         );
     }
 
