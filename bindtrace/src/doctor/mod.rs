@@ -69,15 +69,15 @@ async fn checks(args: &DoctorArgs) -> Vec<Check> {
     checks.extend(host::capability_checks(privileges::effective()));
 
     // The runtimes at once: each probe is bounded on its own.
-    let docker_socket = docker::socket_path(args.docker_host.as_deref());
     let podman_socket = runtimes::first_present(&runtimes::podman_sockets());
     let containerd_socket =
         runtimes::first_present(&runtimes::CONTAINERD_SOCKETS.iter().map(PathBuf::from).collect::<Vec<_>>());
+    // A DOCKER_HOST bindtrace cannot use (tcp://...) is not probed: said on the docker line.
     let (docker_probe, podman_probe, containerd_probe) = tokio::join!(
         async {
-            match &docker_socket {
-                Ok(path) => Some(runtimes::probe_api(path, runtimes::PROBE_TIMEOUT).await),
-                Err(_) => None,
+            match docker::socket_path(args.docker_host.as_deref()) {
+                Ok(path) => Ok(runtimes::probe_api(&path, runtimes::PROBE_TIMEOUT).await),
+                Err(e) => Err(e),
             }
         },
         runtimes::probe_api(&podman_socket, runtimes::PROBE_TIMEOUT),
@@ -95,31 +95,31 @@ async fn checks(args: &DoctorArgs) -> Vec<Check> {
     let links = links::dump_links().map_err(|e| e.to_string());
     let bridge_names: Vec<String> =
         links.as_ref().map(|l| host::bridges(l).into_iter().map(|(n, _)| n).collect()).unwrap_or_default();
-    let daemon = docker_probe.as_ref().and_then(|p| Some((p.socket.display().to_string(), p.peer_pid()?)));
+    let daemon =
+        docker_probe.as_ref().ok().and_then(|p| Some((p.socket.display().to_string(), p.peer_pid()?)));
     let ns = namespaces::Facts::gather(daemon, bridge_names);
     checks.push(namespaces::pid_check(&ns));
     checks.push(namespaces::network_check(&ns));
 
     let other_runtime = podman_probe.answered() || matches!(containerd_probe, Some(Ok(())));
-    checks.push(match (&docker_socket, &docker_probe) {
-        (Err(e), _) => Check::warn("docker", e.clone(), "--docker-host unix:///var/run/docker.sock"),
-        (Ok(_), Some(p)) => runtimes::docker_check(p, other_runtime),
-        (Ok(_), None) => unreachable!("a valid socket is always probed"),
+    checks.push(match &docker_probe {
+        Ok(p) => runtimes::docker_check(p, other_runtime),
+        Err(e) => Check::warn("docker", e.clone(), "--docker-host unix:///var/run/docker.sock"),
     });
     checks.push(runtimes::podman_check(&podman_probe));
     checks.push(runtimes::containerd_check(&containerd_socket, &containerd_probe));
 
-    let docker_answered = docker_probe.as_ref().is_some_and(runtimes::ApiProbe::answered);
+    let docker_answered = docker_probe.as_ref().is_ok_and(runtimes::ApiProbe::answered);
     checks.push(host::bridges_check(&links, docker_answered || podman_probe.answered()));
     checks.push(host::workloads_check(
         &[
-            ("docker", docker_probe.as_ref().and_then(runtimes::ApiProbe::containers)),
+            ("docker", docker_probe.as_ref().ok().and_then(runtimes::ApiProbe::containers)),
             ("podman", podman_probe.containers()),
         ],
         &links,
     ));
     checks.push(host::metrics_check((!args.no_metrics).then_some(args.metrics_addr)));
-    let version = docker_probe.as_ref().and_then(runtimes::ApiProbe::version);
+    let version = docker_probe.as_ref().ok().and_then(runtimes::ApiProbe::version);
     checks.push(kernel::platform_check(&kernel::PlatformFacts {
         release: &release,
         docker_platform: version.map(|v| v.platform.name.as_str()),
@@ -144,6 +144,21 @@ mod tests {
         };
         let names: Vec<&str> = checks(&args).await.iter().map(|c| c.name).collect();
         assert_eq!(names, CHECK_NAMES);
+    }
+
+    /// A TCP DOCKER_HOST is never dialled (no name resolution, no network): the line says why.
+    #[tokio::test]
+    async fn a_tcp_docker_host_is_refused_not_dialled() {
+        let args = DoctorArgs {
+            format: Format::Text,
+            docker_host: Some("tcp://docker.example:2375".into()),
+            metrics_addr: "127.0.0.1:1".parse().unwrap(),
+            no_metrics: true,
+        };
+        let checks = checks(&args).await;
+        let docker = checks.iter().find(|c| c.name == "docker").unwrap();
+        assert_eq!(docker.status, report::Status::Warn);
+        assert!(docker.detail.contains("unix socket only"), "{}", docker.detail);
     }
 
     const CHECK_NAMES: [&str; 19] = [
