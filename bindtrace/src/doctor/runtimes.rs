@@ -237,10 +237,7 @@ pub(crate) fn podman_check(probe: &ApiProbe) -> Check {
         ),
         ApiOutcome::Answered { version, .. } => Check::ok(
             NAME,
-            format!(
-                "{sock}: Podman {} (API {}); bindtrace reads it with --docker-host unix://{sock}",
-                version.version, version.api_version
-            ),
+            format!("{sock}: Podman {} (Docker-compatible API {})", version.version, version.api_version),
         ),
     }
 }
