@@ -197,7 +197,7 @@ mod tests {
     use super::*;
     use crate::{
         doctor::report::Status,
-        kernel::btf::tests::{V5_10, V6_18, fixture},
+        kernel::btf::tests::{V5_10, V6_1, V6_18, fixture},
     };
 
     #[test]
@@ -218,6 +218,8 @@ mod tests {
             "{}",
             c.detail
         );
+        let c = hooks_check(Ok(fixture(V6_1)));
+        assert!(c.detail.starts_with("kfree-skb, tc (clsact); --hook auto takes kfree-skb"), "{}", c.detail);
         let c = hooks_check(Ok(fixture(V5_10)));
         assert!(c.detail.starts_with("tc (clsact); --hook auto takes tc"), "{}", c.detail);
         assert_eq!(hooks_check(Err("no BTF")).status, Status::Fail);
