@@ -10,6 +10,7 @@ mod app;
 mod attribution;
 mod bounds;
 mod diagnose;
+mod doctor;
 mod kernel;
 mod netlink;
 mod netns;
@@ -87,8 +88,13 @@ fn main() -> std::process::ExitCode {
         let mut stdout = std::io::stdout().lock();
         return std::process::ExitCode::from(runtime.block_on(check::run(check_args, &mut stdout)));
     }
+    if let Some(Command::Doctor(doctor_args)) = &args.command {
+        let mut stdout = std::io::stdout().lock();
+        return std::process::ExitCode::from(runtime.block_on(doctor::run(doctor_args, &mut stdout)));
+    }
     let result = runtime.block_on(async {
-        let detector = setup::setup(&args)?;
+        // Any set-up failure points to the command that checks all of it at once.
+        let detector = setup::setup(&args).map_err(|e| anyhow::anyhow!("{e:#}. {}", doctor::HINT))?;
         let stdout = std::io::stdout().lock();
         let mut out = Output::new(args.format, std::io::LineWriter::new(stdout));
         detector.run(&mut out, args.duration).await

@@ -4,7 +4,8 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    app::check::CheckArgs, diagnose::audit, kernel::hook::HookChoice, sinks::metrics, sinks::output::Format,
+    app::check::CheckArgs, diagnose::audit, doctor::DoctorArgs, kernel::hook::HookChoice, sinks::metrics,
+    sinks::output::Format,
 };
 
 /// Reports, as it happens, every connection to a container that was refused because the service
@@ -134,6 +135,10 @@ pub(crate) enum Command {
     /// Audit every running container's published ports once and exit: 0 all reachable, 1 any
     /// loopback-only, 2 other misbindings, 3 the check could not run.
     Check(CheckArgs),
+    /// Say whether bindtrace can work here and, where not, what to do: one line per check
+    /// (kernel, BTF, hooks, capabilities, lockdown, namespaces, runtimes, bridges, metrics
+    /// port, platform). Exit 0 when ready, 1 otherwise.
+    Doctor(DoctorArgs),
 }
 
 fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
@@ -147,7 +152,7 @@ fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
 }
 
 /// `IP:PORT` (`[IPv6]:PORT` for IPv6), with a fixed port.
-fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
     let example = "e.g. 127.0.0.1:19462, [::1]:19462 or 0.0.0.0:19462";
     let addr: SocketAddr = s.parse().map_err(|_| match s.rsplit_once(':') {
         Some((host, port)) if port.parse::<u16>().is_ok() && host.parse::<std::net::IpAddr>().is_err() => {

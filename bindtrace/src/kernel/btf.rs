@@ -239,7 +239,6 @@ impl Btf {
     }
 
     /// Number of types including void (id 0).
-    #[cfg(test)]
     pub(crate) fn type_count(&self) -> usize {
         self.offsets.len()
     }

@@ -33,7 +33,7 @@ const NEEDED: &[(u32, &str, &str)] = &[
 ];
 
 /// Effective capability set of this process, from /proc/self/status.
-fn effective() -> u64 {
+pub(crate) fn effective() -> u64 {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -44,20 +44,38 @@ fn effective() -> u64 {
         .unwrap_or(0)
 }
 
+/// One capability set-up needs, as `bindtrace doctor` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Needed {
+    pub(crate) name: &'static str,
+    pub(crate) why: &'static str,
+    pub(crate) held: bool,
+    /// Missing itself but stood in for by CAP_SYS_ADMIN (kernels before 5.8, Docker 20.10).
+    pub(crate) covered_by_sys_admin: bool,
+}
+
+/// Each capability set-up needs and whether the effective set `eff` provides it; set-up
+/// succeeds exactly when every one is `held` or `covered_by_sys_admin`.
+pub(crate) fn each_needed(eff: u64) -> Vec<Needed> {
+    let has = |bit: u32| eff & (1u64 << bit) != 0;
+    NEEDED
+        .iter()
+        .map(|&(bit, name, why)| Needed {
+            name,
+            why,
+            held: has(bit),
+            covered_by_sys_admin: !has(bit) && matches!(bit, CAP_BPF | CAP_PERFMON) && has(CAP_SYS_ADMIN),
+        })
+        .collect()
+}
+
 pub(crate) fn check() -> Result<(), MissingCapabilities> {
     missing_from(effective())
 }
 
 fn missing_from(eff: u64) -> Result<(), MissingCapabilities> {
-    let has = |bit: u32| eff & (1u64 << bit) != 0;
-    let missing: Vec<&'static str> = NEEDED
-        .iter()
-        .filter(|(bit, _, _)| {
-            let covered_by_sys_admin = matches!(*bit, CAP_BPF | CAP_PERFMON) && has(CAP_SYS_ADMIN);
-            !has(*bit) && !covered_by_sys_admin
-        })
-        .map(|(_, name, _)| *name)
-        .collect();
+    let missing: Vec<&'static str> =
+        each_needed(eff).into_iter().filter(|n| !n.held && !n.covered_by_sys_admin).map(|n| n.name).collect();
     if missing.is_empty() { Ok(()) } else { Err(MissingCapabilities { missing }) }
 }
 
@@ -171,5 +189,8 @@ mod tests {
         assert!(missing_from(old_kernel_root).is_ok());
         let err = missing_from(1 << CAP_SYS_ADMIN).unwrap_err();
         assert_eq!(err.missing, vec!["CAP_NET_ADMIN", "CAP_SYS_PTRACE"]);
+        let each = each_needed(old_kernel_root);
+        assert!(each.iter().all(|n| n.held || n.covered_by_sys_admin));
+        assert!(each.iter().find(|n| n.name == "CAP_BPF").unwrap().covered_by_sys_admin);
     }
 }

@@ -1,0 +1,338 @@
+//! The runtime sockets: Docker's and podman's Engine API (`GET /version`, then the running
+//! containers), containerd's gRPC endpoint (the HTTP/2 preface, answered by the server's
+//! SETTINGS frame). Every step has a short timeout of its own: a socket that accepts and
+//! never answers costs doctor a few seconds, never a hang.
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::UnixStream,
+};
+
+use crate::{doctor::report::Check, sources::docker::Client};
+
+/// Each connect, request or reply gets this long.
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) const PODMAN_SOCKETS: [&str; 1] = ["/run/podman/podman.sock"];
+/// System containerd, then the one dockerd starts for itself when there is none.
+pub(crate) const CONTAINERD_SOCKETS: [&str; 2] =
+    ["/run/containerd/containerd.sock", "/var/run/docker/containerd/containerd.sock"];
+
+/// `/version`: the fields doctor shows (Docker's and podman's compatible API alike).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub(crate) struct Version {
+    pub(crate) version: String,
+    pub(crate) api_version: String,
+    pub(crate) kernel_version: String,
+    pub(crate) platform: Platform,
+    pub(crate) components: Vec<Component>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub(crate) struct Platform {
+    pub(crate) name: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub(crate) struct Component {
+    pub(crate) name: String,
+}
+
+/// `/containers/json`: a running container and its ports.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub(crate) struct Summary {
+    pub(crate) names: Vec<String>,
+    pub(crate) ports: Vec<SummaryPort>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub(crate) struct SummaryPort {
+    pub(crate) public_port: Option<u16>,
+    #[serde(rename = "Type")]
+    pub(crate) proto: String,
+}
+
+/// What an Engine API socket did.
+#[derive(Debug, Clone)]
+pub(crate) enum ApiOutcome {
+    /// No file at the path.
+    Absent,
+    /// The path is there, but connecting or the request failed.
+    Unreachable(String),
+    /// Connected, but no reply within [`PROBE_TIMEOUT`].
+    Silent,
+    Answered {
+        /// SO_PEERCRED's pid: 0 when the daemon is outside our pid namespace.
+        peer_pid: Option<u32>,
+        version: Version,
+        /// None when the list did not come in time.
+        containers: Option<Vec<Summary>>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ApiProbe {
+    pub(crate) socket: PathBuf,
+    pub(crate) outcome: ApiOutcome,
+}
+
+impl ApiProbe {
+    pub(crate) fn answered(&self) -> bool {
+        matches!(self.outcome, ApiOutcome::Answered { .. })
+    }
+    /// The daemon's pid as SO_PEERCRED gave it (Some(0): outside our pid namespace).
+    pub(crate) fn peer_pid(&self) -> Option<u32> {
+        match &self.outcome {
+            ApiOutcome::Answered { peer_pid, .. } => *peer_pid,
+            _ => None,
+        }
+    }
+    pub(crate) fn version(&self) -> Option<&Version> {
+        match &self.outcome {
+            ApiOutcome::Answered { version, .. } => Some(version),
+            _ => None,
+        }
+    }
+    pub(crate) fn containers(&self) -> Option<&[Summary]> {
+        match &self.outcome {
+            ApiOutcome::Answered { containers, .. } => containers.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Connects (reading the peer's credentials), asks `/version`, then `/containers/json`.
+pub(crate) async fn probe_api(socket: &Path, timeout: Duration) -> ApiProbe {
+    let outcome = api_outcome(socket, timeout).await;
+    ApiProbe { socket: socket.to_owned(), outcome }
+}
+
+async fn api_outcome(socket: &Path, timeout: Duration) -> ApiOutcome {
+    if let Err(e) = std::fs::symlink_metadata(socket) {
+        return match e.kind() {
+            std::io::ErrorKind::PermissionDenied => ApiOutcome::Unreachable(format!("cannot look: {e}")),
+            _ => ApiOutcome::Absent,
+        };
+    }
+    let stream = match tokio::time::timeout(timeout, UnixStream::connect(socket)).await {
+        Err(_) => return ApiOutcome::Silent,
+        Ok(Err(e)) => return ApiOutcome::Unreachable(format!("cannot connect: {e}")),
+        Ok(Ok(s)) => s,
+    };
+    // The pid may be unknown for other reasons than a pid namespace (no SO_PEERCRED): only a
+    // reported 0 means "outside".
+    let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid()).map(|p| p.max(0) as u32);
+    drop(stream);
+    let client = Client::new(socket);
+    let version = match tokio::time::timeout(timeout, client.get_json::<Version>("/version")).await {
+        Err(_) => return ApiOutcome::Silent,
+        Ok(Err(e)) => return ApiOutcome::Unreachable(e.to_string()),
+        Ok(Ok(v)) => v,
+    };
+    let containers = tokio::time::timeout(timeout, client.get_json::<Vec<Summary>>("/containers/json"))
+        .await
+        .ok()
+        .and_then(Result::ok);
+    ApiOutcome::Answered { peer_pid, version, containers }
+}
+
+/// Whether an HTTP/2 server (containerd's gRPC) answers on `socket`: the client preface and an
+/// empty SETTINGS frame out, the server's first frame, which must be SETTINGS, back. Nothing
+/// more of HTTP/2 is needed to know it is alive, so no gRPC stack is pulled in for it.
+pub(crate) async fn probe_http2(socket: &Path, timeout: Duration) -> Result<(), String> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    // length 0, type 4 (SETTINGS), flags 0, stream 0.
+    const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    let exchange = async {
+        let mut s = UnixStream::connect(socket).await.map_err(|e| format!("cannot connect: {e}"))?;
+        s.write_all(PREFACE).await.map_err(|e| e.to_string())?;
+        s.write_all(&EMPTY_SETTINGS).await.map_err(|e| e.to_string())?;
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).await.map_err(|e| format!("no HTTP/2 reply: {e}"))?;
+        if head[3] == 4 {
+            Ok(())
+        } else {
+            Err(format!("the first frame is of type {}, not SETTINGS", head[3]))
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", timeout.as_secs_f32())))
+}
+
+/// The first of `paths` that exists or cannot be looked at (a directory we may not enter:
+/// probing it then says so), else the first.
+pub(crate) fn first_present(paths: &[PathBuf]) -> PathBuf {
+    let there = |p: &&PathBuf| match std::fs::symlink_metadata(p) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+    };
+    paths.iter().find(there).unwrap_or(&paths[0]).clone()
+}
+
+/// Podman's sockets: rootful, then this user's.
+pub(crate) fn podman_sockets() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = PODMAN_SOCKETS.iter().map(PathBuf::from).collect();
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+        v.push(Path::new(&dir).join("podman/podman.sock"));
+    }
+    v
+}
+
+/// The Docker line. `other_runtime` says whether podman or containerd answered, which makes a
+/// missing Docker nothing to fix.
+pub(crate) fn docker_check(probe: &ApiProbe, other_runtime: bool) -> Check {
+    const NAME: &str = "docker";
+    let sock = probe.socket.display();
+    let remedy = format!(
+        "start Docker, or point --docker-host at its socket; in a container mount it: -v {sock}:{sock}:ro"
+    );
+    match &probe.outcome {
+        ApiOutcome::Absent if other_runtime => Check::skip(NAME, format!("no socket at {sock}")),
+        ApiOutcome::Absent => Check::warn(
+            NAME,
+            format!(
+                "no socket at {sock}: lines will lack container names and published ports, and no audit runs"
+            ),
+            remedy,
+        ),
+        ApiOutcome::Unreachable(e) => Check::warn(
+            NAME,
+            format!("{sock}: {e}"),
+            if e.contains("ermission denied") { "run bindtrace as root (sudo)".to_owned() } else { remedy },
+        ),
+        ApiOutcome::Silent => Check::warn(
+            NAME,
+            format!("{sock} accepts connections but sends no reply within {} s", PROBE_TIMEOUT.as_secs()),
+            "the daemon is stuck or the socket is not Docker's: restart dockerd, or check --docker-host",
+        ),
+        ApiOutcome::Answered { version, .. } => {
+            Check::ok(NAME, format!("{sock}: Docker {} (API {})", version.version, version.api_version))
+        }
+    }
+}
+
+pub(crate) fn podman_check(probe: &ApiProbe) -> Check {
+    const NAME: &str = "podman";
+    let sock = probe.socket.display();
+    match &probe.outcome {
+        ApiOutcome::Absent => Check::skip(NAME, format!("no socket at {sock}")),
+        ApiOutcome::Unreachable(e) => {
+            Check::warn(NAME, format!("{sock}: {e}"), "start it: podman system service --time=0")
+        }
+        ApiOutcome::Silent => Check::warn(
+            NAME,
+            format!("{sock} sends no reply within {} s", PROBE_TIMEOUT.as_secs()),
+            "restart podman's API service",
+        ),
+        ApiOutcome::Answered { version, .. } => Check::ok(
+            NAME,
+            format!("{sock}: Podman {} (Docker-compatible API {})", version.version, version.api_version),
+        ),
+    }
+}
+
+pub(crate) fn containerd_check(socket: &Path, probe: &Option<Result<(), String>>) -> Check {
+    const NAME: &str = "containerd";
+    let sock = socket.display();
+    match probe {
+        None => Check::skip(NAME, format!("no socket at {sock}")),
+        Some(Ok(())) => Check::ok(NAME, format!("{sock} answers gRPC (HTTP/2)")),
+        Some(Err(e)) => Check::warn(NAME, format!("{sock}: {e}"), "run as root; check that containerd runs"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doctor::report::Status;
+
+    fn socket_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("bindtrace-doctor-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("s.sock")
+    }
+
+    /// A socket that accepts and never answers must end in `Silent`, not hang the probe.
+    #[tokio::test]
+    async fn a_silent_socket_does_not_hang_the_probes() {
+        let path = socket_path("silent");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            loop {
+                let (c, _) = listener.accept().await.unwrap();
+                conns.push(c);
+            }
+        });
+        let short = Duration::from_millis(200);
+        let probe = probe_api(&path, short).await;
+        assert!(matches!(probe.outcome, ApiOutcome::Silent), "{:?}", probe.outcome);
+        assert_eq!(docker_check(&probe, false).status, Status::Warn);
+        assert!(probe_http2(&path, short).await.unwrap_err().contains("no answer"));
+        held.abort();
+    }
+
+    #[tokio::test]
+    async fn absent_and_refused_sockets() {
+        let path = socket_path("absent");
+        let probe = probe_api(&path, PROBE_TIMEOUT).await;
+        assert!(matches!(probe.outcome, ApiOutcome::Absent));
+        assert_eq!(docker_check(&probe, false).status, Status::Warn);
+        assert_eq!(docker_check(&probe, true).status, Status::Skip);
+        assert_eq!(podman_check(&probe).status, Status::Skip);
+        // A socket file nobody listens on any more refuses the connection.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let probe = probe_api(&path, PROBE_TIMEOUT).await;
+        assert!(
+            matches!(&probe.outcome, ApiOutcome::Unreachable(e) if e.contains("cannot connect")),
+            "{:?}",
+            probe.outcome
+        );
+    }
+
+    /// A server that answers HTTP/1.1 to the preface is not taken for containerd.
+    #[tokio::test]
+    async fn an_http1_server_is_not_http2() {
+        let path = socket_path("http1");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut c, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            let _ = c.read(&mut buf).await;
+            c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await.unwrap();
+        });
+        let err = probe_http2(&path, PROBE_TIMEOUT).await.unwrap_err();
+        assert!(err.contains("not SETTINGS"), "{err}");
+        server.await.unwrap();
+    }
+
+    #[test]
+    fn version_fields_of_docker_and_podman() {
+        let docker: Version = serde_json::from_str(
+            r#"{"Platform":{"Name":""},"Version":"20.10.24+dfsg1","ApiVersion":"1.41","KernelVersion":"6.18.44"}"#,
+        )
+        .unwrap();
+        assert_eq!((docker.version.as_str(), docker.kernel_version.as_str()), ("20.10.24+dfsg1", "6.18.44"));
+        let podman: Version =
+            serde_json::from_str(r#"{"Components":[{"Name":"Podman Engine"}],"Version":"4.3.1"}"#).unwrap();
+        assert_eq!(podman.components[0].name, "Podman Engine");
+        let list: Vec<Summary> = serde_json::from_str(
+            r#"[{"Names":["/web"],"Ports":[{"PrivatePort":80,"PublicPort":8080,"Type":"tcp"},{"PrivatePort":81,"Type":"tcp"}]}]"#,
+        )
+        .unwrap();
+        assert_eq!(list[0].ports[0].public_port, Some(8080));
+        assert_eq!(list[0].ports[1].public_port, None);
+    }
+}
