@@ -10,8 +10,10 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// The log line of `c`'s port in scope with its own namespace (Docker's order puts the peer in
+/// the host's namespace for a moment first).
 fn watching(c: &Container) -> String {
-    format!("watching {} (", c.host_veth)
+    format!("watching {} (netns {},", c.host_veth, c.ns.inode())
 }
 
 /// Refuses one connection to a loopback-bound server in `c` and returns its line.
@@ -113,7 +115,7 @@ fn emfile_skips_ports_until_descriptors_are_free() {
     let mut bt = start_with_nofile(&topo, limit, limit);
     let mut containers: Vec<Container> = (0..7).map(|_| topo.container()).collect();
     assert!(
-        bt.wait_stderr("because its namespace could not be opened: Too many open files", WAIT),
+        bt.wait_stderr("Too many open files", WAIT),
         "EMFILE was not reported ({idle} descriptors idle, limit {limit}):\n{}",
         bt.stderr()
     );
@@ -127,7 +129,10 @@ fn emfile_skips_ports_until_descriptors_are_free() {
     let line = refused_line(&bt, &topo, &last, 8080);
     assert_eq!(line["verdict"], "loopback_only", "{line}");
     assert_eq!(bt.stop(), Some(0), "clean exit:\n{}", bt.stderr());
-    assert_eq!(warnings_with(&bt, "Too many open files"), 1, "{}", bt.stderr());
+    // Quiet: one warning for the skipped ports, at most one from the metrics server (a scrape
+    // may have come while bindtrace was out of descriptors).
+    assert_eq!(warnings_with(&bt, "rescan: "), 1, "{}", bt.stderr());
+    assert!(warnings_with(&bt, "metrics: accept failed") <= 1, "{}", bt.stderr());
 }
 
 /// RLIMIT_NOFILE: the soft limit is raised to the hard limit at start, never the hard limit.

@@ -19,6 +19,10 @@ use crate::{
 pub(super) struct RescanGaps {
     /// Ports the SCOPE map had no room for.
     pub(super) scope_full: usize,
+    /// Ports skipped because their namespace could not be opened.
+    pub(super) skipped: usize,
+    /// Ports that left scope.
+    pub(super) gone: usize,
     /// Ports the tc hook could not be attached to, and how many it is attached to.
     pub(super) tc_failed: usize,
     pub(super) tc_attached: usize,
@@ -55,7 +59,7 @@ impl Detector {
                 self.departed.insert(key, (port, now));
             }
         }
-        let mut gaps = RescanGaps::default();
+        let mut gaps = RescanGaps { skipped: resolved.skipped.len(), gone: gone.len(), ..Default::default() };
         let mut scope_error = None;
         fresh.retain(|key, port| {
             if self.ports.contains_key(key) {
@@ -112,9 +116,17 @@ impl Detector {
     }
 
     /// A rescan from the event loop: a failure to list the ports is a hiccup, retried later.
+    /// When ports were skipped for want of descriptors while others left, the departed ones'
+    /// namespaces were still open during the scan: scan once more now that they are closed.
     pub(super) fn rescan_or_retry(&mut self) {
-        if let Err(e) = self.rescan() {
-            self.hiccup(Stage::Rescan, 1, format_args!("{e:#} (the scope stays as it was)"));
+        for _ in 0..2 {
+            match self.rescan() {
+                Ok(gaps) if gaps.skipped > 0 && gaps.gone > 0 => continue,
+                Ok(_) => return,
+                Err(e) => {
+                    return self.hiccup(Stage::Rescan, 1, format_args!("{e:#} (the scope stays as it was)"));
+                }
+            }
         }
     }
 

@@ -106,7 +106,9 @@ pub(crate) struct Candidate {
 
 /// Every network namespace reachable from here, once each: handles under [`HANDLE_DIRS`]
 /// first (they name namespaces with no process), then `/proc/PID/ns/net` of every process.
-pub(crate) fn candidates() -> Vec<Candidate> {
+/// An error only when a directory could not be read for want of resources (EMFILE, ENFILE,
+/// ENOMEM): an empty list would then pass for "no such namespace".
+pub(crate) fn candidates() -> io::Result<Vec<Candidate>> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut consider = |path: PathBuf| {
@@ -117,16 +119,32 @@ pub(crate) fn candidates() -> Vec<Candidate> {
         }
     };
     for dir in HANDLE_DIRS {
-        if let Ok(entries) = fs::read_dir(dir) {
-            for entry in entries.flatten() {
-                consider(entry.path());
+        match fs::read_dir(dir) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    consider(entry.path());
+                }
             }
+            Err(e) if out_of_resources(&e) => return Err(e),
+            Err(_) => {}
         }
     }
-    for pid in pids() {
-        consider(PathBuf::from(format!("/proc/{pid}/ns/net")));
+    match fs::read_dir("/proc") {
+        Ok(entries) => {
+            for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+                consider(PathBuf::from(format!("/proc/{pid}/ns/net")));
+            }
+        }
+        Err(e) if out_of_resources(&e) => return Err(e),
+        Err(_) => {}
     }
-    out
+    Ok(out)
+}
+
+/// Errors that say "not now" rather than "not there": the process is out of descriptors or
+/// memory, so whatever it looked for may well exist.
+pub(crate) fn out_of_resources(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM))
 }
 
 /// Numeric entries of /proc.
@@ -154,7 +172,7 @@ mod tests {
     #[test]
     fn candidates_include_our_own_namespace_once() {
         let own = fs::metadata("/proc/self/ns/net").unwrap().ino();
-        let found: Vec<_> = candidates().into_iter().filter(|c| c.inode == own).collect();
+        let found: Vec<_> = candidates().unwrap().into_iter().filter(|c| c.inode == own).collect();
         assert_eq!(found.len(), 1);
     }
 }

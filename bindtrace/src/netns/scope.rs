@@ -118,10 +118,6 @@ pub(crate) struct Resolved {
     pub(crate) skipped: Vec<(String, io::Error)>,
 }
 
-fn out_of_resources(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM))
-}
-
 impl Resolver {
     pub(crate) fn new() -> io::Result<Resolver> {
         Ok(Resolver { own: Arc::new(Netns::own()?), by_nsid: HashMap::new() })
@@ -187,14 +183,19 @@ impl Resolver {
         {
             return Ok(Some(ns.clone()));
         }
-        for candidate in netns::candidates() {
+        for candidate in netns::candidates()? {
             let file = match File::open(&candidate.path) {
                 Ok(f) => f,
-                Err(e) if out_of_resources(&e) => return Err(e),
+                Err(e) if netns::out_of_resources(&e) => return Err(e),
                 // The process exited, or its namespace is not ours to open: not this one.
                 Err(_) => continue,
             };
-            if links::netnsid_of(file.as_fd()).ok().flatten() == Some(nsid) {
+            let id = match links::netnsid_of(file.as_fd()) {
+                Ok(id) => id,
+                Err(e) if netns::out_of_resources(&e) => return Err(e),
+                Err(_) => None,
+            };
+            if id == Some(nsid) {
                 let ns = Arc::new(Netns::from_file(file)?);
                 self.by_nsid.insert(nsid, ns.clone());
                 return Ok(Some(ns));

@@ -114,12 +114,20 @@ async fn accept_loop(listener: std::net::TcpListener, registry: Arc<Registry>) {
     };
     let conns: Arc<Mutex<Conns>> = Arc::default();
     let mut evicted = 0u64;
+    let (mut accept_failures, mut warned_at) = (0u64, None::<std::time::Instant>);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                // Out of descriptors and the like: wait a little rather than spin.
-                log::warn!("metrics: accept failed: {e}");
+                // Out of descriptors and the like: wait a little rather than spin, and say it
+                // once, then at most once a minute with the total.
+                accept_failures += 1;
+                if warned_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    log::warn!("metrics: accept failed: {e} ({accept_failures} times since start; retrying)");
+                    warned_at = Some(std::time::Instant::now());
+                } else {
+                    log::debug!("metrics: accept failed: {e} ({accept_failures} times since start)");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
