@@ -4,7 +4,8 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    app::check::CheckArgs, diagnose::audit, kernel::hook::HookChoice, sinks::metrics, sinks::output::Format,
+    app::check::CheckArgs, app::generate::GenerateArgs, diagnose::audit, kernel::hook::HookChoice,
+    sinks::metrics, sinks::output::Format,
 };
 
 /// Reports, as it happens, every connection to a container that was refused because the service
@@ -119,6 +120,9 @@ pub(crate) enum Command {
     /// Audit every running container's published ports once and exit: 0 all reachable, 1 any
     /// loopback-only, 2 other misbindings, 3 the check could not run.
     Check(CheckArgs),
+    /// Print the man page or a shell's completions (for packagers).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
 }
 
 fn parse_ringbuf_size(s: &str) -> Result<u32, String> {
