@@ -24,7 +24,7 @@ use clap::Parser as _;
 use app::{
     check,
     cli::{Args, Command},
-    setup,
+    generate, setup,
 };
 use sinks::output::Output;
 
@@ -84,6 +84,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Generate(what)) = &args.command {
+        return generate::run(what, &mut std::io::stdout().lock());
+    }
     if let Some(Command::Check(check_args)) = &args.command {
         let mut stdout = std::io::stdout().lock();
         return std::process::ExitCode::from(runtime.block_on(check::run(check_args, &mut stdout)));

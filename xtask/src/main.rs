@@ -1,5 +1,7 @@
 //! Developer tasks that need more than one cargo command: `cargo xtask <task>`.
 mod bench;
+mod deb;
+mod deploy_check;
 mod dist;
 mod image;
 mod kernels;
@@ -26,6 +28,10 @@ enum Task {
     Bench(bench::Options),
     /// The release tarball: a static x86_64 binary, reproducible, with its sha256 (target/dist).
     Dist(dist::Options),
+    /// The Debian package target/dist/bindtrace_VERSION_amd64.deb (the dist binary, unit, man page).
+    Deb(deb::Options),
+    /// Validate deploy/kubernetes, the workflows and the systemd unit offline (and broken copies fail).
+    DeployCheck(deploy_check::Options),
     /// The container image bindtrace:VERSION and :latest, FROM scratch with the dist binary.
     Image(image::Options),
     /// The kernel matrix: the core scenarios on Debian's 6.1 and 5.10 under qemu, and natively.
@@ -50,6 +56,8 @@ fn main() -> std::process::ExitCode {
         Task::Bench(opts) => bench::run(&opts),
         Task::Dist(opts) => dist::run(&opts),
         Task::Image(opts) => image::run(&opts),
+        Task::Deb(opts) => deb::run(&opts),
+        Task::DeployCheck(opts) => deploy_check::run(&opts),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
 //! The whole test suite, in the order that fails fastest: lint, unit tests (no root), the
-//! deploy/ artefacts (promtool), release build, the image (`dist`'s static binary), then the
-//! integration tests, which need root and run one at a time because they load eBPF programs and
+//! deploy/ artefacts (promtool; `deploy-check` for Kubernetes, the workflows and the unit),
+//! release build, the image (`dist`'s static binary) and the .deb, then the integration tests, which need root and run one at a time because they load eBPF programs and
 //! create network namespaces.
 use crate::util::{Tally, cargo, root, run_cmd, run_tests};
 
@@ -25,6 +25,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let mut tally = Tally::default();
     run_tests(unit, &mut tally)?;
     deploy_checks()?;
+    // The Kubernetes manifests, workflows and unit validate offline; broken copies do not.
+    crate::deploy_check::check(&mut tally).inspect_err(|_| {
+        println!("{} passed, {} failed", tally.passed, tally.failed);
+    })?;
 
     let mut build = cargo();
     build.args(["build", "--release", "-p", "bindtrace"]);
@@ -40,11 +44,17 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         Vec::new()
     };
 
+    // The .deb from the same dist binary: tests/tests/deb.rs installs, runs and purges it.
+    let deb_started = std::time::Instant::now();
+    let deb = crate::deb::build()?;
+    eprintln!("xtask: the .deb took {:.0?}", deb_started.elapsed());
+
     let mut integration = cargo();
     integration
         .args(["test", "--release", "-p", "bindtrace-tests", "--"])
         .arg("--test-threads=1")
         .env("BINDTRACE_BIN", root().join("target/release/bindtrace"))
+        .env("BINDTRACE_DEB", &deb)
         .env("BINDTRACE_IMAGE", image_tags.last().map_or("bindtrace:latest", String::as_str));
     if let Some(filter) = &opts.filter {
         integration.arg(filter);

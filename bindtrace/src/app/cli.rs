@@ -4,8 +4,8 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    app::check::CheckArgs, diagnose::audit, doctor::DoctorArgs, kernel::hook::HookChoice, sinks::metrics,
-    sinks::output::Format,
+    app::check::CheckArgs, app::generate::GenerateArgs, diagnose::audit, doctor::DoctorArgs,
+    kernel::hook::HookChoice, sinks::metrics, sinks::output::Format,
 };
 
 /// Reports, as it happens, every connection to a container that was refused because the service
@@ -139,6 +139,9 @@ pub(crate) enum Command {
     /// (kernel, BTF, hooks, capabilities, lockdown, namespaces, runtimes, bridges, metrics
     /// port, platform). Exit 0 when ready, 1 otherwise.
     Doctor(DoctorArgs),
+    /// Print the man page or a shell's completions (for packagers).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
 }
 
 fn parse_ringbuf_size(s: &str) -> Result<u32, String> {

@@ -7,6 +7,7 @@ pub(crate) mod cli;
 pub(crate) mod detector;
 pub(crate) mod docker_sync;
 pub(crate) mod event_loop;
+pub(crate) mod generate;
 pub(crate) mod hiccups;
 pub(crate) mod key_sync;
 pub(crate) mod losses;
