@@ -1,6 +1,6 @@
 //! Taking in what the Docker watcher reports: new networks' bridges, the inventory behind names
 //! and published ports, container starts for the audit.
-use std::{collections::BTreeSet, time::Instant};
+use std::{collections::BTreeSet, sync::Arc, time::Instant};
 
 use super::detector::Detector;
 use crate::{netns::scope, sources::docker::watch::DockerState};
@@ -31,7 +31,9 @@ impl Detector {
                 log::info!("Docker network bridge {gone} removed");
             }
         }
-        self.docker.inventory = Some(inv.clone());
+        // While the daemon is away its last word is kept, marked stale: names only for
+        // containers whose process is still in the namespace.
+        self.docker.inventory = Some(if state.is_up() { inv.clone() } else { Arc::new(inv.as_stale()) });
         if added {
             self.rescan_or_retry();
         }

@@ -122,6 +122,12 @@ impl Container {
     }
 }
 
+/// Whether process `pid` (host pid namespace) runs in the network namespace with `inode`.
+fn still_in(pid: u32, inode: u64) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    pid != 0 && std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == inode)
+}
+
 /// A Docker network; `bridge` is the Linux bridge of a bridge-driver network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Network {
@@ -136,18 +142,32 @@ pub(crate) struct Inventory {
     pub(crate) networks: BTreeMap<String, Network>,
     /// The daemon answering on the socket, to recognise its own proxy processes.
     pub(crate) daemon: Option<daemon::Daemon>,
+    /// The daemon is unreachable and this is what it said last: containers may have gone since,
+    /// and the kernel hands a freed namespace's inode to the next namespace made.
+    pub(crate) stale: bool,
 }
 
 impl Inventory {
     /// The container whose network namespace has this inode. When several share it
     /// (`--network container:X`), the one that owns it.
+    /// From a stale inventory, only a container whose main process still runs in that
+    /// namespace: a namespace with a dead container's inode is not named after it.
     pub(crate) fn by_netns(&self, inode: u64) -> Option<&Arc<Container>> {
-        let mut found = self.containers.values().filter(|c| c.netns_inodes.contains(&inode));
+        let mut found = self
+            .containers
+            .values()
+            .filter(|c| c.netns_inodes.contains(&inode))
+            .filter(|c| !self.stale || still_in(c.pid, inode));
         let first = found.next()?;
         if first.owns_netns() {
             return Some(first);
         }
         found.find(|c| c.owns_netns()).or(Some(first))
+    }
+
+    /// The same containers, marked as what the daemon said last (see [`Inventory::stale`]).
+    pub(crate) fn as_stale(&self) -> Inventory {
+        Inventory { stale: true, ..self.clone() }
     }
 
     /// Bridges of every bridge-driver network, sorted.
@@ -245,5 +265,23 @@ mod tests {
         assert_eq!(inv.by_netns(5).unwrap().id, "b");
         assert_eq!(inv.by_netns(7).unwrap().id, "c");
         assert!(inv.by_netns(8).is_none());
+    }
+
+    #[test]
+    fn a_stale_inventory_names_only_containers_still_in_their_namespace() {
+        use std::os::unix::fs::MetadataExt as _;
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+        let mut inv = Inventory::default();
+        let mut alive = (*container("alive", &[own], "bridge")).clone();
+        alive.pid = std::process::id();
+        inv.containers.insert("alive".into(), Arc::new(alive));
+        // A container that died: its pid is gone (pid_max is at most 2^22).
+        let mut dead = (*container("dead", &[own + 1], "bridge")).clone();
+        dead.pid = u32::MAX - 1;
+        inv.containers.insert("dead".into(), Arc::new(dead));
+        assert_eq!(inv.by_netns(own + 1).unwrap().id, "dead", "a fresh inventory is trusted");
+        let stale = inv.as_stale();
+        assert_eq!(stale.by_netns(own).unwrap().id, "alive");
+        assert!(stale.by_netns(own + 1).is_none(), "a dead container's inode names no new namespace");
     }
 }
