@@ -18,6 +18,7 @@ const LINE_WAIT: Duration = Duration::from_secs(30);
 
 macro_rules! for_each_hook {
     ($($name:ident),* $(,)?) => {
+        mod tcp_send_reset { $( #[test] fn $name() { if super::root_or_skip() { super::$name(super::Hook::TcpSendReset) } } )* }
         mod kfree_skb { $( #[test] fn $name() { if super::root_or_skip() { super::$name(super::Hook::KfreeSkb) } } )* }
         mod tc { $( #[test] fn $name() { if super::root_or_skip() { super::$name(super::Hook::Tc) } } )* }
     };
