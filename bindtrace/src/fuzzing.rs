@@ -204,8 +204,9 @@ pub fn hint_argv(data: &[u8]) {
     let exe = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a)).unwrap_or_default().to_owned();
     for any in ["0.0.0.0", "::"] {
         if let Some(fix) = framework::bind_fix(&argv, &exe, 8000, any) {
-            // The advice quotes at most one argument and its flag, twice, around fixed text.
-            assert!(fix.advice.len() <= 4 * data.len() + 256, "{}-byte advice", fix.advice.len());
+            // The advice quotes at most one argument and its flag, twice, around fixed text; each
+            // invalid byte may have become U+FFFD, three bytes.
+            assert!(fix.advice.len() <= 6 * data.len() + 256, "{}-byte advice", fix.advice.len());
             let printed = escape::escaped(&fix.advice);
             assert!(!printed.contains('\n'));
         }
