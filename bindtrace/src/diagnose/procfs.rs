@@ -185,12 +185,7 @@ impl ProcDir {
         let Ok((raw, cut)) = self.read_bounded("cmdline", bounds::CMDLINE_BYTES) else {
             return (Vec::new(), 0);
         };
-        let argv = raw
-            .split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        (argv, cut)
+        (split_cmdline(&raw), cut)
     }
 
     pub(crate) fn comm(&self) -> String {
@@ -221,9 +216,17 @@ impl ProcDir {
 
 /// Field 22 of `/proc/PID/stat`, counted after the command name (which may hold spaces and
 /// parentheses: the last `)` ends it).
-fn parse_start_time(stat: &str) -> Option<u64> {
+pub(crate) fn parse_start_time(stat: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The words of a `/proc/PID/cmdline`: split at NULs, empty words dropped.
+pub(crate) fn split_cmdline(raw: &[u8]) -> Vec<String> {
+    raw.split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
 }
 
 /// `/proc/PID/cmdline` split at NULs (bounded as [`ProcDir::argv`]).
@@ -231,7 +234,7 @@ pub(crate) fn argv_of(pid: u32) -> Vec<String> {
     ProcDir::open(pid).map(|p| p.argv().0).unwrap_or_default()
 }
 
-fn parse_nspid(status: &str) -> Option<u32> {
+pub(crate) fn parse_nspid(status: &str) -> Option<u32> {
     let fields: Vec<&str> =
         status.lines().find_map(|l| l.strip_prefix("NSpid:"))?.split_whitespace().collect();
     if fields.len() < 2 {

@@ -15,7 +15,7 @@
 //! it has no lookup for enum values or function prototypes, which we would also write
 //! ourselves; and it has one maintainer. Little of this file's job would move to the crate.
 
-use std::collections::HashMap;
+use std::{cell::Cell, collections::HashMap};
 
 const MAGIC: u16 = 0xeb9f;
 /// Size of the version 1 header; `hdr_len` may be larger (later fields we do not know).
@@ -28,6 +28,9 @@ const POINTER_SIZE: u32 = 8;
 /// Bound on chains of typedefs/modifiers and on anonymous nesting, so that a malformed blob
 /// with a reference cycle ends in an error instead of a stack overflow.
 const MAX_DEPTH: usize = 64;
+/// Types visited to render one type: a prototype with several parameters pointing back to it
+/// branches at every level, so the depth bound alone would still allow 2^64 steps.
+const RENDER_BUDGET: usize = 4096;
 
 /// Errors from parsing BTF or looking things up in it. Lookup errors name what was missing.
 #[derive(Debug, thiserror::Error)]
@@ -213,7 +216,7 @@ impl std::fmt::Debug for Btf {
 }
 
 impl Btf {
-    #[cfg(test)]
+    /// A BTF blob read elsewhere (the fixtures, the fuzz targets).
     pub(crate) fn from_bytes(raw: &[u8]) -> Result<Btf, BtfError> {
         Self::from_vec(raw.to_vec())
     }
@@ -535,17 +538,19 @@ impl Btf {
         if proto.kind != Kind::FuncProto {
             return Err(not_proto());
         }
-        Ok(self.params(proto))
+        Ok(self.params(proto, 0, &Cell::new(RENDER_BUDGET)))
     }
 
-    /// Rendered parameter types of a FUNC_PROTO; a final void parameter means `...`.
-    fn params(&self, proto: Type<'_>) -> Vec<String> {
+    /// Rendered parameter types of a FUNC_PROTO; a final void parameter means `...`. `depth`
+    /// is the prototype's own: a parameter that points back to its prototype (a corrupt or
+    /// hostile blob) must hit the depth bound, not recurse until the stack overflows.
+    fn params(&self, proto: Type<'_>, depth: usize, budget: &Cell<usize>) -> Vec<String> {
         proto
             .extra
             .chunks_exact(8)
             .map(|p| match le32(p, 4) {
                 0 => "...".to_owned(),
-                ty => self.render(ty),
+                ty => self.render_depth(ty, depth + 1, budget),
             })
             .collect()
     }
@@ -554,16 +559,20 @@ impl Btf {
     /// shows up as `<bad type N>`. Type tags (`__user`, `__rcu`) are left out, as C has them
     /// only as attributes.
     fn render(&self, id: u32) -> String {
-        self.render_depth(id, 0)
+        self.render_depth(id, 0, &Cell::new(RENDER_BUDGET))
     }
 
-    fn render_depth(&self, id: u32, depth: usize) -> String {
+    fn render_depth(&self, id: u32, depth: usize, budget: &Cell<usize>) -> String {
         if id == 0 {
             return "void".into();
         }
         if depth > MAX_DEPTH {
             return "<too deep>".into();
         }
+        if budget.get() == 0 {
+            return "<too long>".into();
+        }
+        budget.set(budget.get() - 1);
         let Ok(t) = self.ty(id) else {
             return format!("<bad type {id}>");
         };
@@ -572,7 +581,7 @@ impl Btf {
             Ok(name) => name,
             Err(_) => "<bad name>",
         };
-        let inner = || self.render_depth(t.size_or_type, depth + 1);
+        let inner = || self.render_depth(t.size_or_type, depth + 1, budget);
         match t.kind {
             Kind::Int | Kind::Float | Kind::Typedef | Kind::Func | Kind::Var | Kind::Datasec => name.into(),
             Kind::Struct => format!("struct {name}"),
@@ -580,7 +589,7 @@ impl Btf {
             Kind::Enum | Kind::Enum64 => format!("enum {name}"),
             Kind::Fwd if t.kind_flag() => format!("union {name}"),
             Kind::Fwd => format!("struct {name}"),
-            Kind::Ptr => self.render_pointer(t.size_or_type, depth),
+            Kind::Ptr => self.render_pointer(t.size_or_type, depth, budget),
             Kind::Const | Kind::Volatile | Kind::Restrict => {
                 let qualifier = match t.kind {
                     Kind::Const => "const",
@@ -595,21 +604,21 @@ impl Btf {
             }
             Kind::TypeTag | Kind::DeclTag => inner(),
             Kind::Array => {
-                let elem = self.render_depth(le32(t.extra, 0), depth + 1);
+                let elem = self.render_depth(le32(t.extra, 0), depth + 1, budget);
                 format!("{elem}[{}]", le32(t.extra, 8))
             }
-            Kind::FuncProto => self.render_proto(t, "", depth),
+            Kind::FuncProto => self.render_proto(t, "", depth, budget),
         }
     }
 
-    fn render_pointer(&self, target: u32, depth: usize) -> String {
+    fn render_pointer(&self, target: u32, depth: usize, budget: &Cell<usize>) -> String {
         let pointee = self.skip_tags(target);
         if let Ok(proto) = self.ty(pointee)
             && proto.kind == Kind::FuncProto
         {
-            return self.render_proto(proto, "(*)", depth);
+            return self.render_proto(proto, "(*)", depth, budget);
         }
-        let inner = self.render_depth(target, depth + 1);
+        let inner = self.render_depth(target, depth + 1, budget);
         if inner.ends_with('*') { format!("{inner}*") } else { format!("{inner} *") }
     }
 
@@ -623,9 +632,9 @@ impl Btf {
         id
     }
 
-    fn render_proto(&self, proto: Type<'_>, declarator: &str, depth: usize) -> String {
-        let ret = self.render_depth(proto.size_or_type, depth + 1);
-        let params = self.params(proto);
+    fn render_proto(&self, proto: Type<'_>, declarator: &str, depth: usize, budget: &Cell<usize>) -> String {
+        let ret = self.render_depth(proto.size_or_type, depth + 1, budget);
+        let params = self.params(proto, depth, budget);
         let params = if params.is_empty() { "void".into() } else { params.join(", ") };
         format!("{ret} {declarator}({params})")
     }
@@ -1147,6 +1156,24 @@ pub(crate) mod tests {
             "int (*)(void *, void * restrict, int, void * const, void **, volatile int, ...)"
         );
         assert!(matches!(btf.func_proto_params("loop_a"), Err(BtfError::TooDeep { .. })));
+    }
+
+    /// A prototype whose parameter is a pointer to itself: rendering stops at the depth bound
+    /// (it used to restart the depth count at every parameter and overflow the stack).
+    #[test]
+    fn prototype_cycles_are_bounded() {
+        let mut b = Builder::default();
+        // 1: func_proto(p, p) where 2: p, a ptr -> 1; 3: typedef cyc -> 2; 4: int. Two
+        // parameters make the rendering branch at each level.
+        b.add("", 13, 2, 4, &[0, 2, 0, 2]);
+        b.add("", 2, 0, 1, &[]);
+        b.add("cyc", 8, 0, 2, &[]);
+        b.add("int", 1, 0, 4, &[32]);
+        let btf = Btf::from_bytes(&b.build()).unwrap();
+        let params = btf.func_proto_params("cyc").unwrap();
+        assert_eq!(params.len(), 2);
+        assert!(params[0].contains("<too "), "{}", params[0]);
+        assert!(params.concat().len() < RENDER_BUDGET * 32, "{} bytes", params.concat().len());
     }
 
     #[test]

@@ -201,9 +201,20 @@ pub(crate) struct Msg<'a> {
 }
 
 impl Msg<'_> {
-    /// The decoded payload; None (logged at debug) when the crate cannot decode it.
+    /// The decoded payload; None (logged at debug) when the crate cannot decode it, or panics
+    /// on it: netlink-packet-netfilter 0.4.0 slices out of bounds on a short nftables set
+    /// attribute (found by the conntrack fuzz target), and a message must never end bindtrace.
     pub(crate) fn decode<I: NetlinkDeserializable>(&self) -> Option<NetlinkPayload<I>> {
-        match NetlinkMessage::<I>::deserialize(self.bytes) {
+        let bytes = self.bytes;
+        let Ok(decoded) = std::panic::catch_unwind(|| NetlinkMessage::<I>::deserialize(bytes)) else {
+            log::debug!(
+                "skipping a netlink message of type {} ({} bytes) that the decoder panicked on",
+                self.header.message_type,
+                bytes.len()
+            );
+            return None;
+        };
+        match decoded {
             Ok(m) => Some(m.payload),
             Err(e) => {
                 log::debug!(
@@ -288,5 +299,17 @@ mod tests {
         let mut zero = msg.clone();
         zero[..4].copy_from_slice(&0u32.to_ne_bytes());
         assert_eq!(Messages::new(&zero).count(), 1);
+    }
+
+    /// The conntrack fuzz target's finding: an nftables message whose set attribute is
+    /// shorter than its header made the crate panic; decoding it now gives None.
+    #[test]
+    fn a_decoder_panic_is_a_skipped_message() {
+        let datagram = include_bytes!("../../../fuzz/corpus/conntrack/crash-nftables-set-attribute");
+        let decoded: Vec<_> = Messages::new(datagram)
+            .map_while(Result::ok)
+            .map(|m| m.decode::<netlink_packet_netfilter::NetfilterMessage>().is_some())
+            .collect();
+        assert!(decoded.contains(&false), "{decoded:?}");
     }
 }

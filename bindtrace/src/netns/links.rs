@@ -93,7 +93,7 @@ pub(crate) fn netnsid_of(ns: BorrowedFd<'_>) -> io::Result<Option<i32>> {
 }
 
 /// A link from a decoded RTM_NEWLINK. None when it has no name.
-fn parse_link(msg: LinkMessage) -> Option<Link> {
+pub(crate) fn parse_link(msg: LinkMessage) -> Option<Link> {
     let mut link = Link {
         ifindex: msg.header.index,
         name: String::new(),

@@ -12,7 +12,7 @@
 use std::{borrow::Cow, fmt::Write as _};
 
 /// Characters a terminal may act on or hide, beyond the backslash.
-fn needs_escape(c: char) -> bool {
+pub(crate) fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
@@ -47,11 +47,13 @@ pub(crate) fn escaped(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// `s` as one field among others: [`escaped`], and quoted when it holds a space, a quote or
-/// nothing at all, so that it cannot pass for two fields or for the text around it.
+/// `s` as one field among others: [`escaped`], and quoted when it holds white space (any of
+/// Unicode's: a no-break or ideographic space splits a field for a reader as well as an ASCII
+/// one), a quote or nothing at all, so that it cannot pass for two fields or for the text
+/// around it.
 pub(crate) fn field(s: &str) -> Cow<'_, str> {
     let e = escaped(s);
-    if !e.is_empty() && !e.contains([' ', '"']) {
+    if !e.is_empty() && !e.contains(|c: char| c.is_whitespace() || c == '"') {
         return e;
     }
     Cow::Owned(format!("\"{}\"", e.replace('"', "\\\"")))
@@ -91,5 +93,14 @@ mod tests {
         assert_eq!(field("a\"b"), "\"a\\\"b\"");
         assert_eq!(field(""), "\"\"");
         assert_eq!(field("x\ny"), "x\\u{a}y");
+    }
+
+    /// Unicode spaces went unquoted (what the sanitiser fuzz target checks).
+    #[test]
+    fn fields_with_unicode_spaces_are_quoted() {
+        for space in ['\u{a0}', '\u{2009}', '\u{3000}', '\u{1680}'] {
+            let s = format!("curl{space}(pid 1)");
+            assert_eq!(field(&s), format!("\"{s}\""), "{:x}", space as u32);
+        }
     }
 }

@@ -213,7 +213,7 @@ fn drain(sock: &Socket, buf: &mut Vec<u8>, flows: &Mutex<Flows>) -> io::Result<(
 }
 
 /// Both tuples of a TCP destroy event; None for any other message.
-fn destroyed_flow(msg: &Msg<'_>) -> Option<NatFlow> {
+pub(crate) fn destroyed_flow(msg: &Msg<'_>) -> Option<NatFlow> {
     // Check the type before decoding: every connection of the host ends in one of these.
     if msg.header.message_type != (NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE) {
         return None;

@@ -1,8 +1,8 @@
 //! A namespace's listening TCP sockets: one sock_diag dump from a thread that joined the
 //! namespace ([`sock_diag`]), or the `/proc/net/tcp{,6}` tables where sock_diag is missing
 //! ([`proc_net`]), so namespaces without any process (a handle under /run/netns) work too.
-mod proc_net;
-mod sock_diag;
+pub(crate) mod proc_net;
+pub(crate) mod sock_diag;
 
 use std::{collections::HashSet, fs, io, net::IpAddr};
 

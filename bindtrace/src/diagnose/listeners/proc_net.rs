@@ -9,7 +9,7 @@ use super::Listener;
 const TCP_LISTEN: u8 = 0x0A;
 
 /// Parses `/proc/net/tcp` or `/proc/net/tcp6` and keeps the listening sockets.
-pub(super) fn parse_tcp(text: &str) -> Vec<Listener> {
+pub(crate) fn parse_tcp(text: &str) -> Vec<Listener> {
     text.lines().skip(1).filter_map(parse_line).collect()
 }
 

@@ -60,7 +60,7 @@ fn dump(family: u8, found: &mut Listening) -> io::Result<()> {
     Ok(())
 }
 
-fn parse(msg: &SockDiagMessage) -> Option<(Listener, bool)> {
+pub(crate) fn parse(msg: &SockDiagMessage) -> Option<(Listener, bool)> {
     let SockDiagMessage::InetResponse(r) = msg else { return None };
     let v6only = r.nlas.iter().any(|n| matches!(n, Nla::SkV6Only(true)));
     let id = &r.header.socket_id;

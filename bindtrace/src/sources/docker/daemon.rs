@@ -74,7 +74,7 @@ fn namespaces_of(proc: &ProcDir) -> io::Result<[u64; 3]> {
 }
 
 /// `--userland-proxy-path=P` or `--userland-proxy-path P` in the daemon's arguments.
-fn proxy_path_flag(argv: &[String]) -> Option<String> {
+pub(crate) fn proxy_path_flag(argv: &[String]) -> Option<String> {
     let mut args = argv.iter();
     while let Some(a) = args.next() {
         if let Some(v) = a.strip_prefix("--userland-proxy-path=") {

@@ -127,7 +127,7 @@ impl Client {
                 tokio::time::timeout(REQUEST_TIMEOUT, resp.read_body()).await.unwrap_or(Ok(Bytes::new()))?;
             return Err(status_error(&what, status, &body));
         }
-        Ok(JsonStream { skipping: false, resp, buf: Vec::new() })
+        Ok(JsonStream { resp, lines: EventLines::default() })
     }
 
     /// Connects, sends `GET path` and reads the response head.
@@ -199,9 +199,7 @@ impl Response {
 /// may hold several.
 pub(crate) struct JsonStream {
     resp: Response,
-    buf: Vec<u8>,
-    /// Inside a value longer than [`bounds::EVENT_BYTES`]: its bytes are dropped until its end.
-    skipping: bool,
+    lines: EventLines,
 }
 
 impl JsonStream {
@@ -211,34 +209,71 @@ impl JsonStream {
     /// stream ends (the daemon or a relay went away).
     pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, DockerError> {
         loop {
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                if std::mem::take(&mut self.skipping) {
-                    return Ok(None);
+            match self.lines.next_line() {
+                Some(Line::Skipped) => return Ok(None),
+                Some(Line::Value(line)) => {
+                    let line = line.trim_ascii();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    return serde_json::from_slice(line).map(Some).map_err(|e| DockerError::Protocol {
+                        what: self.resp.what.clone(),
+                        detail: e.to_string(),
+                    });
                 }
-                let line = line.trim_ascii();
-                if line.is_empty() {
-                    continue;
-                }
-                return serde_json::from_slice(line).map(Some).map_err(|e| DockerError::Protocol {
-                    what: self.resp.what.clone(),
-                    detail: e.to_string(),
-                });
-            }
-            if self.skipping || self.buf.len() > bounds::EVENT_BYTES {
-                self.skipping = true;
-                self.buf.clear();
+                None => {}
             }
             match self.resp.body.frame().await {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
+                        self.lines.push(&data);
                     }
                 }
                 Some(Err(e)) => return Err(DockerError::from_hyper(&self.resp.what, e)),
                 None => return Err(DockerError::Closed { what: self.resp.what.clone() }),
             }
         }
+    }
+}
+
+/// The lines of a stream, as its chunks arrive, each at most [`bounds::EVENT_BYTES`]: the
+/// bytes of a longer one are dropped as they come, and it is reported as skipped.
+#[derive(Debug, Default)]
+pub(crate) struct EventLines {
+    buf: Vec<u8>,
+    /// Inside a line longer than the bound: its bytes are dropped until its end.
+    skipping: bool,
+}
+
+/// One line out of [`EventLines`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Line {
+    /// A line within the bound, its newline included.
+    Value(Vec<u8>),
+    /// A line over the bound, dropped.
+    Skipped,
+}
+
+impl EventLines {
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next whole line, or None until more bytes are pushed.
+    pub(crate) fn next_line(&mut self) -> Option<Line> {
+        if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+            // A long line may arrive whole in one chunk: the bound holds for it too.
+            if std::mem::take(&mut self.skipping) || line.len() > bounds::EVENT_BYTES + 1 {
+                return Some(Line::Skipped);
+            }
+            return Some(Line::Value(line));
+        }
+        if self.skipping || self.buf.len() > bounds::EVENT_BYTES {
+            self.skipping = true;
+            self.buf.clear();
+        }
+        None
     }
 }
 
@@ -380,9 +415,21 @@ mod tests {
             assert!(s.next::<serde_json::Value>().await.unwrap().is_none(), "skipped");
             let next: serde_json::Value = s.next().await.unwrap().unwrap();
             assert_eq!(next["Type"], "network");
-            assert!(s.buf.capacity() < 2 * bounds::EVENT_BYTES, "the skipped event was not kept");
+            assert!(s.lines.buf.capacity() < 2 * bounds::EVENT_BYTES, "the skipped event was not kept");
         });
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An event arriving whole, newline included, in one chunk: still over the bound, still
+    /// skipped (it used to be taken in, whatever its size).
+    #[test]
+    fn an_oversized_event_in_one_chunk_is_skipped() {
+        let mut lines = EventLines::default();
+        let huge = format!("{{\"Labels\":\"{}\"}}\n", "x".repeat(bounds::EVENT_BYTES));
+        lines.push(format!("{huge}{{\"Type\":\"network\"}}\n").as_bytes());
+        assert_eq!(lines.next_line(), Some(Line::Skipped));
+        assert_eq!(lines.next_line(), Some(Line::Value(b"{\"Type\":\"network\"}\n".to_vec())));
+        assert_eq!(lines.next_line(), None);
     }
 
     #[test]
