@@ -197,14 +197,19 @@ fn a_process_named_docker_proxy_is_not_the_proxy() {
     });
     assert_eq!(line["published"]["host_port"], port, "{line:#}");
 
-    // The impostor: comm docker-proxy, exe at /usr/bin/docker-proxy in its own root.
+    // The impostor: comm docker-proxy, exe at /usr/bin/docker-proxy in its own root. It dials
+    // once a second: a dial inside the fold window of the proxy's refusal is folded into that
+    // line (which names the window's first client), so the next one gets a line of its own.
     let impostor = Container::run(
         &img,
         &[],
         &[
             "sh",
             "-c",
-            &format!("/usr/bin/docker-proxy dial {ip} 8000 -host-ip 0.0.0.0 -host-port 6666; sleep 60"),
+            &format!(
+                "for i in 1 2 3 4 5 6 7 8 9 10; do /usr/bin/docker-proxy dial {ip} 8000 -host-ip 0.0.0.0 \
+                 -host-port 6666; sleep 1; done; sleep 60"
+            ),
         ],
     );
     let line = bt.expect_line("refused from the impostor", WAIT, |l| {
