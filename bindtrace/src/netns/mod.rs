@@ -129,14 +129,13 @@ pub(crate) fn candidates() -> io::Result<Vec<Candidate>> {
             Err(_) => {}
         }
     }
-    match fs::read_dir("/proc") {
-        Ok(entries) => {
-            for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
-                consider(PathBuf::from(format!("/proc/{pid}/ns/net")));
-            }
-        }
+    let pids = match list_pids() {
+        Ok(pids) => pids,
         Err(e) if out_of_resources(&e) => return Err(e),
-        Err(_) => {}
+        Err(_) => Vec::new(),
+    };
+    for pid in pids {
+        consider(PathBuf::from(format!("/proc/{pid}/ns/net")));
     }
     Ok(out)
 }
@@ -147,10 +146,13 @@ pub(crate) fn out_of_resources(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM))
 }
 
-/// Numeric entries of /proc.
+/// Numeric entries of /proc (none when /proc cannot be read).
 pub(crate) fn pids() -> Vec<u32> {
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
-    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
+    list_pids().unwrap_or_default()
+}
+
+fn list_pids() -> io::Result<Vec<u32>> {
+    Ok(fs::read_dir("/proc")?.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
 }
 
 #[cfg(test)]
