@@ -23,6 +23,27 @@ use crate::net::unique;
 /// The daemon's own socket.
 pub const DOCKER_SOCK: &str = "/var/run/docker.sock";
 
+/// bindtrace's image under test: `BINDTRACE_IMAGE` (set by `./x test`), else `bindtrace:latest`.
+pub fn bindtrace_image() -> String {
+    std::env::var("BINDTRACE_IMAGE").unwrap_or_else(|_| "bindtrace:latest".to_owned())
+}
+
+/// Skips (true) when this machine cannot run bindtrace's image; under CI that is a failure
+/// instead.
+pub fn skip_without_image() -> bool {
+    let why = if !crate::is_root() {
+        "needs root"
+    } else if !available() {
+        "no Docker daemon answers here"
+    } else if !docker(&["image", "inspect", &bindtrace_image()]).status.success() {
+        "the image is missing (build it with `./x image`)"
+    } else {
+        return false;
+    };
+    crate::skip(why);
+    true
+}
+
 /// Whether a Docker daemon answers here (tests skip without one).
 pub fn available() -> bool {
     Command::new("docker")

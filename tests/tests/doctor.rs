@@ -13,7 +13,7 @@ use std::{
 
 use bindtrace_tests::{
     bindtrace::binary,
-    docker::{self, DOCKER_SOCK, docker, free_port, unique_name},
+    docker::{self, DOCKER_SOCK, bindtrace_image, docker, free_port, skip_without_image, unique_name},
     is_root, root_or_skip,
 };
 use serde_json::Value;
@@ -191,25 +191,6 @@ fn unprivileged_names_the_capabilities() {
     assert!(run.stderr.contains("CAP_BPF") && run.stderr.contains("`bindtrace doctor`"), "{}", run.stderr);
 }
 
-fn image() -> String {
-    std::env::var("BINDTRACE_IMAGE").unwrap_or_else(|_| "bindtrace:latest".to_owned())
-}
-
-/// Skips (true) when this machine cannot run the image; under CI that is a failure instead.
-fn skip_image() -> bool {
-    let why = if !is_root() {
-        "needs root"
-    } else if !docker::available() {
-        "no Docker daemon answers here"
-    } else if !docker(&["image", "inspect", &image()]).status.success() {
-        "the image is missing (build it with `./x image`)"
-    } else {
-        return false;
-    };
-    bindtrace_tests::skip(why);
-    true
-}
-
 /// `docker run --rm` of the image's doctor; the container is removed on drop too, should the
 /// client be stuck.
 struct Boxed {
@@ -222,7 +203,7 @@ impl Boxed {
         let socket = format!("{DOCKER_SOCK}:{DOCKER_SOCK}:ro");
         let port = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new("docker");
-        cmd.args(["run", "--rm", "--name", &b.name]).args(flags).args(["-v", &socket, &image()]);
+        cmd.args(["run", "--rm", "--name", &b.name]).args(flags).args(["-v", &socket, &bindtrace_image()]);
         cmd.args(["doctor", "--metrics-addr", &port]).args(extra);
         let run = Run::of(cmd);
         (b, run)
@@ -239,7 +220,7 @@ impl Drop for Boxed {
 /// host's pids are not, and doctor says which flag is missing.
 #[test]
 fn in_a_container_without_pid_host_names_the_flag() {
-    if skip_image() {
+    if skip_without_image() {
         return;
     }
     let flags = [
@@ -280,7 +261,7 @@ fn in_a_container_without_pid_host_names_the_flag() {
 /// capability with the flag that grants it, and the missing --pid host and --network host.
 #[test]
 fn in_an_unprivileged_container_names_capabilities_and_flags() {
-    if skip_image() {
+    if skip_without_image() {
         return;
     }
     let (_b, run) = Boxed::doctor(&[], &["--format", "json"]);
@@ -306,7 +287,7 @@ fn in_an_unprivileged_container_names_capabilities_and_flags() {
 /// its network namespace is not ours, and doctor names the flag.
 #[test]
 fn in_a_container_without_network_host_names_the_flag() {
-    if skip_image() {
+    if skip_without_image() {
         return;
     }
     let flags =

@@ -10,8 +10,10 @@
 use std::{process::Command, time::Duration};
 
 use bindtrace_tests::{
-    docker::{self, Container, Image, curl, docker, docker_ok, free_port, unique_name},
-    is_root,
+    docker::{
+        Container, Image, bindtrace_image, curl, docker, docker_ok, free_port, skip_without_image,
+        unique_name,
+    },
     native::{programs_held_by, wait_unloaded},
 };
 
@@ -51,25 +53,6 @@ const LEAST_PRIVILEGE: &[&str] = &[
     "/var/run/docker.sock:/var/run/docker.sock:ro",
 ];
 
-fn image() -> String {
-    std::env::var("BINDTRACE_IMAGE").unwrap_or_else(|_| "bindtrace:latest".to_owned())
-}
-
-/// Skips (true) when this machine cannot run the test; under CI that is a failure instead.
-fn skip() -> bool {
-    let why = if !is_root() {
-        "needs root"
-    } else if !docker::available() {
-        "no Docker daemon answers here"
-    } else if !docker(&["image", "inspect", &image()]).status.success() {
-        "the image is missing (build it with `./x image`)"
-    } else {
-        return false;
-    };
-    bindtrace_tests::skip(why);
-    true
-}
-
 /// A bindtrace container, `docker rm -f`'d on drop (or its Compose project taken down).
 struct Tracer {
     name: String,
@@ -83,7 +66,7 @@ impl Tracer {
         let addr = format!("127.0.0.1:{metrics_port}");
         let mut args = vec!["run", "-d", "--name", &t.name];
         args.extend_from_slice(flags);
-        let image = image();
+        let image = bindtrace_image();
         // The metrics port is picked free: another bindtrace may hold the default one here.
         args.extend_from_slice(&[&image, "--metrics-addr", &addr]);
         docker_ok(&args);
@@ -108,7 +91,7 @@ impl Tracer {
             .arg(compose_file())
             .args(["-p", project, "--ansi", "never"])
             .args(args)
-            .env("BINDTRACE_IMAGE", image())
+            .env("BINDTRACE_IMAGE", bindtrace_image())
             .env("BINDTRACE_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
             .output()
             .expect("run docker-compose")
@@ -167,7 +150,8 @@ fn compose_file() -> std::path::PathBuf {
 /// each capability of its bounding set, no seccomp, AppArmor or masked paths. Elsewhere it runs
 /// the documented line unchanged.
 fn privileged_flags() -> Vec<String> {
-    let probe = docker(&["run", "--rm", "--privileged", "--network", "none", &image(), "--version"]);
+    let probe =
+        docker(&["run", "--rm", "--privileged", "--network", "none", &bindtrace_image(), "--version"]);
     if probe.status.success() {
         return PRIVILEGED.iter().map(|s| s.to_string()).collect();
     }
@@ -276,7 +260,7 @@ fn the_article_case(flags: &[&str], start: impl FnOnce(u16) -> Tracer) {
     // `bindtrace check` from the image, with the same flags: exit 1 for a loopback-only port.
     let mut check: Vec<&str> = vec!["run", "--rm"];
     check.extend_from_slice(flags);
-    let image = image();
+    let image = bindtrace_image();
     check.extend_from_slice(&[&image, "check"]);
     let out = Command::new("docker").args(&check).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -293,7 +277,7 @@ fn the_article_case(flags: &[&str], start: impl FnOnce(u16) -> Tracer) {
 /// `docker run -d --privileged --pid host --network host -v /var/run/docker.sock:...:ro`.
 #[test]
 fn image_privileged_line() {
-    if skip() {
+    if skip_without_image() {
         return;
     }
     let flags = privileged_flags();
@@ -304,7 +288,7 @@ fn image_privileged_line() {
 /// Named capabilities, read-only root, no-new-privileges: the same checks.
 #[test]
 fn image_least_privilege_line() {
-    if skip() {
+    if skip_without_image() {
         return;
     }
     the_article_case(LEAST_PRIVILEGE, |port| Tracer::start(LEAST_PRIVILEGE, port));
@@ -314,7 +298,7 @@ fn image_least_privilege_line() {
 /// same checks, `docker-compose stop` exiting 0.
 #[test]
 fn compose_service() {
-    if skip() {
+    if skip_without_image() {
         return;
     }
     if Command::new("docker-compose").arg("version").output().is_err() {
@@ -328,10 +312,10 @@ fn compose_service() {
 /// The image holds the binary and nothing else, and it runs there (static, no libc needed).
 #[test]
 fn image_holds_only_the_binary() {
-    if skip() {
+    if skip_without_image() {
         return;
     }
-    let image = image();
+    let image = bindtrace_image();
     let out = docker_ok(&["run", "--rm", "--network", "none", &image, "--version"]);
     assert!(out.starts_with("bindtrace "), "{out}");
     let name = unique_name("export");
