@@ -33,6 +33,7 @@ pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
 /// IP protocol numbers.
 pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 
 /// An interface in scope: the container-side end of a veth whose peer is a port of a selected
 /// bridge. Keyed by namespace cookie (never reused, unlike inode numbers) and ifindex (only unique

@@ -93,3 +93,32 @@ pub fn header_addrs(skb: u64) -> Option<(u64, u64)> {
     }
     Some((head + network as u64, head + transport as u64))
 }
+
+/// `sk_buff.csum_complete_sw` and `sk_buff.csum_valid`: bitfields, so each is the byte that
+/// holds it and the bit's position in that byte (the loader checks that each is one bit).
+#[unsafe(no_mangle)]
+static OFF_SKB_CSUM_COMPLETE_SW: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static BIT_SKB_CSUM_COMPLETE_SW: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFF_SKB_CSUM_VALID: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static BIT_SKB_CSUM_VALID: Global<u32> = Global::new(0);
+
+/// Whether the kernel verified this packet's transport checksum in software and found it bad.
+///
+/// IPv6's `__udp6_lib_rcv` sets the drop reason to NO_SOCKET before it verifies the checksum of a
+/// datagram no socket wants, and keeps that reason when the check fails; IPv4 checks first. That
+/// check (`udp_lib_checksum_complete` -> `__skb_checksum_complete`) records its result in two bits:
+/// `csum_complete_sw = 1` and `csum_valid = !bad`. A datagram whose checksum was already known to
+/// be good (offloaded, or from a local sender with CHECKSUM_PARTIAL) never sets `csum_complete_sw`
+/// here; one checked and good has `csum_valid`. Only the bad one has the first bit without the
+/// second. Read with `bpf_probe_read_kernel`: this runs only for IPv6 UDP refusals.
+#[inline(always)]
+pub fn checksum_failed(skb: u64) -> bool {
+    let bit = |off: u32, bit: u32| -> bool {
+        read::<u8>(skb + off as u64).map(|b| (b >> (bit & 7)) & 1 == 1).unwrap_or(false)
+    };
+    bit(OFF_SKB_CSUM_COMPLETE_SW.load(), BIT_SKB_CSUM_COMPLETE_SW.load())
+        && !bit(OFF_SKB_CSUM_VALID.load(), BIT_SKB_CSUM_VALID.load())
+}

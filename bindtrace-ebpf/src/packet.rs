@@ -1,7 +1,7 @@
 //! The refused segment's addresses, ports and flags, read from the `sk_buff`'s headers.
-use bindtrace_common::{AF_INET, AF_INET6, IPPROTO_TCP};
+use bindtrace_common::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::kernel::{header_addrs, read};
+use crate::kernel::{checksum_failed, header_addrs, read};
 
 pub struct Segment {
     pub family: u8,
@@ -53,6 +53,49 @@ pub fn tcp_syn(skb: u64) -> Option<Segment> {
                 return None;
             }
             let v6: [u8; 40] = read(ip)?;
+            seg.family = AF_INET6;
+            seg.saddr.copy_from_slice(&v6[8..24]);
+            seg.daddr.copy_from_slice(&v6[24..40]);
+        }
+        _ => return None,
+    }
+    Some(seg)
+}
+
+/// The datagram if it is UDP to a unicast address (UDP-Lite and others stop here). Broadcast and
+/// multicast take the kernel's multicast delivery path and are never freed with NO_SOCKET; the
+/// address test only keeps a limited broadcast or multicast from ever passing for a refusal.
+#[inline(always)]
+pub fn udp_datagram(skb: u64) -> Option<Segment> {
+    let (ip, udp) = header_addrs(skb)?;
+    let uh: [u8; 4] = read(udp)?;
+    let mut seg = Segment {
+        family: 0,
+        proto: IPPROTO_UDP,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: u16::from_be_bytes([uh[0], uh[1]]),
+        dport: u16::from_be_bytes([uh[2], uh[3]]),
+    };
+    let v4: [u8; 20] = read(ip)?;
+    match v4[0] >> 4 {
+        4 => {
+            if v4[9] != IPPROTO_UDP || v4[16] >= 224 {
+                return None;
+            }
+            seg.family = AF_INET;
+            seg.saddr[..4].copy_from_slice(&v4[12..16]);
+            seg.daddr[..4].copy_from_slice(&v4[16..20]);
+        }
+        6 => {
+            // No extension headers, as for TCP above.
+            if v4[6] != IPPROTO_UDP {
+                return None;
+            }
+            let v6: [u8; 40] = read(ip)?;
+            if v6[24] == 0xff || checksum_failed(skb) {
+                return None;
+            }
             seg.family = AF_INET6;
             seg.saddr.copy_from_slice(&v6[8..24]);
             seg.daddr.copy_from_slice(&v6[24..40]);

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use bindtrace_common::{
-    BridgeId, COUNTS_MAX_ENTRIES, CountKey, CountValue, EVENT_OVERFLOW, GENERATION_SLOTS,
+    BridgeId, COUNTS_MAX_ENTRIES, CountKey, CountValue, EVENT_OVERFLOW, GENERATION_SLOTS, IPPROTO_TCP,
     OVERFLOW_SAMPLE_KEYS, RefusalEvent, SCOPE_MAX_ENTRIES, STAT_COUNT_OVERFLOW, STAT_RINGBUF_LOST,
     STAT_SLOTS, ScopeKey,
 };
@@ -161,7 +161,10 @@ pub fn record<C: aya_ebpf::EbpfContext>(
             ingress.ifindex
         );
         emit(now, hook, flags, ingress, bridge, seg);
-        crate::connect::want(seg.family, &seg.saddr, seg.sport, &seg.daddr, seg.dport);
+        // The connect tracker follows TCP state changes only: a UDP sender never shows there.
+        if seg.proto == IPPROTO_TCP {
+            crate::connect::want(seg.family, &seg.saddr, seg.sport, &seg.daddr, seg.dport);
+        }
     }
 }
 

@@ -123,7 +123,7 @@ pub fn docker_http(data: &[u8]) {
 /// entry made of the first. Names, images and labels stay within their bound.
 pub fn docker_json(data: &[u8]) {
     if let Ok(c) = serde_json::from_slice::<ContainerJson>(data) {
-        let c = c.into_container();
+        let c = c.into_container(crate::sources::docker::Runtime::Docker);
         for label in [Some(&c.name), Some(&c.image), c.compose_project.as_ref(), c.compose_service.as_ref()]
             .into_iter()
             .flatten()

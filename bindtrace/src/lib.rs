@@ -27,7 +27,7 @@ use app::{
     cli::{Args, Command},
     generate, setup,
 };
-use sinks::output::Output;
+use sinks::{output::Output, style::Painter};
 
 #[doc(hidden)]
 pub mod fuzzing;
@@ -76,7 +76,7 @@ pub fn run() -> std::process::ExitCode {
             writeln!(
                 buf,
                 "[{} {style}{:<5}{style:#}] {}",
-                buf.timestamp(),
+                buf.timestamp_millis(),
                 record.level(),
                 sinks::escape::escaped(&message)
             )
@@ -104,7 +104,10 @@ pub fn run() -> std::process::ExitCode {
         // Any set-up failure points to the command that checks all of it at once.
         let detector = setup::setup(&args).map_err(|e| anyhow::anyhow!("{e:#}. {}", doctor::HINT))?;
         let stdout = std::io::stdout().lock();
-        let mut out = Output::new(args.format, std::io::LineWriter::new(stdout));
+        let scan_window = args.scan_window.unwrap_or(sinks::collapse::SCAN_WINDOW);
+        let format = args.format.resolve(std::io::IsTerminal::is_terminal(&stdout));
+        let mut out =
+            Output::new(format, std::io::LineWriter::new(stdout), Painter::for_stdout(), scan_window);
         detector.run(&mut out, args.duration).await
     });
     match result {

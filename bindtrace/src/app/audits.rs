@@ -6,24 +6,55 @@ use anyhow::Context as _;
 
 use super::detector::{Detector, port_in};
 use crate::{
-    diagnose::{namespace_reads::NamespaceReads, verdict},
+    diagnose::{
+        audit::Auditor, listeners::Proto, namespace_reads::NamespaceReads, report::AuditReport, verdict,
+    },
     netns::Netns,
     sinks::output::Output,
 };
 
 impl Detector {
-    /// Runs the audit checks that are due and prints what they find.
+    /// Sends the auditor to the worker when checks are due (see `app/enrichment.rs`); what it
+    /// finds is printed when it is back ([`Detector::on_audited`]).
     pub(super) fn run_audits<W: Write>(&mut self, out: &mut Output<W>) -> anyhow::Result<()> {
         let Some(inv) = self.docker.inventory.clone() else { return Ok(()) };
+        let now = Instant::now();
+        if self.docker.auditor.as_ref().and_then(|a| a.next_due()).is_none_or(|t| t > now) {
+            return Ok(());
+        }
+        let Some(auditor) = self.docker.auditor.take() else { return Ok(()) };
         let in_scope: HashMap<u64, Arc<Netns>> =
             self.ports.values().map(|p| (p.ns.inode, p.ns.clone())).collect();
-        for report in self.docker.auditor.run(&inv, &in_scope, Instant::now()) {
+        if let Err(mut auditor) = self.enricher.audit(auditor, inv.clone(), in_scope.clone(), now) {
+            // No worker: check here rather than not at all.
+            let reports = auditor.run(&inv, &in_scope, now);
+            return self.on_audited(out, auditor, reports);
+        }
+        Ok(())
+    }
+
+    /// The auditor is back: it learns what the inventory did meanwhile, and its reports are
+    /// written.
+    pub(super) fn on_audited<W: Write>(
+        &mut self,
+        out: &mut Output<W>,
+        mut auditor: Box<Auditor>,
+        reports: Vec<AuditReport>,
+    ) -> anyhow::Result<()> {
+        if std::mem::take(&mut self.docker.audit_missed_inventory)
+            && let Some(inv) = &self.docker.inventory
+            && !inv.stale
+        {
+            auditor.on_inventory(inv, Instant::now());
+        }
+        self.docker.auditor = Some(auditor);
+        for report in reports {
             if let Some(m) = &mut self.metrics {
                 m.on_audit(&report);
             }
             out.audit(&report).context("writing output")?;
         }
-        if let Some(m) = &mut self.metrics {
+        if let (Some(m), Some(inv)) = (&mut self.metrics, &self.docker.inventory) {
             m.retain_audited(|name| inv.containers.values().any(|c| c.name == name));
         }
         Ok(())
@@ -37,8 +68,8 @@ impl Detector {
         let mut reads = NamespaceReads::default();
         m.recheck_loopback(now, |key, target| {
             let port = port_in(ports, departed, key)?;
-            let found = reads.listening(&port.ns).ok()?;
-            Some(verdict::decide(target, key.port, &found.listeners))
+            let found = reads.listening(&port.ns, Proto::from_ip(key.proto)).ok()?;
+            Some(verdict::decide(target, key.port, &found.listeners, &found.v6only))
         });
     }
 }

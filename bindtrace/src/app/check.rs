@@ -35,7 +35,8 @@ pub(crate) struct CheckArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub(crate) format: Format,
 
-    /// Docker API socket (unix:///path or a path; default: $DOCKER_HOST, else /var/run/docker.sock).
+    /// Docker API socket, or podman's compatible one (unix:///path or a path; default:
+    /// $DOCKER_HOST, else /var/run/docker.sock, else /run/podman/podman.sock when only it exists).
     #[arg(long, value_name = "SOCKET")]
     pub(crate) docker_host: Option<String>,
 
@@ -79,7 +80,7 @@ pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
     let mut rows: Vec<AuditReport> = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     let mut checked = 0;
-    for c in containers.iter().filter(|c| c.owns_netns() && c.published_tcp().next().is_some()) {
+    for c in containers.iter().filter(|c| c.owns_netns() && c.published().next().is_some()) {
         checked += 1;
         check_container(c, args.audit_grace, &mut rows, &mut errors).await;
     }
@@ -110,7 +111,7 @@ pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
     code
 }
 
-/// Audits every published TCP port of `c`, waiting out the grace period for ports nothing
+/// Audits every published TCP and UDP port of `c`, waiting out the grace period for ports nothing
 /// listens on yet; a row per port, or an error per port that could not be read.
 async fn check_container(
     c: &docker::Container,
@@ -123,19 +124,23 @@ async fn check_container(
         Err(e) => return errors.push(namespace_error(&c.name, &e)),
     };
     let deadline = audit::deadline(c, grace, Instant::now());
-    for mapping in c.published_tcp() {
-        let check = loop {
-            // A fresh read each time: the service may have started listening meanwhile.
-            match audit::check_port(c, mapping, &ns, &mut NamespaceReads::default()) {
-                Ok(check) if check.verdict == Some(Verdict::NoListener) && Instant::now() < deadline => {
-                    tokio::time::sleep(audit::POLL).await;
+    // Each address family a port is published on is a row: IPv6 clients reach the container's
+    // IPv6 address, which a listener on 0.0.0.0 does not take.
+    for mapping in c.published() {
+        for target in audit::targets_or_none(c, mapping) {
+            let check = loop {
+                // A fresh read each time: the service may have started listening meanwhile.
+                match audit::check_port(mapping, target, &ns, &mut NamespaceReads::default()) {
+                    Ok(check) if check.verdict == Some(Verdict::NoListener) && Instant::now() < deadline => {
+                        tokio::time::sleep(audit::POLL).await;
+                    }
+                    other => break other,
                 }
-                other => break other,
+            };
+            match check {
+                Ok(check) => rows.push(audit::report(c, &check, ns.inode)),
+                Err(e) => errors.push(namespace_error(&c.name, &e)),
             }
-        };
-        match check {
-            Ok(check) => rows.push(audit::report(c, &check, ns.inode)),
-            Err(e) => errors.push(namespace_error(&c.name, &e)),
         }
     }
 }
@@ -187,6 +192,7 @@ mod tests {
             target_port: 8000,
             netns: 1,
             container: ContainerReport {
+                runtime: crate::sources::docker::Runtime::Docker,
                 id: "abc".into(),
                 name: name.into(),
                 image: "img".into(),
@@ -218,5 +224,15 @@ mod tests {
         assert!(lines[1].starts_with("demo-app   8000/tcp  0.0.0.0:8000  -          loopback_only"), "{t}");
         assert!(t.contains("demo-app 8000/tcp: loopback_only: fix it"), "{t}");
         assert!(t.ends_with("2 published ports in 2 containers: 1 reachable, 1 not\n"), "{t}");
+    }
+
+    #[test]
+    fn a_port_published_over_tcp_and_udp_is_two_ports() {
+        let mut udp = row("dns", "loopback_only");
+        udp.proto = "udp";
+        let t = table(&[row("dns", "ok"), udp], 1);
+        assert!(t.contains("dns        8000/udp  0.0.0.0:8000  -          loopback_only"), "{t}");
+        assert!(t.contains("dns 8000/udp: loopback_only: fix it"), "{t}");
+        assert!(t.ends_with("2 published ports in 1 container: 1 reachable, 1 not\n"), "{t}");
     }
 }

@@ -5,13 +5,32 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     app::check::CheckArgs, app::generate::GenerateArgs, diagnose::audit, doctor::DoctorArgs,
-    kernel::hook::HookChoice, sinks::metrics, sinks::output::Format,
+    kernel::hook::HookChoice, sinks::metrics, sinks::output::StreamFormat,
 };
+
+/// Shown after the options of `bindtrace --help` and in the man page (`generate man`).
+const EXAMPLES: &str = "\
+Examples:
+  sudo bindtrace                       watch Docker's containers: each refused connection, with the fix
+  sudo bindtrace --format json         one JSON object per event, for scripts and log shippers
+  sudo bindtrace -i br0 --no-docker    plain network namespaces on bridge br0, without Docker
+  sudo bindtrace check                 audit every published port once; exit 1 on a loopback-only one
+  sudo bindtrace doctor                say whether bindtrace can work here, and what is missing
+  curl -s 127.0.0.1:19462/metrics      the Prometheus metrics while it runs
+
+Docs: the README and docs/ in the source repository; `man bindtrace` when installed from the package.";
 
 /// Reports, as it happens, every connection to a container that was refused because the service
 /// inside listens on loopback (or on the wrong address, family or port), and how to fix it.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "bindtrace", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "bindtrace",
+    version,
+    about,
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    after_help = EXAMPLES
+)]
 pub(crate) struct Args {
     #[command(subcommand)]
     pub(crate) command: Option<Command>,
@@ -21,10 +40,11 @@ pub(crate) struct Args {
     #[arg(short = 'i', long = "iface", value_name = "NAME")]
     pub(crate) ifaces: Vec<String>,
 
-    /// Docker API socket (unix:///path or a path; default: $DOCKER_HOST, else
-    /// /var/run/docker.sock).
+    /// Docker API socket, or podman's compatible one (unix:///path or a path; repeatable, to
+    /// follow several engines; default: $DOCKER_HOST, else each of /var/run/docker.sock and
+    /// /run/podman/podman.sock that exists).
     #[arg(long, value_name = "SOCKET")]
-    pub(crate) docker_host: Option<String>,
+    pub(crate) docker_host: Vec<String>,
 
     /// Do not talk to Docker: no container names, published ports, audit or network following.
     #[arg(long, conflicts_with = "docker_host")]
@@ -40,9 +60,16 @@ pub(crate) struct Args {
     #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
     pub(crate) hook: HookChoice,
 
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub(crate) format: Format,
+    /// Output format (see docs/output.md). `auto`: `terminal` when stdout is a terminal, else
+    /// `text`.
+    #[arg(long, value_enum, default_value_t = StreamFormat::Auto)]
+    pub(crate) format: StreamFormat,
+
+    /// The terminal form folds more than 10 new ports of one workload within this window into
+    /// one SCAN line, written once the window passes without a line for it (or at exit).
+    /// Default: 2s. Tests lengthen it so that a scan ends only at exit, whatever the load.
+    #[arg(long, value_name = "DURATION", value_parser = parse_window, hide = true)]
+    pub(crate) scan_window: Option<Duration>,
 
     /// Size of the kernel-to-userspace ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024, value_parser = parse_ringbuf_size)]
@@ -70,9 +97,25 @@ pub(crate) struct Args {
     )]
     pub(crate) scope_size: u32,
 
+    /// Lines waiting for their diagnosis (reading the namespace's listeners and who holds
+    /// them, on a worker). Lines beyond it are written at once without one (verdict unknown,
+    /// counts exact), counted in bindtrace_errors_total{stage="enrich"}.
+    #[arg(
+        long,
+        value_name = "LINES",
+        default_value_t = crate::app::enrichment::DEFAULT_QUEUE_LINES,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_048_576)
+    )]
+    pub(crate) enrich_queue: usize,
+
     /// SO_RCVBUF of the link-notification socket; tests make it tiny to force overruns.
     #[arg(long, value_name = "BYTES", default_value_t = crate::sources::link_events::WATCH_RCVBUF, hide = true)]
     pub(crate) link_events_rcvbuf: u32,
+
+    /// The tc hook attaches clsact filters even where tcx exists (tests of the clsact path,
+    /// such as the recovery after a SIGKILL, on any kernel).
+    #[arg(long, hide = true)]
+    pub(crate) tc_clsact: bool,
 
     /// How long a key may go unrefused before the kernel map lets it go (its count stays
     /// exact: userspace keeps it until its lines are written). Tests and the soak shorten it.
@@ -186,6 +229,18 @@ fn parse_window(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sinks::output::Format;
+
+    /// The examples `--help` shows are real command lines.
+    #[test]
+    fn every_example_parses() {
+        let examples: Vec<&str> = EXAMPLES.lines().filter_map(|l| l.trim().strip_prefix("sudo ")).collect();
+        assert!(examples.len() >= 5, "{EXAMPLES}");
+        for e in examples {
+            let argv: Vec<&str> = e.split("  ").next().unwrap().split_whitespace().collect();
+            Args::try_parse_from(&argv).unwrap_or_else(|err| panic!("{e}: {err}"));
+        }
+    }
 
     #[test]
     fn defaults_follow_docker() {
@@ -195,8 +250,9 @@ mod tests {
         assert!(a.command.is_none());
         assert_eq!(a.audit_grace, Duration::from_secs(30));
         assert_eq!(a.hook, HookChoice::Auto);
-        assert_eq!(a.format, Format::Text);
+        assert_eq!(a.format, StreamFormat::Auto);
         assert_eq!(a.fold_window, Duration::from_secs(1));
+        assert_eq!(a.scan_window, None);
         assert_eq!(a.metrics_addr, "127.0.0.1:19462".parse().unwrap());
         assert!(!a.no_metrics);
         assert_eq!((a.metrics_max_series, a.metrics_max_ports), (1000, 16));
@@ -243,7 +299,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.ifaces, vec!["docker0", "br-1"]);
         assert_eq!(a.hook, HookChoice::KfreeSkb);
-        assert_eq!(a.format, Format::Json);
+        assert_eq!(a.format, StreamFormat::Json);
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub(crate) struct Detector {
     pub(super) link_rcvbuf: u32,
     /// Transient failures since start, and when to retry (see `app/hiccups.rs`).
     pub(super) hiccups: super::hiccups::Hiccups,
+    /// Line diagnosis, off the loop (see `app/enrichment.rs`).
+    pub(super) enricher: super::enrichment::Enricher,
+    /// Diagnosed lines waiting for their attribution (see `app/printing.rs`).
+    pub(super) awaiting: Vec<super::printing::Awaiting>,
 }
 
 /// What the Docker integration adds: containers and networks from the Engine API, who
@@ -85,7 +89,10 @@ pub(super) struct DockerSide {
     pub(super) connect: Option<ConnectTracker>,
     pub(super) conntrack: Option<Conntrack>,
     pub(super) prefixes: BTreeSet<Prefix>,
-    pub(super) auditor: Auditor,
+    /// None while it runs on the enrichment worker (see `app/enrichment.rs`).
+    pub(super) auditor: Option<Box<Auditor>>,
+    /// The inventory changed while the auditor was away: it is told when it is back.
+    pub(super) audit_missed_inventory: bool,
 }
 
 impl Detector {

@@ -11,6 +11,9 @@ impl Detector {
     pub(super) fn apply_docker(&mut self, state: &DockerState) -> anyhow::Result<()> {
         let Some(inv) = state.inventory().cloned() else { return Ok(()) };
         let mut added = false;
+        // The first inventory's bridges are in the start-up summary ("ready: watching ..."):
+        // one line each only for networks that come later.
+        let at_start = self.docker.inventory.is_none();
         if self.docker.auto_bridges {
             let before: BTreeSet<String> =
                 self.docker.inventory.as_ref().map(|i| i.bridges().into_iter().collect()).unwrap_or_default();
@@ -21,7 +24,11 @@ impl Detector {
                     // Docker creates the bridge with the network; one missing here means
                     // bindtrace runs in another network namespace than Docker's.
                     if scope::validate(std::slice::from_ref(bridge)).is_ok() {
-                        log::info!("following Docker network bridge {bridge}");
+                        if at_start {
+                            log::debug!("following Docker network bridge {bridge}");
+                        } else {
+                            log::info!("following Docker network bridge {bridge}");
+                        }
                     } else {
                         log::debug!("Docker network bridge {bridge} is not in this network namespace");
                     }
@@ -38,7 +45,10 @@ impl Detector {
             self.rescan_or_retry();
         }
         if state.is_up() {
-            self.docker.auditor.on_inventory(&inv, Instant::now());
+            match self.docker.auditor.as_mut() {
+                Some(a) => a.on_inventory(&inv, Instant::now()),
+                None => self.docker.audit_missed_inventory = true,
+            }
         }
         Ok(())
     }

@@ -11,11 +11,12 @@ use bindtrace_common::EVENT_OVERFLOW;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{mpsc::UnboundedReceiver, watch},
 };
 
 use super::{
     detector::{DOCKER_START_WAIT, Detector, IDLE_POLL, RESCAN_DEBOUNCE},
+    enrichment::Done,
     timer::PollTimer,
 };
 use crate::{
@@ -30,11 +31,12 @@ use crate::{
     },
 };
 
-/// When the loop must wake next even if nothing arrives: the idle pass, or the earliest fold
-/// window to close.
+/// When the loop must wake next even if nothing arrives: the idle pass, the earliest fold
+/// window to close, or the rescan a burst of link changes asked for.
 struct Deadlines {
     next_full: Instant,
     next_poll: Instant,
+    rescan_at: Option<Instant>,
 }
 
 impl Detector {
@@ -56,14 +58,15 @@ impl Detector {
         tokio::pin!(stop_at);
 
         let mut docker_state = self.docker.state.clone();
+        let mut enriched = self.enricher.take_receiver();
         self.start(out, docker_state.as_mut()).await?;
 
         let mut poll_timer = PollTimer::new().context("creating the poll timer")?;
         let now = Instant::now();
-        let mut at = Deadlines { next_full: now + IDLE_POLL, next_poll: now + IDLE_POLL };
+        let mut at = Deadlines { next_full: now + IDLE_POLL, next_poll: now + IDLE_POLL, rescan_at: None };
         loop {
             poll_timer.arm(at.next_poll).context("arming the poll timer")?;
-            let audit_at = self.docker.auditor.next_due();
+            let audit_at = self.docker.auditor.as_ref().and_then(|a| a.next_due());
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
@@ -72,30 +75,27 @@ impl Detector {
                     let mut guard = guard?;
                     let samples = ring::drain(guard.get_inner_mut());
                     guard.clear_ready();
-                    self.on_samples(out, samples).await?;
+                    self.on_samples(out, samples)?;
                 }
+                done = enriched_batch(&mut enriched) => self.on_done(out, done)?,
                 () = docker_changed(&mut docker_state) => {
                     self.sync_docker()?;
                     self.run_audits(out)?;
                 }
                 _ = sleep_until_opt(audit_at) => self.run_audits(out)?,
                 changed = link_changes(&mut links) => {
-                    tokio::time::sleep(RESCAN_DEBOUNCE).await;
-                    // Drain what arrived during the pause: one rescan covers the burst.
-                    let more = match links.as_mut() {
-                        Some(l) => tokio::time::timeout(Duration::ZERO, l.changed()).await.ok(),
-                        None => None,
-                    };
-                    self.on_link_changes(&mut links, [Some(changed), more].into_iter().flatten());
-                    self.rescan_or_retry();
+                    self.on_link_changes(&mut links, std::iter::once(changed));
+                    // A container start is a burst of notifications: one rescan covers it, at a
+                    // deadline of the loop's own, so samples and events are not held up meanwhile.
+                    at.rescan_at.get_or_insert(Instant::now() + RESCAN_DEBOUNCE);
                 }
                 _ = kernel_log.readable() => kernel_log.flush(),
                 fired = poll_timer.wait() => fired.context("waiting on the poll timer")?,
             }
-            self.on_wake(out, &mut at).await?;
+            self.on_wake(out, &mut at)?;
             self.retry_hiccups(&mut links, Instant::now());
         }
-        self.finish(out).await
+        self.finish(out, &mut enriched).await
     }
 
     /// Before the loop: Docker's first answer (for its bridges and names), the first audits,
@@ -106,11 +106,7 @@ impl Detector {
         docker_state: Option<&mut watch::Receiver<DockerState>>,
     ) -> anyhow::Result<()> {
         if let Some(rx) = docker_state {
-            let _ = tokio::time::timeout(
-                DOCKER_START_WAIT,
-                rx.wait_for(|s| !matches!(s, DockerState::Connecting)),
-            )
-            .await;
+            let _ = tokio::time::timeout(DOCKER_START_WAIT, rx.wait_for(|s| s.settled())).await;
             rx.borrow_and_update();
             let state = self.docker.state.as_mut().map(|r| r.borrow_and_update().clone());
             let state = state.unwrap_or(DockerState::Connecting);
@@ -137,7 +133,7 @@ impl Detector {
     }
 
     /// Samples from the ring buffer: each key's total read at once, folded into lines.
-    async fn on_samples<W: Write>(
+    fn on_samples<W: Write>(
         &mut self,
         out: &mut Output<W>,
         samples: Vec<bindtrace_common::RefusalEvent>,
@@ -157,12 +153,16 @@ impl Detector {
             // The active map is full: make room now rather than at the next idle pass.
             self.sync_keys(now, self.loaded.stats().1);
         }
-        self.print(out, &lines).await
+        self.print(out, &lines, false)
     }
 
     /// After every wake-up: the idle pass when it is due, then the fold windows that closed.
-    async fn on_wake<W: Write>(&mut self, out: &mut Output<W>, at: &mut Deadlines) -> anyhow::Result<()> {
+    fn on_wake<W: Write>(&mut self, out: &mut Output<W>, at: &mut Deadlines) -> anyhow::Result<()> {
         let now = Instant::now();
+        if at.rescan_at.is_some_and(|t| t <= now) {
+            at.rescan_at = None;
+            self.rescan_or_retry();
+        }
         if now >= at.next_full {
             // The idle pass: the loss counters, the loopback gauge, and, only when samples
             // were lost (a key may then be known to the kernel alone), every key's count.
@@ -173,10 +173,10 @@ impl Detector {
             if samples_lost || self.folder.awaiting_samples() {
                 let totals = self.loaded.counts.totals();
                 let lines = self.folder.on_totals(&totals, now, false);
-                self.print(out, &lines).await?;
+                self.print(out, &lines, false)?;
             }
             let lines = self.overflow_lines(samples_lost, stats.1);
-            self.print(out, &lines).await?;
+            self.print(out, &lines, false)?;
             self.report_lost(out, stats)?;
             self.sync_keys(now, stats.1);
             self.recheck_loopback(now);
@@ -189,18 +189,31 @@ impl Detector {
             let total = self.key_total(&key);
             lines.extend(self.folder.on_key_total(key, total, now));
         }
-        self.print(out, &lines).await?;
-        at.next_poll = self.folder.next_deadline().map_or(at.next_full, |d| d.min(at.next_full));
+        self.print(out, &lines, false)?;
+        self.retry_attribution(out)?;
+        // The terminal form's scans that stopped get their SCAN line.
+        out.scans_ended().context("writing output")?;
+        at.next_poll = [self.folder.next_deadline(), self.next_attribution_poll(now), at.rescan_at]
+            .into_iter()
+            .flatten()
+            .fold(at.next_full, Instant::min);
         Ok(())
     }
 
-    /// After the loop: nothing counted stays unprinted, then the summary and the detach.
-    async fn finish<W: Write>(mut self, out: &mut Output<W>) -> anyhow::Result<()> {
+    /// After the loop: nothing counted stays unprinted (every line queued for diagnosis is
+    /// waited for), then the summary and the detach.
+    async fn finish<W: Write>(
+        mut self,
+        out: &mut Output<W>,
+        enriched: &mut Option<UnboundedReceiver<Done>>,
+    ) -> anyhow::Result<()> {
         let totals = self.loaded.counts.totals();
         let lines = self.folder.on_totals(&totals, Instant::now(), true);
-        self.print(out, &lines).await?;
+        self.print(out, &lines, true)?;
+        self.drain_lines(out, enriched).await?;
         let stats = self.loaded.stats();
         self.report_lost(out, stats)?;
+        out.finish().context("writing output")?;
         log::info!(
             "detaching; {}",
             summary(self.keys.counted_in_lines, stats.1, self.loaded.recursion_misses())
@@ -228,6 +241,17 @@ fn summary(keyed: u64, overflow: u64, recursion_misses: Option<u64>) -> String {
         None => " (exact unless the kernel skipped the hook: this kernel does not say)".to_owned(),
     };
     format!("{total} refusals counted since start{exactness}{split}")
+}
+
+/// The next result of the enrichment worker (never once its channel is gone).
+async fn enriched_batch(rx: &mut Option<UnboundedReceiver<Done>>) -> Done {
+    if let Some(r) = rx.as_mut()
+        && let Some(batch) = r.recv().await
+    {
+        return batch;
+    }
+    *rx = None;
+    std::future::pending().await
 }
 
 /// The link watcher's next wake-up; never while there is no watcher (it failed, and the retry

@@ -22,11 +22,14 @@ pub(crate) enum Stage {
     LinkEvents,
     /// The count maps could not be flipped.
     CountFlip,
+    /// Lines written undiagnosed: the enrichment queue was full. Nothing to retry: the
+    /// next lines are queued again as soon as there is room.
+    Enrich,
 }
 
 impl Stage {
-    pub(crate) const ALL: [Stage; 5] =
-        [Stage::Rescan, Stage::Scope, Stage::TcAttach, Stage::LinkEvents, Stage::CountFlip];
+    pub(crate) const ALL: [Stage; 6] =
+        [Stage::Rescan, Stage::Scope, Stage::TcAttach, Stage::LinkEvents, Stage::CountFlip, Stage::Enrich];
 
     pub(crate) fn label(self) -> &'static str {
         match self {
@@ -35,7 +38,14 @@ impl Stage {
             Stage::TcAttach => "tc_attach",
             Stage::LinkEvents => "link_events",
             Stage::CountFlip => "count_flip",
+            Stage::Enrich => "enrich",
         }
+    }
+
+    /// Whether a failure schedules a retry (a rescan); those that do not just wait for the
+    /// next event.
+    fn retries(self) -> bool {
+        self != Stage::Enrich
     }
 }
 
@@ -74,16 +84,17 @@ impl Hiccups {
         s.total += n;
         s.streak = s.streak.saturating_add(1);
         let backoff = FIRST_BACKOFF.saturating_mul(1 << (s.streak - 1).min(16)).min(MAX_BACKOFF);
-        s.retry_at = Some(now + backoff);
+        let retry = if stage.retries() {
+            s.retry_at = Some(now + backoff);
+            format!("; retrying in {}", humantime::format_duration(backoff))
+        } else {
+            String::new()
+        };
         let due = s.logged_at.is_none_or(|t| now.duration_since(t) >= RELOG_EVERY);
         if s.logged == 0 || (due && s.total > s.logged) {
             let times =
                 if s.total == 1 { String::new() } else { format!(" ({} times since start)", s.total) };
-            log::warn!(
-                "{}: {what}; retrying in {}{times}",
-                stage.label(),
-                humantime::format_duration(backoff)
-            );
+            log::warn!("{}: {what}{retry}{times}", stage.label());
             s.logged = s.total;
             s.logged_at = Some(now);
         } else {

@@ -6,6 +6,7 @@ pub(crate) mod check;
 pub(crate) mod cli;
 pub(crate) mod detector;
 pub(crate) mod docker_sync;
+pub(crate) mod enrichment;
 pub(crate) mod event_loop;
 pub(crate) mod generate;
 pub(crate) mod hiccups;

@@ -1,19 +1,24 @@
-//! From folded lines to written reports: diagnosis for each line, then its attribution, which
-//! may be worth waiting a moment for, then the sinks.
+//! From folded lines to written reports: diagnosis for each line (on the enrichment worker),
+//! then its attribution, which may be worth waiting a moment for (without holding up the
+//! loop), then the sinks.
 use std::{
     io::Write,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
+use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::detector::{ATTRIBUTION_POLL, ATTRIBUTION_RETRY, CLIENT_CONTAINER_WAIT, Detector, FRESH_SAMPLE};
+use super::{
+    detector::{ATTRIBUTION_POLL, ATTRIBUTION_RETRY, CLIENT_CONTAINER_WAIT, Detector, FRESH_SAMPLE},
+    enrichment::Done,
+    hiccups::Stage,
+};
 use crate::{
     attribution::via,
     diagnose::{
-        enrich,
+        enrich::{self, Undiagnosed},
         hint::{HintContext, hint_in},
-        namespace_reads::NamespaceReads,
         report::{DockerContext, Report},
     },
     kernel::clock::monotonic_ns,
@@ -42,8 +47,10 @@ impl Detector {
         );
         // Worth waiting for: the connector's record (completed by the reset) or conntrack's
         // event, for a moment; the container a client process runs in, while Docker is up and
-        // may not have reported it yet.
-        let no_via = ctx.via.is_none() && tracking && waited < ATTRIBUTION_RETRY;
+        // may not have reported it yet. A UDP line has nothing to wait for: conntrack's entry
+        // and the proxy's socket existed before the datagram was refused (or are gone for good),
+        // so its lookups are made once, not polled.
+        let no_via = ctx.via.is_none() && tracking && report.proto != "udp" && waited < ATTRIBUTION_RETRY;
         let unknown_client = ctx.client_container.is_none()
             && ctx.client_netns.is_some_and(|ino| self.unknown_netns(ino))
             && self.docker_up()
@@ -60,12 +67,15 @@ impl Detector {
         ctx: DockerContext,
     ) -> anyhow::Result<()> {
         report.hint = hint_in(
-            &HintContext { host_port: ctx.published.map(|p| p.host_port) },
+            &HintContext { host_port: ctx.published.map(|p| p.host_port), udp: report.proto == "udp" },
             report.verdict,
             report.target_ip,
             report.target_port,
             &report.listeners,
         );
+        if let Some(why) = report.undiagnosed.and_then(Undiagnosed::from_str) {
+            report.hint = why.hint().to_owned();
+        }
         report.docker = ctx;
         self.keys.counted_in_lines += line.count.unwrap_or(0);
         if line.count.is_none() {
@@ -78,44 +88,136 @@ impl Detector {
         out.refusal(&report).context("writing output")
     }
 
-    /// Writes `lines`. Each is written as soon as its attribution is complete; those still
-    /// waiting for the connector's record or Docker are looked at again every
-    /// [`ATTRIBUTION_POLL`], all together, so one slow line never holds up the batch by more.
-    pub(super) async fn print<W: Write>(
+    /// Hands `lines` to the enrichment worker (see `app/enrichment.rs`); those the queue has
+    /// no room for are written at once, undiagnosed, and counted. With `force` (the exit
+    /// flush) every line is queued.
+    pub(super) fn print<W: Write>(
         &mut self,
         out: &mut Output<W>,
         lines: &[Line],
+        force: bool,
     ) -> anyhow::Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut seen = NamespaceReads::default();
-        let mut pending: Vec<(&Line, Report)> = lines
-            .iter()
-            .map(|line| {
-                let report =
-                    enrich::report(line, self.port_for(&line.key), &self.bridges, self.hook_name, &mut seen);
-                (line, report)
-            })
-            .collect();
-        // Let the conntrack reader and the Docker watcher catch up with what is queued.
-        tokio::task::yield_now().await;
-        let started = Instant::now();
-        loop {
-            self.sync_docker()?;
-            let waited = started.elapsed();
-            let mut waiting = Vec::new();
-            for (line, report) in pending {
-                match self.attribution(&report, line, waited) {
-                    Some(ctx) => self.emit(out, line, report, ctx)?,
-                    None => waiting.push((line, report)),
-                }
-            }
-            if waiting.is_empty() {
-                return Ok(());
-            }
-            pending = waiting;
-            tokio::time::sleep(ATTRIBUTION_POLL).await;
+        let batch = lines.iter().map(|l| (l.clone(), self.port_for(&l.key).cloned())).collect();
+        let rejected = self.enricher.submit(batch, &self.bridges, self.hook_name, force);
+        if rejected.is_empty() {
+            self.hiccups.succeeded(Stage::Enrich);
+            return Ok(());
+        }
+        let capacity = self.enricher.capacity();
+        self.hiccup(
+            Stage::Enrich,
+            rejected.len() as u64,
+            format_args!(
+                "{} lines are written without a diagnosis (verdict unknown, undiagnosed \"queue_full\"): the \
+                 enrichment queue holds {capacity} lines (--enrich-queue) and a namespace is slow to read",
+                rejected.len()
+            ),
+        );
+        self.sync_docker()?;
+        for (line, port) in rejected {
+            let report = enrich::undiagnosed(
+                &line,
+                port.as_ref(),
+                &self.bridges,
+                self.hook_name,
+                Undiagnosed::QueueFull,
+            );
+            self.attribute_or_wait(out, line, report, Instant::now())?;
+        }
+        Ok(())
+    }
+
+    /// What the worker sends back: diagnosed lines, or the auditor with its reports.
+    pub(super) fn on_done<W: Write>(&mut self, out: &mut Output<W>, done: Done) -> anyhow::Result<()> {
+        match done {
+            Done::Lines(batch) => self.on_enriched(out, batch),
+            Done::Audit(auditor, reports) => self.on_audited(out, auditor, reports),
         }
     }
+
+    /// A batch the worker diagnosed: each line is written once its attribution is complete.
+    fn on_enriched<W: Write>(
+        &mut self,
+        out: &mut Output<W>,
+        batch: Vec<(Line, Report)>,
+    ) -> anyhow::Result<()> {
+        self.enricher.returned(batch.len());
+        self.sync_docker()?;
+        let now = Instant::now();
+        for (line, report) in batch {
+            self.attribute_or_wait(out, line, report, now)?;
+        }
+        Ok(())
+    }
+
+    fn attribute_or_wait<W: Write>(
+        &mut self,
+        out: &mut Output<W>,
+        line: Line,
+        report: Report,
+        since: Instant,
+    ) -> anyhow::Result<()> {
+        match self.attribution(&report, &line, since.elapsed()) {
+            Some(ctx) => self.emit(out, &line, report, ctx),
+            None => {
+                self.awaiting.push(Awaiting { line, report, since });
+                Ok(())
+            }
+        }
+    }
+
+    /// Lines still waiting for the connector's record or Docker, looked at again (every
+    /// [`ATTRIBUTION_POLL`] while there are any: see [`Detector::next_attribution_poll`]).
+    pub(super) fn retry_attribution<W: Write>(&mut self, out: &mut Output<W>) -> anyhow::Result<()> {
+        if self.awaiting.is_empty() {
+            return Ok(());
+        }
+        self.sync_docker()?;
+        for a in std::mem::take(&mut self.awaiting) {
+            self.attribute_or_wait(out, a.line, a.report, a.since)?;
+        }
+        Ok(())
+    }
+
+    /// When the lines awaiting their attribution are due for another look.
+    pub(super) fn next_attribution_poll(&self, now: Instant) -> Option<Instant> {
+        (!self.awaiting.is_empty()).then(|| now + ATTRIBUTION_POLL)
+    }
+
+    /// The exit flush's end: every line handed to the worker back and written (and the
+    /// auditor back, with what it found), and those awaiting attribution given the time they
+    /// are owed (each waits at most [`CLIENT_CONTAINER_WAIT`]).
+    pub(super) async fn drain_lines<W: Write>(
+        &mut self,
+        out: &mut Output<W>,
+        done: &mut Option<UnboundedReceiver<Done>>,
+    ) -> anyhow::Result<()> {
+        while self.enricher.queued() > 0 || self.docker.auditor.is_none() {
+            match done.as_mut() {
+                Some(rx) => match rx.recv().await {
+                    Some(d) => self.on_done(out, d)?,
+                    None => anyhow::bail!(
+                        "the enrichment worker stopped with {} lines queued",
+                        self.enricher.queued()
+                    ),
+                },
+                None => break,
+            }
+        }
+        while !self.awaiting.is_empty() {
+            tokio::time::sleep(ATTRIBUTION_POLL).await;
+            self.retry_attribution(out)?;
+        }
+        Ok(())
+    }
+}
+
+/// A diagnosed line waiting for its attribution, since `since`.
+pub(crate) struct Awaiting {
+    line: Line,
+    report: Report,
+    since: Instant,
 }

@@ -55,7 +55,7 @@ impl Detector {
                 log::warn!("removing {key:?} from scope: {e}");
             }
             if let Some(port) = self.ports.remove(&key) {
-                log::info!("{}: port {} left scope", self.bridges.name(port.bridge), port.host_ifname);
+                log::debug!("{}: port {} left scope", self.bridges.name(port.bridge), port.host_ifname);
                 self.departed.insert(key, (port, now));
             }
         }
@@ -71,7 +71,8 @@ impl Detector {
                 scope_error.get_or_insert_with(|| format!("{} ({e})", port.host_ifname));
                 return false;
             }
-            log::info!(
+            // Churn (Docker enslaves a veth, then moves its peer): debug, not every user's concern.
+            log::debug!(
                 "{}: watching {} (netns {}, ifindex {})",
                 self.bridges.name(port.bridge),
                 port.host_ifname,
@@ -110,9 +111,34 @@ impl Detector {
         }
         // No hook can count for the departed ports any more: their keys may leave the kernel.
         self.retire_keys(&gone);
-        self.departed.retain(|_, (_, since)| now.duration_since(*since) < DEPARTED_GRACE);
+        self.forget_departed(now);
         self.refresh_prefixes();
         Ok(gaps)
+    }
+
+    /// Lets go of ports that left scope more than [`DEPARTED_GRACE`] ago, and so of the
+    /// namespaces they hold open (the kernel frees a namespace, and may hand its inode to the
+    /// next one made, only once nobody holds it). Called by every rescan and every idle pass:
+    /// without a link change there is no rescan.
+    pub(super) fn forget_departed(&mut self, now: Instant) {
+        self.departed.retain(|_, (_, since)| now.duration_since(*since) < DEPARTED_GRACE);
+    }
+
+    /// At the idle pass (called from `sync_keys`): departed ports leave after their grace even
+    /// when no link event brings a rescan, and namespaces only bindtrace keeps alive are let go
+    /// (see [`crate::netns::scope::Resolver::release_orphans`]), their ports with them.
+    pub(super) fn scope_upkeep(&mut self, now: Instant) {
+        self.forget_departed(now);
+        match self.resolver.release_orphans(now) {
+            Ok(0) => {}
+            Ok(n) => {
+                log::info!(
+                    "{n} namespaces were alive only because bindtrace held them (deleted meanwhile): letting go"
+                );
+                self.rescan_or_retry();
+            }
+            Err(e) => log::debug!("checking for namespaces only bindtrace holds: {e} (tried again later)"),
+        }
     }
 
     /// A rescan from the event loop: a failure to list the ports is a hiccup, retried later.

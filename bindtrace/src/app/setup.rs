@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use super::{
     cli::Args,
     detector::{Detector, DockerSide, KeyLifecycle},
+    enrichment::Enricher,
 };
 use crate::{
     attribution::connect::ConnectTracker,
@@ -20,7 +21,7 @@ use crate::{
         btf::Btf,
         hook,
         layout::KernelLayout,
-        loader::{self, LoadOptions, Loaded},
+        loader::{self, LoadOptions, Loaded, UdpCounting},
         privileges,
         sock_layout::SockLayout,
         tc,
@@ -40,16 +41,16 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
     let btf = Btf::from_sys_fs()?;
     let layout = KernelLayout::resolve(&btf).context("reading this kernel's layout from BTF")?;
     log::debug!("kernel layout from BTF: {layout:?}");
-    let tc_mode = tc::AttachMode::detect(&btf);
+    let tc_mode = tc::AttachMode::choose(&btf, args.tc_clsact);
     let sock_layout = SockLayout::resolve(&btf);
     drop(btf);
     let (hook, why) = hook::choose(args.hook, &layout)?;
     let auto_bridges = args.ifaces.is_empty();
     let bridges =
         if auto_bridges { scope::validate_auto(!args.no_docker)? } else { scope::validate(&args.ifaces)? };
-    let docker_socket = match args.no_docker {
+    let docker_sockets = match args.no_docker {
         true => None,
-        false => Some(docker::socket_path(args.docker_host.as_deref()).map_err(anyhow::Error::msg)?),
+        false => Some(docker::socket_paths(&args.docker_host).map_err(anyhow::Error::msg)?),
     };
     // Before aya's copy of the BTF is parsed (see `Loaded::loader`).
     let loader = Loaded::loader();
@@ -75,6 +76,10 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
             tc_mode.name()
         ),
     }
+    match &loaded.udp {
+        UdpCounting::NotCounted(_) => log::warn!("{}", loaded.udp.describe()),
+        _ => log::info!("{}", loaded.udp.describe()),
+    }
     if !loaded.counts.lifecycle() {
         log::warn!(
             "this kernel cannot wait for an RCU grace period here (membarrier without \
@@ -94,7 +99,8 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
             None
         }
     };
-    let docker_state = docker_socket.map(|path| docker::watch::spawn(docker::Client::new(path)));
+    let docker_state = docker_sockets
+        .map(|paths| docker::watch::spawn_all(paths.into_iter().map(docker::Client::new).collect()));
     let metrics = match metrics_listener {
         Some(listener) => Some(serve_metrics(args, listener, hook.name(), &why)?),
         None => None,
@@ -119,10 +125,13 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
             conntrack,
             own_netns: std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or(0),
             prefixes: BTreeSet::new(),
-            auditor: Auditor::new(args.audit_grace),
+            auditor: Some(Box::new(Auditor::new(args.audit_grace))),
+            audit_missed_inventory: false,
         },
         link_rcvbuf: args.link_events_rcvbuf,
         hiccups: Default::default(),
+        enricher: Enricher::start(args.enrich_queue).context("starting the enrichment worker")?,
+        awaiting: Vec::new(),
     };
     // Listing the ports must work once; single ports that cannot be watched are hiccups
     // (logged, counted, retried), unless the tc hook could be attached to none of them.
@@ -150,7 +159,7 @@ fn attach_connect_tracker(
     };
     match attached {
         Ok(c) => {
-            log::info!("attached tp_btf/inet_sock_set_state (who connects to the watched bridges)");
+            log::debug!("attached tp_btf/inet_sock_set_state (who connects to the watched bridges)");
             Some(c)
         }
         Err(e) => {

@@ -2,24 +2,28 @@
 //!
 //! Three sources, in this order:
 //! 1. conntrack: a NATed flow whose reply tuple is the refusal's means `dnat`; its original
-//!    tuple names the real client and the published address it dialed (`conntrack.rs`);
+//!    tuple names the real client and the published address it dialed (`conntrack.rs`: a TCP
+//!    flow from the destroy events kept, a UDP one asked for, as its entry outlives the refusal);
 //! 2. the connect tracker: the process that connected with the refusal's 4-tuple, recorded in
 //!    the kernel as it connected (`connect.rs`). The daemon's own proxy (recognised by its
 //!    executable, parent and namespaces, `sources/docker/daemon.rs`, never by its name) means
 //!    `docker-proxy`, the published port taken from the daemon's bindings; anything else is
 //!    `direct`, with the process and, when it runs in one, its container;
+//!    For UDP, which that tracker never sees, the daemon's namespace is searched instead for a
+//!    proxy's UDP socket connected from the refusal's client address to its target
+//!    (`udp_proxy.rs`);
 //! 3. Docker's inventory: a client address that is another container's means `direct`.
 //!
 //! Otherwise `via` stays unknown rather than guessed.
 use std::net::{IpAddr, SocketAddr};
 
 use crate::{
-    attribution::connect::ConnectTracker,
+    attribution::{connect::ConnectTracker, udp_proxy},
     diagnose::procfs,
     diagnose::report::{
         ClientProcess, ContainerRef, ContainerReport, DockerContext, OriginalTuple, Report, Via,
     },
-    sources::conntrack::Conntrack,
+    sources::conntrack::{self, Conntrack, NatFlow},
     sources::docker::{Binding, Container, Inventory},
 };
 
@@ -40,12 +44,14 @@ pub(crate) fn docker_context(
     };
     let client = SocketAddr::new(client_ip, client_port);
     let target = SocketAddr::new(target_ip, report.target_port);
+    let udp = report.proto == "udp";
     let bindings: &[Binding] = container
-        .and_then(|c| c.port(report.target_port, "tcp"))
+        .and_then(|c| c.port(report.target_port, report.proto))
         .map(|p| p.bindings.as_slice())
         .unwrap_or(&[]);
 
-    if let Some(flow) = conntrack.and_then(|ct| ct.flow(target, client))
+    if let Some(flow) =
+        conntrack.and_then(|ct| if udp { udp_flow(target, client) } else { ct.flow(target, client) })
         && flow.is_dnat()
     {
         ctx.via = Some(Via::Dnat);
@@ -59,6 +65,19 @@ pub(crate) fn docker_context(
             binding_for(bindings, flow.orig.dst)
                 .unwrap_or(Binding { host_ip: flow.orig.dst.ip(), host_port: flow.orig.dst.port() }),
         );
+        return ctx;
+    }
+
+    if udp
+        && let Some(daemon) = inventory.and_then(|inv| inv.daemon.as_ref())
+        && let Some((proxy, netns)) = udp_proxy::proxy_for(daemon, client, target)
+    {
+        ctx.via = Some(Via::DockerProxy);
+        ctx.published = parse_proxy_args(&proxy.argv)
+            .and_then(|b| binding_for(bindings, SocketAddr::new(b.host_ip, b.host_port)))
+            .or_else(|| single(bindings));
+        ctx.client_netns = Some(netns);
+        ctx.client_process = Some(ClientProcess { pid: proxy.pid, comm: proxy.comm });
         return ctx;
     }
 
@@ -95,6 +114,14 @@ pub(crate) fn docker_context(
         ctx.client_container = Some(container_ref(other));
     }
     ctx
+}
+
+/// conntrack's UDP entry for the refusal, asked for in this namespace (the host's, where Docker
+/// DNATs); a failed query is logged and leaves `via` to the other sources.
+fn udp_flow(target: SocketAddr, client: SocketAddr) -> Option<NatFlow> {
+    conntrack::udp_flow(target, client)
+        .map_err(|e| log::debug!("conntrack query for {client} -> {target}: {e}"))
+        .ok()?
 }
 
 fn container_ref(c: &Container) -> ContainerRef {

@@ -1,4 +1,4 @@
-//! The proactive audit: each published TCP port of a running container is checked against
+//! The proactive audit: each published TCP and UDP port of a running container is checked against
 //! the listeners inside the container, before any client connects.
 //!
 //! A port is reachable when some listener on it accepts the container's address (`0.0.0.0`,
@@ -17,7 +17,7 @@ use std::{
 
 use crate::{
     diagnose::hint::{HintContext, hint_in},
-    diagnose::listeners::{Listener, Listening},
+    diagnose::listeners::{Listener, Listening, Proto},
     diagnose::namespace_reads::NamespaceReads,
     diagnose::report::{AuditReport, ContainerReport, ListenerReport, now_rfc3339},
     diagnose::verdict::{self, Verdict},
@@ -68,43 +68,41 @@ pub(crate) fn decide(
     all: &[Listener],
     v6only: &HashSet<u64>,
 ) -> (Option<Verdict>, Vec<Listener>) {
-    let on_port: Vec<Listener> = all.iter().filter(|l| l.port == port).cloned().collect();
-    if on_port.iter().any(|l| verdict::accepts(l, target, v6only.contains(&l.inode))) {
-        return (None, on_port);
-    }
-    let d = verdict::decide(target, port, all);
+    let d = verdict::decide(target, port, all, v6only);
     match d.verdict {
         Verdict::ListeningNow => (None, d.listeners),
         v => (Some(v), d.listeners),
     }
 }
 
-/// Checks one published port of `c`, whose namespace is `ns`, with this pass's `reads`.
+/// Checks one published port of `c`, whose namespace is `ns`, for connections to `target` (one
+/// of [`Container::targets`]; None when the container has no address), with this pass's `reads`.
 pub(crate) fn check_port(
-    c: &Container,
     mapping: &PortMapping,
+    target: Option<IpAddr>,
     ns: &Netns,
     reads: &mut NamespaceReads,
 ) -> io::Result<PortCheck> {
     // The error is the namespace's, shared by every port of the pass: say it again per port.
-    let Listening { listeners: all, v6only } = reads.listening(ns).map_err(|e| match e.raw_os_error() {
-        Some(errno) => io::Error::from_raw_os_error(errno),
-        None => io::Error::new(e.kind(), e.to_string()),
-    })?;
-    let target = c.address();
+    let proto = if mapping.proto == "udp" { Proto::Udp } else { Proto::Tcp };
+    let Listening { listeners: all, v6only } =
+        reads.listening(ns, proto).map_err(|e| match e.raw_os_error() {
+            Some(errno) => io::Error::from_raw_os_error(errno),
+            None => io::Error::new(e.kind(), e.to_string()),
+        })?;
     let (verdict, listeners) =
         decide(target.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), mapping.container_port, all, v6only);
-    let (listeners, listeners_omitted) = reads.reports(ns, &listeners);
+    let (listeners, listeners_omitted) = reads.reports(ns, proto, &listeners);
     Ok(PortCheck { mapping: mapping.clone(), verdict, target, listeners, listeners_omitted })
 }
 
 /// The audit record for a checked port.
 pub(crate) fn report(c: &Container, check: &PortCheck, netns: u64) -> AuditReport {
     let port = check.mapping.container_port;
-    let published = preferred(&check.mapping);
+    let published = preferred(&check.mapping, check.target);
     let hint = match check.verdict {
         Some(v) => hint_in(
-            &HintContext { host_port: published.map(|b| b.host_port) },
+            &HintContext { host_port: published.map(|b| b.host_port), udp: check.mapping.proto == "udp" },
             v,
             check.target,
             port,
@@ -116,23 +114,45 @@ pub(crate) fn report(c: &Container, check: &PortCheck, netns: u64) -> AuditRepor
         time: now_rfc3339(),
         event: "audit",
         verdict: check.verdict.map_or("ok", Verdict::as_str),
-        proto: "tcp",
+        proto: check.mapping.proto_str(),
         family: if check.target.is_some_and(|t| t.is_ipv6()) { "ipv6" } else { "ipv4" },
         target_ip: check.target,
         target_port: port,
         netns,
         container: ContainerReport::from(c),
         published,
-        bindings: check.mapping.bindings.clone(),
+        // The bindings whose connections reach the address checked (all of them for a
+        // container without an address).
+        bindings: check
+            .mapping
+            .bindings
+            .iter()
+            .filter(|b| check.target.is_none() || c.target_of(b) == check.target)
+            .copied()
+            .collect(),
         listeners: check.listeners.clone(),
         listeners_omitted: check.listeners_omitted,
         hint,
     }
 }
 
-/// The binding to show first: IPv4 before IPv6, as `docker ps` does.
-fn preferred(m: &PortMapping) -> Option<crate::sources::docker::Binding> {
-    m.bindings.iter().find(|b| b.host_ip.is_ipv4()).or(m.bindings.first()).copied()
+/// The binding to show first: one of the target's family (an IPv6 client of an IPv6 binding
+/// reaches the container's IPv6 address), else IPv4 before IPv6, as `docker ps` does.
+fn preferred(m: &PortMapping, target: Option<IpAddr>) -> Option<crate::sources::docker::Binding> {
+    let v6 = target.is_some_and(|t| t.is_ipv6());
+    m.bindings
+        .iter()
+        .find(|b| b.host_ip.is_ipv6() == v6)
+        .or(m.bindings.iter().find(|b| b.host_ip.is_ipv4()))
+        .or(m.bindings.first())
+        .copied()
+}
+
+/// The addresses to audit `m` at ([`Container::targets`]), or a single None (judged against
+/// 0.0.0.0) for a container without any address.
+pub(crate) fn targets_or_none(c: &Container, m: &PortMapping) -> Vec<Option<IpAddr>> {
+    let targets = c.targets(m);
+    if targets.is_empty() { vec![None] } else { targets.into_iter().map(Some).collect() }
 }
 
 /// How long after its start a container's ports may still have no listener.
@@ -140,6 +160,9 @@ pub(crate) fn deadline(c: &Container, grace: Duration, now: Instant) -> Instant 
     let age = c.started_at.and_then(|t| SystemTime::now().duration_since(t).ok()).unwrap_or(Duration::ZERO);
     now + grace.saturating_sub(age)
 }
+
+/// (container id, container port, protocol, address checked).
+type AuditKey = (String, u16, &'static str, Option<IpAddr>);
 
 struct Pending {
     deadline: Instant,
@@ -150,7 +173,9 @@ struct Pending {
 /// once, then again every [`POLL`] while nothing listens, until the grace period ends.
 pub(crate) struct Auditor {
     grace: Duration,
-    pending: BTreeMap<(String, u16), Pending>,
+    /// By (container id, container port, protocol, address checked): each protocol and family
+    /// published is its own.
+    pending: BTreeMap<AuditKey, Pending>,
     /// Container starts already scheduled (id -> start time), so each start is audited once.
     scheduled: HashMap<String, Option<SystemTime>>,
 }
@@ -168,12 +193,15 @@ impl Auditor {
             }
             self.scheduled.insert(c.id.clone(), c.started_at);
             let deadline = deadline(c, self.grace, now);
-            for m in c.published_tcp() {
-                self.pending.insert((c.id.clone(), m.container_port), Pending { deadline, next: now });
+            for m in c.published() {
+                for target in targets_or_none(c, m) {
+                    let key = (c.id.clone(), m.container_port, m.proto_str(), target);
+                    self.pending.insert(key, Pending { deadline, next: now });
+                }
             }
         }
         self.scheduled.retain(|id, _| inv.containers.contains_key(id));
-        self.pending.retain(|(id, _), _| inv.containers.contains_key(id));
+        self.pending.retain(|(id, _, _, _), _| inv.containers.contains_key(id));
     }
 
     pub(crate) fn next_due(&self) -> Option<Instant> {
@@ -191,7 +219,7 @@ impl Auditor {
         let mut out = Vec::new();
         let mut reads = NamespaceReads::default();
         let mut checked = 0;
-        let due: Vec<(String, u16)> =
+        let due: Vec<AuditKey> =
             self.pending.iter().filter(|(_, p)| p.next <= now).map(|(k, _)| k.clone()).collect();
         for key in due {
             let Some(p) = self.pending.get_mut(&key) else { continue };
@@ -210,14 +238,14 @@ impl Auditor {
                 }
                 continue;
             };
-            let Some(mapping) = c.port(key.1, "tcp") else {
+            let Some(mapping) = c.port(key.1, key.2) else {
                 self.pending.remove(&key);
                 continue;
             };
             checked += 1;
-            match check_port(c, mapping, ns, &mut reads) {
+            match check_port(mapping, key.3, ns, &mut reads) {
                 Err(e) => {
-                    log::debug!("auditing {}:{}: {e}", c.name, key.1);
+                    log::debug!("auditing {}:{}/{}: {e}", c.name, key.1, key.2);
                     if expired {
                         self.pending.remove(&key);
                     } else {
@@ -225,7 +253,7 @@ impl Auditor {
                     }
                 }
                 Ok(check) if check.verdict.is_none() => {
-                    log::debug!("audit: {} port {} is reachable", c.name, key.1);
+                    log::debug!("audit: {} port {}/{} is reachable", c.name, key.1, key.2);
                     self.pending.remove(&key);
                 }
                 Ok(check) if check.verdict == Some(Verdict::NoListener) && !expired => p.next = now + POLL,

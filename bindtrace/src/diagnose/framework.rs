@@ -213,14 +213,34 @@ fn unloop(value: &str, any: &str) -> Option<String> {
     Some(format!("{key}{scheme}{replaced}"))
 }
 
+/// The port written after a loopback address in `value` (`127.0.0.1:8125`, `[::1]:80`,
+/// `tcp://localhost:3000/x`), if any.
+fn port_in(value: &str) -> Option<u16> {
+    let rest = value.split_once('=').filter(|(k, _)| k.starts_with('-')).map_or(value, |(_, r)| r);
+    let addr = rest.split_once("://").map_or(rest, |(_, a)| a);
+    let tail = match addr.strip_prefix("[::1]") {
+        Some(t) => t,
+        None => addr.trim_start_matches(|c: char| c.is_ascii_alphanumeric() || c == '.'),
+    };
+    let digits = tail.strip_prefix(':')?;
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
 /// The fix for a listener started as `argv` (executable `exe`) that listens on loopback only;
 /// `port` is the container port and `any` the wildcard address for the family (`0.0.0.0`/`::`).
 pub(crate) fn bind_fix(argv: &[String], exe: &str, port: u16, any: &str) -> Option<BindFix> {
     let kind = detect(argv, exe);
     let who = kind.map(Kind::name).unwrap_or_else(|| if argv.is_empty() { "" } else { "the command" });
-    // An explicit loopback argument: show it and its replacement, with the flag before it.
-    for (i, arg) in argv.iter().enumerate().skip(1) {
-        let Some(new) = unloop(arg, any) else { continue };
+    // An explicit loopback argument: show it and its replacement, with the flag before it. An
+    // argument naming another port is some other endpoint (`--statsd-host localhost:8125`):
+    // one naming the bound port comes first, then one naming no port at all.
+    let candidates = argv.iter().enumerate().skip(1).filter_map(|(i, arg)| {
+        let new = unloop(arg, any)?;
+        let named = port_in(arg);
+        (named.is_none() || named == Some(port)).then_some((named.is_none(), i, arg, new))
+    });
+    if let Some((_, i, arg, new)) = candidates.min_by_key(|&(portless, i, _, _)| (portless, i)) {
         let flag =
             argv.get(i - 1).filter(|f| f.starts_with('-') && !arg.starts_with('-') && !f.contains('='));
         let (old, new) = match flag {
@@ -275,6 +295,30 @@ mod tests {
         let f = fix("./server --listen [::1]:8000").unwrap();
         assert_eq!(f.advice, "the command is started with `--listen [::1]:8000`: use `--listen [::]:8000`");
         assert_eq!(f.framework, "command line");
+    }
+
+    /// Only the argument that names the bound port is rewritten: another loopback endpoint on
+    /// the command line (a statsd or metrics sink) is not the listener.
+    #[test]
+    fn only_the_argument_with_the_bound_port_is_rewritten() {
+        let f = fix("gunicorn --statsd-host localhost:8125 -b 127.0.0.1:8000 app:app").unwrap();
+        assert_eq!(f.advice, "gunicorn is started with `-b 127.0.0.1:8000`: use `-b 0.0.0.0:8000`");
+        // A port-less address still counts, after one with the right port.
+        let f = fix("uvicorn --host 127.0.0.1 --proxy localhost:9000 app:app").unwrap();
+        assert_eq!(f.advice, "uvicorn is started with `--host 127.0.0.1`: use `--host 0.0.0.0`");
+        let f = fix("./srv --admin=localhost --listen=127.0.0.1:8000").unwrap();
+        assert_eq!(
+            f.advice,
+            "the command is started with `--listen=127.0.0.1:8000`: use `--listen=0.0.0.0:8000`"
+        );
+        // Only other ports on loopback: the server's own default flag, not a wrong rewrite.
+        let f = fix("gunicorn --statsd-host localhost:8125 app:app").unwrap();
+        assert!(f.advice.contains("`gunicorn --bind 0.0.0.0:8000`"), "{}", f.advice);
+        assert_eq!(fix("/usr/bin/myserver --upstream 127.0.0.1:6379"), None);
+        assert_eq!(port_in("tcp://localhost:3000/x"), Some(3000));
+        assert_eq!(port_in("[::1]:80"), Some(80));
+        assert_eq!(port_in("::1"), None);
+        assert_eq!(port_in("--host=127.0.0.1"), None);
     }
 
     #[test]

@@ -58,16 +58,18 @@ pub(crate) fn hint(
 #[derive(Debug, Clone, Default)]
 pub(crate) struct HintContext {
     pub(crate) host_port: Option<u16>,
+    /// A UDP refusal: its `-p` forms need `/udp` (Docker publishes TCP without it).
+    pub(crate) udp: bool,
 }
 
 /// The server-specific fix for a loopback bind, from the listeners' command lines.
-fn bind_fix(listeners: &[ListenerReport], port: u16, any: &str) -> Option<BindFix> {
+fn bind_fix(listeners: &[ListenerReport], port: u16, any: &str, udp: bool) -> Option<BindFix> {
     let any = any.trim_start_matches('[').trim_end_matches(']');
-    listeners
-        .iter()
-        .filter(|l| is_loopback(l.ip))
-        .flat_map(|l| &l.pids)
-        .find_map(|p| crate::diagnose::framework::bind_fix(&p.argv, &p.exe, port, any))
+    listeners.iter().filter(|l| is_loopback(l.ip)).flat_map(|l| &l.pids).find_map(|p| {
+        let udp_fix = || crate::diagnose::udp_servers::bind_fix(&p.argv, &p.exe, port, any);
+        let fix = || crate::diagnose::framework::bind_fix(&p.argv, &p.exe, port, any);
+        if udp { udp_fix().or_else(fix) } else { fix() }
+    })
 }
 
 pub(crate) fn hint_in(
@@ -81,23 +83,32 @@ pub(crate) fn hint_in(
     let bound = bound.join(", ");
     let any = wildcard_for(target);
     let host_port = ctx.host_port.unwrap_or(port);
+    let (suffix, proto) = if ctx.udp { ("/udp", "UDP") } else { ("", "TCP") };
     // When the port is published, the safer form goes with every fix.
     let private = |ctr: u16| match ctx.host_port {
-        Some(h) => format!("; to keep it private, publish it on the host's loopback: -p 127.0.0.1:{h}:{ctr}"),
+        Some(h) => {
+            format!("; to keep it private, publish it on the host's loopback: -p 127.0.0.1:{h}:{ctr}{suffix}")
+        }
         None => String::new(),
     };
     match verdict {
         Verdict::LoopbackOnly => {
             let lo: Vec<&ListenerReport> = listeners.iter().filter(|l| is_loopback(l.ip)).collect();
             let lo_addrs: Vec<String> = lo.iter().map(|l| endpoint(l.ip, l.port)).collect();
-            let fix = match bind_fix(listeners, port, any) {
+            let fix = match bind_fix(listeners, port, any, ctx.udp) {
                 Some(fix) => format!("Bind to {any}:{port} instead: {}", fix.advice),
+                None if ctx.udp => {
+                    format!(
+                        "Bind to {any}:{port} instead: {}",
+                        crate::diagnose::udp_servers::generic(port, any)
+                    )
+                }
                 None => format!("Bind to {any}:{port} instead (e.g. `--host 0.0.0.0`)"),
             };
             format!(
                 "{} listens on {} only: that is the container's own loopback, which forwarded \
                  connections never reach. {fix}; to keep it private, publish it on the host's \
-                 loopback: -p 127.0.0.1:{host_port}:{port}",
+                 loopback: -p 127.0.0.1:{host_port}:{port}{suffix}",
                 who(listeners),
                 lo_addrs.join(", ")
             )
@@ -122,7 +133,7 @@ pub(crate) fn hint_in(
             private(port)
         ),
         Verdict::NoListener if listeners.is_empty() => format!(
-            "nothing listens on any TCP port in this namespace: is the service running (or did it \
+            "nothing listens on any {proto} port in this namespace: is the service running (or did it \
              crash at start)? It must listen on {any}:{port}{}",
             private(port)
         ),
@@ -134,7 +145,7 @@ pub(crate) fn hint_in(
             let used: u16 = ports[0].parse().unwrap_or(port);
             format!(
                 "nothing listens on port {port} here; this namespace listens on {} ({bound}). \
-                 Publish the port the service uses (e.g. -p {host_port}:{used}) or make it listen on \
+                 Publish the port the service uses (e.g. -p {host_port}:{used}{suffix}) or make it listen on \
                  {any}:{port}{}",
                 ports.join(", "),
                 private(used)
@@ -176,7 +187,7 @@ mod tests {
     #[test]
     fn loopback_hint_names_the_flag_and_the_published_port() {
         let l = [listener("127.0.0.1", 8000, httpd())];
-        let ctx = HintContext { host_port: Some(18000) };
+        let ctx = HintContext { host_port: Some(18000), ..Default::default() };
         let h = hint_in(&ctx, Verdict::LoopbackOnly, Some("172.17.0.2".parse().unwrap()), 8000, &l);
         assert!(h.starts_with("httpd (pid 31455, 1 in the container) listens on 127.0.0.1:8000 only"), "{h}");
         assert!(
@@ -184,6 +195,16 @@ mod tests {
             "{h}"
         );
         assert!(h.ends_with("-p 127.0.0.1:18000:8000"), "{h}");
+    }
+
+    #[test]
+    fn udp_hints_publish_with_the_udp_suffix() {
+        let l = [listener("127.0.0.1", 53, Holder::new(7, "python3"))];
+        let ctx = HintContext { host_port: Some(5353), udp: true };
+        let h = hint_in(&ctx, Verdict::LoopbackOnly, Some("172.17.0.2".parse().unwrap()), 53, &l);
+        assert!(h.ends_with("-p 127.0.0.1:5353:53/udp"), "{h}");
+        let h = hint_in(&ctx, Verdict::NoListener, Some("172.17.0.2".parse().unwrap()), 53, &[]);
+        assert!(h.contains("nothing listens on any UDP port") && h.ends_with(":53/udp"), "{h}");
     }
 
     #[test]
@@ -197,7 +218,7 @@ mod tests {
     #[test]
     fn port_mismatch_uses_the_host_port() {
         let l = [listener("0.0.0.0", 3000, Holder::new(7, "node"))];
-        let ctx = HintContext { host_port: Some(8000) };
+        let ctx = HintContext { host_port: Some(8000), ..Default::default() };
         let h = hint_in(&ctx, Verdict::NoListener, Some("172.17.0.2".parse().unwrap()), 8000, &l);
         assert!(h.contains("listens on 3000") && h.contains("-p 8000:3000"), "{h}");
         assert!(h.ends_with("-p 127.0.0.1:8000:3000"), "{h}");

@@ -29,6 +29,9 @@ pub(crate) struct Report {
     pub(crate) ktime_ns: Option<u64>,
     pub(crate) event: &'static str,
     pub(crate) verdict: Verdict,
+    /// Why the verdict is `unknown` (see `diagnose::enrich::Undiagnosed`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) undiagnosed: Option<&'static str>,
     pub(crate) proto: &'static str,
     pub(crate) family: &'static str,
     pub(crate) target_ip: Option<IpAddr>,
@@ -90,6 +93,8 @@ pub(crate) struct DockerContext {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct ContainerReport {
+    /// The engine that runs it: `docker` or `podman`.
+    pub(crate) runtime: crate::sources::docker::Runtime,
     /// Short id (12 hex digits).
     pub(crate) id: String,
     pub(crate) name: String,
@@ -101,6 +106,7 @@ pub(crate) struct ContainerReport {
 impl From<&crate::sources::docker::Container> for ContainerReport {
     fn from(c: &crate::sources::docker::Container) -> Self {
         ContainerReport {
+            runtime: c.runtime,
             id: c.short_id().to_owned(),
             name: c.name.clone(),
             image: c.image.clone(),

@@ -29,7 +29,8 @@ pub(crate) struct DoctorArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub(crate) format: Format,
 
-    /// Docker API socket (unix:///path or a path; default: $DOCKER_HOST, else /var/run/docker.sock).
+    /// Docker API socket, or podman's compatible one (unix:///path or a path; default:
+    /// $DOCKER_HOST, else /var/run/docker.sock, else /run/podman/podman.sock when only it exists).
     #[arg(long, value_name = "SOCKET")]
     pub(crate) docker_host: Option<String>,
 
@@ -75,7 +76,7 @@ async fn checks(args: &DoctorArgs) -> Vec<Check> {
     // A DOCKER_HOST bindtrace cannot use (tcp://...) is not probed: said on the docker line.
     let (docker_probe, podman_probe, containerd_probe) = tokio::join!(
         async {
-            match docker::socket_path(args.docker_host.as_deref()) {
+            match docker::docker_socket_path(args.docker_host.as_deref()) {
                 Ok(path) => Ok(runtimes::probe_api(&path, runtimes::PROBE_TIMEOUT).await),
                 Err(e) => Err(e),
             }

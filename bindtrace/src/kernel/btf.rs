@@ -63,6 +63,8 @@ pub(crate) enum BtfError {
     BadPath { path: String },
     #[error("`{path}` has type `{ty}`, which is not a struct or union")]
     NotComposite { path: String, ty: String },
+    #[error("`{path}` is not a bitfield of a kind_flag struct")]
+    NotBitfield { path: String },
     #[error("`{path}` is a bitfield; it has no byte offset and size")]
     Bitfield { path: String },
     #[error("type `{ty}` has no size")]
@@ -71,6 +73,8 @@ pub(crate) enum BtfError {
     TooLarge { path: String },
     #[error("`{path}` is {size} bytes, expected {expected}")]
     WrongSize { path: String, size: u32, expected: u32 },
+    #[error("`{path}` is {bits} bits wide, expected {expected}")]
+    WrongBits { path: String, bits: u32, expected: u32 },
     #[error("{enum_name}::{enumerator} is {value}, which does not fit in a u32")]
     EnumOutOfRange { enum_name: String, enumerator: String, value: i64 },
     #[error("enum {enum_name} has no enumerator `{enumerator}`")]
@@ -93,6 +97,14 @@ impl BtfError {
 pub(crate) struct Member {
     pub(crate) offset: u32,
     pub(crate) size: u32,
+}
+
+/// Where a bitfield member lives: the byte holding its first bit, that bit's position, its width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BitField {
+    pub(crate) byte: u32,
+    pub(crate) bit: u8,
+    pub(crate) bits: u32,
 }
 
 /// BTF kinds; the value is the `kind` field of `btf_type.info`.
@@ -193,6 +205,8 @@ struct Found {
     ty: u32,
     /// Non-zero bitfield size from a `kind_flag` struct.
     bitfield: bool,
+    /// That size in bits (0 when not a bitfield).
+    bits: u32,
 }
 
 /// Parsed BTF: the raw blob plus an index of where each type starts.
@@ -396,6 +410,7 @@ impl Btf {
                         bit_offset: u64::from(bit_offset),
                         ty: m.ty,
                         bitfield: bitfield_size != 0,
+                        bits: bitfield_size,
                     }));
                 }
             } else if let Some(inner) = self.composite(m.ty)?
@@ -438,6 +453,24 @@ impl Btf {
     /// next step. Returns the byte offset from the start of the outer struct and the size of
     /// the last member; a bitfield is an error.
     pub(crate) fn member(&self, path: &str) -> Result<Member, BtfError> {
+        let (walked, bit_offset, found) = self.locate(path)?;
+        self.finish_member(&walked, bit_offset, &found)
+    }
+
+    /// A one-bit (or wider) bitfield member at a dotted path, as [`Btf::member`] walks it: the
+    /// byte that holds its first bit, the bit's position in that byte (bitfields are allocated
+    /// from the low bit on the little-endian kernels bindtrace runs on) and its width. Only
+    /// `kind_flag` structs (what pahole emits for the kernel) record the width per member.
+    pub(crate) fn bitfield(&self, path: &str) -> Result<BitField, BtfError> {
+        let (_, bit_offset, found) = self.locate(path)?;
+        if !found.bitfield {
+            return Err(BtfError::NotBitfield { path: path.into() });
+        }
+        let byte = u32::try_from(bit_offset / 8).map_err(|_| BtfError::TooLarge { path: path.into() })?;
+        Ok(BitField { byte, bit: (bit_offset % 8) as u8, bits: found.bits })
+    }
+
+    fn locate(&self, path: &str) -> Result<(String, u64, Found), BtfError> {
         let steps: Vec<&str> = path.split('.').collect();
         let [root, members @ ..] = steps.as_slice() else {
             return Err(BtfError::BadPath { path: path.into() });
@@ -460,7 +493,7 @@ impl Btf {
             })?;
             bit_offset += found.bit_offset;
             if i + 1 == members.len() {
-                return self.finish_member(&walked, bit_offset, &found);
+                return Ok((walked, bit_offset, found));
             }
             outer = self
                 .composite(found.ty)?

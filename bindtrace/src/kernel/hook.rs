@@ -99,6 +99,7 @@ pub(crate) fn choose(choice: HookChoice, layout: &KernelLayout) -> Result<(Hook,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::btf::BitField;
 
     fn layout(rst: Option<u32>, drop: Option<u32>) -> KernelLayout {
         KernelLayout {
@@ -113,6 +114,8 @@ mod tests {
             rst_reason_no_socket: rst,
             drop_reason_no_socket: drop,
             prog_info_recursion_misses: Some(208),
+            skb_csum_complete_sw: BitField { byte: 131, bit: 6, bits: 1 },
+            skb_csum_valid: BitField { byte: 130, bit: 4, bits: 1 },
         }
     }
 

@@ -5,7 +5,7 @@
 //! here is hard-coded: everything is resolved once at start and handed to the eBPF object as
 //! globals.
 
-use crate::kernel::btf::{Btf, BtfError};
+use crate::kernel::btf::{BitField, Btf, BtfError};
 
 /// Everything the kernel side needs from the running kernel's BTF, resolved once at start; the eBPF
 /// object receives these as globals. Never hard-coded.
@@ -29,6 +29,10 @@ pub(crate) struct KernelLayout {
     /// Offset of `recursion_misses` in the uapi `struct bpf_prog_info` (5.12+), else None: how
     /// often the kernel skipped our program because it was already running on that CPU.
     pub(crate) prog_info_recursion_misses: Option<u32>,
+    /// `sk_buff.csum_complete_sw` and `sk_buff.csum_valid` (one bit each): how the UDP hook tells
+    /// an IPv6 datagram with a bad checksum, which IPv6 frees with NO_SOCKET too.
+    pub(crate) skb_csum_complete_sw: BitField,
+    pub(crate) skb_csum_valid: BitField,
 }
 
 /// The eBPF side reads pointers as 8 bytes (bindtrace runs on 64-bit kernels only).
@@ -64,8 +68,19 @@ impl KernelLayout {
                 Err(e) if e.is_not_found() => None,
                 Err(e) => return Err(e),
             },
+            skb_csum_complete_sw: one_bit(btf, "sk_buff.csum_complete_sw")?,
+            skb_csum_valid: one_bit(btf, "sk_buff.csum_valid")?,
         })
     }
+}
+
+/// A one-bit flag of a kernel struct; any other width would be read wrong in the kernel.
+fn one_bit(btf: &Btf, path: &str) -> Result<BitField, BtfError> {
+    let field = btf.bitfield(path)?;
+    if field.bits != 1 {
+        return Err(BtfError::WrongBits { path: path.to_owned(), bits: field.bits, expected: 1 });
+    }
+    Ok(field)
 }
 
 /// `enumerator` of `enum <enum_name>` if the tracepoint prototype behind `typedef`
@@ -99,6 +114,14 @@ mod tests {
     use crate::kernel::btf::tests::{V5_10, V6_1, V6_18, fixture};
 
     #[test]
+    fn a_byte_sized_member_is_not_a_bitfield() {
+        let e = fixture(V6_18).bitfield("sk_buff.dev").unwrap_err();
+        assert_eq!(e.to_string(), "`sk_buff.dev` is not a bitfield of a kind_flag struct");
+        let e = one_bit(fixture(V6_18), "sk_buff.pkt_type").unwrap_err();
+        assert_eq!(e.to_string(), "`sk_buff.pkt_type` is 3 bits wide, expected 1");
+    }
+
+    #[test]
     fn layout_6_18() {
         // Offsets from pahole on the 6.18 kernel this fixture was taken from.
         let expected = KernelLayout {
@@ -113,6 +136,8 @@ mod tests {
             rst_reason_no_socket: Some(1),
             drop_reason_no_socket: Some(3),
             prog_info_recursion_misses: Some(208),
+            skb_csum_complete_sw: BitField { byte: 129, bit: 5, bits: 1 },
+            skb_csum_valid: BitField { byte: 130, bit: 6, bits: 1 },
         };
         assert_eq!(KernelLayout::resolve(fixture(V6_18)).unwrap(), expected);
     }
@@ -133,6 +158,8 @@ mod tests {
             rst_reason_no_socket: None,
             drop_reason_no_socket: Some(2),
             prog_info_recursion_misses: Some(208),
+            skb_csum_complete_sw: BitField { byte: 130, bit: 1, bits: 1 },
+            skb_csum_valid: BitField { byte: 129, bit: 7, bits: 1 },
         };
         assert_eq!(KernelLayout::resolve(fixture(V6_1)).unwrap(), expected);
     }
@@ -151,6 +178,8 @@ mod tests {
             rst_reason_no_socket: None,
             drop_reason_no_socket: None,
             prog_info_recursion_misses: None,
+            skb_csum_complete_sw: BitField { byte: 130, bit: 1, bits: 1 },
+            skb_csum_valid: BitField { byte: 129, bit: 7, bits: 1 },
         };
         assert_eq!(KernelLayout::resolve(fixture(V5_10)).unwrap(), expected);
     }

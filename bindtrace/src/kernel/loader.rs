@@ -17,6 +17,7 @@ use crate::{
     kernel::hook::Hook,
     kernel::layout::KernelLayout,
     kernel::tc::{AttachError, AttachMode, TcPorts},
+    kernel::tc_instance::{self, Instance, InstanceError},
     netns::scope::Port,
 };
 
@@ -38,6 +39,8 @@ pub(crate) enum LoadError {
     Attach { what: String, source: aya::programs::ProgramError },
     #[error("opening map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
+    #[error(transparent)]
+    TcInstance(InstanceError),
 }
 
 /// Knobs the kernel side takes as globals.
@@ -71,6 +74,8 @@ pub(crate) struct Loaded {
     pub(crate) stats: PerCpuArray<MapData, u64>,
     pub(crate) events: Option<RingBuf<MapData>>,
     pub(crate) hook: Hook,
+    /// Whether UDP refusals are counted, and if not why (for the start-up message).
+    pub(crate) udp: UdpCounting,
     /// Where `recursion_misses` sits in `bpf_prog_info` on this kernel, if it has it.
     recursion_misses_offset: Option<u32>,
 }
@@ -128,12 +133,27 @@ impl Loaded {
             &drop,
             true,
         );
+        // The UDP side's checksum bits (see `checksum_failed` in the eBPF crate).
+        let csum_sw = &layout.skb_csum_complete_sw;
+        let csum_valid = &layout.skb_csum_valid;
+        let (sw_byte, sw_bit) = (csum_sw.byte, u32::from(csum_sw.bit));
+        let (valid_byte, valid_bit) = (csum_valid.byte, u32::from(csum_valid.bit));
+        loader
+            .override_global("OFF_SKB_CSUM_COMPLETE_SW", &sw_byte, true)
+            .override_global("BIT_SKB_CSUM_COMPLETE_SW", &sw_bit, true)
+            .override_global("OFF_SKB_CSUM_VALID", &valid_byte, true)
+            .override_global("BIT_SKB_CSUM_VALID", &valid_bit, true);
+        // kfree_skb counts TCP too only when it is the TCP hook; next to tcp_send_reset it
+        // counts UDP alone, so no SYN is counted twice.
+        let kfree_tcp: u8 = u8::from(hook == Hook::KfreeSkb);
+        loader.override_global("KFREE_SKB_TCP", &kfree_tcp, true);
         for (name, value) in &opts.globals {
             loader.override_global(name, value, true);
         }
         let mut ebpf = loader.load(OBJECT).map_err(LoadError::Load)?;
 
         let tc = attach_hook(&mut ebpf, hook, btf, opts.tc_mode)?;
+        let udp = attach_udp(&mut ebpf, hook, layout, btf);
 
         let scope = take(&mut ebpf, "SCOPE")
             .and_then(|m| HashMap::try_from(m).map_err(|source| LoadError::Map { name: "SCOPE", source }))?;
@@ -164,6 +184,7 @@ impl Loaded {
             stats,
             events: Some(events),
             hook,
+            udp,
             recursion_misses_offset: layout.prog_info_recursion_misses,
         })
     }
@@ -189,15 +210,106 @@ impl Loaded {
         (sum(STAT_RINGBUF_LOST), sum(STAT_COUNT_OVERFLOW))
     }
 
-    /// Times the kernel skipped the hook program because it was already running on that CPU
-    /// (None where the kernel does not say). A refusal among them went uncounted.
+    /// Times the kernel skipped a refusal program because it was already running on that CPU
+    /// (None where the kernel does not say), summed over the hook and the UDP program next to
+    /// it. A refusal among them went uncounted.
     pub(crate) fn recursion_misses(&self) -> Option<u64> {
         use std::os::fd::AsFd as _;
         let offset = self.recursion_misses_offset?;
-        let program = self.ebpf.program(self.hook.program())?;
-        let fd = program.fd().ok()?;
-        crate::kernel::prog_info::recursion_misses(fd.as_fd(), offset).ok()
+        let misses = |name: &str| -> Option<u64> {
+            let fd = self.ebpf.program(name)?.fd().ok()?;
+            crate::kernel::prog_info::recursion_misses(fd.as_fd(), offset).ok()
+        };
+        let mut total = misses(self.hook.program())?;
+        if self.udp == UdpCounting::SecondProgram {
+            total += misses(UDP_PROGRAM)?;
+        }
+        Some(total)
     }
+}
+
+/// How UDP datagrams to a port without a socket are counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum UdpCounting {
+    /// By the hook itself (`kfree-skb` sees both).
+    SameProgram,
+    /// By a second program on `kfree_skb`, next to `tcp-send-reset`.
+    SecondProgram,
+    /// Not at all, and why (the remedy is in the text).
+    NotCounted(String),
+}
+
+impl UdpCounting {
+    /// The start-up line about UDP.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            UdpCounting::SameProgram => "UDP: counted on kfree_skb (drop reason NO_SOCKET)".into(),
+            UdpCounting::SecondProgram => {
+                "UDP: counted by a second program on kfree_skb (drop reason NO_SOCKET)".into()
+            }
+            UdpCounting::NotCounted(why) => format!("UDP refusals are NOT counted: {why}"),
+        }
+    }
+}
+
+/// The program that counts UDP next to `tcp-send-reset`.
+const UDP_PROGRAM: &str = "bt_kfree_skb";
+
+/// Where the hook does not see UDP itself, attaches `bt_kfree_skb` for UDP too (it counts UDP
+/// only there). A failure is not fatal: TCP still works, and the start-up message says UDP is
+/// not counted and why.
+fn attach_udp(ebpf: &mut Ebpf, hook: Hook, layout: &KernelLayout, btf: &Btf) -> UdpCounting {
+    match hook {
+        Hook::KfreeSkb => return UdpCounting::SameProgram,
+        Hook::Tc => {
+            return UdpCounting::NotCounted(
+                "the tc hook does not count UDP yet (it would have to read the ICMP port \
+                 unreachable replies); use --hook auto or kfree-skb on Linux 5.17 or later"
+                    .into(),
+            );
+        }
+        Hook::TcpSendReset => {}
+    }
+    if layout.drop_reason_no_socket.is_none() {
+        return UdpCounting::NotCounted("this kernel's kfree_skb carries no drop reason".into());
+    }
+    let result = (|| -> Result<(), String> {
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(UDP_PROGRAM)
+            .ok_or("the eBPF object has no kfree_skb program (build mismatch)")?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        program.load("kfree_skb", btf).map_err(|e| format!("loading tp_btf/kfree_skb: {e}"))?;
+        program.attach().map_err(|e| format!("attaching tp_btf/kfree_skb: {e}"))?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => UdpCounting::SecondProgram,
+        Err(e) => UdpCounting::NotCounted(format!("{e}; TCP is still counted")),
+    }
+}
+
+/// This instance's slot, and what killed instances left on this namespace's interfaces
+/// removed, before anything of ours is attached.
+fn clsact_instance(program: &str) -> Result<Instance, LoadError> {
+    let dir = std::path::Path::new(tc_instance::LOCK_DIR);
+    let instance = Instance::acquire(dir).map_err(LoadError::TcInstance)?;
+    match instance.remove_dead_filters(dir, program) {
+        Ok(removed) if removed.is_empty() => {}
+        Ok(removed) => {
+            let mut ifaces: Vec<&str> = removed.iter().map(|r| r.ifname.as_str()).collect();
+            ifaces.dedup();
+            log::info!(
+                "tc: removed {} clsact filters that a killed bindtrace left (on {})",
+                removed.len(),
+                ifaces.join(", ")
+            );
+        }
+        // Not fatal: our own filters work; the dead ones keep counting nowhere.
+        Err(e) => log::warn!("tc: looking for filters a killed bindtrace left: {e} (they stay)"),
+    }
+    log::debug!("tc: instance slot {} (filter priority {})", instance.slot(), instance.priority());
+    Ok(instance)
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
@@ -235,7 +347,11 @@ fn attach_hook(
             let ports = take(ebpf, "TC_PORTS").and_then(|m| {
                 HashMap::try_from(m).map_err(|source| LoadError::Map { name: "TC_PORTS", source })
             })?;
-            Some(TcPorts::new(tc_mode, ports))
+            let instance = match tc_mode {
+                AttachMode::Tcx => None,
+                AttachMode::Clsact => Some(clsact_instance(hook.program())?),
+            };
+            Some(TcPorts::new(tc_mode, ports, instance))
         }
     };
     Ok(tc)

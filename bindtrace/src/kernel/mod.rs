@@ -11,3 +11,4 @@ pub(crate) mod privileges;
 pub(crate) mod prog_info;
 pub(crate) mod sock_layout;
 pub(crate) mod tc;
+pub(crate) mod tc_instance;

@@ -4,9 +4,11 @@
 //! tcx links (Linux 6.6+) belong to a file descriptor: closing it detaches, even if bindtrace is
 //! killed. Older kernels get a `clsact` qdisc and a direct-action cls_bpf filter, which outlives
 //! the process unless removed: every link here is a [`SchedClassifierLink`], whose drop deletes
-//! the filter, so a port that leaves, an error and a normal exit all detach. (Only SIGKILL on a
-//! kernel without tcx can leave a filter behind.) An empty `clsact` qdisc is left in place: other
-//! tools may be using it, and it costs nothing without filters.
+//! the filter, so a port that leaves, an error and a normal exit all detach. Only SIGKILL on a
+//! kernel without tcx leaves filters behind: every filter is attached at the priority of this
+//! instance's slot, and the next start removes what a dead instance left (see
+//! [`super::tc_instance`]). An empty `clsact` qdisc is left in place: other tools may be using
+//! it, and it costs nothing without filters.
 use std::{collections::BTreeMap, ffi::CString};
 
 use aya::{
@@ -18,7 +20,10 @@ use aya::{
 };
 use bindtrace_common::{ScopeKey, TcPort};
 
-use crate::{kernel::btf::Btf, netns::scope::Port};
+use crate::{
+    kernel::{btf::Btf, tc_instance::Instance},
+    netns::scope::Port,
+};
 
 /// How the classifier is attached to an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +42,12 @@ impl AttachMode {
             Ok(_) => AttachMode::Tcx,
             Err(_) => AttachMode::Clsact,
         }
+    }
+
+    /// `--tc-clsact` (hidden): the clsact path even where tcx exists, so that it can be tested
+    /// on any kernel.
+    pub(crate) fn choose(btf: &Btf, force_clsact: bool) -> AttachMode {
+        if force_clsact { AttachMode::Clsact } else { AttachMode::detect(btf) }
     }
 
     pub(crate) fn name(self) -> &'static str {
@@ -73,11 +84,19 @@ pub(crate) struct TcPorts {
     mode: AttachMode,
     map: HashMap<MapData, u32, TcPort>,
     attached: BTreeMap<u32, Attached>,
+    /// With clsact: the slot whose priority every filter gets. Declared last, so the lock is
+    /// released only after `drop` has detached every filter.
+    instance: Option<Instance>,
 }
 
 impl TcPorts {
-    pub(crate) fn new(mode: AttachMode, map: HashMap<MapData, u32, TcPort>) -> TcPorts {
-        TcPorts { mode, map, attached: BTreeMap::new() }
+    /// `instance` is required with [`AttachMode::Clsact`] (and unused with tcx).
+    pub(crate) fn new(
+        mode: AttachMode,
+        map: HashMap<MapData, u32, TcPort>,
+        instance: Option<Instance>,
+    ) -> TcPorts {
+        TcPorts { mode, map, attached: BTreeMap::new(), instance }
     }
 
     /// Attaches to ports that joined, detaches from ports that left, and updates the container
@@ -177,7 +196,9 @@ impl TcPorts {
                     }
                     Err(e) => return Err(err(e.into())),
                 }
-                TcAttachOptions::Netlink(NlOptions::default())
+                // The slot's priority: what tells our filters from a dead instance's and others'.
+                let priority = self.instance.as_ref().map_or(0, Instance::priority);
+                TcAttachOptions::Netlink(NlOptions { priority, ..NlOptions::default() })
             }
         };
         match program.attach_with_options(ifname, TcAttachType::Ingress, options) {

@@ -105,6 +105,40 @@ pub(crate) fn interface_prefixes(names: &[String]) -> io::Result<BTreeSet<Prefix
     Ok(out)
 }
 
+/// The addresses (link-local ones left out) of interface `ifindex` in the calling thread's
+/// network namespace: what a SYN that came in on it could have been sent to, when the line has
+/// no sample that says.
+pub(crate) fn addresses_of_interface(ifindex: u32) -> io::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: `cur` walks the list getifaddrs returned, which stays valid until freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        // SAFETY: ifa_name is a NUL-terminated string (checked non-null first).
+        if ifa.ifa_addr.is_null()
+            || ifa.ifa_name.is_null()
+            || unsafe { libc::if_nametoindex(ifa.ifa_name) } != ifindex
+        {
+            continue;
+        }
+        // SAFETY: the address points to a sockaddr of the family it declares.
+        let Some(addr) = (unsafe { sockaddr_ip(ifa.ifa_addr) }) else { continue };
+        if matches!(addr, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80) {
+            continue;
+        }
+        out.push(addr);
+    }
+    // SAFETY: frees the list getifaddrs allocated, once.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok(out)
+}
+
 /// # Safety
 /// `sa` must point to a valid sockaddr of the family it declares.
 unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
@@ -153,5 +187,13 @@ mod tests {
             "{:?}",
             p.iter().map(show_prefix).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn addresses_of_lo() {
+        let lo = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+        let a = addresses_of_interface(lo).unwrap();
+        assert!(a.contains(&ip("127.0.0.1")), "{a:?}");
+        assert!(addresses_of_interface(u32::MAX).unwrap().is_empty());
     }
 }

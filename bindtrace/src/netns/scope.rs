@@ -7,11 +7,12 @@
 //! which covers Docker's order (the host-side veth is enslaved while its peer is still in the
 //! host's namespace, then the peer moves) and ports that leave.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fs::File,
     io,
     os::fd::AsFd,
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use bindtrace_common::{BridgeId, ScopeKey};
@@ -108,7 +109,11 @@ pub(crate) fn validate(names: &[String]) -> Result<Bridges, ScopeError> {
 pub(crate) struct Resolver {
     own: Arc<Netns>,
     by_nsid: HashMap<i32, Arc<Netns>>,
+    next_orphan_check: Instant,
 }
+
+/// How often the namespaces held open are checked for being alive only through bindtrace.
+const ORPHAN_CHECK: Duration = Duration::from_secs(10);
 
 /// The ports found on the watched bridges, and those skipped because their namespace could
 /// not be opened (interface name, why).
@@ -120,7 +125,11 @@ pub(crate) struct Resolved {
 
 impl Resolver {
     pub(crate) fn new() -> io::Result<Resolver> {
-        Ok(Resolver { own: Arc::new(Netns::own()?), by_nsid: HashMap::new() })
+        Ok(Resolver {
+            own: Arc::new(Netns::own()?),
+            by_nsid: HashMap::new(),
+            next_orphan_check: Instant::now(),
+        })
     }
 
     /// The current scope: every container-side interface of every port of `bridges`. A bridge
@@ -173,15 +182,39 @@ impl Resolver {
         Ok(Resolved { ports: scope, skipped })
     }
 
+    /// Lets go of held namespaces that nothing but bindtrace keeps alive: no handle under
+    /// [`netns::HANDLE_DIRS`] and no process inside (`ip netns del` while the namespace's veth is
+    /// still on a watched bridge). Holding one would keep the namespace, so its veth, so its port
+    /// in scope, so the namespace: forever. Returns how many were let go (at most every
+    /// [`ORPHAN_CHECK`]); the caller then rescans, which cannot find them any more, so their
+    /// ports leave scope, and once the departed grace is over the namespace is freed.
+    pub(crate) fn release_orphans(&mut self, now: Instant) -> io::Result<usize> {
+        if self.by_nsid.is_empty() || now < self.next_orphan_check {
+            return Ok(0);
+        }
+        self.next_orphan_check = now + ORPHAN_CHECK;
+        // While we hold a namespace its inode is not reused: an inode found is that namespace.
+        let reachable: HashSet<u64> = netns::candidates()?.into_iter().map(|c| c.inode).collect();
+        let before = self.by_nsid.len();
+        self.by_nsid.retain(|_, ns| reachable.contains(&ns.inode));
+        Ok(before - self.by_nsid.len())
+    }
+
     /// The namespace our namespace calls `nsid`. A cached one is re-checked (ids are reused
     /// once a namespace dies); otherwise every namespace reachable from here is asked.
     /// Ok(None) when no namespace has that id (yet); an error when one could not be opened for
     /// want of resources (EMFILE, ENFILE, ENOMEM): that port is then skipped, and said so.
     fn namespace(&mut self, nsid: i32) -> io::Result<Option<Arc<Netns>>> {
-        if let Some(ns) = self.by_nsid.get(&nsid)
-            && links::netnsid_of(ns.file.as_fd()).ok().flatten() == Some(nsid)
-        {
-            return Ok(Some(ns.clone()));
+        if let Some(ns) = self.by_nsid.get(&nsid) {
+            match links::netnsid_of(ns.file.as_fd()) {
+                Ok(Some(id)) if id == nsid => return Ok(Some(ns.clone())),
+                // Out of fds or memory, the check itself failed: keep what we hold. The
+                // namespace cannot be gone (the handle keeps it alive), and while it lives no
+                // other namespace can take its id, so dropping it would only push a watched
+                // port out of scope until the retry.
+                Err(e) if netns::out_of_resources(&e) => return Ok(Some(ns.clone())),
+                _ => {}
+            }
         }
         for candidate in netns::candidates()? {
             let file = match File::open(&candidate.path) {

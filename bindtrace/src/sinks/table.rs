@@ -5,7 +5,7 @@ use crate::diagnose::{hint::endpoint, report::AuditReport};
 /// `CONTAINER  PORT  PUBLISHED  LISTENING  VERDICT`, then one hint per problem and a summary.
 pub(crate) fn table(rows: &[AuditReport], containers: usize) -> String {
     if rows.is_empty() {
-        return "no running container publishes a TCP port\n".into();
+        return "no running container publishes a TCP or UDP port\n".into();
     }
     let header = ["CONTAINER", "PORT", "PUBLISHED", "LISTENING", "VERDICT"].map(String::from);
     let mut cells: Vec<[String; 5]> = vec![header];
@@ -21,7 +21,7 @@ pub(crate) fn table(rows: &[AuditReport], containers: usize) -> String {
             .collect();
         cells.push([
             field(&r.container.name).into_owned(),
-            format!("{}/tcp", r.target_port),
+            format!("{}/{}", r.target_port, r.proto),
             published.join(", "),
             if listening.is_empty() { "-".into() } else { listening.join(", ") },
             r.verdict.to_owned(),
@@ -40,18 +40,26 @@ pub(crate) fn table(rows: &[AuditReport], containers: usize) -> String {
         s.push('\n');
         for r in &problems {
             s.push_str(&format!(
-                "{} {}/tcp: {}: {}\n",
+                "{} {}/{}: {}: {}\n",
                 field(&r.container.name),
                 r.target_port,
+                r.proto,
                 r.verdict,
                 escaped(&r.hint)
             ));
         }
     }
+    // A port published over IPv4 and IPv6 is checked (and has a row) once per family.
+    let mut ports: Vec<(&str, u16, &str)> =
+        rows.iter().map(|r| (r.container.name.as_str(), r.target_port, r.proto)).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let families =
+        if ports.len() == rows.len() { String::new() } else { format!(" ({} address checks)", rows.len()) };
     s.push_str(&format!(
-        "\n{} published port{} in {containers} container{}: {} reachable, {} not\n",
-        rows.len(),
-        if rows.len() == 1 { "" } else { "s" },
+        "\n{} published port{}{families} in {containers} container{}: {} reachable, {} not\n",
+        ports.len(),
+        if ports.len() == 1 { "" } else { "s" },
         if containers == 1 { "" } else { "s" },
         rows.len() - problems.len(),
         problems.len()

@@ -4,7 +4,7 @@
 use super::escape::{escaped, field};
 use crate::{
     diagnose::hint::endpoint,
-    diagnose::report::{AuditReport, DockerContext, Report, Via},
+    diagnose::report::{AuditReport, DockerContext, LostReport, Report, Via},
 };
 
 /// `TIME refused CLIENT -> TARGET/tcp on BRIDGE [xN]: VERDICT: HINT`
@@ -107,4 +107,20 @@ pub(crate) fn audit(r: &AuditReport) -> String {
         r.verdict,
         escaped(&r.hint)
     )
+}
+
+/// `TIME lost N samples at stage S (...)`, or what the kernel's skipped invocations mean.
+pub(crate) fn lost(r: &LostReport) -> String {
+    if r.stage == "kernel_recursion" {
+        format!(
+            "{} the kernel skipped the hook {} times because it was already running on that CPU: \
+             refusals among those are not counted (counts since then are lower bounds)",
+            r.time, r.count
+        )
+    } else {
+        format!(
+            "{} lost {} samples at stage {} (their refusals are still counted in the lines above and below)",
+            r.time, r.count, r.stage
+        )
+    }
 }

@@ -10,6 +10,10 @@
 //! from a watched prefix, keyed by their reply tuple, which is exactly the refusal's
 //! (container address, client address as the container saw it).
 //!
+//! UDP is different: a datagram answered by an ICMP port unreachable leaves its entry in place
+//! (unreplied, until its timeout), so a UDP refusal's flow is asked for by its reply tuple
+//! ([`udp_flow`], a ctnetlink get) when its line is attributed, and no event is kept for it.
+//!
 //! The messages come from netlink-packet-netfilter and the socket from netlink-sys; only the
 //! group number and the SO_RCVBUFFORCE call are spelled out here (neither crate has them).
 use std::{
@@ -23,14 +27,14 @@ use std::{
 
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_netfilter::{
-    NetfilterMessage, NetfilterMessageInner,
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
     conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple as CtTuple},
 };
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
-    netlink::{Messages, Msg, RECV_BUF_LEN},
+    netlink::{self, Messages, Msg, RECV_BUF_LEN},
     netns::prefixes::{Prefix, prefix_contains},
 };
 
@@ -54,7 +58,7 @@ pub(crate) struct Tuple {
     pub(crate) dst: SocketAddr,
 }
 
-/// A TCP connection whose addresses were translated.
+/// A connection whose addresses were translated (TCP from destroy events, UDP from a query).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct NatFlow {
     /// As the client sent it: the client's address and the published address it dialed.
@@ -225,20 +229,55 @@ pub(crate) fn destroyed_flow(msg: &Msg<'_>) -> Option<NatFlow> {
     else {
         return None;
     };
+    flow_of(&attrs, Protocol::Tcp)
+}
+
+/// The UDP flow whose reply tuple is (`target` -> `client`), from a ctnetlink query in this
+/// thread's network namespace (needs CAP_NET_ADMIN); None when conntrack has no such entry.
+pub(crate) fn udp_flow(target: SocketAddr, client: SocketAddr) -> io::Result<Option<NatFlow>> {
+    let family = if target.is_ipv4() { NetfilterProtoFamily::IPv4 } else { NetfilterProtoFamily::IPv6 };
+    let reply_tuple = vec![
+        CtTuple::Ip(vec![IPTuple::SourceAddress(target.ip()), IPTuple::DestinationAddress(client.ip())]),
+        CtTuple::Proto(vec![
+            ProtoTuple::Protocol(Protocol::Udp),
+            ProtoTuple::SourcePort(target.port()),
+            ProtoTuple::DestinationPort(client.port()),
+        ]),
+    ];
+    let request = NetfilterMessage::new(
+        NetfilterHeader::new(family, 0, 0),
+        ConntrackMessage::Get(vec![ConntrackAttribute::CtaTupleReply(reply_tuple)]),
+    );
+    // The kernel flags its answer NLM_F_MULTI but sends no NLMSG_DONE after it: ask for the
+    // acknowledgement, which then ends the reply.
+    let flags = netlink_packet_core::NLM_F_REQUEST | netlink_packet_core::NLM_F_ACK;
+    let reply = match netlink::transact(NETLINK_NETFILTER, flags, request) {
+        Ok(r) => r,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(reply.messages.iter().find_map(|m| match &m.inner {
+        NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) => flow_of(attrs, Protocol::Udp),
+        _ => None,
+    }))
+}
+
+/// Both tuples of a conntrack entry of protocol `proto`.
+fn flow_of(attrs: &[ConntrackAttribute], proto: Protocol) -> Option<NatFlow> {
     let mut orig = None;
     let mut reply = None;
-    for attr in &attrs {
+    for attr in attrs {
         match attr {
-            ConntrackAttribute::CtaTupleOrig(t) => orig = parse_tuple(t),
-            ConntrackAttribute::CtaTupleReply(t) => reply = parse_tuple(t),
+            ConntrackAttribute::CtaTupleOrig(t) => orig = parse_tuple(t, proto),
+            ConntrackAttribute::CtaTupleReply(t) => reply = parse_tuple(t, proto),
             _ => {}
         }
     }
     Some(NatFlow { orig: orig?, reply: reply? })
 }
 
-/// A TCP tuple; None for other protocols.
-fn parse_tuple(parts: &[CtTuple]) -> Option<Tuple> {
+/// A tuple of protocol `want`; None for other protocols.
+fn parse_tuple(parts: &[CtTuple], want: Protocol) -> Option<Tuple> {
     let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, None, None, None);
     for part in parts {
         match part {
@@ -264,7 +303,7 @@ fn parse_tuple(parts: &[CtTuple]) -> Option<Tuple> {
             _ => {}
         }
     }
-    if proto? != Protocol::Tcp {
+    if proto? != want {
         return None;
     }
     Some(Tuple { src: SocketAddr::new(src?, sport?), dst: SocketAddr::new(dst?, dport?) })
@@ -364,6 +403,33 @@ mod tests {
         assert!(f.by_reply.contains_key(&dnat.reply));
         f.expire(now + KEEP);
         assert!(f.by_reply.is_empty());
+    }
+
+    #[test]
+    fn a_udp_entry_gives_both_tuples_and_tcp_parsing_skips_it() {
+        let t = |src: &str, dst: &str, sport, dport| {
+            vec![
+                CtTuple::Ip(vec![
+                    IPTuple::SourceAddress(src.parse().unwrap()),
+                    IPTuple::DestinationAddress(dst.parse().unwrap()),
+                ]),
+                CtTuple::Proto(vec![
+                    ProtoTuple::Protocol(Protocol::Udp),
+                    ProtoTuple::SourcePort(sport),
+                    ProtoTuple::DestinationPort(dport),
+                ]),
+            ]
+        };
+        let attrs = vec![
+            ConntrackAttribute::CtaTupleOrig(t("198.18.0.2", "198.18.0.1", 40000, 5353)),
+            ConntrackAttribute::CtaTupleReply(t("172.17.0.2", "198.18.0.2", 53, 40000)),
+            ConntrackAttribute::CtaTimeout(30),
+        ];
+        let flow = flow_of(&attrs, Protocol::Udp).unwrap();
+        assert_eq!(flow.orig.dst, "198.18.0.1:5353".parse().unwrap());
+        assert_eq!(flow.reply.src, "172.17.0.2:53".parse().unwrap());
+        assert!(flow.is_dnat());
+        assert_eq!(flow_of(&attrs, Protocol::Tcp), None);
     }
 
     #[test]

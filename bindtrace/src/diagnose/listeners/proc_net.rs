@@ -1,22 +1,35 @@
-//! The listening sockets in `/proc/net/tcp` and `/proc/net/tcp6`: the fallback where sock_diag
+//! The listening sockets in `/proc/net/{tcp,udp}{,6}`: the fallback where sock_diag
 //! is unavailable. Slower (each read walks the established hash) and without IPV6_V6ONLY.
 //! Parsed by hand: four columns of a fixed kernel text format, not worth the procfs crate.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::Listener;
+use super::{Listener, Proto};
 
 /// `TCP_LISTEN` in /proc/net/tcp's `st` column.
 const TCP_LISTEN: u8 = 0x0A;
+/// `TCP_CLOSE` in /proc/net/udp's: a bound socket that is not connected.
+const TCP_CLOSE: u8 = 0x07;
 
 /// Parses `/proc/net/tcp` or `/proc/net/tcp6` and keeps the listening sockets.
 pub(crate) fn parse_tcp(text: &str) -> Vec<Listener> {
-    text.lines().skip(1).filter_map(parse_line).collect()
+    parse(Proto::Tcp, text)
 }
 
-fn parse_line(line: &str) -> Option<Listener> {
+/// Parses a table of `proto` and keeps its listeners: TCP sockets in LISTEN, UDP sockets that are
+/// bound and not connected.
+pub(crate) fn parse(proto: Proto, text: &str) -> Vec<Listener> {
+    text.lines().skip(1).filter_map(|l| parse_line(proto, l)).collect()
+}
+
+fn parse_line(proto: Proto, line: &str) -> Option<Listener> {
     // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+    // (the same columns for udp, whose table adds ref, pointer and drops after them)
     let fields: Vec<&str> = line.split_whitespace().collect();
-    if fields.len() < 10 || u8::from_str_radix(fields[3], 16).ok()? != TCP_LISTEN {
+    let wanted = match proto {
+        Proto::Tcp => TCP_LISTEN,
+        Proto::Udp => TCP_CLOSE,
+    };
+    if fields.len() < 10 || u8::from_str_radix(fields[3], 16).ok()? != wanted {
         return None;
     }
     let (addr_hex, port_hex) = fields[1].split_once(':')?;
@@ -80,6 +93,22 @@ mod tests {
         assert_eq!(l[0].port, 8000);
         assert_eq!(l[1].addr, "::ffff:127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(l[1].port, 80);
+    }
+
+    const UDP: &str = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+ 1131: 0100007F:14E9 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 5001 2 0000000000000000 0
+ 1132: 020011AC:8D2A 010011AC:0035 01 00000000:00000000 00:00000000 00000000     0        0 5002 2 0000000000000000 0
+";
+
+    #[test]
+    fn udp_keeps_bound_unconnected_sockets_only() {
+        assert_eq!(
+            parse(Proto::Udp, UDP),
+            vec![Listener { addr: "127.0.0.1".parse().unwrap(), port: 5353, inode: 5001 }]
+        );
+        // A TCP LISTEN line is not a UDP listener, nor a UDP line a TCP one.
+        assert!(parse(Proto::Udp, TCP).is_empty());
+        assert!(parse(Proto::Tcp, UDP).is_empty());
     }
 
     #[test]

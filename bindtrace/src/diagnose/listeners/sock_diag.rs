@@ -23,15 +23,18 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
-use super::{Listener, Listening};
+use super::{Listener, Listening, Proto};
 use crate::netlink;
 
-/// The TCP listeners (IPv4 and IPv6) of the calling thread's network namespace.
-pub(super) fn listening_here() -> io::Result<Listening> {
+/// The listeners (IPv4 and IPv6) of `proto` in the calling thread's network namespace: TCP
+/// sockets in LISTEN, UDP sockets bound and unconnected (state CLOSE; a connected one is
+/// ESTABLISHED). udp_diag may be a module the kernel loads on the first UDP request (the
+/// sock_diag core asks for it by name); without it the dump fails and the caller reads /proc.
+pub(super) fn listening_here(proto: Proto) -> io::Result<Listening> {
     let mut found = Listening::default();
-    dump(libc::AF_INET as u8, &mut found)?;
+    dump(proto, libc::AF_INET as u8, &mut found)?;
     // No IPv6 in this kernel is not an error.
-    match dump(libc::AF_INET6 as u8, &mut found) {
+    match dump(proto, libc::AF_INET6 as u8, &mut found) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) || e.raw_os_error() == Some(libc::ENOENT) => {}
         Err(e) => return Err(e),
@@ -39,12 +42,16 @@ pub(super) fn listening_here() -> io::Result<Listening> {
     Ok(found)
 }
 
-fn dump(family: u8, found: &mut Listening) -> io::Result<()> {
+fn dump(proto: Proto, family: u8, found: &mut Listening) -> io::Result<()> {
+    let (protocol, states) = match proto {
+        Proto::Tcp => (libc::IPPROTO_TCP as u8, StateFlags::LISTEN),
+        Proto::Udp => (libc::IPPROTO_UDP as u8, StateFlags::CLOSE),
+    };
     let req = InetRequest {
         family,
-        protocol: libc::IPPROTO_TCP as u8,
+        protocol,
         extensions: ExtensionFlags::empty(),
-        states: StateFlags::LISTEN,
+        states,
         socket_id: if i32::from(family) == libc::AF_INET { SocketId::new_v4() } else { SocketId::new_v6() },
     };
     let reply =
@@ -148,14 +155,33 @@ mod tests {
     fn finds_our_own_listeners() {
         let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(v4.local_addr().unwrap()).unwrap();
-        let found = listening_here().unwrap().listeners;
+        let found = listening_here(Proto::Tcp).unwrap().listeners;
         let mine = found.iter().find(|l| l.inode == inode_of(v4.as_raw_fd())).expect("our listener");
         assert_eq!((mine.addr, mine.port), (v4.local_addr().unwrap().ip(), v4.local_addr().unwrap().port()));
         assert!(!found.iter().any(|l| l.inode == inode_of(client.as_raw_fd())));
         if let Ok(v6) = TcpListener::bind("[::1]:0") {
-            let found = listening_here().unwrap().listeners;
+            let found = listening_here(Proto::Tcp).unwrap().listeners;
             let mine = found.iter().find(|l| l.inode == inode_of(v6.as_raw_fd())).expect("our IPv6 listener");
             assert_eq!(mine.addr, "::1".parse::<IpAddr>().unwrap());
+        }
+    }
+
+    /// Our own bound UDP sockets are found, IPv4 and IPv6; a connected one is not.
+    #[test]
+    fn finds_our_own_udp_sockets() {
+        let bound = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let connected = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        connected.connect(bound.local_addr().unwrap()).unwrap();
+        let found = match listening_here(Proto::Udp) {
+            Ok(found) => found.listeners,
+            Err(e) => return eprintln!("skipped: no udp_diag in this kernel ({e})"),
+        };
+        let mine = found.iter().find(|l| l.inode == inode_of(bound.as_raw_fd())).expect("our UDP socket");
+        assert_eq!(mine.port, bound.local_addr().unwrap().port());
+        assert!(!found.iter().any(|l| l.inode == inode_of(connected.as_raw_fd())));
+        if let Ok(v6) = std::net::UdpSocket::bind("[::1]:0") {
+            let found = listening_here(Proto::Udp).unwrap().listeners;
+            assert!(found.iter().any(|l| l.inode == inode_of(v6.as_raw_fd())));
         }
     }
 
@@ -167,7 +193,7 @@ mod tests {
             Err(e) => return eprintln!("skipped: no IPv6 here ({e})"),
         };
         let only = v6only_listener();
-        let found = listening_here().unwrap().v6only;
+        let found = listening_here(Proto::Tcp).unwrap().v6only;
         assert!(found.contains(&inode_of(only)), "{found:?}");
         assert!(!found.contains(&inode_of(dual.as_raw_fd())));
         unsafe { libc::close(only) };

@@ -527,6 +527,7 @@ mod tests {
             ktime_ns: None,
             event: "refused",
             verdict,
+            undiagnosed: None,
             proto: "tcp",
             family: "ipv4",
             target_ip: Some("172.17.0.2".parse().unwrap()),
@@ -559,6 +560,7 @@ mod tests {
         assert_eq!(container_label(&r), "netns:7");
         assert_eq!(host_port_label(&r), None);
         r.docker.container = Some(crate::diagnose::report::ContainerReport {
+            runtime: crate::sources::docker::Runtime::Docker,
             id: "30117e5cc65a".into(),
             name: "shop-web".into(),
             image: "demo".into(),
@@ -589,6 +591,7 @@ mod tests {
             target_port: 8000,
             netns: 7,
             container: crate::diagnose::report::ContainerReport {
+                runtime: crate::sources::docker::Runtime::Docker,
                 id: "30117e5cc65a".into(),
                 name: "shop-web".into(),
                 image: "demo".into(),

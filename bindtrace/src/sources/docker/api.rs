@@ -12,7 +12,48 @@ use serde::Deserialize;
 
 use crate::bounds;
 
-use super::{Binding, Container, Endpoint, Network, PortMapping};
+use super::{Binding, Container, Endpoint, Network, PortMapping, Runtime};
+
+/// `GET /version`: podman's compatible API lists a component named "Podman Engine"; Docker's
+/// lists "Engine".
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct VersionJson {
+    #[serde(default)]
+    pub(crate) components: Option<Vec<ComponentJson>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(crate) struct ComponentJson {
+    #[serde(default)]
+    pub(crate) name: String,
+}
+
+impl VersionJson {
+    pub(crate) fn runtime(&self) -> Runtime {
+        let podman = self.components.iter().flatten().any(|c| c.name == "Podman Engine");
+        if podman { Runtime::Podman } else { Runtime::Docker }
+    }
+}
+
+/// `GET /libpod/networks/json` (podman): the bridge is `network_interface`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct LibpodNetworkJson {
+    pub(crate) id: String,
+    #[serde(default)]
+    pub(crate) driver: String,
+    #[serde(default)]
+    pub(crate) network_interface: String,
+}
+
+impl From<&LibpodNetworkJson> for Network {
+    fn from(n: &LibpodNetworkJson) -> Network {
+        let bridge =
+            (n.driver == "bridge" && !n.network_interface.is_empty()).then(|| n.network_interface.clone());
+        Network { id: n.id.clone(), bridge }
+    }
+}
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct ContainerSummary {
@@ -161,7 +202,7 @@ fn parse_port_key(key: &str) -> Option<(u16, String)> {
 
 impl ContainerJson {
     // Long because it maps the inspect document field by field; nothing in it branches much.
-    pub(crate) fn into_container(self) -> Container {
+    pub(crate) fn into_container(self, runtime: Runtime) -> Container {
         let labels = self.config.labels.unwrap_or_default();
         let mut ports: Vec<PortMapping> = self
             .network_settings
@@ -213,6 +254,7 @@ impl ContainerJson {
             netns_inodes.push(ino);
         }
         Container {
+            runtime,
             // Names, images and labels are the container owner's to choose: kept within bounds.
             name: label(self.name.trim_start_matches('/').to_owned()),
             image: label(self.config.image),
@@ -252,7 +294,7 @@ mod tests {
     #[test]
     fn inspect_becomes_a_container() {
         let c: ContainerJson = serde_json::from_str(INSPECT).unwrap();
-        let c = c.into_container();
+        let c = c.into_container(Runtime::Docker);
         assert_eq!(c.name, "btdk-explore1");
         assert_eq!(c.short_id(), "845422a94cb4");
         assert_eq!(c.image, "btdk-explore:1");
@@ -268,6 +310,66 @@ mod tests {
         assert_eq!(c.port(53, "udp").unwrap().bindings[0].host_port, 5353);
         assert_eq!(c.networks[0].ipv4, Some("172.17.0.2".parse().unwrap()));
         assert_eq!(c.networks[0].ipv6, None);
+    }
+
+    /// Trimmed from podman 4.3.1's compatible `GET /containers/{id}/json` (netavark, the default
+    /// network): the network id is its name, the sandbox a handle under /run/netns.
+    const PODMAN_INSPECT: &str = r#"{
+        "Id": "eec440ab71f22bc6414527175c5e2512136875e8e2823bfdb419b040f68890d8",
+        "Name": "/bt-podexp1",
+        "State": {"Status": "running", "Running": true, "Pid": 15286, "StartedAt": "2026-12-03T11:55:54.731207818Z"},
+        "Config": {"Image": "localhost/bt-podexp:busybox", "Labels": {}},
+        "HostConfig": {"NetworkMode": "bridge", "PortBindings": {"8000/tcp": [{"HostIp": "", "HostPort": "18666"}]}},
+        "NetworkSettings": {
+            "Ports": {"8000/tcp": [{"HostIp": "", "HostPort": "18666"}]},
+            "SandboxKey": "/run/netns/netns-d9ae2c00-c709-2422-249c-d92923c1689b",
+            "IPAddress": "10.88.0.5",
+            "Networks": {"podman": {"NetworkID": "podman", "IPAddress": "10.88.0.5", "GlobalIPv6Address": ""}}
+        }
+    }"#;
+
+    #[test]
+    fn podman_inspect_becomes_a_container() {
+        let c: ContainerJson = serde_json::from_str(PODMAN_INSPECT).unwrap();
+        let c = c.into_container(Runtime::Podman);
+        assert_eq!(c.runtime, Runtime::Podman);
+        assert_eq!(c.name, "bt-podexp1");
+        assert!(c.owns_netns());
+        let p = c.port(8000, "tcp").unwrap();
+        assert_eq!(
+            p.bindings,
+            vec![Binding { host_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED), host_port: 18666 }]
+        );
+        assert_eq!(c.address(), Some("10.88.0.5".parse().unwrap()));
+    }
+
+    #[test]
+    fn runtime_from_version() {
+        let podman: VersionJson = serde_json::from_str(
+            r#"{"Platform":{"Name":"linux/amd64/debian-12"},"Components":[{"Name":"Podman Engine","Version":"4.3.1"},{"Name":"Conmon"}],"Version":"4.3.1","ApiVersion":"1.41"}"#,
+        )
+        .unwrap();
+        assert_eq!(podman.runtime(), Runtime::Podman);
+        let docker: VersionJson = serde_json::from_str(
+            r#"{"Components":[{"Name":"Engine","Version":"20.10.24"},{"Name":"containerd"}],"Version":"20.10.24"}"#,
+        )
+        .unwrap();
+        assert_eq!(docker.runtime(), Runtime::Docker);
+        // Docker before 1.13 has no Components at all.
+        let old: VersionJson = serde_json::from_str(r#"{"Version":"1.12.6"}"#).unwrap();
+        assert_eq!(old.runtime(), Runtime::Docker);
+    }
+
+    /// Podman 4.3.1's `GET /v4.0.0/libpod/networks/json`, trimmed.
+    #[test]
+    fn podman_bridge_is_its_network_interface() {
+        let list: Vec<LibpodNetworkJson> = serde_json::from_str(
+            r#"[{"name":"podman","id":"2f259bab93aaaaa2542ba43ef33eb990d0999ee1b9924b557b7be53c0b7a1bb9","driver":"bridge","network_interface":"podman0","subnets":[{"subnet":"10.88.0.0/16","gateway":"10.88.0.1"}]},
+                {"name":"mac","id":"77","driver":"macvlan","network_interface":"eth0"}]"#,
+        )
+        .unwrap();
+        assert_eq!(Network::from(&list[0]).bridge.as_deref(), Some("podman0"));
+        assert_eq!(Network::from(&list[1]).bridge, None);
     }
 
     #[test]

@@ -21,22 +21,87 @@ pub(crate) use http::{Client, DockerError};
 
 /// Where the Docker API is when nothing says otherwise.
 pub(crate) const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+/// Where rootful podman's Docker-compatible API is (`podman system service`, or the
+/// `podman.socket` unit), followed next to Docker's.
+pub(crate) const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 
-/// The socket to use: `--docker-host`, else `DOCKER_HOST`, else the default. Only unix
-/// sockets are supported (`unix:///path` or a plain path).
+/// The one socket `bindtrace check` reads: `--docker-host`, else `DOCKER_HOST`, else Docker's
+/// default socket when it exists, else podman's when that exists, else Docker's (so the error
+/// names it). Only unix sockets are supported (`unix:///path` or a plain path).
 pub(crate) fn socket_path(flag: Option<&str>) -> Result<PathBuf, String> {
+    match given_socket(flag) {
+        Some(given) => given,
+        None => Ok(default_socket(|p| std::path::Path::new(p).exists())),
+    }
+}
+
+/// Every socket to follow: each `--docker-host` (repeatable), else `DOCKER_HOST`, else both
+/// Docker's and podman's default sockets that exist (Docker's when neither does, so the
+/// warning names it).
+pub(crate) fn socket_paths(flags: &[String]) -> Result<Vec<PathBuf>, String> {
+    if !flags.is_empty() {
+        return flags.iter().map(|f| socket_path(Some(f))).collect();
+    }
+    match given_socket(None) {
+        Some(given) => Ok(vec![given?]),
+        None => Ok(default_sockets(|p| std::path::Path::new(p).exists())),
+    }
+}
+
+/// Docker's and podman's default sockets, those that `exists`; Docker's when neither does.
+fn default_sockets(exists: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+    let found: Vec<PathBuf> =
+        [DEFAULT_SOCKET, PODMAN_SOCKET].into_iter().filter(|p| exists(p)).map(PathBuf::from).collect();
+    if found.is_empty() { vec![PathBuf::from(DEFAULT_SOCKET)] } else { found }
+}
+
+/// Docker's socket alone: `--docker-host`, else `DOCKER_HOST`, else the default (doctor's
+/// docker line, which probes podman's socket on a line of its own).
+pub(crate) fn docker_socket_path(flag: Option<&str>) -> Result<PathBuf, String> {
+    given_socket(flag).unwrap_or_else(|| Ok(PathBuf::from(DEFAULT_SOCKET)))
+}
+
+/// The socket `--docker-host` or `DOCKER_HOST` names, if either does.
+fn given_socket(flag: Option<&str>) -> Option<Result<PathBuf, String>> {
     let env = std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty());
     let (value, from) = match (flag, env.as_deref()) {
         (Some(f), _) => (f, "--docker-host"),
         (None, Some(e)) => (e, "DOCKER_HOST"),
-        (None, None) => return Ok(PathBuf::from(DEFAULT_SOCKET)),
+        (None, None) => return None,
     };
-    parse_host(value).ok_or_else(|| {
+    Some(parse_host(value).ok_or_else(|| {
         format!(
             "{from}={value}: bindtrace talks to the Docker API over a unix socket only \
              (unix:///var/run/docker.sock or a path); it must run on the Docker host anyway"
         )
-    })
+    }))
+}
+
+/// Docker's socket, else podman's, by which of them `exists`.
+fn default_socket(exists: impl Fn(&str) -> bool) -> PathBuf {
+    if !exists(DEFAULT_SOCKET) && exists(PODMAN_SOCKET) {
+        return PathBuf::from(PODMAN_SOCKET);
+    }
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+/// Which engine answers on the API socket: podman's compatible API says so in `/version`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Runtime {
+    #[default]
+    Docker,
+    Podman,
+}
+
+impl Runtime {
+    /// How log lines name it.
+    pub(crate) fn title(self) -> &'static str {
+        match self {
+            Runtime::Docker => "Docker",
+            Runtime::Podman => "podman",
+        }
+    }
 }
 
 fn parse_host(value: &str) -> Option<PathBuf> {
@@ -71,8 +136,17 @@ pub(crate) struct PortMapping {
     pub(crate) bindings: Vec<Binding>,
 }
 
+impl PortMapping {
+    /// The protocol as the reports spell it (`udp`, else `tcp`: [`Container::published`] keeps
+    /// only those two).
+    pub(crate) fn proto_str(&self) -> &'static str {
+        if self.proto == "udp" { "udp" } else { "tcp" }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Container {
+    pub(crate) runtime: Runtime,
     pub(crate) id: String,
     pub(crate) name: String,
     pub(crate) image: String,
@@ -102,9 +176,10 @@ impl Container {
         self.ports.iter().find(|p| p.container_port == container_port && p.proto == proto)
     }
 
-    /// Published TCP ports (those with at least one host binding).
-    pub(crate) fn published_tcp(&self) -> impl Iterator<Item = &PortMapping> {
-        self.ports.iter().filter(|p| p.proto == "tcp" && !p.bindings.is_empty())
+    /// Published TCP and UDP ports (those with at least one host binding; SCTP is not
+    /// audited: nothing reports its refusals).
+    pub(crate) fn published(&self) -> impl Iterator<Item = &PortMapping> {
+        self.ports.iter().filter(|p| (p.proto == "tcp" || p.proto == "udp") && !p.bindings.is_empty())
     }
 
     /// The address forwarded connections arrive at: the first IPv4 address, else IPv6.
@@ -113,6 +188,28 @@ impl Container {
             .iter()
             .find_map(|e| e.ipv4.map(IpAddr::V4))
             .or_else(|| self.networks.iter().find_map(|e| e.ipv6.map(IpAddr::V6)))
+    }
+
+    /// The address connections forwarded through binding `b` arrive at: a binding on an IPv4
+    /// host address reaches the container's IPv4 address; one on an IPv6 host address its IPv6
+    /// address (docker-proxy and ip6tables forward IPv6 to IPv6), or its IPv4 address when it
+    /// has none.
+    pub(crate) fn target_of(&self, b: &Binding) -> Option<IpAddr> {
+        let v4 = self.networks.iter().find_map(|e| e.ipv4.map(IpAddr::V4));
+        let v6 = self.networks.iter().find_map(|e| e.ipv6.map(IpAddr::V6));
+        if b.host_ip.is_ipv6() { v6.or(v4) } else { v4 }
+    }
+
+    /// The addresses connections forwarded to `m` arrive at ([`Container::target_of`]), once
+    /// each: one per address family it is published on. Empty when the container has none.
+    pub(crate) fn targets(&self, m: &PortMapping) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = Vec::new();
+        for t in m.bindings.iter().filter_map(|b| self.target_of(b)) {
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        out
     }
 
     /// Whether the container has a network namespace of its own (not `host`, not another
@@ -138,6 +235,8 @@ pub(crate) struct Network {
 /// What the daemon said last: running containers and networks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Inventory {
+    /// The engine behind the socket (read from `/version` at each connection).
+    pub(crate) runtime: Runtime,
     pub(crate) containers: BTreeMap<String, Arc<Container>>,
     pub(crate) networks: BTreeMap<String, Network>,
     /// The daemon answering on the socket, to recognise its own proxy processes.
@@ -145,9 +244,27 @@ pub(crate) struct Inventory {
     /// The daemon is unreachable and this is what it said last: containers may have gone since,
     /// and the kernel hands a freed namespace's inode to the next namespace made.
     pub(crate) stale: bool,
+    /// Merged from several engines while one of them has not answered yet.
+    pub(crate) pending: bool,
 }
 
 impl Inventory {
+    /// Several engines' inventories as one: their containers and networks side by side (ids do
+    /// not collide across engines), Docker's daemon first (the only one with a userland proxy),
+    /// stale when any part is.
+    pub(crate) fn merged<'a>(parts: impl IntoIterator<Item = &'a Inventory>) -> Inventory {
+        let mut out = Inventory::default();
+        for inv in parts {
+            out.containers.extend(inv.containers.iter().map(|(k, v)| (k.clone(), v.clone())));
+            out.networks.extend(inv.networks.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if out.daemon.is_none() {
+                out.daemon = inv.daemon.clone();
+            }
+            out.stale |= inv.stale;
+        }
+        out
+    }
+
     /// The container whose network namespace has this inode. When several share it
     /// (`--network container:X`), the one that owns it.
     /// From a stale inventory, only a container whose main process still runs in that
@@ -181,7 +298,12 @@ impl Inventory {
 
 /// One complete read of the daemon's state.
 pub(crate) async fn snapshot(client: &Client) -> Result<Inventory, DockerError> {
-    let mut inv = Inventory { daemon: daemon::Daemon::behind(client.socket()).await, ..Default::default() };
+    let version: api::VersionJson = client.get_json("/version").await?;
+    let mut inv = Inventory {
+        runtime: version.runtime(),
+        daemon: daemon::Daemon::behind(client.socket()).await,
+        ..Default::default()
+    };
     refresh_networks(client, &mut inv).await?;
     let list: Vec<api::ContainerSummary> = client.get_json("/containers/json").await?;
     for c in list {
@@ -191,8 +313,18 @@ pub(crate) async fn snapshot(client: &Client) -> Result<Inventory, DockerError> 
 }
 
 pub(crate) async fn refresh_networks(client: &Client, inv: &mut Inventory) -> Result<(), DockerError> {
-    let list: Vec<api::NetworkJson> = client.get_json("/networks").await?;
-    inv.networks = list.iter().map(|n| (n.id.clone(), Network::from(n))).collect();
+    inv.networks = match inv.runtime {
+        Runtime::Docker => {
+            let list: Vec<api::NetworkJson> = client.get_json("/networks").await?;
+            list.iter().map(|n| (n.id.clone(), Network::from(n))).collect()
+        }
+        // podman's compatible `/networks` names no bridge (empty Options): its own endpoint
+        // does. The libpod API needs a version prefix; 4.0.0 is the oldest it serves.
+        Runtime::Podman => {
+            let list: Vec<api::LibpodNetworkJson> = client.get_json("/v4.0.0/libpod/networks/json").await?;
+            list.iter().map(|n| (n.id.clone(), Network::from(n))).collect()
+        }
+    };
     Ok(())
 }
 
@@ -205,7 +337,7 @@ pub(crate) async fn refresh_container(
     match client.get_json::<api::ContainerJson>(&format!("/containers/{}/json", http::encode_query(id))).await
     {
         Ok(json) => {
-            let c = json.into_container();
+            let c = json.into_container(inv.runtime);
             if c.running {
                 inv.containers.insert(c.id.clone(), Arc::new(c));
             } else {
@@ -238,8 +370,28 @@ mod tests {
         assert_eq!(socket_path(Some("/a.sock")).unwrap(), PathBuf::from("/a.sock"));
     }
 
+    #[test]
+    fn both_default_sockets_when_both_exist() {
+        let both = vec![PathBuf::from(DEFAULT_SOCKET), PathBuf::from(PODMAN_SOCKET)];
+        assert_eq!(default_sockets(|_| true), both);
+        assert_eq!(default_sockets(|_| false), vec![PathBuf::from(DEFAULT_SOCKET)]);
+        assert_eq!(default_sockets(|p| p == PODMAN_SOCKET), vec![PathBuf::from(PODMAN_SOCKET)]);
+        let flags = ["/a.sock".to_owned(), "unix:///b.sock".to_owned()];
+        assert_eq!(socket_paths(&flags).unwrap(), vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]);
+        assert!(socket_paths(&["tcp://x:1".to_owned()]).is_err());
+    }
+
+    #[test]
+    fn podman_socket_only_without_dockers() {
+        assert_eq!(default_socket(|_| true), PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(default_socket(|_| false), PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(default_socket(|p| p == PODMAN_SOCKET), PathBuf::from(PODMAN_SOCKET));
+        assert_eq!(default_socket(|p| p == DEFAULT_SOCKET), PathBuf::from(DEFAULT_SOCKET));
+    }
+
     fn container(id: &str, inodes: &[u64], mode: &str) -> Arc<Container> {
         Arc::new(Container {
+            runtime: Runtime::Docker,
             id: id.into(),
             name: id.into(),
             image: "img".into(),
@@ -283,5 +435,31 @@ mod tests {
         let stale = inv.as_stale();
         assert_eq!(stale.by_netns(own).unwrap().id, "alive");
         assert!(stale.by_netns(own + 1).is_none(), "a dead container's inode names no new namespace");
+    }
+
+    /// IPv6 bindings reach the container's IPv6 address (what docker-proxy -container-ip and
+    /// ip6tables use), so a port published on both families is audited at both addresses.
+    #[test]
+    fn each_published_family_has_its_target() {
+        let mut c = (*container("c", &[5], "default")).clone();
+        let v4: IpAddr = "172.18.0.2".parse().unwrap();
+        let v6: IpAddr = "fd00:ad71::2".parse().unwrap();
+        let b = |ip: &str| Binding { host_ip: ip.parse().unwrap(), host_port: 8080 };
+        let m =
+            PortMapping { container_port: 80, proto: "tcp".into(), bindings: vec![b("0.0.0.0"), b("::")] };
+        c.networks = vec![Endpoint {
+            network: "n".into(),
+            network_id: "i".into(),
+            ipv4: Some("172.18.0.2".parse().unwrap()),
+            ipv6: Some("fd00:ad71::2".parse().unwrap()),
+        }];
+        assert_eq!(c.targets(&m), vec![v4, v6]);
+        // Without IPv6 in the container, docker-proxy forwards IPv6 clients to its IPv4 address.
+        c.networks[0].ipv6 = None;
+        assert_eq!(c.targets(&m), vec![v4]);
+        let only6 = PortMapping { bindings: vec![b("::")], ..m.clone() };
+        assert_eq!(c.targets(&only6), vec![v4]);
+        c.networks.clear();
+        assert!(c.targets(&m).is_empty());
     }
 }

@@ -42,6 +42,90 @@ impl DockerState {
     pub(crate) fn is_up(&self) -> bool {
         matches!(self, DockerState::Up(_))
     }
+
+    /// Every engine has answered or failed at least once (what start-up waits for, within a
+    /// bound, so that the first audits and the ready line include a slower engine's containers).
+    pub(crate) fn settled(&self) -> bool {
+        match self {
+            DockerState::Connecting => false,
+            DockerState::Up(inv) => !inv.pending,
+            DockerState::Down { .. } => true,
+        }
+    }
+}
+
+/// Follows every engine in `clients` (at least one) and publishes their merged state: up while
+/// any is up (an engine that is down contributes its last inventory, marked stale), down when
+/// all are, connecting until one has answered or failed. Each engine warns and retries on its
+/// own, so one that hangs or dies does not hold up the others.
+pub(crate) fn spawn_all(mut clients: Vec<Client>) -> watch::Receiver<DockerState> {
+    if clients.len() == 1 {
+        return spawn(clients.remove(0));
+    }
+    let parts: Vec<watch::Receiver<DockerState>> = clients.into_iter().map(spawn).collect();
+    let (tx, rx) = watch::channel(DockerState::Connecting);
+    tokio::spawn(merge(parts, tx));
+    rx
+}
+
+async fn merge(mut parts: Vec<watch::Receiver<DockerState>>, tx: watch::Sender<DockerState>) {
+    loop {
+        let states: Vec<DockerState> = parts.iter_mut().map(|r| r.borrow_and_update().clone()).collect();
+        tx.send_replace(merged(&states));
+        // Whichever engine changes next; a follower never ends while `tx` has receivers.
+        if !first_changed(&mut parts).await || tx.is_closed() {
+            return;
+        }
+    }
+}
+
+/// Waits until one of `parts` changes; false when its sender is gone.
+async fn first_changed(parts: &mut [watch::Receiver<DockerState>]) -> bool {
+    use std::task::Poll;
+    let mut changes: Vec<_> = parts.iter_mut().map(|r| Box::pin(r.changed())).collect();
+    std::future::poll_fn(|cx| {
+        for c in changes.iter_mut() {
+            if let Poll::Ready(r) = c.as_mut().poll(cx) {
+                return Poll::Ready(r.is_ok());
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+fn merged(states: &[DockerState]) -> DockerState {
+    let any_up = states.iter().any(DockerState::is_up);
+    let inventories: Vec<Inventory> = states
+        .iter()
+        .filter_map(|s| match s {
+            DockerState::Up(inv) => Some((**inv).clone()),
+            DockerState::Down { last: Some(inv), .. } => Some(inv.as_stale()),
+            _ => None,
+        })
+        .collect();
+    if any_up {
+        let mut inv = Inventory::merged(&inventories);
+        inv.pending = states.iter().any(|s| matches!(s, DockerState::Connecting));
+        return DockerState::Up(Arc::new(inv));
+    }
+    if states.iter().all(|s| matches!(s, DockerState::Connecting)) {
+        return DockerState::Connecting;
+    }
+    if states.iter().any(|s| matches!(s, DockerState::Connecting)) && inventories.is_empty() {
+        // One engine still connecting, the others down with nothing to say: wait for it.
+        return DockerState::Connecting;
+    }
+    let error = states
+        .iter()
+        .filter_map(|s| match s {
+            DockerState::Down { error, .. } => Some(error.as_str()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let last = (!inventories.is_empty()).then(|| Arc::new(Inventory::merged(&inventories)));
+    DockerState::Down { last, error }
 }
 
 /// Starts following the daemon at `client` on the current tokio runtime.
@@ -95,7 +179,12 @@ async fn session(
         log::info!("Docker API at {} is back: container details resume", client.socket().display());
         *warned = false;
     }
-    log::info!("Docker: {} running containers, bridges {}", inv.containers.len(), inv.bridges().join(", "));
+    log::info!(
+        "{}: {} running containers, bridges {}",
+        inv.runtime.title(),
+        inv.containers.len(),
+        inv.bridges().join(", ")
+    );
     publish(tx, last, &inv);
     let mut skipped = 0u64;
     loop {
@@ -153,4 +242,33 @@ async fn apply(client: &Client, inv: &mut Inventory, ev: &EventJson) -> Result<(
         _ => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inv(id: &str) -> Arc<Inventory> {
+        let mut inv = Inventory::default();
+        inv.networks
+            .insert(id.into(), super::super::Network { id: id.into(), bridge: Some(format!("br-{id}")) });
+        Arc::new(inv)
+    }
+
+    #[test]
+    fn merged_states() {
+        let down = |last: Option<Arc<Inventory>>| DockerState::Down { last, error: "gone".into() };
+        let up = merged(&[DockerState::Up(inv("a")), down(Some(inv("b")))]);
+        let DockerState::Up(m) = &up else { panic!("{up:?}") };
+        assert_eq!(m.bridges(), vec!["br-a", "br-b"]);
+        assert!(m.stale, "a part that is down is its last word");
+        let up = merged(&[DockerState::Up(inv("a")), DockerState::Connecting]);
+        assert!(matches!(&up, DockerState::Up(m) if !m.stale));
+        assert!(!up.settled(), "one engine has not answered yet");
+        assert!(merged(&[DockerState::Up(inv("a")), down(None)]).settled());
+        assert!(matches!(merged(&[DockerState::Connecting, down(None)]), DockerState::Connecting));
+        let all_down = merged(&[down(None), down(Some(inv("b")))]);
+        assert!(matches!(&all_down, DockerState::Down { last: Some(m), .. } if m.stale), "{all_down:?}");
+        assert!(matches!(merged(&[down(None), down(None)]), DockerState::Down { last: None, .. }));
+    }
 }
