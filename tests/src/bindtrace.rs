@@ -32,6 +32,16 @@ pub fn binary() -> String {
     std::env::var("BINDTRACE_BIN").expect("BINDTRACE_BIN: run these tests through `sudo ./x test`")
 }
 
+/// Interface churn ("watching vethX", "left scope") is logged at debug level, and tests wait
+/// for those lines: without `-v`, this raises that module alone, so stderr stays as a user
+/// sees it otherwise.
+pub fn with_churn_log(cmd: &mut Command) {
+    let verbose = cmd.get_args().any(|a| a.to_str().is_some_and(|a| a.starts_with("-v")));
+    if !verbose && std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info,bindtrace::app::scope_sync=debug");
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     lines: Vec<Value>,
@@ -80,6 +90,16 @@ impl Bindtrace {
         self.wait_until(timeout, |s| s.stderr.iter().any(|l| l.contains(needle)))
     }
 
+    /// Waits until `done(stderr lines so far)`; false on timeout.
+    pub fn wait_until_stderr(&self, timeout: Duration, mut done: impl FnMut(&[String]) -> bool) -> bool {
+        self.wait_until(timeout, |s| done(&s.stderr))
+    }
+
+    /// Waits for a line matching `pred`; false on timeout (for callers that report, not panic).
+    pub fn has_line_within(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> bool {
+        self.wait_until(timeout, |s| s.lines.iter().any(&pred))
+    }
+
     /// Starts it without waiting (for tests of start-up errors).
     pub fn spawn(host: &Netns, hook: Hook, args: &[&str]) -> Bindtrace {
         let mut cmd = Command::new("ip");
@@ -89,6 +109,7 @@ impl Bindtrace {
     }
 
     pub fn spawn_cmd(mut cmd: Command) -> Bindtrace {
+        with_churn_log(&mut cmd);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -201,6 +222,13 @@ impl Bindtrace {
 
     pub fn lines(&self) -> Vec<Value> {
         self.shared.0.lock().unwrap().lines.clone()
+    }
+
+    /// Takes the lines read so far, leaving none (a long run keeps its memory bounded so).
+    pub fn take_lines(&self) -> Vec<Value> {
+        let mut g = self.shared.0.lock().unwrap();
+        g.lines_read_ns.clear();
+        std::mem::take(&mut g.lines)
     }
 
     /// Every stdout line with the CLOCK_MONOTONIC time it was read.

@@ -86,6 +86,22 @@ impl Image {
         Image::busybox_with(&[])
     }
 
+    /// The busybox image with a dynamically linked program of this machine at `inside`, and
+    /// the libraries `ldd` says it loads, at their own paths (for the test tools of
+    /// `tests/src/bin`, which are not static).
+    pub fn busybox_with_program(program: &Path, inside: &str) -> Image {
+        let out = Command::new("ldd").arg(program).output().expect("ldd");
+        assert!(out.status.success(), "ldd {}: {}", program.display(), String::from_utf8_lossy(&out.stderr));
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)`, `/lib64/ld-linux-x86-64.so.2 (0x...)`.
+        let libs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(str::to_owned))
+            .collect();
+        let mut files: Vec<(&str, &Path)> = libs.iter().map(|l| (l.as_str(), Path::new(l))).collect();
+        files.push((inside, program));
+        Image::busybox_with(&files)
+    }
+
     /// The busybox image with more files: (path in the image, file on this machine).
     pub fn busybox_with(files: &[(&str, &Path)]) -> Image {
         let tag = format!("{}:busybox", unique_name("img"));
@@ -140,6 +156,19 @@ impl Network {
         Network { name, id }
     }
 
+    /// A user-defined network with IPv6 (`--ipv6`) on a /64 of its own under fd00::/8, made
+    /// from the process id and a counter so parallel runs do not ask for the same one (Docker
+    /// 20.10 creates it without any daemon setting).
+    pub fn create_ipv6() -> Network {
+        static N: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let subnet = format!("fd00:{:x}:{:x}::/64", 0xb700 | (n & 0xff), std::process::id() & 0xffff);
+        let name = unique_name("net6");
+        let id =
+            docker_ok(&["network", "create", "--driver", "bridge", "--ipv6", "--subnet", &subnet, &name]);
+        Network { name, id }
+    }
+
     /// The Linux bridge Docker made for it.
     pub fn bridge(&self) -> String {
         format!("br-{}", &self.id[..12])
@@ -186,6 +215,13 @@ impl Container {
             .unwrap_or_else(|e| panic!("{} has no address on {network}: {e}", self.name))
     }
 
+    /// IPv6 address on `network`.
+    pub fn ipv6(&self, network: &str) -> IpAddr {
+        self.inspect(&format!("{{{{(index .NetworkSettings.Networks \"{network}\").GlobalIPv6Address}}}}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{} has no IPv6 address on {network}: {e}", self.name))
+    }
+
     pub fn short_id(&self) -> &str {
         &self.id[..12]
     }
@@ -207,6 +243,27 @@ impl Container {
                 return;
             }
             assert!(Instant::now() < deadline, "{} never listened on {port}", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until a UDP socket of the container's namespace is bound to `port` and not
+    /// connected (read from its /proc/net/udp{,6}); panics after 10 s.
+    pub fn wait_udp_bound(&self, port: u16) {
+        let pid = self.pid();
+        let want = format!(":{port:04X} ");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let bound = ["udp", "udp6"].iter().any(|t| {
+                std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.split_whitespace().nth(3) == Some("07") && l.contains(&want))
+            });
+            if bound {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} never bound UDP port {port}", self.name);
             std::thread::sleep(Duration::from_millis(50));
         }
     }

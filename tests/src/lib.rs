@@ -8,7 +8,9 @@ pub mod hostile;
 pub mod metrics;
 pub mod native;
 pub mod net;
+pub mod podman;
 pub mod proc;
+pub mod tc_recovery;
 
 pub use bindtrace::{Bindtrace, Hook};
 pub use native::NativeListener;

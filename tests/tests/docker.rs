@@ -425,3 +425,362 @@ fn no_docker_keeps_the_plain_detector() {
     assert!(bt.lines().iter().all(|l| l["event"] != "audit"), "{:#?}", bt.lines());
     assert!(!bt.stderr().contains("Docker"), "{}", bt.stderr());
 }
+
+/// The port of Docker's embedded DNS in the container's namespace: the TCP listener on
+/// 127.0.0.11 the daemon opens on a user-defined network (waited for: it comes with the
+/// network's set-up).
+fn embedded_dns_port(c: &Container) -> u16 {
+    let pid = c.pid();
+    for _ in 0..200 {
+        let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+        let port = tcp.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (addr, port) = f.get(1)?.split_once(':')?;
+            (addr == "0B00007F" && f.get(3) == Some(&"0A")).then(|| u16::from_str_radix(port, 16).ok())?
+        });
+        if let Some(port) = port {
+            return port;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{} has no embedded DNS listener on 127.0.0.11", c.name);
+}
+
+/// No line of `lines` offers Docker's embedded DNS as what listens.
+fn assert_no_embedded_dns(line: &Value, dns_port: u16) {
+    let listeners = line["listeners"].as_array().unwrap();
+    assert!(listeners.iter().all(|l| l["ip"] != "127.0.0.11"), "{line:#}");
+    let hint = line["hint"].as_str().unwrap();
+    assert!(!hint.contains("127.0.0.11") && !hint.contains(&format!(":{dns_port}")), "{hint}");
+    assert!(hint.starts_with("nothing listens on any TCP port in this namespace"), "{hint}");
+}
+
+/// 8. A user-defined network (Compose's default), nothing listening on the published port:
+///    the namespace holds only Docker's embedded DNS (127.0.0.11, a random port, the daemon's
+///    socket), which neither the audit nor the refusal offers as "the port the service uses".
+#[test]
+fn embedded_dns_is_never_what_listens() {
+    if skip() {
+        return;
+    }
+    let img = Image::busybox();
+    // Created after start, so bindtrace's line that it follows the bridge can be awaited.
+    let bt = Bindtrace::start_here(&["--audit-grace", "1s"]);
+    let net = Network::create();
+    assert!(
+        bt.wait_stderr(&format!("following Docker network bridge {}", net.bridge()), WAIT),
+        "{}",
+        bt.stderr()
+    );
+    let port = free_port();
+    let c =
+        run(&img, &["--network", &net.name, "-p", &format!("{port}:8000")], &["sleep".into(), "60".into()]);
+    let dns_port = embedded_dns_port(&c);
+    let audit = bt.expect_line("audit of the idle container", WAIT, |l| {
+        l["event"] == "audit" && l["container"]["name"] == c.name.as_str()
+    });
+    assert_eq!(audit["verdict"], "no_listener", "{audit:#}");
+    assert_no_embedded_dns(&audit, dns_port);
+    let (code, _) = curl(&format!("http://127.0.0.1:{port}/"));
+    assert!(code == 52 || code == 56, "curl exit {code}");
+    let line = refused_for(&bt, &c);
+    assert_eq!(line["verdict"], "no_listener", "{line:#}");
+    assert_no_embedded_dns(&line, dns_port);
+}
+
+/// 9. A network with IPv6: `-p` publishes on 0.0.0.0 and `::`, and docker-proxy forwards IPv6
+///    clients to the container's IPv6 address. A service on 0.0.0.0 only serves IPv4 clients
+///    and refuses IPv6 ones: the audit reports the IPv6 side and `check` does not exit 0. The
+///    same service on `[::]` (dual-stack) is reachable over both.
+#[test]
+fn ipv6_published_ports_are_audited() {
+    if skip() {
+        return;
+    }
+    let img = Image::busybox();
+    // Created after start, so bindtrace's line that it follows the bridge can be awaited.
+    let bt = Bindtrace::start_here(&["--audit-grace", "2s"]);
+    let net = Network::create_ipv6();
+    assert!(
+        bt.wait_stderr(&format!("following Docker network bridge {}", net.bridge()), WAIT),
+        "{}",
+        bt.stderr()
+    );
+    let (port, good_port) = (free_port(), free_port());
+    let v4only = run(&img, &["--network", &net.name, "-p", &format!("{port}:8000")], &httpd("0.0.0.0", 8000));
+    let dual = run(&img, &["--network", &net.name, "-p", &format!("{good_port}:8000")], &httpd("[::]", 8000));
+    v4only.wait_listening(8000);
+    dual.wait_listening(8000);
+    let v6 = v4only.ipv6(&net.name);
+
+    let audit = bt.expect_line("audit of the IPv6 side", WAIT, |l| {
+        l["event"] == "audit" && l["container"]["name"] == v4only.name.as_str()
+    });
+    assert_eq!(audit["verdict"], "wrong_family", "{audit:#}");
+    assert_eq!(audit["family"], "ipv6", "{audit:#}");
+    assert_eq!(audit["target_ip"], v6.to_string(), "{audit:#}");
+    assert_eq!(audit["published"]["host_ip"], "::", "{audit:#}");
+    assert_eq!(audit["bindings"].as_array().unwrap().len(), 1, "{audit:#}");
+    // What the audit says is what clients get: IPv4 served, IPv6 refused.
+    let (code, body) = curl(&format!("http://127.0.0.1:{port}/"));
+    assert_eq!((code, body.as_str()), (0, "hello from a bindtrace test\n"));
+    let (code, _) = curl(&format!("http://[::1]:{port}/"));
+    assert!(code == 52 || code == 56, "curl over IPv6: exit {code}");
+    let line = refused_for(&bt, &v4only);
+    assert_eq!((&line["verdict"], &line["family"]), (&"wrong_family".into(), &"ipv6".into()), "{line:#}");
+    assert_eq!(line["target_ip"], v6.to_string(), "{line:#}");
+    for family in ["ipv4", "ipv6"] {
+        let (code, _) = curl(&format!(
+            "http://{}/",
+            if family == "ipv4" { format!("127.0.0.1:{good_port}") } else { format!("[::1]:{good_port}") }
+        ));
+        assert_eq!(code, 0, "dual-stack over {family}");
+    }
+
+    let (code, out, err) = check(&["--format", "json", &v4only.name, &dual.name]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    let rows: Vec<(String, String, String)> = doc["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let s = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
+            (p["container"]["name"].as_str().unwrap().to_owned(), s("family"), s("verdict"))
+        })
+        .collect();
+    let want =
+        |name: &str, family: &str, verdict: &str| (name.to_owned(), family.to_owned(), verdict.to_owned());
+    for row in [
+        want(&v4only.name, "ipv4", "ok"),
+        want(&v4only.name, "ipv6", "wrong_family"),
+        want(&dual.name, "ipv4", "ok"),
+        want(&dual.name, "ipv6", "ok"),
+    ] {
+        assert!(rows.contains(&row), "{row:?} not in {rows:?}");
+    }
+    assert_eq!(rows.len(), 4, "{doc:#}");
+    let (code, out, err) = check(&[&dual.name]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("1 published port (2 address checks) in 1 container: 2 reachable, 0 not"), "{out}");
+}
+
+/// Longevity test 5: while Docker is unreachable, a container is removed and the kernel hands
+/// its namespace's inode to a new namespace (made in a bounded loop until the inode recurs:
+/// the old one is freed a moment after the container goes). The new namespace, attached to
+/// the same network's bridge and refused there, is not named after the dead container.
+#[test]
+fn a_dead_containers_inode_names_no_new_namespace_while_docker_is_away() {
+    if skip() {
+        return;
+    }
+    let img = Image::busybox();
+    let net = Network::create();
+    let mut relay = Relay::start(DOCKER_SOCK);
+    let bt = Bindtrace::start_here(&["--docker-host", relay.path().to_str().unwrap(), "-v"]);
+    let dead = Container::run(&img, &["--network", &net.name], &["sleep", "3600"]);
+    let inode = std::fs::metadata(format!("/proc/{}/ns/net", dead.pid())).unwrap().ino();
+    assert!(bt.wait_stderr(&format!("(netns {inode},"), WAIT), "never watched:\n{}", bt.stderr());
+    // The inventory knows it: a refusal there is named after it.
+    let ip = dead.ip(&net.name);
+    let mut named = None;
+    for _ in 0..30 {
+        let _ = TcpStream::connect_timeout(&SocketAddr::new(ip, 8080), Duration::from_secs(2));
+        named =
+            bt.lines().into_iter().find(|l| l["event"] == "refused" && l["container"]["name"] == dead.name);
+        if named.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(named.is_some(), "the container was never named:\n{}", bt.stderr());
+
+    relay.stop();
+    assert!(bt.wait_stderr("unavailable", WAIT), "{}", bt.stderr());
+    drop(dead);
+    // Namespaces made until one gets the dead one's inode (bindtrace lets go of a departed
+    // port's namespace 10 s after it left scope; then the kernel frees it). The others are
+    // held meanwhile, so the allocator does not hand out the same lower free number each time.
+    let mut held = Vec::new();
+    let give_up = std::time::Instant::now() + Duration::from_secs(60);
+    let reused = loop {
+        let ns = bindtrace_tests::Netns::new("btreuse");
+        if ns.inode() == inode {
+            break ns;
+        }
+        held.push(ns);
+        assert!(
+            std::time::Instant::now() < give_up,
+            "inode {inode} did not recur within 60 s ({} namespaces made)",
+            held.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(held);
+    // On the dead container's network, at an address Docker's allocator reaches last.
+    let subnet = docker::docker_ok(&[
+        "network",
+        "inspect",
+        "--format",
+        "{{(index .IPAM.Config 0).Subnet}}",
+        &net.name,
+    ]);
+    let (base, len) = subnet.split_once('/').expect("a subnet");
+    let (base, len): (std::net::Ipv4Addr, u32) = (base.parse().unwrap(), len.parse().unwrap());
+    assert!(len <= 24, "subnet {subnet} too small");
+    // The network's own address plus 250: inside the subnet whatever its prefix.
+    let addr = std::net::Ipv4Addr::from(u32::from(base) + 250);
+    assert_eq!(u32::from(addr) >> (32 - len), u32::from(base) >> (32 - len), "{addr} outside {subnet}");
+    let veth = bindtrace_tests::net::unique("vbr");
+    bindtrace_tests::net::ip(&[
+        "link",
+        "add",
+        &veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &reused.name,
+    ]);
+    bindtrace_tests::net::ip(&["link", "set", &veth, "master", &net.bridge(), "up"]);
+    reused.ip(&["addr", "add", &format!("{addr}/{len}"), "dev", "eth0"]);
+    reused.ip(&["link", "set", "eth0", "up"]);
+    assert!(
+        bt.wait_stderr(&format!("watching {veth} (netns {inode},"), WAIT),
+        "never watched:\n{}",
+        bt.stderr()
+    );
+    let _server = bindtrace_tests::Listener::start(&reused.name, "127.0.0.1", 8081, &[]);
+    let err = TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V4(addr), 8081), Duration::from_secs(2))
+        .expect_err("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let line = bt.expect_line("the refusal in the reused namespace", WAIT, |l| {
+        l["event"] == "refused" && l["netns"] == inode && l["target_port"] == 8081
+    });
+    assert_eq!(line["verdict"], "loopback_only", "{line:#}");
+    assert!(line["container"].is_null(), "named after the dead container:\n{line:#}");
+    bindtrace_tests::net::ip(&["link", "del", &veth]);
+}
+
+/// The busybox image with `bindtrace-udp` (serve or send one datagram) at /bin/bindtrace-udp.
+fn udp_image() -> Image {
+    Image::busybox_with_program(
+        std::path::Path::new(env!("CARGO_BIN_EXE_bindtrace-udp")),
+        "/bin/bindtrace-udp",
+    )
+}
+
+/// A UDP port free on the host right now (for `-p PORT:.../udp`).
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port()
+}
+
+fn udp_tool(mode: &str, addr: &str) -> Vec<String> {
+    ["/bin/bindtrace-udp", mode, addr].map(String::from).to_vec()
+}
+
+/// 10. UDP: servers bound to 127.0.0.1 behind `-p H:C/udp`. The audit reports them before any
+///     datagram and `check` exits 1 naming the port as `C/udp`. A datagram from a namespace of
+///     our own to a host address on H is DNATed: conntrack's entry, which outlives a UDP refusal,
+///     gives `via` dnat, the original client and the published port. A datagram from the host to
+///     127.0.0.1:H goes through docker-proxy: its line names the container and the server, and
+///     `via` is docker-proxy when the proxy still holds its connected socket, else unknown (Docker
+///     20.10's proxy closes it on the first ECONNREFUSED, before anyone can look): never another.
+#[test]
+fn udp_loopback_server_behind_a_published_port() {
+    if skip() {
+        return;
+    }
+    let img = udp_image();
+    let (nat_port, proxy_port) = (free_udp_port(), free_udp_port());
+    let nat = run(&img, &["-p", &format!("{nat_port}:5353/udp")], &udp_tool("serve", "127.0.0.1:5353"));
+    let proxied = run(&img, &["-p", &format!("{proxy_port}:5353/udp")], &udp_tool("serve", "127.0.0.1:5353"));
+    nat.wait_udp_bound(5353);
+    proxied.wait_udp_bound(5353);
+    let link = HostLink::new();
+    let mut bt = Bindtrace::start_here(&[]);
+    for (c, port) in [(&nat, nat_port), (&proxied, proxy_port)] {
+        let audit = bt.expect_line("audit of a UDP loopback server", WAIT, |l| {
+            l["event"] == "audit" && l["container"]["name"] == c.name.as_str()
+        });
+        assert_eq!(audit["verdict"], "loopback_only", "{audit:#}");
+        assert_eq!(audit["proto"], "udp", "{audit:#}");
+        assert_eq!(audit["target_port"], 5353, "{audit:#}");
+        assert_eq!(audit["published"]["host_port"], port, "{audit:#}");
+        let hint = audit["hint"].as_str().unwrap();
+        assert!(hint.contains(&format!("-p 127.0.0.1:{port}:5353/udp")), "{audit:#}");
+    }
+    let (code, out, err) = check(&[&nat.name]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("5353/udp") && out.contains("loopback_only"), "{out}");
+
+    let udp_refused = |c: &Container| {
+        bt.expect_line("refused UDP datagram", WAIT, |l| {
+            l["event"] == "refused" && l["container"]["name"] == c.name.as_str() && l["proto"] == "udp"
+        })
+    };
+    link.ns
+        .run(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.send_to(b"bindtrace udp test", SocketAddr::new(link.host_ip, nat_port)).map(drop)
+        })
+        .unwrap();
+    let line = udp_refused(&nat);
+    assert_eq!(line["verdict"], "loopback_only", "{line:#}");
+    assert_eq!(line["via"], "dnat", "{line:#}");
+    assert_eq!(line["original"]["client_ip"], link.ns_ip.to_string(), "{line:#}");
+    assert_eq!(line["original"]["target_ip"], link.host_ip.to_string(), "{line:#}");
+    assert_eq!(line["original"]["target_port"], nat_port, "{line:#}");
+    assert_eq!(line["published"]["host_port"], nat_port, "{line:#}");
+    assert_eq!(line["target_ip"], nat.ip("bridge").to_string(), "{line:#}");
+    assert_eq!(line["target_port"], 5353, "{line:#}");
+    assert_eq!(line["listeners"][0]["ip"], "127.0.0.1", "{line:#}");
+    assert_eq!(line["listeners"][0]["pids"][0]["pid"], nat.pid(), "{line:#}");
+    assert!(
+        line["hint"].as_str().unwrap().contains(&format!("-p 127.0.0.1:{nat_port}:5353/udp")),
+        "{line:#}"
+    );
+
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.send_to(b"bindtrace udp test", ("127.0.0.1", proxy_port)).unwrap();
+    let line = udp_refused(&proxied);
+    assert_eq!(line["verdict"], "loopback_only", "{line:#}");
+    assert_eq!(line["listeners"][0]["pids"][0]["pid"], proxied.pid(), "{line:#}");
+    match line["via"].as_str() {
+        Some("docker-proxy") => {
+            assert_eq!(line["client_process"]["comm"], "docker-proxy", "{line:#}");
+            assert_eq!(line["published"]["host_port"], proxy_port, "{line:#}");
+        }
+        None => assert!(line["client_process"].is_null() && line["original"].is_null(), "{line:#}"),
+        Some(other) => panic!("a datagram through docker-proxy attributed to {other}: {line:#}"),
+    }
+    eprintln!("udp through docker-proxy: via {}", line["via"]);
+    assert_eq!(bt.stop(), Some(0), "{}", bt.stderr());
+}
+
+/// 11. UDP between containers: a datagram to a closed port of one container from another is
+///     `via direct`, naming the sending container (found by its address on the network).
+#[test]
+fn udp_datagram_from_another_container_is_direct() {
+    if skip() {
+        return;
+    }
+    let img = udp_image();
+    let target = run(&img, &[], &["sleep".into(), "120".into()]);
+    // Both run before bindtrace starts, so its first inventory knows the sender's address.
+    let sender = run(&img, &[], &["sleep".into(), "120".into()]);
+    let mut bt = Bindtrace::start_here(&[]);
+    let addr = format!("{}:5354", target.ip("bridge"));
+    docker::docker_ok(&["exec", &sender.name, "/bin/bindtrace-udp", "send", &addr]);
+    let line = bt.expect_line("refused UDP datagram from a container", WAIT, |l| {
+        l["event"] == "refused" && l["container"]["name"] == target.name.as_str() && l["proto"] == "udp"
+    });
+    assert_eq!(line["target_port"], 5354, "{line:#}");
+    assert_eq!(line["verdict"], "no_listener", "{line:#}");
+    assert_eq!(line["via"], "direct", "{line:#}");
+    assert_eq!(line["client_container"]["name"], sender.name.as_str(), "{line:#}");
+    assert_eq!(line["client_ip"], sender.ip("bridge").to_string(), "{line:#}");
+    assert_eq!(bt.stop(), Some(0), "{}", bt.stderr());
+}

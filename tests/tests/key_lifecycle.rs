@@ -156,3 +156,39 @@ fn summary_overflow(stderr: &str) -> u64 {
     let Some(at) = stderr.find(" found the count map full") else { return 0 };
     stderr[..at].rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0)
 }
+
+/// Found by the soak: a namespace deleted with `ip netns del` while its veth is on the bridge
+/// lives only as long as someone holds it. bindtrace held it (so its veth, so its port, so the
+/// namespace stayed: forever); now it lets go, the port leaves scope and the namespace (with its
+/// veth) is freed. No refusal is needed for that; one is made anyway, and it keeps its line.
+#[test]
+fn a_deleted_namespace_is_let_go_and_its_port_leaves_scope() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut topo = Topology::new();
+    let c = topo.container();
+    let bt = Bindtrace::start(&topo.host, Hook::TcpSendReset, &["--fold-window", "200ms"]);
+    assert!(bt.wait_stderr(&format!("watching {} (", c.host_veth), LINE_WAIT), "{}", bt.stderr());
+    let err = connect(&topo.host, c.ipv4, 8080).expect_err("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    let inode = c.ns.inode();
+    bt.expect_line("the line of the namespace", LINE_WAIT, |l| {
+        l["event"] == "refused" && l["netns"] == inode
+    });
+    let veth = c.host_veth.clone();
+    drop(c); // `ip netns del`: only bindtrace could keep it alive now
+    let left = format!("port {veth} left scope");
+    assert!(bt.wait_stderr(&left, Duration::from_secs(60)), "the port never left scope:\n{}", bt.stderr());
+    // Freed: its veth pair went with it (teardown is deferred, so this is awaited).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exists = || {
+        let out =
+            std::process::Command::new("ip").args(["-n", &topo.host.name, "link", "show", &veth]).output();
+        out.expect("run ip").status.success()
+    };
+    while exists() {
+        assert!(std::time::Instant::now() < deadline, "{veth} still exists: the namespace was not freed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -207,3 +207,15 @@ fn fast_path_cost() {
         println!("bt_tc ns per {kind} packet: {v:.0?} (median {:.0}, {runs} runs)", median(v.clone()));
     }
 }
+
+/// Issue 11, test 4, on this kernel with the clsact path forced (`--tc-clsact`); the kernel
+/// matrix runs the same scenario on its guests, which have no tcx. See `tc_recovery`.
+#[test]
+fn after_a_sigkill_the_next_start_removes_what_was_left_and_nothing_else() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut topo = Topology::new();
+    let c = topo.container();
+    bindtrace_tests::tc_recovery::sigkill_recovery(&topo, &c, Duration::from_secs(20));
+}

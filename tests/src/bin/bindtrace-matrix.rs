@@ -160,6 +160,14 @@ fn scenarios(report: &mut Report, hook: Hook, topo: &mut Topology, c: &Container
             wait(|| !attached(&topo.host, &d.host_veth), "a port that left docker0 is detached");
         });
     }
+    if hook == Hook::Tc {
+        report.check(h, "after a SIGKILL the next start removes what was left, nothing else", || {
+            // A topology of its own: the bindtrace above (a live instance too) is not in it.
+            let mut own = Topology::new();
+            let c = own.container();
+            bindtrace_tests::tc_recovery::sigkill_recovery(&own, &c, Duration::from_secs(120));
+        });
+    }
     report.check(h, "clean detach", || {
         assert!(!ours.is_empty());
         assert_eq!(bt.stop(), Some(0), "{}", bt.stderr());

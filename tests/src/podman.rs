@@ -1,0 +1,191 @@
+//! Rootful podman for tests: its Docker-compatible API served by a `podman system service` of
+//! the test's own (a unique socket under /run, killed on drop), a busybox image imported from a
+//! rootfs (no registry), and containers removed on drop (also when a test panics).
+//!
+//! Podman runs without a daemon, so the service is the test's process: the machine's own
+//! `podman.socket` unit, if any, is never touched.
+use std::{
+    net::IpAddr,
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::docker::unique_name;
+
+/// Whether podman is installed here (tests fail without it under `CI`).
+pub fn available() -> bool {
+    Command::new("podman")
+        .args(["version", "--format", "{{.Client.Version}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn podman(args: &[&str]) -> Output {
+    Command::new("podman").args(args).stdin(Stdio::null()).output().expect("run podman")
+}
+
+/// `podman ARGS`, panicking with its stderr on failure; returns stdout, trimmed.
+pub fn podman_ok(args: &[&str]) -> String {
+    let out = podman(args);
+    assert!(out.status.success(), "podman {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `podman system service --time=0` on a socket of its own; killed and its socket removed on
+/// drop.
+pub struct Service {
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl Service {
+    /// Starts the service and waits until its socket accepts (podman creates the socket before
+    /// it serves; a connection that succeeds is answered).
+    pub fn start() -> Service {
+        let socket = PathBuf::from(format!("/run/{}.sock", unique_name("podman")));
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new("podman")
+            .args(["system", "service", "--time=0", &format!("unix://{}", socket.display())])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("podman system service");
+        let service = Service { socket, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&service.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "podman system service never opened {}",
+                service.socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        service
+    }
+
+    pub fn path(&self) -> &str {
+        self.socket.to_str().unwrap()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Debian's static busybox and a page under /www, made with `podman import`. Removed on drop.
+pub struct Image {
+    pub tag: String,
+}
+
+impl Image {
+    pub fn busybox() -> Image {
+        // podman qualifies a bare name with localhost/, and reports it so.
+        let tag = format!("localhost/{}:busybox", unique_name("pimg"));
+        let root = std::env::temp_dir().join(unique_name("prootfs"));
+        for dir in ["bin", "www", "tmp"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("/bin/busybox (busybox-static)");
+        for applet in ["sh", "httpd", "sleep"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+        std::fs::write(root.join("www/index.html"), "hello from a bindtrace test\n").unwrap();
+        let mut tar = Command::new("tar")
+            .args(["-C", root.to_str().unwrap(), "-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("tar");
+        let out = Command::new("podman")
+            .args(["import", "-q", "-", &tag])
+            .stdin(tar.stdout.take().unwrap())
+            .output()
+            .expect("podman import");
+        let _ = tar.wait();
+        let _ = std::fs::remove_dir_all(&root);
+        assert!(out.status.success(), "podman import: {}", String::from_utf8_lossy(&out.stderr));
+        Image { tag }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = podman(&["rmi", "-f", &self.tag]);
+    }
+}
+
+/// A container started with `podman run -d`, removed (with `-f`) on drop.
+pub struct Container {
+    pub name: String,
+    pub id: String,
+}
+
+impl Container {
+    /// `podman run -d --name <unique> OPTS IMAGE CMD...`. The file and process limits are
+    /// set explicitly: podman's defaults (1048576 files) exceed the hard limits some hosts
+    /// (this one's sandbox among them) give root, and runc then fails to start anything.
+    pub fn run(image: &Image, opts: &[&str], cmd: &[&str]) -> Container {
+        let name = unique_name("pctr");
+        let mut args =
+            vec!["run", "-d", "--name", &name, "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"];
+        args.extend_from_slice(opts);
+        args.push(&image.tag);
+        args.extend_from_slice(cmd);
+        let id = podman_ok(&args);
+        Container { name, id }
+    }
+
+    pub fn inspect(&self, format: &str) -> String {
+        podman_ok(&["inspect", "--format", format, &self.name])
+    }
+
+    /// Host pid of the main process.
+    pub fn pid(&self) -> u32 {
+        self.inspect("{{.State.Pid}}").parse().unwrap()
+    }
+
+    /// Address on the default network (`podman`).
+    pub fn ip(&self) -> IpAddr {
+        self.inspect("{{.NetworkSettings.IPAddress}}")
+            .parse()
+            .unwrap_or_else(|e| panic!("{} has no address: {e}", self.name))
+    }
+
+    pub fn short_id(&self) -> &str {
+        &self.id[..12]
+    }
+
+    /// Waits until the container's main process listens on `port`; panics after 10 s.
+    pub fn wait_listening(&self, port: u16) {
+        let pid = self.pid();
+        let want = format!(":{port:04X} ");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let listening = ["tcp", "tcp6"].iter().any(|t| {
+                std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.split_whitespace().nth(3) == Some("0A") && l.contains(&want))
+            });
+            if listening {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} never listened on {port}", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = podman(&["rm", "-f", "-t", "0", &self.name]);
+    }
+}
