@@ -30,7 +30,7 @@ pub fn run(_opts: &Options) -> anyhow::Result<()> {
 
 /// Builds `dist`, then the package; returns the .deb's path.
 pub fn build() -> anyhow::Result<PathBuf> {
-    let dist = dist::build(None)?;
+    let dist = dist::build(None, dist::X86_64)?;
     package(&dist)
 }
 

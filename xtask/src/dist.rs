@@ -1,6 +1,7 @@
-//! `cargo xtask dist`: the release tarball. A static (glibc `+crt-static`) x86_64 binary, the
-//! licences and the README in `target/dist/bindtrace-VERSION-x86_64-linux.tar.gz`, with a
-//! `.sha256` beside it (`sha256sum -c` format).
+//! `cargo xtask dist`: the release tarballs. A static (glibc `+crt-static`) binary for x86_64
+//! and one for aarch64, each with the licences and the README in
+//! `target/dist/bindtrace-VERSION-ARCH-linux.tar.gz`, with a `.sha256` beside it
+//! (`sha256sum -c` format).
 //!
 //! Reproducible: the same commit gives the same bytes wherever the tree is checked out. The
 //! checkout and cargo's home are remapped out of the binary (`--remap-path-prefix`), for the
@@ -8,9 +9,12 @@
 //! through a rustc wrapper: this xtask binary itself, see [`wrap_rustc`]); the tarball is
 //! written with sorted names, the commit's time, numeric owner 0 and `gzip -n`.
 //!
-//! aarch64 is not built: Debian 12's amd64 packages carry Rust's standard library for x86_64
-//! (and the BPF target) only; the aarch64 one needs the arm64 architecture added to dpkg (see
-//! docs/install.md).
+//! aarch64 is cross-built with Debian's packages that `./x setup` installs: Rust's std for
+//! aarch64 (libstd-rust-web-dev:arm64), gcc-aarch64-linux-gnu as the linker and
+//! libc6-dev-arm64-cross for the static glibc. The eBPF object inside is the same kind of
+//! bytecode for both: aya-build builds it for bpfel (the target is little-endian) with
+//! `bpf_target_arch="aarch64"`, which only matters to programs reading `pt_regs` (kprobes);
+//! bindtrace's are BTF tracepoints and a classifier, whose arguments are arch-independent.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -21,7 +25,37 @@ use anyhow::{Context as _, bail};
 
 use crate::util::{cargo, root, run_cmd};
 
-pub const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// One architecture `dist` builds for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arch {
+    /// The name in the tarball's file name (`uname -m`'s).
+    pub name: &'static str,
+    pub triple: &'static str,
+    /// The name OCI image platforms use (GOARCH's).
+    pub oci: &'static str,
+    /// The ELF header's e_machine.
+    e_machine: u16,
+    /// The linker for a cross build (None: the host's `cc`).
+    linker: Option<&'static str>,
+}
+
+pub const X86_64: Arch =
+    Arch { name: "x86_64", triple: "x86_64-unknown-linux-gnu", oci: "amd64", e_machine: 62, linker: None };
+pub const AARCH64: Arch = Arch {
+    name: "aarch64",
+    triple: "aarch64-unknown-linux-gnu",
+    oci: "arm64",
+    e_machine: 183,
+    linker: Some("aarch64-linux-gnu-gcc"),
+};
+pub const ARCHES: [Arch; 2] = [X86_64, AARCH64];
+
+impl Arch {
+    /// cargo's per-target environment prefix, `CARGO_TARGET_<TRIPLE>`.
+    fn cargo_env(&self, key: &str) -> String {
+        format!("CARGO_TARGET_{}_{key}", self.triple.to_uppercase().replace('-', "_"))
+    }
+}
 /// What the paths of the checkout and of cargo's home become inside the binary.
 const SRC_PREFIX: &str = "/build/bindtrace";
 const CARGO_PREFIX: &str = "/build/cargo";
@@ -30,13 +64,17 @@ pub const REMAP_ENV: &str = "BINDTRACE_DIST_REMAP";
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Where the tarball and its checksum go (default: target/dist).
+    /// Where the tarballs and their checksums go (default: target/dist).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Build only these architectures (repeatable; default: x86_64 and aarch64).
+    #[arg(long = "arch", value_parser = ["x86_64", "aarch64"])]
+    arches: Vec<String>,
 }
 
 /// What `dist` produced.
 pub struct Artefacts {
+    pub arch: Arch,
     pub version: String,
     /// The commit the tree is at (empty outside git).
     pub revision: String,
@@ -48,8 +86,10 @@ pub struct Artefacts {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    let a = build(opts.out.clone())?;
-    println!("{}  {}", a.sha256, a.tarball.display());
+    for arch in ARCHES.iter().filter(|a| opts.arches.is_empty() || opts.arches.iter().any(|n| n == a.name)) {
+        let a = build(opts.out.clone(), *arch)?;
+        println!("{}  {}", a.sha256, a.tarball.display());
+    }
     Ok(())
 }
 
@@ -63,7 +103,7 @@ fn git(args: &[&str]) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn source_epoch() -> anyhow::Result<u64> {
+pub fn source_epoch() -> anyhow::Result<u64> {
     if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
         return v.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number"));
     }
@@ -86,32 +126,43 @@ fn remap_flags() -> Vec<String> {
     ]
 }
 
-/// Builds the static binary and the tarball; returns where they are.
-pub fn build(out: Option<PathBuf>) -> anyhow::Result<Artefacts> {
+/// Fails, naming the remedy, when a cross build's pieces are missing: otherwise cargo dies
+/// with "can't find crate for `std`" or a linker error that says nothing about the set-up.
+fn check_cross_toolchain(arch: Arch) -> anyhow::Result<()> {
+    let Some(linker) = arch.linker else { return Ok(()) };
+    let out = Command::new("rustc").args(["--print", "sysroot"]).output().context("rustc --print sysroot")?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let std_dir = sysroot.join("lib/rustlib").join(arch.triple).join("lib");
+    let has_std = fs::read_dir(&std_dir)
+        .is_ok_and(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("libstd-")));
+    let has_linker = Command::new(linker).arg("--version").output().is_ok_and(|o| o.status.success());
+    let has_libc = Path::new("/usr/aarch64-linux-gnu/lib/libc.a").exists();
+    if !has_std || !has_linker || !has_libc {
+        bail!(
+            "cannot build for {}: {}{}{}run `sudo ./x setup` (Debian 12: it adds dpkg's arm64 architecture and \
+             installs libstd-rust-web-dev:arm64 at rustc-web's version, gcc-aarch64-linux-gnu and \
+             libc6-dev-arm64-cross), or build x86_64 only with `./x dist --arch x86_64`",
+            arch.triple,
+            if has_std { String::new() } else { format!("no Rust std in {}; ", std_dir.display()) },
+            if has_linker { String::new() } else { format!("no linker {linker}; ") },
+            if has_libc { "" } else { "no static glibc for aarch64; " },
+        );
+    }
+    Ok(())
+}
+
+/// Builds the static binary for `arch` and its tarball; returns where they are.
+pub fn build(out: Option<PathBuf>, arch: Arch) -> anyhow::Result<Artefacts> {
     let version = version().to_owned();
     let epoch = source_epoch()?;
     let revision = git(&["rev-parse", "HEAD"]).unwrap_or_default();
     let out = out.unwrap_or_else(|| root().join("target/dist"));
     let started = std::time::Instant::now();
 
-    let mut rustflags = vec!["-C".to_owned(), "target-feature=+crt-static".to_owned()];
-    rustflags.extend(["-C".to_owned(), "strip=symbols".to_owned()]);
-    let wrapper = std::env::current_exe().context("the xtask binary's path")?;
-    let mut build = cargo();
-    build
-        .args(["build", "--release", "--locked", "-p", "bindtrace", "--target", TARGET])
-        // Scoped to the target triple: build scripts, proc-macros and aya-build's eBPF build
-        // do not get +crt-static. The path remaps go to every rustc through the wrapper.
-        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", rustflags.join(" "))
-        .env("RUSTC_WRAPPER", &wrapper)
-        .env(REMAP_ENV, remap_flags().join("\x1f"))
-        .env("SOURCE_DATE_EPOCH", epoch.to_string());
-    run_cmd(build)?;
-    let binary = root().join("target").join(TARGET).join("release/bindtrace");
-    check_static(&binary)?;
+    let binary = static_build(arch, &["-p", "bindtrace"], "bindtrace", epoch)?;
 
-    let name = format!("bindtrace-{version}-x86_64-linux");
-    let stage = out.join("stage");
+    let name = format!("bindtrace-{version}-{}-linux", arch.name);
+    let stage = out.join(format!("stage-{}", arch.name));
     let dir = stage.join(&name);
     let _ = fs::remove_dir_all(&stage);
     fs::create_dir_all(&dir)?;
@@ -126,8 +177,36 @@ pub fn build(out: Option<PathBuf>) -> anyhow::Result<Artefacts> {
     let sha256 = sha256sum(&tarball)?;
     let file_name = tarball.file_name().unwrap().to_string_lossy().into_owned();
     fs::write(out.join(format!("{file_name}.sha256")), format!("{sha256}  {file_name}\n"))?;
-    eprintln!("xtask: dist took {:.0?}", started.elapsed());
-    Ok(Artefacts { version, revision, epoch, binary: dir.join("bindtrace"), tarball, sha256 })
+    eprintln!("xtask: dist for {} took {:.0?}", arch.name, started.elapsed());
+    Ok(Artefacts { arch, version, revision, epoch, binary: dir.join("bindtrace"), tarball, sha256 })
+}
+
+/// Builds `cargo_args` (a package, maybe a `--bin`) as a static binary for `arch`, with the
+/// flags and wrapper of the release build, so that every static build for one target shares
+/// cargo's cache (the kernel matrix builds its aarch64 guest's binaries with this too); returns
+/// `target/TRIPLE/release/BIN`, checked to be static.
+pub fn static_build(arch: Arch, cargo_args: &[&str], bin: &str, epoch: u64) -> anyhow::Result<PathBuf> {
+    check_cross_toolchain(arch)?;
+    let mut rustflags = vec!["-C".to_owned(), "target-feature=+crt-static".to_owned()];
+    rustflags.extend(["-C".to_owned(), "strip=symbols".to_owned()]);
+    let wrapper = std::env::current_exe().context("the xtask binary's path")?;
+    let mut build = cargo();
+    build
+        .args(["build", "--release", "--locked", "--target", arch.triple])
+        .args(cargo_args)
+        // Scoped to the target triple: build scripts, proc-macros and aya-build's eBPF build
+        // do not get +crt-static. The path remaps go to every rustc through the wrapper.
+        .env(arch.cargo_env("RUSTFLAGS"), rustflags.join(" "))
+        .env("RUSTC_WRAPPER", &wrapper)
+        .env(REMAP_ENV, remap_flags().join("\x1f"))
+        .env("SOURCE_DATE_EPOCH", epoch.to_string());
+    if let Some(linker) = arch.linker {
+        build.env(arch.cargo_env("LINKER"), linker);
+    }
+    run_cmd(build)?;
+    let binary = root().join("target").join(arch.triple).join("release").join(bin);
+    check_static(&binary, arch)?;
+    Ok(binary)
 }
 
 fn copy_mode(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
@@ -174,10 +253,14 @@ pub fn sha256sum(path: &Path) -> anyhow::Result<String> {
     Ok(text.split_whitespace().next().unwrap_or_default().to_owned())
 }
 
-/// Fails unless `binary` is an ELF executable without an interpreter and without DT_NEEDED
-/// libraries (static or static-pie): it must run in an image holding nothing else.
-fn check_static(binary: &Path) -> anyhow::Result<()> {
+/// Fails unless `binary` is an ELF executable for `arch` without an interpreter and without
+/// DT_NEEDED libraries (static or static-pie): it must run in an image holding nothing else.
+fn check_static(binary: &Path, arch: Arch) -> anyhow::Result<()> {
     let bytes = fs::read(binary).with_context(|| format!("read {}", binary.display()))?;
+    let machine = bytes.get(0x12..0x14).map(|m| u16::from_le_bytes([m[0], m[1]]));
+    if machine != Some(arch.e_machine) {
+        bail!("{} is not an {} ELF file (e_machine {machine:?})", binary.display(), arch.name);
+    }
     match elf_dependencies(&bytes) {
         Some((false, 0)) => Ok(()),
         Some((interp, needed)) => {

@@ -10,6 +10,10 @@
 //! kernel runs the same runner natively. Downloads and extracted kernels stay cached in
 //! `target/kernels/`; a kernel package is fetched once.
 //!
+//! A guest of another architecture (arm64, under `qemu-system-aarch64`) runs the static builds
+//! of bindtrace and of the runner for it (`./x dist`'s way of building), and its busybox, `ip`
+//! and `tc` come from Debian's packages for it, fetched and unpacked like its kernel.
+//!
 //! The ABIs are those of the BTF fixtures in `bindtrace/testdata/btf/`, so the run also checks
 //! that the booted kernel's `/sys/kernel/btf/vmlinux` is byte for byte the fixture the unit tests
 //! resolve. When Debian has dropped that ABI from its archive, the newest one is used instead
@@ -27,11 +31,14 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{cargo, root, run_cmd};
+use crate::{
+    dist::{self, AARCH64, Arch, X86_64},
+    util::{cargo, root, run_cmd},
+};
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Only these kernels (comma-separated): 6.1, 5.10, host.
+    /// Only these kernels (comma-separated): 6.1, 5.10, 6.1-arm64, host.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Use target/release/{bindtrace,bindtrace-matrix} as they are (no cargo build).
@@ -43,6 +50,9 @@ pub struct Options {
     /// Give up on a guest after this many seconds.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
+    /// Without --only: only the kernels that are part of `./x test` (set by the suite).
+    #[arg(skip)]
+    suite: bool,
 }
 
 struct Kernel {
@@ -50,11 +60,17 @@ struct Kernel {
     /// For the table.
     distro: &'static str,
     suite: &'static str,
-    /// ABI of the BTF fixture (see bindtrace/testdata/btf/README.md).
+    /// The kernel's architecture; the guest runs the static builds for it (`./x dist`'s).
+    arch: Arch,
+    /// ABI of the BTF fixture (see bindtrace/testdata/btf/README.md), or the ABI to fetch.
     abi: &'static str,
-    fixture: &'static str,
+    /// The unit tests' BTF of this kernel (None: no fixture, the BTF is only reported).
+    fixture: Option<&'static str>,
     /// Hooks bindtrace must accept on it (what each kernel provides, docs/kernels.md, and the fixtures).
     expect: &'static [&'static str],
+    /// Part of `./x test` (a guest whose boot and scenarios take too long under emulation runs
+    /// only when named with `--only`).
+    in_suite: bool,
 }
 
 const KERNELS: &[Kernel] = &[
@@ -62,17 +78,36 @@ const KERNELS: &[Kernel] = &[
         label: "6.1",
         distro: "Debian 12 bookworm",
         suite: "bookworm",
+        arch: X86_64,
         abi: "6.1.0-56",
-        fixture: "vmlinux-6.1.btf.gz",
+        fixture: Some("vmlinux-6.1.btf.gz"),
         expect: &["kfree-skb", "tc"],
+        in_suite: true,
     },
     Kernel {
         label: "5.10",
         distro: "Debian 11 bullseye",
         suite: "bullseye",
+        arch: X86_64,
         abi: "5.10.0-46",
-        fixture: "vmlinux-5.10.btf.gz",
+        fixture: Some("vmlinux-5.10.btf.gz"),
         expect: &["tc"],
+        in_suite: true,
+    },
+    // Debian 12's arm64 kernel on qemu's `virt` board (a Cortex-A57, emulated): the aarch64
+    // static binaries on the kernel of an arm64 host (Graviton, Ampere, Apple silicon's VMs).
+    Kernel {
+        label: "6.1-arm64",
+        distro: "Debian 12 bookworm",
+        suite: "bookworm",
+        arch: AARCH64,
+        abi: "6.1.0-57",
+        fixture: None,
+        expect: &["kfree-skb", "tc"],
+        // Measured on 2 shared cores: 25 s from qemu's start to power-off, 3 s to download
+        // (once), about 100 s to cross-build bindtrace-matrix (once; bindtrace's aarch64 build
+        // is `./x test`'s dist step's).
+        in_suite: true,
     },
 ];
 
@@ -118,7 +153,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 /// The matrix as one step of `cargo xtask test`: every kernel, freshly built binaries. Errors
 /// only for what stopped it from running; failed checks are in the summary.
 pub fn in_suite() -> anyhow::Result<Summary> {
-    let opts = Options { only: Vec::new(), no_build: false, readme: false, timeout: 900 };
+    let opts = Options { only: Vec::new(), no_build: false, readme: false, timeout: 900, suite: true };
     run_all(&opts).map(|(summary, _)| summary)
 }
 
@@ -132,13 +167,22 @@ fn matrix(opts: &Options) -> anyhow::Result<Summary> {
 
 /// Runs the selected kernels; returns the summary and the kernels that failed.
 fn run_all(opts: &Options) -> anyhow::Result<(Summary, Vec<String>)> {
-    let wanted = |label: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == label);
+    let wanted = |label: &str| {
+        if opts.only.is_empty() {
+            !opts.suite || KERNELS.iter().find(|k| k.label == label).is_none_or(|k| k.in_suite)
+        } else {
+            opts.only.iter().any(|o| o == label)
+        }
+    };
     for o in &opts.only {
         if o != "host" && !KERNELS.iter().any(|k| k.label == o) {
             bail!("unknown kernel {o:?}: choose among host, {}", labels());
         }
     }
-    if !opts.no_build {
+    let guests: Vec<&Kernel> = KERNELS.iter().filter(|k| wanted(k.label)).collect();
+    let native = wanted("host") || guests.iter().any(|k| k.arch == X86_64);
+    let cross = guests.iter().any(|k| k.arch == AARCH64);
+    if !opts.no_build && native {
         // One package per command, as `cargo xtask test` builds them: building both at once
         // unifies their dependencies' features differently and rebuilds bindtrace (and its eBPF).
         let mut build = cargo();
@@ -148,11 +192,33 @@ fn run_all(opts: &Options) -> anyhow::Result<(Summary, Vec<String>)> {
         build.args(["build", "--release", "-p", "bindtrace-tests", "--bin", "bindtrace-matrix"]);
         run_cmd(build)?;
     }
-    let bins = Bins {
+    if !opts.no_build && cross {
+        // The guest has no libraries of ours: both binaries static, built as `./x dist` builds.
+        let epoch = dist::source_epoch()?;
+        dist::static_build(AARCH64, &["-p", "bindtrace"], "bindtrace", epoch)?;
+        dist::static_build(
+            AARCH64,
+            &["-p", "bindtrace-tests", "--bin", "bindtrace-matrix"],
+            "bindtrace-matrix",
+            epoch,
+        )?;
+    }
+    let native_bins = Bins {
         bindtrace: root().join("target/release/bindtrace"),
         matrix: root().join("target/release/bindtrace-matrix"),
     };
-    for b in [&bins.bindtrace, &bins.matrix] {
+    let cross_bins = Bins {
+        bindtrace: root().join("target").join(AARCH64.triple).join("release/bindtrace"),
+        matrix: root().join("target").join(AARCH64.triple).join("release/bindtrace-matrix"),
+    };
+    let mut needed = Vec::new();
+    if native {
+        needed.extend([&native_bins.bindtrace, &native_bins.matrix]);
+    }
+    if cross {
+        needed.extend([&cross_bins.bindtrace, &cross_bins.matrix]);
+    }
+    for b in needed {
         if !b.is_file() {
             bail!("{} is missing: run without --no-build", b.display());
         }
@@ -162,14 +228,14 @@ fn run_all(opts: &Options) -> anyhow::Result<(Summary, Vec<String>)> {
 
     let mut outcomes = Vec::new();
     if wanted("host") {
-        outcomes.push(host(&bins, &work)?);
+        outcomes.push(host(&native_bins, &work)?);
     }
-    let guests: Vec<&Kernel> = KERNELS.iter().filter(|k| wanted(k.label)).collect();
-    if !guests.is_empty() {
-        which("qemu-system-x86_64").context("qemu is not installed: run `sudo ./x setup`")?;
+    for k in &guests {
+        which(qemu(k.arch).binary).context("qemu is not installed: run `sudo ./x setup`")?;
     }
     for k in guests {
-        let outcome = guest(k, &bins, &work, Duration::from_secs(opts.timeout))
+        let bins = if k.arch == AARCH64 { &cross_bins } else { &native_bins };
+        let outcome = guest(k, bins, &work, Duration::from_secs(opts.timeout))
             .with_context(|| format!("kernel {}", k.label))?;
         outcomes.push(outcome);
     }
@@ -322,30 +388,40 @@ fn parse(lines: &[String], o: &mut Outcome) {
 /// One Debian kernel under qemu.
 fn guest(k: &Kernel, bins: &Bins, work: &Path, timeout: Duration) -> anyhow::Result<Outcome> {
     let (abi, deb) = fetch(k, work)?;
-    let kdir = extract(&abi, &deb, work)?;
-    let initramfs = work.join(format!("initramfs-{abi}.cpio"));
-    build_initramfs(k, &kdir, bins, &initramfs)?;
-    let kernel = format!("{abi}-amd64");
-    let mut o = Outcome { kernel: kernel.clone(), how: format!("{}, qemu", k.distro), ..Outcome::default() };
+    let kernel = format!("{abi}-{}", deb_arch(k.arch));
+    let kdir = extract(&abi, k.arch, &deb, work)?;
+    let userland = if k.arch == X86_64 { Userland::Host } else { Userland::Sysroot(sysroot(k, work)?) };
+    let initramfs = work.join(format!("initramfs-{}.cpio", cache_name(&abi, k.arch)));
+    build_initramfs(k, &kdir, bins, &userland, &initramfs)?;
+    let qemu = qemu(k.arch);
+    let how = if k.arch == X86_64 {
+        format!("{}, qemu", k.distro)
+    } else {
+        format!("{}, qemu (emulated {})", k.distro, k.arch.name)
+    };
+    let mut o = Outcome { kernel: kernel.clone(), how, ..Outcome::default() };
     eprintln!(
         "xtask: booting {kernel} under qemu (initramfs {:.1} MB)",
         fs::metadata(&initramfs)?.len() as f64 / 1e6
     );
     let t0 = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2", "-nic", "none"])
+    let mut child = Command::new(qemu.binary)
+        .args(qemu.machine)
+        .args(["-m", "1024", "-smp", "2", "-nic", "none"])
         .arg("-kernel")
         .arg(kdir.join(format!("boot/vmlinuz-{kernel}")))
         .arg("-initrd")
         .arg(&initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3", "-nographic", "-no-reboot"])
+        .arg("-append")
+        .arg(format!("console={} panic=-1 quiet loglevel=3", qemu.console))
+        .args(["-nographic", "-no-reboot"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting qemu-system-x86_64")?;
+        .with_context(|| format!("starting {}", qemu.binary))?;
     let stdout = child.stdout.take().expect("piped");
-    let log = work.join(format!("boot-{abi}.log"));
+    let log = work.join(format!("boot-{}.log", cache_name(&abi, k.arch)));
     let tag = k.label.to_owned();
     let reader = std::thread::spawn(move || relay(stdout, &tag, &log));
     let status = loop {
@@ -372,30 +448,65 @@ fn guest(k: &Kernel, bins: &Bins, work: &Path, timeout: Duration) -> anyhow::Res
     // The unit tests' fixture is this kernel's BTF, byte for byte (when the ABI is the same).
     let booted =
         lines.iter().find_map(|l| marked(l)?.strip_prefix("BTF_SHA256 ")).map(str::trim).unwrap_or("");
-    let fixture = fixture_sha256(k)?;
+    let Some(fixture_name) = k.fixture else {
+        o.notes.push(format!("BTF sha256 {booted} (no fixture for this kernel)"));
+        return Ok(o);
+    };
+    let fixture = fixture_sha256(fixture_name)?;
     if abi == k.abi {
         if booted == fixture {
-            o.notes.push(format!("BTF = fixture {}", k.fixture));
+            o.notes.push(format!("BTF = fixture {fixture_name}"));
         } else {
             o.passed = false;
             o.failures.push(format!(
-                "the booted kernel's BTF (sha256 {booted}) is not the fixture {} ({fixture})",
-                k.fixture
+                "the booted kernel's BTF (sha256 {booted}) is not the fixture {fixture_name} ({fixture})"
             ));
         }
     } else {
         o.notes.push(format!(
-            "BTF {} the fixture {} (fixture ABI {}, booted {abi})",
+            "BTF {} the fixture {fixture_name} (fixture ABI {}, booted {abi})",
             if booted == fixture { "equals" } else { "differs from" },
-            k.fixture,
             k.abi
         ));
     }
     Ok(o)
 }
 
-fn fixture_sha256(k: &Kernel) -> anyhow::Result<String> {
-    let path = root().join("bindtrace/testdata/btf").join(k.fixture);
+/// How qemu emulates one architecture.
+struct Qemu {
+    binary: &'static str,
+    machine: &'static [&'static str],
+    /// The serial console the guest's kernel writes to.
+    console: &'static str,
+}
+
+fn qemu(arch: Arch) -> Qemu {
+    if arch == AARCH64 {
+        // The `virt` board needs a CPU named; a Cortex-A57 is what Debian's arm64 kernel
+        // (ARMv8.0) expects at least, and TCG emulates it faster than `max`.
+        Qemu {
+            binary: "qemu-system-aarch64",
+            machine: &["-M", "virt", "-cpu", "cortex-a57", "-accel", "tcg"],
+            console: "ttyAMA0",
+        }
+    } else {
+        Qemu { binary: "qemu-system-x86_64", machine: &["-accel", "tcg", "-cpu", "max"], console: "ttyS0" }
+    }
+}
+
+/// Debian's name of the architecture (for amd64 and arm64 the same as OCI's).
+fn deb_arch(arch: Arch) -> &'static str {
+    arch.oci
+}
+
+/// The name of a guest's files under `target/kernels/`: the ABI alone for x86_64 (as before
+/// there were other architectures, so existing caches stay valid), ABI-ARCH otherwise.
+fn cache_name(abi: &str, arch: Arch) -> String {
+    if arch == X86_64 { abi.to_owned() } else { format!("{abi}-{}", deb_arch(arch)) }
+}
+
+fn fixture_sha256(fixture: &str) -> anyhow::Result<String> {
+    let path = root().join("bindtrace/testdata/btf").join(fixture);
     let out = Command::new("sh")
         .arg("-c")
         .arg("gzip -dc \"$1\" | sha256sum")
@@ -411,10 +522,11 @@ fn fixture_sha256(k: &Kernel) -> anyhow::Result<String> {
 fn fetch(k: &Kernel, work: &Path) -> anyhow::Result<(String, PathBuf)> {
     let dl = work.join("dl");
     fs::create_dir_all(&dl)?;
-    if let Some(deb) = cached_deb(&dl, k.abi)? {
+    let arch = deb_arch(k.arch);
+    if let Some(deb) = cached_deb(&dl, k.abi, arch)? {
         return Ok((k.abi.to_owned(), deb));
     }
-    let apt = AptConfig::new(work, k.suite)?;
+    let apt = AptConfig::new(work, k.suite, arch)?;
     eprintln!(
         "xtask: downloading Debian {}'s kernel package list (private apt config {})",
         k.suite,
@@ -422,30 +534,31 @@ fn fetch(k: &Kernel, work: &Path) -> anyhow::Result<(String, PathBuf)> {
     );
     run_cmd(apt.command(&["apt-get", "-q", "update"]))?;
     let mut abi = k.abi.to_owned();
-    let mut get = apt.command(&["apt-get", "-q", "download", &format!("linux-image-{abi}-amd64")]);
+    let mut get = apt.command(&["apt-get", "-q", "download", &format!("linux-image-{abi}-{arch}")]);
     get.current_dir(&dl);
     if get.status().map(|s| !s.success()).unwrap_or(true) {
         // Debian drops superseded ABIs: take the one the meta package points at now.
-        let out = apt.command(&["apt-cache", "depends", "linux-image-amd64"]).output()?;
+        let out = apt.command(&["apt-cache", "depends", &format!("linux-image-{arch}")]).output()?;
         let text = String::from_utf8_lossy(&out.stdout);
+        let suffix = format!("-{arch}");
         abi = text
             .lines()
-            .find_map(|l| l.trim().strip_prefix("Depends: linux-image-")?.strip_suffix("-amd64"))
-            .context("no linux-image-<abi>-amd64 behind linux-image-amd64")?
+            .find_map(|l| l.trim().strip_prefix("Depends: linux-image-")?.strip_suffix(suffix.as_str()))
+            .with_context(|| format!("no linux-image-<abi>-{arch} behind linux-image-{arch}"))?
             .to_owned();
         eprintln!("xtask: {} is no longer in {}; using {abi}", k.abi, k.suite);
-        if cached_deb(&dl, &abi)?.is_none() {
-            let mut get = apt.command(&["apt-get", "-q", "download", &format!("linux-image-{abi}-amd64")]);
+        if cached_deb(&dl, &abi, arch)?.is_none() {
+            let mut get = apt.command(&["apt-get", "-q", "download", &format!("linux-image-{abi}-{arch}")]);
             get.current_dir(&dl);
             run_cmd(get)?;
         }
     }
-    let deb = cached_deb(&dl, &abi)?.context("apt-get download left no package")?;
+    let deb = cached_deb(&dl, &abi, arch)?.context("apt-get download left no package")?;
     Ok((abi, deb))
 }
 
-fn cached_deb(dl: &Path, abi: &str) -> anyhow::Result<Option<PathBuf>> {
-    let prefix = format!("linux-image-{abi}-amd64_");
+fn cached_deb(dl: &Path, abi: &str, arch: &str) -> anyhow::Result<Option<PathBuf>> {
+    let prefix = format!("linux-image-{abi}-{arch}_");
     for entry in fs::read_dir(dl)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -456,14 +569,17 @@ fn cached_deb(dl: &Path, abi: &str) -> anyhow::Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// apt pointed at one Debian suite (and its security updates) with its own lists and cache.
+/// apt pointed at one Debian suite (and its security updates) for one architecture, with its
+/// own lists and cache.
 struct AptConfig {
     conf: PathBuf,
 }
 
 impl AptConfig {
-    fn new(work: &Path, suite: &str) -> anyhow::Result<AptConfig> {
-        let dir = work.join("apt").join(suite);
+    fn new(work: &Path, suite: &str, arch: &str) -> anyhow::Result<AptConfig> {
+        // amd64 is the host's: its lists keep the directory they always had.
+        let foreign = arch != "amd64";
+        let dir = work.join("apt").join(if foreign { format!("{suite}-{arch}") } else { suite.to_owned() });
         for sub in ["lists/partial", "cache/archives/partial"] {
             fs::create_dir_all(dir.join(sub))?;
         }
@@ -486,7 +602,13 @@ impl AptConfig {
                  Dir::Cache \"{d}/cache\";\n\
                  Dir::State::status \"/dev/null\";\n\
                  Acquire::Languages \"none\";\n\
-                 APT::Sandbox::User \"root\";\n"
+                 APT::Sandbox::User \"root\";\n\
+                 {}",
+                if foreign {
+                    format!("APT::Architecture \"{arch}\";\nAPT::Architectures {{ \"{arch}\"; }};\n")
+                } else {
+                    String::new()
+                }
             ),
         )?;
         Ok(AptConfig { conf })
@@ -500,8 +622,8 @@ impl AptConfig {
 }
 
 /// `boot/vmlinuz-*` and the modules of [`MODULES`] out of the package, once per ABI.
-fn extract(abi: &str, deb: &Path, work: &Path) -> anyhow::Result<PathBuf> {
-    let kdir = work.join("k").join(abi);
+fn extract(abi: &str, arch: Arch, deb: &Path, work: &Path) -> anyhow::Result<PathBuf> {
+    let kdir = work.join("k").join(cache_name(abi, arch));
     let done = kdir.join(".complete");
     if done.exists() {
         return Ok(kdir);
@@ -518,7 +640,7 @@ fn extract(abi: &str, deb: &Path, work: &Path) -> anyhow::Result<PathBuf> {
     let text = String::from_utf8_lossy(&listing.stdout);
     let members: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().nth(5)).collect();
     let mut wanted: Vec<String> = Vec::new();
-    let vmlinuz = format!("./boot/vmlinuz-{abi}-amd64");
+    let vmlinuz = format!("./boot/vmlinuz-{abi}-{}", deb_arch(arch));
     if !members.contains(&vmlinuz.as_str()) {
         bail!("{} has no {vmlinuz}", deb.display());
     }
@@ -572,27 +694,180 @@ poweroff -f
     )
 }
 
-fn build_initramfs(k: &Kernel, kdir: &Path, bins: &Bins, out: &Path) -> anyhow::Result<()> {
+/// Where the guest's busybox, `ip` and `tc` come from.
+enum Userland {
+    /// The host's own (an x86_64 guest): their libraries are those `ldd` finds.
+    Host,
+    /// Debian's packages for the guest's architecture, unpacked in this directory.
+    Sysroot(PathBuf),
+}
+
+/// Packages of a foreign guest's userland: busybox, iproute2 and the libraries `ip` and `tc`
+/// load (a missing one fails the initramfs build, naming it).
+const USERLAND_PACKAGES: &[&str] = &[
+    "busybox-static",
+    "iproute2",
+    "libc6",
+    "libbpf1",
+    "libbsd0",
+    "libcap2",
+    "libelf1",
+    "libmd0",
+    "libmnl0",
+    "libxtables12",
+    "zlib1g",
+];
+
+/// Debian's userland packages for `k`'s architecture, downloaded with the private apt
+/// configuration and unpacked (never installed) once into `target/kernels/userland-SUITE-ARCH/`.
+fn sysroot(k: &Kernel, work: &Path) -> anyhow::Result<PathBuf> {
+    let arch = deb_arch(k.arch);
+    let dir = work.join(format!("userland-{}-{arch}", k.suite));
+    // The stamp holds the package list: a changed list unpacks afresh.
+    let done = dir.join(".complete");
+    let stamp = USERLAND_PACKAGES.join("\n");
+    if fs::read_to_string(&done).is_ok_and(|s| s == stamp) {
+        return Ok(dir);
+    }
+    let debs = work.join("dl").join(format!("userland-{}-{arch}", k.suite));
+    for d in [&dir, &debs] {
+        if d.exists() {
+            fs::remove_dir_all(d)?;
+        }
+        fs::create_dir_all(d)?;
+    }
+    let apt = AptConfig::new(work, k.suite, arch)?;
+    eprintln!(
+        "xtask: downloading Debian {}'s {arch} busybox and iproute2 (private apt config {})",
+        k.suite,
+        apt.conf.display()
+    );
+    run_cmd(apt.command(&["apt-get", "-q", "update"]))?;
+    let mut argv = vec!["apt-get", "-q", "download"];
+    argv.extend(USERLAND_PACKAGES);
+    let mut get = apt.command(&argv);
+    get.current_dir(&debs);
+    run_cmd(get)?;
+    for entry in fs::read_dir(&debs)? {
+        let mut x = Command::new("dpkg-deb");
+        x.arg("-x").arg(entry?.path()).arg(&dir);
+        run_cmd(x)?;
+    }
+    fs::write(done, stamp)?;
+    Ok(dir)
+}
+
+/// `path` inside `root`, its symbolic links followed inside `root` too (an unpacked package's
+/// absolute links point into the guest's tree, not the host's).
+fn in_root(root: &Path, path: &str) -> anyhow::Result<PathBuf> {
+    let mut p = root.join(path.trim_start_matches('/'));
+    for _ in 0..16 {
+        let Ok(meta) = fs::symlink_metadata(&p) else { return Ok(p) };
+        if !meta.file_type().is_symlink() {
+            return Ok(p);
+        }
+        let target = fs::read_link(&p)?;
+        p = match target.strip_prefix("/") {
+            Ok(inside) => root.join(inside),
+            Err(_) => p.parent().expect("a link has a parent").join(target),
+        };
+    }
+    bail!("too many levels of symbolic links at {}", p.display())
+}
+
+/// (initramfs path, file) of the interpreter and of every library `bin` needs, recursively,
+/// found in the unpacked `root` (with `readelf`: the host cannot run a foreign `ldd`).
+fn sysroot_libs(root: &Path, bin: &Path, arch: Arch) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let multiarch = format!("{}-linux-gnu", arch.name);
+    let dirs = [format!("lib/{multiarch}"), format!("usr/lib/{multiarch}")];
+    let mut found = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![bin.to_owned()];
+    while let Some(file) = todo.pop() {
+        let out =
+            Command::new("readelf").args(["-d", "-l"]).arg(&file).output().context("readelf (binutils)")?;
+        if !out.status.success() {
+            bail!("readelf {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines() {
+            if let Some((_, interp)) = line.split_once("[Requesting program interpreter: ") {
+                let interp = interp.trim_end_matches(']');
+                if seen.insert(interp.to_owned()) {
+                    found.push((interp.trim_start_matches('/').to_owned(), in_root(root, interp)?));
+                }
+            } else if line.contains("(NEEDED)") {
+                let Some((_, name)) = line.split_once('[') else { continue };
+                let name = name.trim_end_matches(']');
+                if !seen.insert(name.to_owned()) {
+                    continue;
+                }
+                let mut lib = None;
+                for d in &dirs {
+                    let p = in_root(root, &format!("{d}/{name}"))?;
+                    if p.is_file() {
+                        lib = Some(p);
+                        break;
+                    }
+                }
+                let lib = lib.with_context(|| {
+                    format!(
+                        "{name} (needed by {}) is in none of the packages {USERLAND_PACKAGES:?}",
+                        file.display()
+                    )
+                })?;
+                found.push((format!("lib/{multiarch}/{name}"), lib.clone()));
+                todo.push(lib);
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn build_initramfs(
+    k: &Kernel,
+    kdir: &Path,
+    bins: &Bins,
+    userland: &Userland,
+    out: &Path,
+) -> anyhow::Result<()> {
     let mut cpio = Cpio::default();
     for d in ["proc", "sys", "dev", "run", "tmp", "var", "etc", "sbin", "usr/sbin", "usr/bin", "lib/modules"]
     {
         cpio.dir(d);
     }
     cpio.file("init", 0o755, init_script(k).as_bytes());
-    cpio.file("bin/busybox", 0o755, &fs::read("/bin/busybox").context("/bin/busybox (busybox-static)")?);
+    let [busybox, ip, tc] = match userland {
+        Userland::Host => ["/bin/busybox", "/usr/sbin/ip", "/usr/sbin/tc"].map(PathBuf::from),
+        Userland::Sysroot(root) => {
+            [in_root(root, "/bin/busybox")?, in_root(root, "/bin/ip")?, in_root(root, "/sbin/tc")?]
+        }
+    };
+    cpio.file(
+        "bin/busybox",
+        0o755,
+        &fs::read(&busybox).with_context(|| format!("{} (busybox-static)", busybox.display()))?,
+    );
     let mut libs = BTreeSet::new();
     for (src, dst) in [
-        (Path::new("/usr/sbin/ip"), "usr/sbin/ip"),
-        (Path::new("/usr/sbin/tc"), "usr/sbin/tc"),
+        (ip.as_path(), "usr/sbin/ip"),
+        (tc.as_path(), "usr/sbin/tc"),
         (bins.bindtrace.as_path(), "usr/bin/bindtrace"),
         (bins.matrix.as_path(), "usr/bin/bindtrace-matrix"),
     ] {
         cpio.file(dst, 0o755, &fs::read(src).with_context(|| format!("reading {}", src.display()))?);
-        libs.extend(shared_libs(src)?);
+        match userland {
+            Userland::Host => libs.extend(
+                shared_libs(src)?
+                    .into_iter()
+                    .map(|l| (l.trim_start_matches('/').to_owned(), PathBuf::from(l))),
+            ),
+            Userland::Sysroot(root) => libs.extend(sysroot_libs(root, src, k.arch)?),
+        }
     }
-    for lib in libs {
-        let data = fs::read(&lib).with_context(|| format!("reading {lib}"))?;
-        cpio.file(lib.trim_start_matches('/'), 0o755, &data);
+    for (dst, src) in libs {
+        let data = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+        cpio.file(&dst, 0o755, &data);
     }
     for m in MODULES {
         let path = find_file(&kdir.join("lib/modules"), &format!("{m}.ko"))?

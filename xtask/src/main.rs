@@ -6,6 +6,8 @@ mod dist;
 mod image;
 mod kernels;
 mod lint;
+mod oci;
+mod soak;
 mod test;
 mod util;
 
@@ -26,13 +28,15 @@ enum Task {
     Test(test::Options),
     /// The benchmark: bindtrace against no tracer and bpftrace on the reset path (BENCHMARKS.md).
     Bench(bench::Options),
-    /// The release tarball: a static x86_64 binary, reproducible, with its sha256 (target/dist).
+    /// The release tarballs: static x86_64 and aarch64 binaries, reproducible, with sha256s (target/dist).
     Dist(dist::Options),
     /// The Debian package target/dist/bindtrace_VERSION_amd64.deb (the dist binary, unit, man page).
     Deb(deb::Options),
     /// Validate deploy/kubernetes, the workflows and the systemd unit offline (and broken copies fail).
     DeployCheck(deploy_check::Options),
-    /// The container image bindtrace:VERSION and :latest, FROM scratch with the dist binary.
+    /// The soak: bindtrace under namespace, container and runtime churn for N minutes (leaks, lost counts).
+    Soak(soak::Options),
+    /// The container image bindtrace:VERSION and :latest, FROM scratch with the dist binary (--oci DIR: amd64+arm64 OCI layout).
     Image(image::Options),
     /// The kernel matrix: the core scenarios on Debian's 6.1 and 5.10 under qemu, and natively.
     Kernels(kernels::Options),
@@ -54,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Task::Test(opts) => test::run(&opts),
         Task::Kernels(opts) => kernels::run(&opts),
         Task::Bench(opts) => bench::run(&opts),
+        Task::Soak(opts) => soak::run(&opts),
         Task::Dist(opts) => dist::run(&opts),
         Task::Image(opts) => image::run(&opts),
         Task::Deb(opts) => deb::run(&opts),

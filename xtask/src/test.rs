@@ -1,7 +1,8 @@
 //! The whole test suite, in the order that fails fastest: lint, unit tests (no root), the
 //! deploy/ artefacts (promtool; `deploy-check` for Kubernetes, the workflows and the unit),
-//! release build, the image (`dist`'s static binary) and the .deb, then the integration tests, which need root and run one at a time because they load eBPF programs and
-//! create network namespaces.
+//! release build, the image (`dist`'s static binary), the aarch64 dist and the OCI layout, the
+//! .deb, then the integration tests, which need root and run one at a time because they load
+//! eBPF programs and create network namespaces.
 use crate::util::{Tally, cargo, root, run_cmd, run_tests};
 
 #[derive(clap::Args)]
@@ -44,6 +45,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         Vec::new()
     };
 
+    // The aarch64 dist tarball and the amd64 + arm64 OCI layout: tests/tests/dist.rs runs the
+    // aarch64 binary under qemu-user and reads the layout with skopeo.
+    let oci_started = std::time::Instant::now();
+    let oci = root().join("target/dist/oci");
+    crate::image::build_oci(&oci)?;
+    eprintln!("xtask: the aarch64 dist and the OCI layout took {:.0?}", oci_started.elapsed());
+
     // The .deb from the same dist binary: tests/tests/deb.rs installs, runs and purges it.
     let deb_started = std::time::Instant::now();
     let deb = crate::deb::build()?;
@@ -55,6 +63,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         .arg("--test-threads=1")
         .env("BINDTRACE_BIN", root().join("target/release/bindtrace"))
         .env("BINDTRACE_DEB", &deb)
+        .env("BINDTRACE_DIST", root().join("target/dist"))
+        .env("BINDTRACE_OCI", &oci)
         .env("BINDTRACE_IMAGE", image_tags.last().map_or("bindtrace:latest", String::as_str));
     if let Some(filter) = &opts.filter {
         integration.arg(filter);
@@ -66,6 +76,8 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         // The benchmark's smoke run: the harness works end to end (exact counts, every phase
         // produces its figures); no timing is asserted.
         bench_smoke(&mut tally)?;
+        // The soak's short mode: three minutes of churn, no lost count, nothing growing.
+        soak_short(&mut tally)?;
     }
     if !opts.no_kernels && opts.filter.is_none() {
         // Each kernel's checks count as tests; the matrix's table is in target/kernels/report.md.
@@ -99,6 +111,24 @@ fn bench_smoke(tally: &mut Tally) -> anyhow::Result<()> {
             tally.failed += 1;
             println!("{} passed, {} failed", tally.passed, tally.failed);
             Err(e.context("the benchmark's smoke run (`sudo ./x bench --short`) failed"))
+        }
+    }
+}
+
+/// `sudo ./x soak --minutes 3`: the first minute is the warm-up, the next two are checked.
+fn soak_short(tally: &mut Tally) -> anyhow::Result<()> {
+    crate::bench::build()?;
+    match run_cmd(crate::soak::command(3, Some(1))) {
+        Ok(()) => {
+            println!("test soak --minutes 3 ... ok");
+            tally.passed += 1;
+            Ok(())
+        }
+        Err(e) => {
+            println!("test soak --minutes 3 ... FAILED");
+            tally.failed += 1;
+            println!("{} passed, {} failed", tally.passed, tally.failed);
+            Err(e.context("the soak's short run (`sudo ./x soak --minutes 3`) failed"))
         }
     }
 }
