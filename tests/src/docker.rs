@@ -15,7 +15,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::net::unique;
@@ -229,43 +229,13 @@ impl Container {
     /// Waits until the container's main process listens on `port` (read from its namespace's
     /// /proc/net/tcp{,6}); panics after 10 s.
     pub fn wait_listening(&self, port: u16) {
-        let pid = self.pid();
-        let want = format!(":{port:04X} ");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let listening = ["tcp", "tcp6"].iter().any(|t| {
-                std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
-                    .unwrap_or_default()
-                    .lines()
-                    .any(|l| l.split_whitespace().nth(3) == Some("0A") && l.contains(&want))
-            });
-            if listening {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{} never listened on {port}", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::proc::wait_socket(self.pid(), port, crate::proc::Bound::TcpListening, &self.name);
     }
 
     /// Waits until a UDP socket of the container's namespace is bound to `port` and not
     /// connected (read from its /proc/net/udp{,6}); panics after 10 s.
     pub fn wait_udp_bound(&self, port: u16) {
-        let pid = self.pid();
-        let want = format!(":{port:04X} ");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let bound = ["udp", "udp6"].iter().any(|t| {
-                std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
-                    .unwrap_or_default()
-                    .lines()
-                    .any(|l| l.split_whitespace().nth(3) == Some("07") && l.contains(&want))
-            });
-            if bound {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{} never bound UDP port {port}", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::proc::wait_socket(self.pid(), port, crate::proc::Bound::Udp, &self.name);
     }
 
     /// Waits for the container to exit; returns its exit code.

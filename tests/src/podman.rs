@@ -165,22 +165,7 @@ impl Container {
 
     /// Waits until the container's main process listens on `port`; panics after 10 s.
     pub fn wait_listening(&self, port: u16) {
-        let pid = self.pid();
-        let want = format!(":{port:04X} ");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let listening = ["tcp", "tcp6"].iter().any(|t| {
-                std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
-                    .unwrap_or_default()
-                    .lines()
-                    .any(|l| l.split_whitespace().nth(3) == Some("0A") && l.contains(&want))
-            });
-            if listening {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{} never listened on {port}", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::proc::wait_socket(self.pid(), port, crate::proc::Bound::TcpListening, &self.name);
     }
 }
 

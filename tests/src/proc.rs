@@ -2,6 +2,7 @@
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 const LISTENER_PY: &str = include_str!("listener.py");
@@ -37,6 +38,40 @@ pub fn root_or_skip() -> bool {
     }
     skip("needs root");
     false
+}
+
+/// Which kind of socket [`wait_socket`] waits for.
+#[derive(Clone, Copy)]
+pub enum Bound {
+    /// A TCP socket in LISTEN (state 0A in /proc/net/tcp{,6}).
+    TcpListening,
+    /// An unconnected UDP socket (state 07 in /proc/net/udp{,6}).
+    Udp,
+}
+
+/// Waits until the network namespace of `pid` has a socket of `kind` on `port` (read from
+/// its /proc/PID/net tables, so no tool is needed in the container); panics after 10 s,
+/// naming `who`.
+pub fn wait_socket(pid: u32, port: u16, kind: Bound, who: &str) {
+    let (tables, state, what) = match kind {
+        Bound::TcpListening => (["tcp", "tcp6"], "0A", "listened on"),
+        Bound::Udp => (["udp", "udp6"], "07", "bound UDP port"),
+    };
+    let want = format!(":{port:04X} ");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = tables.iter().any(|t| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{t}"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.split_whitespace().nth(3) == Some(state) && l.contains(&want))
+        });
+        if found {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{who} never {what} {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A python listener (see listener.py) running in a namespace; killed on drop.
