@@ -32,6 +32,16 @@ pub fn binary() -> String {
     std::env::var("BINDTRACE_BIN").expect("BINDTRACE_BIN: run these tests through `sudo ./x test`")
 }
 
+/// The pids of every process holding listener number `listener` of a refused line.
+pub fn listener_pids(line: &Value, listener: usize) -> Vec<u64> {
+    line["listeners"][listener]["pids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("listener {listener} has no pids: {line}"))
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect()
+}
+
 /// Interface churn ("watching vethX", "left scope") is logged at debug level, and tests wait
 /// for those lines: without `-v`, this raises that module alone, so stderr stays as a user
 /// sees it otherwise.

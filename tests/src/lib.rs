@@ -12,7 +12,7 @@ pub mod podman;
 pub mod proc;
 pub mod tc_recovery;
 
-pub use bindtrace::{Bindtrace, Hook};
+pub use bindtrace::{Bindtrace, Hook, listener_pids};
 pub use native::NativeListener;
 pub use net::{Container, Netns, Topology, connect, snmp_out_rsts};
 pub use proc::{Listener, in_ci, is_root, root_or_skip, skip};

@@ -3,9 +3,9 @@
 use std::{net::IpAddr, time::Duration};
 
 use bindtrace_tests::{
-    Bindtrace, Container, Hook, Listener, Netns, Topology, connect, root_or_skip, snmp_out_rsts,
+    Bindtrace, Container, Hook, Listener, Netns, Topology, connect, listener_pids, root_or_skip,
+    snmp_out_rsts,
 };
-use serde_json::Value;
 
 /// Instantiates a scenario `fn name(hook: Hook)` once per hook.
 macro_rules! for_each_hook {
@@ -35,15 +35,6 @@ fn refused(c: &Container, host: &Netns, addr: IpAddr, port: u16) {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "to {addr}:{port} from {}", c.ns.name);
 }
 
-fn pids(line: &Value, listener: usize) -> Vec<u64> {
-    line["listeners"][listener]["pids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["pid"].as_u64().unwrap())
-        .collect()
-}
-
 fn loopback_v4(hook: Hook) {
     let mut topo = Topology::new();
     let c = topo.container();
@@ -65,7 +56,7 @@ fn loopback_v4(hook: Hook) {
     assert_eq!(line["count"], 1);
     assert_eq!(line["listeners"][0]["ip"], "127.0.0.1");
     assert_eq!(line["listeners"][0]["port"], 8000);
-    assert_eq!(pids(&line, 0), vec![server.pid() as u64]);
+    assert_eq!(listener_pids(&line, 0), vec![server.pid() as u64]);
     assert_eq!(line["listeners"][0]["pids"][0]["comm"], "python3");
     let hint = line["hint"].as_str().unwrap();
     assert!(hint.contains("0.0.0.0:8000") && hint.contains("-p 127.0.0.1:8000:8000"), "{hint}");

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bindtrace_tests::{Bindtrace, Hook, Netns, Topology, connect, root_or_skip};
+use bindtrace_tests::{Bindtrace, Hook, Netns, Topology, connect, listener_pids, root_or_skip};
 use serde_json::Value;
 
 /// Instantiates a scenario `fn name(hook: Hook)` for each hook that counts UDP.
@@ -109,15 +109,6 @@ fn expect_udp(bt: &Bindtrace, port: u16, family: &str) -> Value {
     })
 }
 
-fn pids(line: &Value, listener: usize) -> Vec<u64> {
-    line["listeners"][listener]["pids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["pid"].as_u64().unwrap())
-        .collect()
-}
-
 fn loopback_v4(hook: Hook) {
     let mut topo = Topology::new();
     let c = topo.container();
@@ -135,7 +126,7 @@ fn loopback_v4(hook: Hook) {
     assert_eq!(line["count"], 1);
     assert_eq!(line["listeners"][0]["ip"], "127.0.0.1");
     assert_eq!(line["listeners"][0]["port"], 5301);
-    assert_eq!(pids(&line, 0), vec![server.pid() as u64]);
+    assert_eq!(listener_pids(&line, 0), vec![server.pid() as u64]);
     let hint = line["hint"].as_str().unwrap();
     // The server's command line has the loopback address, so the fix replaces it there.
     assert!(hint.contains("Bind to 0.0.0.0:5301") && hint.ends_with("-p 127.0.0.1:5301:5301/udp"), "{hint}");
@@ -156,7 +147,7 @@ fn loopback_v6(hook: Hook) {
     assert_eq!(line["verdict"], "loopback_only", "{line:#}");
     assert_eq!(line["target_ip"], c.ipv6.to_string());
     assert_eq!(line["listeners"][0]["ip"], "::1");
-    assert_eq!(pids(&line, 0), vec![server.pid() as u64]);
+    assert_eq!(listener_pids(&line, 0), vec![server.pid() as u64]);
 }
 
 fn wrong_family_over_ipv6(hook: Hook) {
