@@ -67,48 +67,44 @@ pub(crate) fn show_prefix(p: &Prefix) -> String {
 /// link-local ones left out: every interface has one, and they are not how containers are
 /// reached).
 pub(crate) fn interface_prefixes(names: &[String]) -> io::Result<BTreeSet<Prefix>> {
-    let mut out = BTreeSet::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `ifap` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: `cur` walks the list getifaddrs returned, which stays valid until freed.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_netmask.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_name is a NUL-terminated string.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
-        if !names.iter().any(|n| *n == name) {
-            continue;
-        }
-        // SAFETY: the address and mask point to sockaddrs of the family they declare.
-        let (addr, mask) = unsafe { (sockaddr_ip(ifa.ifa_addr), sockaddr_ip(ifa.ifa_netmask)) };
-        let (Some(addr), Some(mask)) = (addr, mask) else { continue };
-        if let IpAddr::V6(a) = addr
-            && a.segments()[0] & 0xffc0 == 0xfe80
-        {
-            continue;
-        }
-        let len = match mask {
-            IpAddr::V4(m) => u32::from(m).count_ones(),
-            IpAddr::V6(m) => u128::from(m).count_ones(),
-        } as u8;
-        out.insert(prefix_of(addr, len));
-    }
-    // SAFETY: frees the list getifaddrs allocated, once.
-    unsafe { libc::freeifaddrs(ifap) };
-    Ok(out)
+    Ok(interface_addresses()?
+        .into_iter()
+        .filter(|a| names.contains(&a.name))
+        .filter_map(|a| {
+            let len = match a.mask? {
+                IpAddr::V4(m) => u32::from(m).count_ones(),
+                IpAddr::V6(m) => u128::from(m).count_ones(),
+            } as u8;
+            Some(prefix_of(a.addr, len))
+        })
+        .collect())
 }
 
 /// The addresses (link-local ones left out) of interface `ifindex` in the calling thread's
 /// network namespace: what a SYN that came in on it could have been sent to, when the line has
 /// no sample that says.
 pub(crate) fn addresses_of_interface(ifindex: u32) -> io::Result<Vec<IpAddr>> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname writes at most.
+    if unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) }.is_null() {
+        // No such interface (any more): it has no addresses.
+        return Ok(Vec::new());
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+    let name = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+    Ok(interface_addresses()?.into_iter().filter(|a| a.name == name).map(|a| a.addr).collect())
+}
+
+/// One address of one interface, as getifaddrs lists it.
+struct InterfaceAddress {
+    name: String,
+    addr: IpAddr,
+    mask: Option<IpAddr>,
+}
+
+/// Every IPv4 and IPv6 address of this thread's network namespace, IPv6 link-local ones left
+/// out, read in one getifaddrs walk that the callers above filter.
+fn interface_addresses() -> io::Result<Vec<InterfaceAddress>> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `ifap` with a list we free below.
@@ -120,11 +116,7 @@ pub(crate) fn addresses_of_interface(ifindex: u32) -> io::Result<Vec<IpAddr>> {
         // SAFETY: `cur` walks the list getifaddrs returned, which stays valid until freed.
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
-        // SAFETY: ifa_name is a NUL-terminated string (checked non-null first).
-        if ifa.ifa_addr.is_null()
-            || ifa.ifa_name.is_null()
-            || unsafe { libc::if_nametoindex(ifa.ifa_name) } != ifindex
-        {
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
             continue;
         }
         // SAFETY: the address points to a sockaddr of the family it declares.
@@ -132,7 +124,11 @@ pub(crate) fn addresses_of_interface(ifindex: u32) -> io::Result<Vec<IpAddr>> {
         if matches!(addr, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80) {
             continue;
         }
-        out.push(addr);
+        // SAFETY: as for the address, when the mask is there.
+        let mask = if ifa.ifa_netmask.is_null() { None } else { unsafe { sockaddr_ip(ifa.ifa_netmask) } };
+        // SAFETY: ifa_name is a NUL-terminated string (checked non-null above).
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        out.push(InterfaceAddress { name, addr, mask });
     }
     // SAFETY: frees the list getifaddrs allocated, once.
     unsafe { libc::freeifaddrs(ifap) };
