@@ -253,6 +253,14 @@ fn every_thread_keeps_only_the_documented_capabilities() {
     }
 }
 
+/// `(ports checked, namespace reads)` of an "audit pass: N ports checked, M namespace reads" line.
+fn audit_pass(line: &str) -> Option<(u64, u64)> {
+    let rest = line.split("audit pass: ").nth(1)?;
+    let (checked, rest) = rest.split_once(" ports checked, ")?;
+    let (reads, _) = rest.split_once(" namespace reads")?;
+    Some((checked.parse().ok()?, reads.parse().ok()?))
+}
+
 /// `n` consecutive host ports that are free now.
 fn free_range(n: u16) -> u16 {
     (20..60)
@@ -274,10 +282,23 @@ fn a_thousand_published_ports_cost_one_namespace_read_per_pass() {
     let c = Container::run(&img, &["-p", &range], &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"]);
     c.wait_listening(8000);
     let mut bt = Bindtrace::start_here(&["-v", "--audit-grace", "0s"]);
+    // Other containers on this host (the machine's own Docker is shared) add their ports to a
+    // pass, each at most one read: alone, the line reads "1000 ports checked, 1 namespace
+    // reads"; a read per port would make it at least 1000 reads whatever else runs.
+    let mut pass = None;
+    bt.wait_until_stderr(WAIT, |lines| {
+        pass = lines.iter().find_map(|l| audit_pass(l).filter(|&(checked, _)| checked >= 1000));
+        pass.is_some()
+    });
+    let (checked, reads) = pass.unwrap_or_else(|| {
+        panic!(
+            "no audit pass with our 1000 ports:\n{}",
+            bt.stderr().lines().filter(|l| l.contains("audit pass")).collect::<Vec<_>>().join("\n")
+        )
+    });
     assert!(
-        bt.wait_stderr("audit pass: 1000 ports checked, 1 namespace reads", WAIT),
-        "one read for 1000 ports:\n{}",
-        bt.stderr().lines().filter(|l| l.contains("audit pass")).collect::<Vec<_>>().join("\n")
+        (1..=1 + (checked - 1000)).contains(&reads),
+        "one read for our 1000 ports, at most one per other port: {checked} ports checked, {reads} namespace reads"
     );
     // Counted after the exit flush: every line written is in.
     assert_eq!(bt.stop(), Some(0), "{}", bt.stderr());
