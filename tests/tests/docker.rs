@@ -73,6 +73,19 @@ fn wait_stderr_count(bt: &Bindtrace, needle: &str, also: &str, n: usize) {
     panic!("stderr never had {n} lines with {needle:?} and {also:?}:\n{}", bt.stderr());
 }
 
+/// Connects to `to` until a line matching `pred` comes (at most 30 tries, each waiting up to
+/// 100 ms for the line): for refusals that may land in a moment bindtrace cannot attribute
+/// yet (a namespace being watched, an inventory being read), where one dial is not enough.
+fn connect_until_line(bt: &Bindtrace, to: SocketAddr, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+    for _ in 0..30 {
+        let _ = TcpStream::connect_timeout(&to, Duration::from_secs(2));
+        if bt.has_line_within(Duration::from_millis(100), &pred) {
+            return bt.lines().into_iter().find(|l| pred(l));
+        }
+    }
+    None
+}
+
 /// 1. The classic: a loopback-bound server behind `-p`; curl gets an empty reply or a reset,
 ///    bindtrace names the container, the published port, docker-proxy and the httpd pid. The
 ///    same server bound to 0.0.0.0 serves the page and causes no event.
@@ -377,15 +390,9 @@ fn docker_socket_goes_away_and_comes_back() {
     let c = run(&img, &["-p", &format!("{port}:8000")], &httpd("127.0.0.1", 8000));
     c.wait_listening(8000);
     let ip = c.ip("bridge");
-    let mut caught = None;
-    for _ in 0..30 {
-        let _ = TcpStream::connect_timeout(&SocketAddr::new(ip, 8000), Duration::from_secs(2));
-        caught = bt.lines().into_iter().find(|l| l["event"] == "refused" && l["target_ip"] == ip.to_string());
-        if caught.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let caught = connect_until_line(&bt, SocketAddr::new(ip, 8000), |l| {
+        l["event"] == "refused" && l["target_ip"] == ip.to_string()
+    });
     let line = caught.unwrap_or_else(|| panic!("no refusal while Docker was away:\n{}", bt.stderr()));
     assert_eq!(line["verdict"], "loopback_only", "{line:#}");
     assert!(line["container"].is_null(), "{line:#}");
@@ -583,16 +590,9 @@ fn a_dead_containers_inode_names_no_new_namespace_while_docker_is_away() {
     assert!(bt.wait_stderr(&format!("(netns {inode},"), WAIT), "never watched:\n{}", bt.stderr());
     // The inventory knows it: a refusal there is named after it.
     let ip = dead.ip(&net.name);
-    let mut named = None;
-    for _ in 0..30 {
-        let _ = TcpStream::connect_timeout(&SocketAddr::new(ip, 8080), Duration::from_secs(2));
-        named =
-            bt.lines().into_iter().find(|l| l["event"] == "refused" && l["container"]["name"] == dead.name);
-        if named.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let named = connect_until_line(&bt, SocketAddr::new(ip, 8080), |l| {
+        l["event"] == "refused" && l["container"]["name"] == dead.name
+    });
     assert!(named.is_some(), "the container was never named:\n{}", bt.stderr());
 
     relay.stop();
