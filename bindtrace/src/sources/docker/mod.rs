@@ -95,6 +95,14 @@ pub(crate) enum Runtime {
 }
 
 impl Runtime {
+    /// As reports and `bindtrace check` names spell it (`docker:NAME`).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Docker => "docker",
+            Runtime::Podman => "podman",
+        }
+    }
+
     /// How log lines name it.
     pub(crate) fn title(self) -> &'static str {
         match self {
