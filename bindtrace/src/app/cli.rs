@@ -175,8 +175,9 @@ pub(crate) struct Args {
 
 #[derive(Debug, Clone, Subcommand)]
 pub(crate) enum Command {
-    /// Audit every running container's published ports once and exit: 0 all reachable, 1 any
-    /// loopback-only, 2 other misbindings, 3 the check could not run.
+    /// Audit every running container's published ports once, in every runtime, and exit: 0 all
+    /// reachable, 1 any loopback-only, 2 other misbindings, 3 the check could not run, 4 a
+    /// named container or pod is not running.
     Check(CheckArgs),
     /// Say whether bindtrace can work here and, where not, what to do: one line per check
     /// (kernel, BTF, hooks, capabilities, lockdown, namespaces, runtimes, bridges, metrics

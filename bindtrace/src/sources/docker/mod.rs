@@ -25,9 +25,8 @@ pub(crate) const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 /// `podman.socket` unit), followed next to Docker's.
 pub(crate) const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 
-/// The one socket `bindtrace check` reads: `--docker-host`, else `DOCKER_HOST`, else Docker's
-/// default socket when it exists, else podman's when that exists, else Docker's (so the error
-/// names it). Only unix sockets are supported (`unix:///path` or a plain path).
+/// One socket: `--docker-host`, else `DOCKER_HOST`, else Docker's default socket when it
+/// exists, else podman's when that exists, else Docker's (so the error names it). Only unix sockets are supported (`unix:///path` or a plain path).
 pub(crate) fn socket_path(flag: Option<&str>) -> Result<PathBuf, String> {
     match given_socket(flag) {
         Some(given) => given,
