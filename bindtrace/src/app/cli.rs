@@ -46,6 +46,13 @@ pub(crate) struct Args {
     #[arg(long, value_name = "SOCKET")]
     pub(crate) docker_host: Vec<String>,
 
+    /// Where podman's sockets appear after start, followed then without a restart:
+    /// DIR/podman/podman.sock (rootful) and DIR/user/UID/podman/podman.sock (each user's,
+    /// once DIR/user/UID is mounted at login). Default: /run, watched unless --docker-host or
+    /// $DOCKER_HOST names the sockets.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_docker")]
+    pub(crate) run_dir: Option<std::path::PathBuf>,
+
     /// Do not talk to Docker: no container names, published ports, audit or network following.
     #[arg(long, conflicts_with = "docker_host")]
     pub(crate) no_docker: bool,
