@@ -211,7 +211,8 @@ fn check_both(service: &Service, args: &[&str]) -> (Option<i32>, String, String)
 /// 4. One name in Docker and in podman: `bindtrace check NAME` consults both and is ambiguous
 ///    (exit 3, both listed by qualified name); `docker:NAME` and `podman:NAME` pick one each
 ///    (exit 1, loopback-only); a name nobody runs exits 4. The metrics tell the two apart by
-///    their `runtime` label: one series each, each counting its own refusal.
+///    their `runtime` label: one series each, each counting its own refusal, in a scrape and
+///    in a real Prometheus.
 #[test]
 fn one_name_in_docker_and_podman() {
     if skip() {
@@ -259,8 +260,9 @@ fn one_name_in_docker_and_podman() {
     let (code, stdout, stderr) = check_both(&service, &[&docker::unique_name("nobody")]);
     assert_eq!(code, Some(4), "not found: {stdout}{stderr}");
 
-    // The metrics: bindtrace on a free loopback port of its own.
+    // The metrics: bindtrace on a free loopback port of its own, a real Prometheus scraping it.
     let maddr = format!("127.0.0.1:{}", free_port());
+    let prom = bindtrace_tests::metrics::Prometheus::start_here(&maddr);
     let mut cmd = Command::new(binary());
     cmd.args(["--format", "json", "--metrics-addr", &maddr, "--audit-grace", "1s"]).args([
         "--docker-host",
@@ -304,6 +306,17 @@ fn one_name_in_docker_and_podman() {
             scrape.series("bindtrace_loopback_listeners", &[("container", &name), ("runtime", runtime)]);
         assert_eq!(gauge.len(), 1, "{runtime}: {}", scrape.text);
     }
+    // Prometheus sees the same: one series per runtime, 1 each, 2 by container.
+    let deadline = std::time::Instant::now() + WAIT;
+    let by =
+        |runtime: &str| format!("{refused}{{job=\"bindtrace\",container=\"{name}\",runtime=\"{runtime}\"}}");
+    while prom.value(&by("podman")).is_none() || prom.value(&by("docker")).is_none() {
+        assert!(std::time::Instant::now() < deadline, "Prometheus never scraped both:\n{}", prom.stderr());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!((prom.value(&by("docker")), prom.value(&by("podman"))), (Some(1.0), Some(1.0)));
+    assert_eq!(prom.value(&format!("sum by (container) ({refused}{{container=\"{name}\"}})")), Some(2.0));
+    drop(prom);
     assert_eq!(bt.stop(), Some(0), "{}", bt.stderr());
 }
 
