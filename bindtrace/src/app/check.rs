@@ -7,10 +7,11 @@
 //! an ambiguous name), 4 when a named container or pod is not running.
 //!
 //! Every runtime is consulted, as the daemon follows them: each socket `--docker-host` names,
-//! else Docker's and podman's that exist. One that does not answer is an error (exit 3), but the
+//! else Docker's and podman's that exist (each user's podman socket under /run/user too). One that does not answer is an error (exit 3), but the
 //! others' containers are still checked and shown.
 use std::{
     io::{self, Write},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -73,11 +74,23 @@ pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
         Ok(w) => w,
         Err(e) => return cannot_run(&e),
     };
-    let sockets = match docker::socket_paths(&args.docker_host) {
-        Ok(s) => s,
+    let (sockets, user_sockets) = match docker::socket_plan(&args.docker_host, None) {
+        Ok((sockets, watched)) => with_present(sockets, watched.map(|p| p.sockets()).unwrap_or_default()),
         Err(e) => return cannot_run(&e),
     };
     let (all, answered, mut errors) = inventories(sockets).await;
+    // A user's socket found only by the scan may be a leftover of a session that ended: it is
+    // said, not an error (named and default sockets are).
+    let (stale_users, real): (Vec<String>, Vec<String>) = errors
+        .drain(..)
+        .partition(|e| user_sockets.iter().any(|u| e.starts_with(&format!("{}:", u.display()))));
+    errors = real;
+    for e in &stale_users {
+        eprintln!(
+            "bindtrace check: skipping a user's podman socket that does not answer: {}",
+            crate::sinks::escape::escaped(e)
+        );
+    }
     if answered == 0 {
         return cannot_run(&errors.join("; "));
     }
@@ -163,7 +176,7 @@ async fn check_container(
 /// Every runtime's running containers (one snapshot per socket, all at once so that one that
 /// hangs costs its timeout once), how many runtimes answered, and an error for each socket that
 /// did not.
-async fn inventories(sockets: Vec<std::path::PathBuf>) -> (Vec<Container>, usize, Vec<String>) {
+async fn inventories(sockets: Vec<PathBuf>) -> (Vec<Container>, usize, Vec<String>) {
     let tasks: Vec<_> = sockets
         .into_iter()
         .map(|socket| {
@@ -185,6 +198,15 @@ async fn inventories(sockets: Vec<std::path::PathBuf>) -> (Vec<Container>, usize
         }
     }
     (containers, answered, errors)
+}
+
+/// The sockets to read: those named or found by default, and, as the daemon would follow
+/// them, the podman sockets of its watched run directory that exist now (each user's); and
+/// which of them only that scan found.
+fn with_present(mut sockets: Vec<PathBuf>, present: Vec<PathBuf>) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let scanned: Vec<PathBuf> = present.into_iter().filter(|s| !sockets.contains(s)).collect();
+    sockets.extend(scanned.iter().cloned());
+    (sockets, scanned)
 }
 
 /// The containers the names pick (every one when no name is given), each once.
@@ -261,6 +283,15 @@ mod tests {
             listeners_omitted: 0,
             hint: "fix it".into(),
         }
+    }
+
+    #[test]
+    fn a_users_socket_found_by_the_scan_is_added_once() {
+        let p = |s: &str| PathBuf::from(s);
+        let (all, scanned) =
+            with_present(vec![p("/d.sock"), p("/u/1/p.sock")], vec![p("/u/1/p.sock"), p("/u/2/p.sock")]);
+        assert_eq!(all, vec![p("/d.sock"), p("/u/1/p.sock"), p("/u/2/p.sock")]);
+        assert_eq!(scanned, vec![p("/u/2/p.sock")]);
     }
 
     #[test]
