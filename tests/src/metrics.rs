@@ -163,7 +163,8 @@ pub fn free_port() -> u16 {
 /// A real Prometheus server (Debian's `prometheus`) in `ns`, on loopback, with its own data
 /// directory, scraping bindtrace's default address every second. Killed and removed on drop.
 pub struct Prometheus<'a> {
-    ns: &'a Netns,
+    /// None: the test's own (the host's) network namespace.
+    ns: Option<&'a Netns>,
     child: Child,
     dir: PathBuf,
     pub addr: SocketAddr,
@@ -172,19 +173,36 @@ pub struct Prometheus<'a> {
 impl<'a> Prometheus<'a> {
     /// `rule_files`: absolute paths of rule files to load (they must be valid).
     pub fn start(ns: &'a Netns, rule_files: &[PathBuf]) -> Prometheus<'a> {
+        Prometheus::launch(Some(ns), METRICS_ADDR, rule_files)
+    }
+
+    /// The same in the test's own network namespace (next to real runtimes), scraping the
+    /// bindtrace at `target` (`ADDR:PORT`).
+    pub fn start_here(target: &str) -> Prometheus<'static> {
+        Prometheus::launch(None, target, &[])
+    }
+
+    fn launch(ns: Option<&'a Netns>, target: &str, rule_files: &[PathBuf]) -> Prometheus<'a> {
         let dir = std::env::temp_dir().join(unique("btprom"));
         std::fs::create_dir_all(dir.join("data")).unwrap();
         let rules: String = rule_files.iter().map(|p| format!("  - {}\n", p.display())).collect();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n{rules}\
-             scrape_configs:\n  - job_name: bindtrace\n    static_configs:\n      - targets: ['{METRICS_ADDR}']\n"
+             scrape_configs:\n  - job_name: bindtrace\n    static_configs:\n      - targets: ['{target}']\n"
         );
         std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-        let port = ns.run(free_port);
+        let port = in_ns(ns, free_port);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "prometheus"])
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &ns.name, "prometheus"]);
+                cmd
+            }
+            None => Command::new("prometheus"),
+        };
+        let child = cmd
             .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
             .arg(format!("--web.listen-address={addr}"))
@@ -197,7 +215,7 @@ impl<'a> Prometheus<'a> {
         let p = Prometheus { ns, child, dir, addr };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if ns.run(|| http_get(addr, "/-/ready", None)).is_ok_and(|r| r.status == 200) {
+            if in_ns(ns, || http_get(addr, "/-/ready", None)).is_ok_and(|r| r.status == 200) {
                 break p;
             }
             assert!(Instant::now() < deadline, "prometheus not ready in 30 s:\n{}", p.stderr());
@@ -212,7 +230,7 @@ impl<'a> Prometheus<'a> {
     /// An instant query through the HTTP API; returns `data.result`.
     pub fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
         let path = format!("/api/v1/query?query={}", urlencode(expr));
-        let reply = self.ns.run(|| http_get(self.addr, &path, None)).map_err(|e| e.to_string())?;
+        let reply = in_ns(self.ns, || http_get(self.addr, &path, None)).map_err(|e| e.to_string())?;
         let v: Value = serde_json::from_str(&reply.body).map_err(|e| format!("{e}: {}", reply.body))?;
         if v["status"] != "success" {
             return Err(format!("{expr}: {}", reply.body));
@@ -225,6 +243,14 @@ impl<'a> Prometheus<'a> {
         let result = self.query(expr).unwrap_or_else(|e| panic!("query failed: {e}"));
         assert!(result.len() <= 1, "{expr} gave several series: {result:#?}");
         result.first().map(|r| r["value"][1].as_str().unwrap().parse().unwrap())
+    }
+}
+
+/// `f` inside `ns`, or here.
+fn in_ns<R: Send>(ns: Option<&Netns>, f: impl FnOnce() -> R + Send) -> R {
+    match ns {
+        Some(ns) => ns.run(f),
+        None => f(),
     }
 }
 

@@ -46,9 +46,18 @@ impl Service {
     /// Starts the service and waits until its socket accepts (podman creates the socket before
     /// it serves; a connection that succeeds is answered).
     pub fn start() -> Service {
-        let socket = PathBuf::from(format!("/run/{}.sock", unique_name("podman")));
+        Service::start_at(PathBuf::from(format!("/run/{}.sock", unique_name("podman"))))
+    }
+
+    /// The same on `socket` (its directory must exist).
+    pub fn start_at(socket: PathBuf) -> Service {
+        Service::start_with(Command::new("podman"), socket)
+    }
+
+    /// The same with `podman` as `cmd` sets it up (global flags, environment).
+    pub fn start_with(mut cmd: Command, socket: PathBuf) -> Service {
         let _ = std::fs::remove_file(&socket);
-        let child = Command::new("podman")
+        let child = cmd
             .args(["system", "service", "--time=0", &format!("unix://{}", socket.display())])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -88,6 +97,11 @@ pub struct Image {
 
 impl Image {
     pub fn busybox() -> Image {
+        Image::busybox_with(|| Command::new("podman"))
+    }
+
+    /// The same image, imported by the podman `podman()` sets up.
+    pub fn busybox_with(podman: impl Fn() -> Command) -> Image {
         // podman qualifies a bare name with localhost/, and reports it so.
         let tag = format!("localhost/{}:busybox", unique_name("pimg"));
         let root = std::env::temp_dir().join(unique_name("prootfs"));
@@ -104,7 +118,7 @@ impl Image {
             .stdout(Stdio::piped())
             .spawn()
             .expect("tar");
-        let out = Command::new("podman")
+        let out = podman()
             .args(["import", "-q", "-", &tag])
             .stdin(tar.stdout.take().unwrap())
             .output()
@@ -172,5 +186,117 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = podman(&["rm", "-f", "-t", "0", &self.name]);
+    }
+}
+
+/// A run directory of the test's own (what `--run-dir` names instead of /run), with tmpfs
+/// mounts on `user/UID` as a login makes them; unmounted and removed on drop.
+pub struct RunDir {
+    pub path: PathBuf,
+    mounts: Vec<PathBuf>,
+}
+
+impl RunDir {
+    pub fn new() -> RunDir {
+        let path = std::env::temp_dir().join(unique_name("rundir"));
+        std::fs::create_dir_all(&path).unwrap();
+        RunDir { path, mounts: Vec::new() }
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+
+    /// What a login of user `uid` does: `user/UID` made and a tmpfs mounted on it.
+    pub fn login(&mut self, uid: u32) -> PathBuf {
+        let dir = self.path.join(format!("user/{uid}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs on {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.mounts.push(dir.clone());
+        dir
+    }
+}
+
+impl Default for RunDir {
+    fn default() -> Self {
+        RunDir::new()
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Rootful podman with the CNI backend, in a world of its own: a private containers.conf
+/// (`CONTAINERS_CONF`: `network_backend = "cni"`, Debian's plugins in /usr/lib/cni, a private
+/// network config directory and tmp dir), private storage and run roots (vfs: no mounts to
+/// leave behind). Its containers and networks are removed and its directory deleted on drop.
+pub struct CniPodman {
+    pub dir: PathBuf,
+}
+
+impl CniPodman {
+    pub fn new() -> CniPodman {
+        let dir = std::env::temp_dir().join(unique_name("cnipodman"));
+        for sub in ["net.d", "tmp", "root", "runroot"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let conf = format!(
+            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"/usr/lib/cni\"]\n\
+             network_config_dir = \"{0}/net.d\"\n[engine]\ntmp_dir = \"{0}/tmp\"\nevents_logger = \"file\"\n",
+            dir.display()
+        );
+        std::fs::write(dir.join("containers.conf"), conf).unwrap();
+        CniPodman { dir }
+    }
+
+    /// `podman` with this world's configuration and roots.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("runroot"))
+            .args(["--storage-driver", "vfs"])
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `podman ARGS` here, panicking with its stderr on failure; stdout, trimmed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.command().args(args).output().expect("run podman");
+        assert!(out.status.success(), "podman {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Default for CniPodman {
+    fn default() -> Self {
+        CniPodman::new()
+    }
+}
+
+impl Drop for CniPodman {
+    fn drop(&mut self) {
+        let _ = self.command().args(["rm", "-af", "-t", "0"]).output();
+        let _ = self.command().args(["network", "prune", "-f"]).output();
+        let _ = self.command().args(["rmi", "-af"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

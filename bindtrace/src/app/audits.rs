@@ -55,7 +55,9 @@ impl Detector {
             out.audit(&report).context("writing output")?;
         }
         if let (Some(m), Some(inv)) = (&mut self.metrics, &self.docker.inventory) {
-            m.retain_audited(|name| inv.containers.values().any(|c| c.name == name));
+            m.retain_audited(|runtime, name| {
+                inv.containers.values().any(|c| c.runtime.as_str() == runtime && c.name == name)
+            });
         }
         Ok(())
     }

@@ -3,9 +3,15 @@
 //!
 //! Exit status: 0 when every published port has a listener that accepts forwarded connections,
 //! 1 when any is loopback-only, 2 for other misbindings (wrong family, another address,
-//! nothing listening), 3 when the check could not run (no Docker API, no privileges).
+//! nothing listening), 3 when the check could not run (no runtime API answered, no privileges,
+//! an ambiguous name), 4 when a named container or pod is not running.
+//!
+//! Every runtime is consulted, as the daemon follows them: each socket `--docker-host` names,
+//! else Docker's and podman's that exist (each user's podman socket under /run/user too). One that does not answer is an error (exit 3), but the
+//! others' containers are still checked and shown.
 use std::{
     io::{self, Write},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -17,17 +23,23 @@ use crate::{
     diagnose::report::{AuditReport, now_rfc3339},
     diagnose::verdict::Verdict,
     sinks::{output::Format, table::table},
-    sources::docker::{self, Client},
+    sources::docker::{self, Client, Container},
 };
+
+use super::check_names::{self, LookupError, Wanted};
 
 pub(crate) const EXIT_REACHABLE: u8 = 0;
 pub(crate) const EXIT_LOOPBACK_ONLY: u8 = 1;
 pub(crate) const EXIT_MISBOUND: u8 = 2;
 pub(crate) const EXIT_CANNOT_RUN: u8 = 3;
+/// A container or pod named on the command line is not running in any runtime consulted.
+pub(crate) const EXIT_NOT_FOUND: u8 = 4;
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct CheckArgs {
-    /// Containers to check, by name or id prefix (default: every running container).
+    /// Containers to check (default: every running container): `docker:NAME`, `podman:NAME`,
+    /// `k8s:NAMESPACE/POD`, or a bare name or id prefix, looked up in every runtime (a name
+    /// two runtimes use is an error listing both).
     #[arg(value_name = "CONTAINER")]
     pub(crate) containers: Vec<String>,
 
@@ -35,10 +47,11 @@ pub(crate) struct CheckArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub(crate) format: Format,
 
-    /// Docker API socket, or podman's compatible one (unix:///path or a path; default:
-    /// $DOCKER_HOST, else /var/run/docker.sock, else /run/podman/podman.sock when only it exists).
+    /// Docker API socket, or podman's compatible one (unix:///path or a path; repeatable;
+    /// default: $DOCKER_HOST, else each of /var/run/docker.sock and /run/podman/podman.sock
+    /// that exists).
     #[arg(long, value_name = "SOCKET")]
-    pub(crate) docker_host: Option<String>,
+    pub(crate) docker_host: Vec<String>,
 
     /// A container younger than this may still be starting: its ports without a listener are
     /// looked at again until it is this old before they count as "nothing listens".
@@ -57,28 +70,43 @@ struct JsonDoc<'a> {
 
 /// Runs the check, writes the result to `out`, and returns the exit status.
 pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
-    let socket = match docker::socket_path(args.docker_host.as_deref()) {
-        Ok(s) => s,
+    let wanted: Vec<Wanted> = match args.containers.iter().map(|a| Wanted::parse(a)).collect() {
+        Ok(w) => w,
         Err(e) => return cannot_run(&e),
     };
-    let client = Client::new(socket);
-    let inv = match docker::snapshot(&client).await {
-        Ok(inv) => inv,
-        Err(e) => return cannot_run(&format!("{e}")),
+    let (sockets, user_sockets) = match docker::socket_plan(&args.docker_host, None) {
+        Ok((sockets, watched)) => with_present(sockets, watched.map(|p| p.sockets()).unwrap_or_default()),
+        Err(e) => return cannot_run(&e),
     };
-    let mut containers: Vec<_> = inv.containers.values().cloned().collect();
-    if !args.containers.is_empty() {
-        for wanted in &args.containers {
-            if !containers.iter().any(|c| matches(c, wanted)) {
-                return cannot_run(&format!("no running container named {wanted}"));
-            }
-        }
-        containers.retain(|c| args.containers.iter().any(|w| matches(c, w)));
+    let (all, answered, mut errors) = inventories(sockets).await;
+    // A user's socket found only by the scan may be a leftover of a session that ended: it is
+    // said, not an error (named and default sockets are).
+    let (stale_users, real): (Vec<String>, Vec<String>) = errors
+        .drain(..)
+        .partition(|e| user_sockets.iter().any(|u| e.starts_with(&format!("{}:", u.display()))));
+    errors = real;
+    for e in &stale_users {
+        eprintln!(
+            "bindtrace check: skipping a user's podman socket that does not answer: {}",
+            crate::sinks::escape::escaped(e)
+        );
     }
-    containers.sort_by(|a, b| a.name.cmp(&b.name));
+    if answered == 0 {
+        return cannot_run(&errors.join("; "));
+    }
+    let mut containers = match pick(&all, &wanted) {
+        Ok(c) => c,
+        // A runtime that did not answer may hold it: that is the error then.
+        Err(e) if !errors.is_empty() => return cannot_run(&format!("{e}; and {}", errors.join("; "))),
+        Err(e @ LookupError::NotFound(_)) => {
+            eprintln!("bindtrace check: {}", crate::sinks::escape::escaped(&e.to_string()));
+            return EXIT_NOT_FOUND;
+        }
+        Err(e) => return cannot_run(&e.to_string()),
+    };
+    containers.sort_by(|a, b| (&a.name, a.runtime.as_str()).cmp(&(&b.name, b.runtime.as_str())));
 
     let mut rows: Vec<AuditReport> = Vec::new();
-    let mut errors: Vec<String> = Vec::new();
     let mut checked = 0;
     for c in containers.iter().filter(|c| c.owns_netns() && c.published().next().is_some()) {
         checked += 1;
@@ -145,6 +173,58 @@ async fn check_container(
     }
 }
 
+/// Every runtime's running containers (one snapshot per socket, all at once so that one that
+/// hangs costs its timeout once), how many runtimes answered, and an error for each socket that
+/// did not.
+async fn inventories(sockets: Vec<PathBuf>) -> (Vec<Container>, usize, Vec<String>) {
+    let tasks: Vec<_> = sockets
+        .into_iter()
+        .map(|socket| {
+            tokio::spawn(async move {
+                let client = Client::new(socket.clone());
+                docker::snapshot(&client).await.map_err(|e| format!("{}: {e}", socket.display()))
+            })
+        })
+        .collect();
+    let (mut containers, mut answered, mut errors) = (Vec::new(), 0, Vec::new());
+    for task in tasks {
+        match task.await {
+            Ok(Ok(inv)) => {
+                answered += 1;
+                containers.extend(inv.containers.values().map(|c| (**c).clone()));
+            }
+            Ok(Err(e)) => errors.push(e),
+            Err(e) => errors.push(format!("reading a runtime: {e}")),
+        }
+    }
+    (containers, answered, errors)
+}
+
+/// The sockets to read: those named or found by default, and, as the daemon would follow
+/// them, the podman sockets of its watched run directory that exist now (each user's); and
+/// which of them only that scan found.
+fn with_present(mut sockets: Vec<PathBuf>, present: Vec<PathBuf>) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let scanned: Vec<PathBuf> = present.into_iter().filter(|s| !sockets.contains(s)).collect();
+    sockets.extend(scanned.iter().cloned());
+    (sockets, scanned)
+}
+
+/// The containers the names pick (every one when no name is given), each once.
+fn pick(all: &[Container], wanted: &[Wanted]) -> Result<Vec<Container>, LookupError> {
+    if wanted.is_empty() {
+        return Ok(all.to_vec());
+    }
+    let mut picked: Vec<Container> = Vec::new();
+    for w in wanted {
+        for c in check_names::lookup(w, all)? {
+            if !picked.iter().any(|p| p.runtime == c.runtime && p.id == c.id) {
+                picked.push(c.clone());
+            }
+        }
+    }
+    Ok(picked)
+}
+
 fn cannot_run(why: &str) -> u8 {
     eprintln!("bindtrace check: cannot run: {}", crate::sinks::escape::escaped(why));
     EXIT_CANNOT_RUN
@@ -158,10 +238,6 @@ fn namespace_error(name: &str, e: &io::Error) -> String {
     } else {
         format!("{name}: reading its listeners: {e}")
     }
-}
-
-fn matches(c: &docker::Container, wanted: &str) -> bool {
-    c.name == wanted.trim_start_matches('/') || (wanted.len() >= 4 && c.id.starts_with(wanted))
 }
 
 pub(crate) fn exit_code(rows: &[AuditReport], errors: &[String]) -> u8 {
@@ -198,6 +274,8 @@ mod tests {
                 image: "img".into(),
                 compose_project: None,
                 compose_service: None,
+                pod: None,
+                namespace: None,
             },
             published: None,
             bindings: vec![docker::Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 8000 }],
@@ -205,6 +283,15 @@ mod tests {
             listeners_omitted: 0,
             hint: "fix it".into(),
         }
+    }
+
+    #[test]
+    fn a_users_socket_found_by_the_scan_is_added_once() {
+        let p = |s: &str| PathBuf::from(s);
+        let (all, scanned) =
+            with_present(vec![p("/d.sock"), p("/u/1/p.sock")], vec![p("/u/1/p.sock"), p("/u/2/p.sock")]);
+        assert_eq!(all, vec![p("/d.sock"), p("/u/1/p.sock"), p("/u/2/p.sock")]);
+        assert_eq!(scanned, vec![p("/u/2/p.sock")]);
     }
 
     #[test]

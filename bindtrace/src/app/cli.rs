@@ -46,6 +46,13 @@ pub(crate) struct Args {
     #[arg(long, value_name = "SOCKET")]
     pub(crate) docker_host: Vec<String>,
 
+    /// Where podman's sockets appear after start, followed then without a restart:
+    /// DIR/podman/podman.sock (rootful) and DIR/user/UID/podman/podman.sock (each user's,
+    /// once DIR/user/UID is mounted at login). Default: /run, watched unless --docker-host or
+    /// $DOCKER_HOST names the sockets.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_docker")]
+    pub(crate) run_dir: Option<std::path::PathBuf>,
+
     /// Do not talk to Docker: no container names, published ports, audit or network following.
     #[arg(long, conflicts_with = "docker_host")]
     pub(crate) no_docker: bool,
@@ -175,8 +182,9 @@ pub(crate) struct Args {
 
 #[derive(Debug, Clone, Subcommand)]
 pub(crate) enum Command {
-    /// Audit every running container's published ports once and exit: 0 all reachable, 1 any
-    /// loopback-only, 2 other misbindings, 3 the check could not run.
+    /// Audit every running container's published ports once, in every runtime, and exit: 0 all
+    /// reachable, 1 any loopback-only, 2 other misbindings, 3 the check could not run, 4 a
+    /// named container or pod is not running.
     Check(CheckArgs),
     /// Say whether bindtrace can work here and, where not, what to do: one line per check
     /// (kernel, BTF, hooks, capabilities, lockdown, namespaces, runtimes, bridges, metrics

@@ -3,6 +3,7 @@
 //! metrics). It decides nothing itself.
 pub(crate) mod audits;
 pub(crate) mod check;
+pub(crate) mod check_names;
 pub(crate) mod cli;
 pub(crate) mod detector;
 pub(crate) mod docker_sync;

@@ -50,7 +50,9 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
         if auto_bridges { scope::validate_auto(!args.no_docker)? } else { scope::validate(&args.ifaces)? };
     let docker_sockets = match args.no_docker {
         true => None,
-        false => Some(docker::socket_paths(&args.docker_host).map_err(anyhow::Error::msg)?),
+        false => Some(
+            docker::socket_plan(&args.docker_host, args.run_dir.as_deref()).map_err(anyhow::Error::msg)?,
+        ),
     };
     // Before aya's copy of the BTF is parsed (see `Loaded::loader`).
     let loader = Loaded::loader();
@@ -99,8 +101,18 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
             None
         }
     };
-    let docker_state = docker_sockets
-        .map(|paths| docker::watch::spawn_all(paths.into_iter().map(docker::Client::new).collect()));
+    let docker_state = docker_sockets.map(|(paths, watched)| {
+        let appearing = watched.and_then(|places| {
+            docker::appear::spawn(places, paths.clone())
+                .inspect_err(|e| {
+                    log::warn!(
+                        "not watching for podman sockets made later ({e}): restart bindtrace to follow one"
+                    )
+                })
+                .ok()
+        });
+        docker::watch::spawn_all(paths.into_iter().map(docker::Client::new).collect(), appearing)
+    });
     let metrics = match metrics_listener {
         Some(listener) => Some(serve_metrics(args, listener, hook.name(), &why)?),
         None => None,

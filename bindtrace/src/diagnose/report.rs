@@ -101,6 +101,10 @@ pub(crate) struct ContainerReport {
     pub(crate) image: String,
     pub(crate) compose_project: Option<String>,
     pub(crate) compose_service: Option<String>,
+    /// A Kubernetes pod's name and namespace (null for anything else, and until a source that
+    /// knows pods fills them).
+    pub(crate) pod: Option<String>,
+    pub(crate) namespace: Option<String>,
 }
 
 impl From<&crate::sources::docker::Container> for ContainerReport {
@@ -112,6 +116,8 @@ impl From<&crate::sources::docker::Container> for ContainerReport {
             image: c.image.clone(),
             compose_project: c.compose_project.clone(),
             compose_service: c.compose_service.clone(),
+            pod: None,
+            namespace: None,
         }
     }
 }

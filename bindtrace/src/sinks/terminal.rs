@@ -458,6 +458,8 @@ mod tests {
                     image: "python:3.12-slim".into(),
                     compose_project: None,
                     compose_service: None,
+                    pod: None,
+                    namespace: None,
                 }),
                 published: Some(Binding { host_ip: published.parse().unwrap(), host_port: 8080 }),
                 via: Some(Via::DockerProxy),

@@ -37,7 +37,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    diagnose::report::Report,
+    diagnose::report::{ContainerReport, Report},
     diagnose::verdict::{Decision, Verdict},
 };
 
@@ -65,11 +65,56 @@ pub(crate) const STAGE_KERNEL_RECURSION: &str = "kernel_recursion";
 pub(crate) const CAP_CONTAINER_PORTS: &str = "container_ports";
 pub(crate) const CAP_SERIES: &str = "series";
 
+/// Which workload a series is about: the `container` label and, when a runtime names it, the
+/// `runtime` label (and `namespace` and `pod` for a Kubernetes pod). Two runtimes may each run
+/// a container of one name: they are two workloads, each with its own port budget.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Workload {
+    pub(crate) container: String,
+    /// `docker`, `podman`, ...; absent (not empty) when no runtime names the namespace.
+    pub(crate) runtime: Option<String>,
+    /// The pod's Kubernetes namespace and name; absent for anything else.
+    pub(crate) namespace: Option<String>,
+    pub(crate) pod: Option<String>,
+}
+
+impl Workload {
+    pub(crate) fn of(report: &Report) -> Workload {
+        let mut w = Workload::named(report.docker.container.as_ref());
+        w.container = container_label(report);
+        w
+    }
+
+    fn named(c: Option<&ContainerReport>) -> Workload {
+        Workload {
+            container: c.map(|c| c.name.clone()).unwrap_or_default(),
+            runtime: c.map(|c| c.runtime.as_str().to_owned()),
+            namespace: c.and_then(|c| c.namespace.clone()),
+            pod: c.and_then(|c| c.pod.clone()),
+        }
+    }
+
+    fn other() -> Workload {
+        Workload { container: OTHER.into(), runtime: Some(OTHER.into()), namespace: None, pod: None }
+    }
+
+    /// `namespace`, `pod`, `runtime`, those that are known.
+    fn encode_runtime(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        for (name, value) in [("namespace", &self.namespace), ("pod", &self.pod), ("runtime", &self.runtime)]
+        {
+            if let Some(v) = value {
+                (name, v.as_str()).encode(encoder.encode_label())?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Labels of `bindtrace_refused_connections_total`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct RefusalLabels {
     pub(crate) bridge: String,
-    pub(crate) container: String,
+    pub(crate) workload: Workload,
     pub(crate) container_port: String,
     /// The published port on the host, when known (from Docker's port map); absent otherwise.
     pub(crate) host_port: Option<String>,
@@ -81,7 +126,7 @@ impl RefusalLabels {
     pub(crate) fn of(report: &Report) -> RefusalLabels {
         RefusalLabels {
             bridge: report.bridge.clone(),
-            container: container_label(report),
+            workload: Workload::of(report),
             container_port: report.target_port.to_string(),
             host_port: host_port_label(report),
             proto: report.proto.to_owned(),
@@ -93,7 +138,7 @@ impl RefusalLabels {
     pub(crate) fn other() -> RefusalLabels {
         RefusalLabels {
             bridge: OTHER.into(),
-            container: OTHER.into(),
+            workload: Workload::other(),
             container_port: OTHER.into(),
             host_port: None,
             proto: OTHER.into(),
@@ -105,13 +150,22 @@ impl RefusalLabels {
 impl EncodeLabelSet for RefusalLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
         ("bridge", self.bridge.as_str()).encode(encoder.encode_label())?;
-        ("container", self.container.as_str()).encode(encoder.encode_label())?;
+        ("container", self.workload.container.as_str()).encode(encoder.encode_label())?;
         ("container_port", self.container_port.as_str()).encode(encoder.encode_label())?;
         // Absent rather than empty while unknown.
         if let Some(host_port) = &self.host_port {
             ("host_port", host_port.as_str()).encode(encoder.encode_label())?;
         }
+        let Workload { namespace, pod, runtime, .. } = &self.workload;
+        for (name, value) in [("namespace", namespace), ("pod", pod)] {
+            if let Some(v) = value {
+                (name, v.as_str()).encode(encoder.encode_label())?;
+            }
+        }
         ("proto", self.proto.as_str()).encode(encoder.encode_label())?;
+        if let Some(runtime) = runtime {
+            ("runtime", runtime.as_str()).encode(encoder.encode_label())?;
+        }
         ("verdict", self.verdict.as_str()).encode(encoder.encode_label())
     }
 }
@@ -151,11 +205,20 @@ struct CapLabels {
     cap: &'static str,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, prometheus_client::encoding::EncodeLabelSet)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct ListenerLabels {
-    pub(crate) container: String,
+    pub(crate) workload: Workload,
     pub(crate) address: String,
     pub(crate) port: u16,
+}
+
+impl EncodeLabelSet for ListenerLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        ("container", self.workload.container.as_str()).encode(encoder.encode_label())?;
+        ("address", self.address.as_str()).encode(encoder.encode_label())?;
+        ("port", self.port).encode(encoder.encode_label())?;
+        self.workload.encode_runtime(encoder)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
@@ -183,7 +246,7 @@ impl Default for Limits {
 /// A key last judged `loopback_only`, checked again every [`LOOPBACK_RECHECK`].
 #[derive(Debug, Clone)]
 struct Tracked {
-    container: String,
+    workload: Workload,
     target: IpAddr,
     listeners: Vec<(IpAddr, u16)>,
 }
@@ -201,16 +264,16 @@ pub(crate) struct Metrics {
     limits: Limits,
     /// Label sets that have their own series (the `other` series is not among them).
     series: HashSet<RefusalLabels>,
-    /// Per container, the `container_port` values that have series of their own.
-    ports: HashMap<String, HashSet<String>>,
+    /// Per workload, the `container_port` values that have series of their own.
+    ports: HashMap<Workload, HashSet<String>>,
     /// Kernel counters already accounted for.
     ringbuf_lost_seen: u64,
     overflow_seen: u64,
     recursion_seen: u64,
     tracked: BTreeMap<CountKey, Tracked>,
-    /// Loopback-only listeners the proactive audit found, by (container, container port),
+    /// Loopback-only listeners the proactive audit found, by (workload, container port),
     /// before (or without) any refusal.
-    audited: BTreeMap<(String, u16), Vec<(IpAddr, u16)>>,
+    audited: BTreeMap<(Workload, u16), Vec<(IpAddr, u16)>>,
     published: HashSet<ListenerLabels>,
     last_recheck: Option<Instant>,
 }
@@ -365,7 +428,7 @@ impl Metrics {
             return (labels, None);
         }
         let mut folded = None;
-        let ports = self.ports.get(&labels.container);
+        let ports = self.ports.get(&labels.workload);
         let own_port = ports.is_some_and(|p| p.contains(&labels.container_port));
         if !own_port && ports.map_or(0, HashSet::len) >= self.limits.max_ports {
             labels.container_port = OTHER.into();
@@ -378,7 +441,7 @@ impl Metrics {
             return (RefusalLabels::other(), Some(CAP_SERIES));
         }
         if folded.is_none() {
-            self.ports.entry(labels.container.clone()).or_default().insert(labels.container_port.clone());
+            self.ports.entry(labels.workload.clone()).or_default().insert(labels.container_port.clone());
         }
         self.series.insert(labels.clone());
         (labels, folded)
@@ -399,7 +462,7 @@ impl Metrics {
             self.tracked.insert(
                 *key,
                 Tracked {
-                    container: container_label(report),
+                    workload: Workload::of(report),
                     target: report.target_ip.unwrap_or(unspecified),
                     listeners: report.listeners.iter().map(|l| (l.ip, l.port)).collect(),
                 },
@@ -436,7 +499,7 @@ impl Metrics {
     /// An audit line was written: a published port whose service listens on loopback only
     /// enters the gauge before any client connects; any other verdict for it takes it out.
     pub(crate) fn on_audit(&mut self, report: &crate::diagnose::report::AuditReport) {
-        let key = (report.container.name.clone(), report.target_port);
+        let key = (Workload::named(Some(&report.container)), report.target_port);
         if report.verdict == Verdict::LoopbackOnly.as_str() {
             let listeners = report.listeners.iter().map(|l| (l.ip, l.port)).collect();
             self.audited.insert(key, listeners);
@@ -446,10 +509,11 @@ impl Metrics {
         self.publish_loopback();
     }
 
-    /// Forgets audit findings of containers that are no longer running.
-    pub(crate) fn retain_audited(&mut self, running: impl Fn(&str) -> bool) {
+    /// Forgets audit findings of containers that are no longer running (`running` is given the
+    /// runtime and the container's name).
+    pub(crate) fn retain_audited(&mut self, running: impl Fn(&str, &str) -> bool) {
         let before = self.audited.len();
-        self.audited.retain(|(container, _), _| running(container));
+        self.audited.retain(|(w, _), _| running(w.runtime.as_deref().unwrap_or_default(), &w.container));
         if self.audited.len() != before {
             self.publish_loopback();
         }
@@ -458,13 +522,13 @@ impl Metrics {
     /// Brings the gauge in line with the tracked and audited listeners, touching only what
     /// changed (a scrape never sees the set half-built).
     fn publish_loopback(&mut self) {
-        let from_refusals = self.tracked.values().map(|t| (&t.container, &t.listeners));
-        let from_audit = self.audited.iter().map(|((container, _), listeners)| (container, listeners));
+        let from_refusals = self.tracked.values().map(|t| (&t.workload, &t.listeners));
+        let from_audit = self.audited.iter().map(|((workload, _), listeners)| (workload, listeners));
         let now: HashSet<ListenerLabels> = from_refusals
             .chain(from_audit)
-            .flat_map(|(container, listeners)| {
+            .flat_map(|(workload, listeners)| {
                 listeners.iter().map(|(addr, port)| ListenerLabels {
-                    container: container.clone(),
+                    workload: workload.clone(),
                     address: addr.to_string(),
                     port: *port,
                 })
@@ -566,6 +630,8 @@ mod tests {
             image: "demo".into(),
             compose_project: None,
             compose_service: None,
+            pod: None,
+            namespace: None,
         });
         r.docker.published =
             Some(crate::sources::docker::Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 18000 });
@@ -574,8 +640,14 @@ mod tests {
         let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb", "chosen with --hook");
         m.on_line(&key(7, 8000), &r);
         let t = text(&registry);
-        assert!(t.contains("container=\"shop-web\""), "{t}");
-        assert!(t.contains("host_port=\"18000\""), "{t}");
+        assert!(
+            t.contains(
+                "bindtrace_refused_connections_total{bridge=\"docker0\",container=\"shop-web\",\
+                 container_port=\"8000\",host_port=\"18000\",proto=\"tcp\",runtime=\"docker\",\
+                 verdict=\"loopback_only\"} 3"
+            ),
+            "{t}"
+        );
     }
 
     #[test]
@@ -597,6 +669,8 @@ mod tests {
                 image: "demo".into(),
                 compose_project: None,
                 compose_service: None,
+                pod: None,
+                namespace: None,
             },
             published: None,
             bindings: vec![],
@@ -609,14 +683,14 @@ mod tests {
             listeners_omitted: 0,
             hint: String::new(),
         };
-        let gauge =
-            "bindtrace_loopback_listeners{container=\"shop-web\",address=\"127.0.0.1\",port=\"8000\"} 1";
+        let gauge = "bindtrace_loopback_listeners{container=\"shop-web\",address=\"127.0.0.1\",port=\"8000\",\
+                     runtime=\"docker\"} 1";
         m.on_audit(&audit("loopback_only"));
         assert!(text(&registry).contains(gauge));
         m.on_audit(&audit("ok"));
         assert!(!text(&registry).contains(gauge), "fixed: out of the gauge");
         m.on_audit(&audit("loopback_only"));
-        m.retain_audited(|_| false);
+        m.retain_audited(|runtime, name| runtime == "docker" && name != "shop-web");
         assert!(!text(&registry).contains(gauge), "container gone: out of the gauge");
     }
 
@@ -684,7 +758,7 @@ mod tests {
         assert!(
             t.contains(
                 "bindtrace_refused_connections_total{bridge=\"other\",container=\"other\",\
-                 container_port=\"other\",proto=\"other\",verdict=\"other\"} 12"
+                 container_port=\"other\",proto=\"other\",runtime=\"other\",verdict=\"other\"} 12"
             ),
             "{t}"
         );
@@ -715,6 +789,49 @@ mod tests {
         assert!(t.contains("bindtrace_cardinality_folded_total{cap=\"container_ports\"} 2192"), "{t}");
         assert!(t.contains("bindtrace_cardinality_folded_total{cap=\"series\"} 45"), "{t}");
         assert!(t.contains("verdict=\"other\"} 45"), "{t}");
+    }
+
+    /// A name two runtimes use is two workloads: each has its own series and its own port
+    /// budget, and a pod's namespace and name are labels.
+    #[test]
+    fn one_name_in_two_runtimes_is_two_workloads() {
+        let limits = Limits { max_series: 100, max_ports: 2 };
+        let (mut m, registry) = Metrics::new(limits, "kfree-skb", "chosen with --hook");
+        let named = |netns: u64, port: u16, runtime, pod: Option<(&str, &str)>| {
+            let mut r = report(netns, port, Verdict::LoopbackOnly, 1);
+            r.docker.container = Some(ContainerReport {
+                runtime,
+                id: "30117e5cc65a".into(),
+                name: "web".into(),
+                image: "demo".into(),
+                compose_project: None,
+                compose_service: None,
+                namespace: pod.map(|p| p.0.to_owned()),
+                pod: pod.map(|p| p.1.to_owned()),
+            });
+            r
+        };
+        use crate::sources::docker::Runtime;
+        for port in [80, 81] {
+            m.on_line(&key(1, port), &named(1, port, Runtime::Docker, None));
+            m.on_line(&key(2, port), &named(2, port, Runtime::Podman, None));
+        }
+        let t = text(&registry);
+        let series = sample_lines(&t, "bindtrace_refused_connections_total");
+        assert_eq!(series.len(), 4, "two ports each, none folded: {t}");
+        assert!(t.contains("bindtrace_cardinality_folded_total{cap=\"container_ports\"} 0"), "{t}");
+        assert_eq!(series.iter().filter(|l| l.contains("runtime=\"podman\"")).count(), 2, "{t}");
+        // The third port of one of them is its own budget's "other".
+        m.on_line(&key(2, 82), &named(2, 82, Runtime::Podman, None));
+        let t = text(&registry);
+        assert!(t.contains("container_port=\"other\",proto=\"tcp\",runtime=\"podman\""), "{t}");
+        let gauge = sample_lines(&t, "bindtrace_loopback_listeners");
+        let on_80: Vec<_> = gauge.iter().filter(|l| l.contains("port=\"80\"")).collect();
+        assert_eq!(on_80.len(), 2, "one listener per workload, told apart by runtime: {t}");
+        // A pod: its namespace and name are labels.
+        m.on_line(&key(3, 80), &named(3, 80, Runtime::Podman, Some(("shop", "front"))));
+        let t = text(&registry);
+        assert!(t.contains("namespace=\"shop\",pod=\"front\",proto=\"tcp\""), "{t}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! namespaces, a stopped dockerd) bindtrace reports by namespace and address, warns once, and
 //! picks Docker up again when it comes back ([`watch`]).
 pub(crate) mod api;
+pub(crate) mod appear;
 pub(crate) mod daemon;
 pub(crate) mod http;
 pub(crate) mod watch;
@@ -12,7 +13,7 @@ pub(crate) mod watch;
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
 };
@@ -25,9 +26,8 @@ pub(crate) const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 /// `podman.socket` unit), followed next to Docker's.
 pub(crate) const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 
-/// The one socket `bindtrace check` reads: `--docker-host`, else `DOCKER_HOST`, else Docker's
-/// default socket when it exists, else podman's when that exists, else Docker's (so the error
-/// names it). Only unix sockets are supported (`unix:///path` or a plain path).
+/// One socket: `--docker-host`, else `DOCKER_HOST`, else Docker's default socket when it
+/// exists, else podman's when that exists, else Docker's (so the error names it). Only unix sockets are supported (`unix:///path` or a plain path).
 pub(crate) fn socket_path(flag: Option<&str>) -> Result<PathBuf, String> {
     match given_socket(flag) {
         Some(given) => given,
@@ -44,14 +44,31 @@ pub(crate) fn socket_paths(flags: &[String]) -> Result<Vec<PathBuf>, String> {
     }
     match given_socket(None) {
         Some(given) => Ok(vec![given?]),
-        None => Ok(default_sockets(|p| std::path::Path::new(p).exists())),
+        None => Ok(default_sockets(Path::new(PODMAN_SOCKET), |p| p.exists())),
     }
 }
 
-/// Docker's and podman's default sockets, those that `exists`; Docker's when neither does.
-fn default_sockets(exists: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+/// What the daemon follows: the sockets to follow from the start, and the run directory to
+/// watch for podman sockets made later. Without `--docker-host` and `DOCKER_HOST`: Docker's and
+/// podman's sockets that exist (podman's under `run_dir`, default /run), and `run_dir` watched.
+/// With them: the sockets they name, and `run_dir` watched only when given.
+pub(crate) fn socket_plan(
+    flags: &[String],
+    run_dir: Option<&Path>,
+) -> Result<(Vec<PathBuf>, Option<appear::Places>), String> {
+    let named = !flags.is_empty() || given_socket(None).is_some();
+    let places = appear::Places::new(run_dir.unwrap_or(Path::new(appear::DEFAULT_RUN_DIR)));
+    let sockets =
+        if named { socket_paths(flags)? } else { default_sockets(&places.rootful(), |p| p.exists()) };
+    let watched = (run_dir.is_some() || !named).then_some(places);
+    Ok((sockets, watched))
+}
+
+/// Docker's default socket and podman's (`podman`), those that `exists`; Docker's when neither
+/// does.
+fn default_sockets(podman: &Path, exists: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
     let found: Vec<PathBuf> =
-        [DEFAULT_SOCKET, PODMAN_SOCKET].into_iter().filter(|p| exists(p)).map(PathBuf::from).collect();
+        [Path::new(DEFAULT_SOCKET), podman].into_iter().filter(|p| exists(p)).map(PathBuf::from).collect();
     if found.is_empty() { vec![PathBuf::from(DEFAULT_SOCKET)] } else { found }
 }
 
@@ -95,6 +112,14 @@ pub(crate) enum Runtime {
 }
 
 impl Runtime {
+    /// As reports and `bindtrace check` names spell it (`docker:NAME`).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Docker => "docker",
+            Runtime::Podman => "podman",
+        }
+    }
+
     /// How log lines name it.
     pub(crate) fn title(self) -> &'static str {
         match self {
@@ -373,12 +398,18 @@ mod tests {
     #[test]
     fn both_default_sockets_when_both_exist() {
         let both = vec![PathBuf::from(DEFAULT_SOCKET), PathBuf::from(PODMAN_SOCKET)];
-        assert_eq!(default_sockets(|_| true), both);
-        assert_eq!(default_sockets(|_| false), vec![PathBuf::from(DEFAULT_SOCKET)]);
-        assert_eq!(default_sockets(|p| p == PODMAN_SOCKET), vec![PathBuf::from(PODMAN_SOCKET)]);
+        let podman = Path::new(PODMAN_SOCKET);
+        assert_eq!(default_sockets(podman, |_| true), both);
+        assert_eq!(default_sockets(podman, |_| false), vec![PathBuf::from(DEFAULT_SOCKET)]);
+        assert_eq!(default_sockets(podman, |p| p == podman), vec![PathBuf::from(PODMAN_SOCKET)]);
         let flags = ["/a.sock".to_owned(), "unix:///b.sock".to_owned()];
         assert_eq!(socket_paths(&flags).unwrap(), vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]);
         assert!(socket_paths(&["tcp://x:1".to_owned()]).is_err());
+        // Named sockets are not watched for, unless a run directory is given.
+        let (sockets, watched) = socket_plan(&flags, None).unwrap();
+        assert_eq!((sockets.len(), watched), (2, None));
+        let (_, watched) = socket_plan(&flags, Some(Path::new("/tmp/r"))).unwrap();
+        assert_eq!(watched.map(|w| w.rootful()), Some(PathBuf::from("/tmp/r/podman/podman.sock")));
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! missed (an event for something the read already saw is harmless: it is re-read). When the
 //! daemon goes away (the socket closes, a request fails) the task warns once, publishes
 //! [`DockerState::Down`] with the last inventory, and retries until the daemon is back.
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::{Client, DockerError, Inventory, api::EventJson, refresh_container, refresh_networks, snapshot};
 use crate::bounds;
@@ -58,24 +58,56 @@ impl DockerState {
 /// any is up (an engine that is down contributes its last inventory, marked stale), down when
 /// all are, connecting until one has answered or failed. Each engine warns and retries on its
 /// own, so one that hangs or dies does not hold up the others.
-pub(crate) fn spawn_all(mut clients: Vec<Client>) -> watch::Receiver<DockerState> {
-    if clients.len() == 1 {
+///
+/// `appearing` sends sockets that appear after start ([`super::appear`]): each gets a follower
+/// of its own, merged with the others from then on.
+pub(crate) fn spawn_all(
+    mut clients: Vec<Client>,
+    appearing: Option<mpsc::UnboundedReceiver<PathBuf>>,
+) -> watch::Receiver<DockerState> {
+    if clients.len() == 1 && appearing.is_none() {
         return spawn(clients.remove(0));
     }
     let parts: Vec<watch::Receiver<DockerState>> = clients.into_iter().map(spawn).collect();
     let (tx, rx) = watch::channel(DockerState::Connecting);
-    tokio::spawn(merge(parts, tx));
+    tokio::spawn(merge(parts, tx, appearing));
     rx
 }
 
-async fn merge(mut parts: Vec<watch::Receiver<DockerState>>, tx: watch::Sender<DockerState>) {
+async fn merge(
+    mut parts: Vec<watch::Receiver<DockerState>>,
+    tx: watch::Sender<DockerState>,
+    mut appearing: Option<mpsc::UnboundedReceiver<PathBuf>>,
+) {
     loop {
         let states: Vec<DockerState> = parts.iter_mut().map(|r| r.borrow_and_update().clone()).collect();
         tx.send_replace(merged(&states));
-        // Whichever engine changes next; a follower never ends while `tx` has receivers.
-        if !first_changed(&mut parts).await || tx.is_closed() {
+        // Whichever engine changes next, or a new socket; a follower never ends while `tx` has
+        // receivers.
+        tokio::select! {
+            changed = first_changed(&mut parts) => if !changed {
+                return;
+            },
+            socket = next_socket(&mut appearing) => match socket {
+                Some(path) => {
+                    log::info!("{} appeared: following it", path.display());
+                    parts.push(spawn(Client::new(path)));
+                }
+                // The watcher is gone (it said why): the engines followed so far go on.
+                None => appearing = None,
+            },
+        }
+        if tx.is_closed() {
             return;
         }
+    }
+}
+
+/// The next socket that appeared; pending for ever without a watcher.
+async fn next_socket(appearing: &mut Option<mpsc::UnboundedReceiver<PathBuf>>) -> Option<PathBuf> {
+    match appearing {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
