@@ -198,6 +198,8 @@ mod tests {
                 image: "img".into(),
                 compose_project: None,
                 compose_service: None,
+                pod: None,
+                namespace: None,
             },
             published: None,
             bindings: vec![docker::Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 8000 }],

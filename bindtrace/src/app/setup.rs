@@ -28,7 +28,7 @@ use crate::{
     },
     netns::scope::{self, Resolver},
     sinks::metrics::{self, Metrics},
-    sources::{conntrack::Conntrack, docker, fold::Folder},
+    sources::{conntrack::Conntrack, containerd, docker, fold::Folder},
 };
 
 pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
@@ -99,8 +99,13 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
             None
         }
     };
-    let docker_state = docker_sockets
-        .map(|paths| docker::watch::spawn_all(paths.into_iter().map(docker::Client::new).collect()));
+    // Each engine's API and containerd's state directory, followed on their own, as one state.
+    let docker_state = docker_sockets.map(|paths| {
+        let mut parts: Vec<_> =
+            paths.into_iter().map(|p| docker::watch::spawn(docker::Client::new(p))).collect();
+        parts.push(containerd::spawn(args.containerd_state.clone()));
+        docker::watch::merge_all(parts)
+    });
     let metrics = match metrics_listener {
         Some(listener) => Some(serve_metrics(args, listener, hook.name(), &why)?),
         None => None,

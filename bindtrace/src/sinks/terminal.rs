@@ -130,6 +130,9 @@ fn container_detail(c: &ContainerReport) -> String {
     if let (Some(project), Some(service)) = (&c.compose_project, &c.compose_service) {
         s.push_str(&format!(", compose {}/{}", field(project), field(service)));
     }
+    if let Some(pod) = &c.pod {
+        s.push_str(&format!(", pod {}/{}", field(c.namespace.as_deref().unwrap_or("?")), field(pod)));
+    }
     s
 }
 
@@ -458,6 +461,8 @@ mod tests {
                     image: "python:3.12-slim".into(),
                     compose_project: None,
                     compose_service: None,
+                    pod: None,
+                    namespace: None,
                 }),
                 published: Some(Binding { host_ip: published.parse().unwrap(), host_port: 8080 }),
                 via: Some(Via::DockerProxy),

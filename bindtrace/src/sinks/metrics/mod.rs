@@ -566,6 +566,8 @@ mod tests {
             image: "demo".into(),
             compose_project: None,
             compose_service: None,
+            pod: None,
+            namespace: None,
         });
         r.docker.published =
             Some(crate::sources::docker::Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 18000 });
@@ -597,6 +599,8 @@ mod tests {
                 image: "demo".into(),
                 compose_project: None,
                 compose_service: None,
+                pod: None,
+                namespace: None,
             },
             published: None,
             bindings: vec![],
