@@ -93,7 +93,7 @@ fn pod_on_a_cni_bridge_and_a_routed_workload() {
     let mut bt = Bindtrace::start_here(&["--containerd-state", state.to_str().unwrap()]);
 
     // The pod: its sandbox (pause) and its app, as the kubelet's CRI plugin annotates them.
-    let sandbox = format!("{:064x}", 0xc0ffee_0000_u64 + u64::from(std::process::id()));
+    let sandbox = format!("{:064x}", 0x00c0_ffee_0000_u64 + u64::from(std::process::id()));
     let app = format!("containerd-app{tag}");
     let pod = |kind: &str, image_name: &str| -> Vec<String> {
         [
