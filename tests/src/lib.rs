@@ -3,6 +3,7 @@
 //!
 //! Every address used lives in namespaces these guards create; nothing leaves the machine.
 pub mod bindtrace;
+pub mod containerd;
 pub mod docker;
 pub mod hostile;
 pub mod metrics;

@@ -57,6 +57,11 @@ pub(crate) struct Args {
     #[arg(long, conflicts_with = "docker_host")]
     pub(crate) no_docker: bool,
 
+    /// containerd's task state directory, read for nerdctl containers and Kubernetes pods
+    /// (followed with inotify; absent is fine). Not read with --no-docker.
+    #[arg(long, value_name = "DIR", default_value = crate::sources::containerd::DEFAULT_STATE_DIR)]
+    pub(crate) containerd_state: std::path::PathBuf,
+
     /// How long a started container may have nothing listening on a published port before the
     /// audit reports it (loopback-only and other misbindings are reported at once).
     #[arg(long, value_name = "DURATION", default_value = audit::DEFAULT_GRACE, value_parser = humantime::parse_duration)]

@@ -40,8 +40,11 @@ impl Detector {
         }
         // While the daemon is away its last word is kept, marked stale: names only for
         // containers whose process is still in the namespace.
+        let workloads_before = self.workload_pids();
         self.docker.inventory = Some(if state.is_up() { inv.clone() } else { Arc::new(inv.as_stale()) });
-        if added {
+        // A workload's veths are watched once it is known: its namespace may have got them
+        // before the runtime reported it (containerd's CNI set-up), with no link change since.
+        if added || self.workload_pids() != workloads_before {
             self.rescan_or_retry();
         }
         if state.is_up() {

@@ -10,7 +10,7 @@ use super::{
     hiccups::Stage,
 };
 use crate::{
-    netns::prefixes,
+    netns::{prefixes, scope},
     sources::link_events::{LinkChanges, LinkWatcher},
 };
 
@@ -34,7 +34,11 @@ impl Detector {
     /// ports is counted, logged and tried again at the next rescan, which a backoff schedules.
     pub(super) fn rescan(&mut self) -> anyhow::Result<RescanGaps> {
         let now = Instant::now();
-        let resolved = self.resolver.resolve(&self.bridges).context("listing the watched bridges' ports")?;
+        let workloads = self.workload_pids();
+        let resolved = self
+            .resolver
+            .resolve(&mut self.bridges, &workloads)
+            .context("listing the watched bridges' ports")?;
         let mut fresh = resolved.ports;
         // A port whose namespace could not be opened is not watched yet: the retry tries again.
         match resolved.skipped.first() {
@@ -55,7 +59,11 @@ impl Detector {
                 log::warn!("removing {key:?} from scope: {e}");
             }
             if let Some(port) = self.ports.remove(&key) {
-                log::debug!("{}: port {} left scope", self.bridges.name(port.bridge), port.host_ifname);
+                log::debug!(
+                    "{}: port {} left scope",
+                    bridge_shown(&self.bridges, port.bridge),
+                    port.host_ifname
+                );
                 self.departed.insert(key, (port, now));
             }
         }
@@ -74,7 +82,7 @@ impl Detector {
             // Churn (Docker enslaves a veth, then moves its peer): debug, not every user's concern.
             log::debug!(
                 "{}: watching {} (netns {}, ifindex {})",
-                self.bridges.name(port.bridge),
+                bridge_shown(&self.bridges, port.bridge),
                 port.host_ifname,
                 port.ns.inode,
                 port.ifindex
@@ -216,15 +224,37 @@ impl Detector {
         }
     }
 
-    /// The watched bridges' address prefixes, for the connect tracker and conntrack.
+    /// The main processes of the workloads whose namespaces are watched with their interfaces
+    /// (not only through a bridge): every runtime's, when no `-i` names the bridges.
+    pub(super) fn workload_pids(&self) -> Vec<u32> {
+        if !self.docker.auto_bridges {
+            return Vec::new();
+        }
+        let Some(inv) = &self.docker.inventory else { return Vec::new() };
+        let mut pids: Vec<u32> =
+            inv.containers.values().filter(|c| c.pid != 0 && c.owns_netns()).map(|c| c.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// The watched bridges' address prefixes, and the addresses of routed workload interfaces
+    /// (no bridge, so no prefix: each address on its own), for the connect tracker and conntrack.
     pub(super) fn refresh_prefixes(&mut self) {
-        let prefixes = match prefixes::interface_prefixes(&self.bridges.names) {
+        let mut prefixes = match prefixes::interface_prefixes(&self.bridges.names) {
             Ok(p) => p,
             Err(e) => {
                 log::debug!("reading the bridges' addresses: {e}");
                 return;
             }
         };
+        for port in self.ports.values().filter(|p| p.bridge == scope::NO_BRIDGE) {
+            let ifindex = port.ifindex;
+            match port.ns.run(move || prefixes::addresses_of_interface(ifindex)) {
+                Ok(addrs) => prefixes.extend(addrs.into_iter().map(|a| prefixes::prefix_of(a, host_bits(a)))),
+                Err(e) => log::debug!("reading the addresses of {}: {e}", port.host_ifname),
+            }
+        }
         if prefixes == self.docker.prefixes {
             return;
         }
@@ -238,4 +268,14 @@ impl Detector {
         }
         self.docker.prefixes = prefixes;
     }
+}
+
+/// The length of a prefix that is one address.
+fn host_bits(ip: std::net::IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+/// A port's bridge as the log says it (a routed veth has none).
+fn bridge_shown(bridges: &scope::Bridges, id: bindtrace_common::BridgeId) -> &str {
+    if id == scope::NO_BRIDGE { "routed" } else { bridges.name(id) }
 }

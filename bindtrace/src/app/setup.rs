@@ -28,7 +28,7 @@ use crate::{
     },
     netns::scope::{self, Resolver},
     sinks::metrics::{self, Metrics},
-    sources::{conntrack::Conntrack, docker, fold::Folder},
+    sources::{conntrack::Conntrack, containerd, docker, fold::Folder},
 };
 
 pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
@@ -101,6 +101,8 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
             None
         }
     };
+    // Each engine's API and containerd's state directory, followed on their own, as one state;
+    // podman sockets made later join it.
     let docker_state = docker_sockets.map(|(paths, watched)| {
         let appearing = watched.and_then(|places| {
             docker::appear::spawn(places, paths.clone())
@@ -111,7 +113,10 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
                 })
                 .ok()
         });
-        docker::watch::spawn_all(paths.into_iter().map(docker::Client::new).collect(), appearing)
+        let mut parts: Vec<_> =
+            paths.into_iter().map(|p| docker::watch::spawn(docker::Client::new(p))).collect();
+        parts.push(containerd::spawn(args.containerd_state.clone()));
+        docker::watch::merge_all(parts, appearing)
     });
     let metrics = match metrics_listener {
         Some(listener) => Some(serve_metrics(args, listener, hook.name(), &why)?),

@@ -41,6 +41,8 @@ pub(crate) struct Report {
     /// Namespace inode (as `ls -l /proc/PID/ns/net` shows it) and cookie.
     pub(crate) netns: u64,
     pub(crate) netns_cookie: u64,
+    /// null for a routed veth without a bridge (a /32 route to the workload, as Calico does).
+    #[serde(serialize_with = "empty_as_null")]
     pub(crate) bridge: String,
     /// Container-side interface index and host-side veth name.
     pub(crate) ifindex: u32,
@@ -93,18 +95,25 @@ pub(crate) struct DockerContext {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct ContainerReport {
-    /// The engine that runs it: `docker` or `podman`.
+    /// The engine that runs it: `docker`, `podman` or `containerd`.
     pub(crate) runtime: crate::sources::docker::Runtime,
     /// Short id (12 hex digits).
     pub(crate) id: String,
     pub(crate) name: String,
+    /// null when the source does not say (containerd's state files name no image for a bare
+    /// `ctr run`).
+    #[serde(serialize_with = "empty_as_null")]
     pub(crate) image: String,
     pub(crate) compose_project: Option<String>,
     pub(crate) compose_service: Option<String>,
-    /// A Kubernetes pod's name and namespace (null for anything else, and until a source that
-    /// knows pods fills them).
+    /// The Kubernetes pod and its namespace (from the kubelet's annotations); null otherwise.
     pub(crate) pod: Option<String>,
     pub(crate) namespace: Option<String>,
+}
+
+/// An empty string as JSON null: the field's "unknown".
+pub(crate) fn empty_as_null<S: serde::Serializer>(s: &str, ser: S) -> Result<S::Ok, S::Error> {
+    if s.is_empty() { ser.serialize_none() } else { ser.serialize_str(s) }
 }
 
 impl From<&crate::sources::docker::Container> for ContainerReport {
@@ -116,8 +125,8 @@ impl From<&crate::sources::docker::Container> for ContainerReport {
             image: c.image.clone(),
             compose_project: c.compose_project.clone(),
             compose_service: c.compose_service.clone(),
-            pod: None,
-            namespace: None,
+            pod: c.pod.clone(),
+            namespace: c.namespace.clone(),
         }
     }
 }

@@ -135,6 +135,37 @@ fn interface_addresses() -> io::Result<Vec<InterfaceAddress>> {
     Ok(out)
 }
 
+/// Every address of the calling thread's network namespace that another namespace could reach:
+/// no loopback, no IPv6 link-local (a workload's addresses, read inside it).
+pub(crate) fn global_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: `cur` walks the list getifaddrs returned, which stays valid until freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: the address points to a sockaddr of the family it declares.
+        let Some(addr) = (unsafe { sockaddr_ip(ifa.ifa_addr) }) else { continue };
+        if addr.is_loopback() || matches!(addr, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80) {
+            continue;
+        }
+        if !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    // SAFETY: frees the list getifaddrs allocated, once.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok(out)
+}
+
 /// # Safety
 /// `sa` must point to a valid sockaddr of the family it declares.
 unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {

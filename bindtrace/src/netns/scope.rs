@@ -1,5 +1,7 @@
 //! Which interfaces are in scope: the container-side ends of veths whose host-side end is a port
-//! of a selected bridge, identified by (namespace cookie, ifindex).
+//! of a selected bridge, and those whose other end is in a workload's namespace (a runtime
+//! reported it), on a bridge or routed without one (a /32 route, as Calico does); identified by
+//! (namespace cookie, ifindex).
 //!
 //! An address in the bridge's prefix would not do: docker-in-docker and parallel test
 //! topologies reuse 172.17.0.0/16, and a container on two networks must be reported on the
@@ -10,7 +12,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs::File,
     io,
-    os::fd::AsFd,
+    os::{fd::AsFd, unix::fs::MetadataExt as _},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -54,8 +56,14 @@ pub(crate) struct Bridges {
     pub(crate) names: Vec<String>,
 }
 
+/// The bridge id of a routed veth: no bridge (its name is empty, reported as null).
+pub(crate) const NO_BRIDGE: BridgeId = BridgeId::MAX;
+
 impl Bridges {
     pub(crate) fn name(&self, id: BridgeId) -> &str {
+        if id == NO_BRIDGE {
+            return "";
+        }
         self.names.get(id as usize).map(String::as_str).unwrap_or("?")
     }
 
@@ -132,21 +140,36 @@ impl Resolver {
         })
     }
 
-    /// The current scope: every container-side interface of every port of `bridges`. A bridge
-    /// that has disappeared simply has no ports.
-    pub(crate) fn resolve(&mut self, bridges: &Bridges) -> io::Result<Resolved> {
+    /// The current scope: every container-side interface of every port of `bridges`, and of
+    /// every veth whose other end is in the namespace of one of the `workloads` (their main
+    /// processes' pids). The bridge of such a veth joins `bridges` (its other ports are then in
+    /// scope too); a veth on no bridge is in scope with [`NO_BRIDGE`]. A bridge that has
+    /// disappeared simply has no ports.
+    pub(crate) fn resolve(&mut self, bridges: &mut Bridges, workloads: &[u32]) -> io::Result<Resolved> {
         let links = links::dump_links()?;
-        let bridge_ids: HashMap<u32, BridgeId> = links
+        let workload_nsids = self.workload_nsids(workloads)?;
+        let bridge_name: HashMap<u32, &str> = links
             .iter()
             .filter(|l| l.kind.as_deref() == Some("bridge"))
-            .filter_map(|l| Some((l.ifindex, bridges.names.iter().position(|n| *n == l.name)? as BridgeId)))
+            .map(|l| (l.ifindex, l.name.as_str()))
             .collect();
         let mut scope = BTreeMap::new();
         let mut skipped = Vec::new();
         let mut used = HashMap::new();
         for link in &links {
-            let Some(&bridge) = link.master.and_then(|m| bridge_ids.get(&m)) else { continue };
             let Some(peer_ifindex) = link.peer_ifindex.filter(|_| is_veth(link)) else { continue };
+            let master = link.master.and_then(|m| bridge_name.get(&m).copied());
+            let selected = master.and_then(|name| bridges.names.iter().position(|n| n == name));
+            let bridge = match (selected, master) {
+                (Some(id), _) => id as BridgeId,
+                _ if !link.peer_netnsid.is_some_and(|id| workload_nsids.contains(&id)) => continue,
+                (None, Some(name)) => {
+                    log::info!("following bridge {name} (a workload's veth {} is on it)", link.name);
+                    bridges.add(name);
+                    (bridges.names.len() - 1) as BridgeId
+                }
+                (None, None) => NO_BRIDGE,
+            };
             let ns = match link.peer_netnsid {
                 // Peer still in our namespace (Docker moves it an instant later).
                 None => self.own.clone(),
@@ -180,6 +203,27 @@ impl Resolver {
         // Let go of namespaces no port refers to any more, so they can be freed.
         self.by_nsid = used;
         Ok(Resolved { ports: scope, skipped })
+    }
+
+    /// The ids our namespace gives the namespaces of processes `pids` (those it has given one:
+    /// a namespace with a veth to ours has), each opened and cached for [`Self::namespace`].
+    fn workload_nsids(&mut self, pids: &[u32]) -> io::Result<HashSet<i32>> {
+        let mut out = HashSet::new();
+        for pid in pids {
+            let file = match File::open(format!("/proc/{pid}/ns/net")) {
+                Ok(f) => f,
+                Err(e) if netns::out_of_resources(&e) => return Err(e),
+                // Gone meanwhile: the next inventory says so.
+                Err(_) => continue,
+            };
+            let Ok(Some(nsid)) = links::netnsid_of(file.as_fd()) else { continue };
+            let inode = file.metadata()?.ino();
+            if self.by_nsid.get(&nsid).is_none_or(|ns| ns.inode != inode) {
+                self.by_nsid.insert(nsid, Arc::new(Netns::from_file(file)?));
+            }
+            out.insert(nsid);
+        }
+        Ok(out)
     }
 
     /// Lets go of held namespaces that nothing but bindtrace keeps alive: no handle under

@@ -130,6 +130,9 @@ fn container_detail(c: &ContainerReport) -> String {
     if let (Some(project), Some(service)) = (&c.compose_project, &c.compose_service) {
         s.push_str(&format!(", compose {}/{}", field(project), field(service)));
     }
+    if let Some(pod) = &c.pod {
+        s.push_str(&format!(", pod {}/{}", field(c.namespace.as_deref().unwrap_or("?")), field(pod)));
+    }
     s
 }
 

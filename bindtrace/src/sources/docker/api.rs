@@ -260,6 +260,8 @@ impl ContainerJson {
             image: label(self.config.image),
             compose_project: labels.get("com.docker.compose.project").cloned().map(label),
             compose_service: labels.get("com.docker.compose.service").cloned().map(label),
+            pod: None,
+            namespace: None,
             running: self.state.running,
             pid: self.state.pid,
             started_at: humantime::parse_rfc3339_weak(&self.state.started_at).ok(),

@@ -109,6 +109,9 @@ pub(crate) enum Runtime {
     #[default]
     Docker,
     Podman,
+    /// Read from containerd's state files (nerdctl containers, Kubernetes pods, bare `ctr`),
+    /// not an API: see `sources/containerd/`.
+    Containerd,
 }
 
 impl Runtime {
@@ -117,6 +120,7 @@ impl Runtime {
         match self {
             Runtime::Docker => "docker",
             Runtime::Podman => "podman",
+            Runtime::Containerd => "containerd",
         }
     }
 
@@ -125,6 +129,16 @@ impl Runtime {
         match self {
             Runtime::Docker => "Docker",
             Runtime::Podman => "podman",
+            Runtime::Containerd => "containerd",
+        }
+    }
+
+    /// Which source names a namespace several of them report (lower wins): an engine's API
+    /// says most (names, published ports), containerd's state files less.
+    fn rank(self) -> u8 {
+        match self {
+            Runtime::Docker | Runtime::Podman => 0,
+            Runtime::Containerd => 1,
         }
     }
 }
@@ -177,6 +191,10 @@ pub(crate) struct Container {
     pub(crate) image: String,
     pub(crate) compose_project: Option<String>,
     pub(crate) compose_service: Option<String>,
+    /// The Kubernetes pod and its namespace, when the workload is one (from the kubelet's
+    /// annotations); None for every other workload.
+    pub(crate) pod: Option<String>,
+    pub(crate) namespace: Option<String>,
     pub(crate) running: bool,
     /// Main process, host pid namespace (0 when not running).
     pub(crate) pid: u32,
@@ -291,20 +309,16 @@ impl Inventory {
     }
 
     /// The container whose network namespace has this inode. When several share it
-    /// (`--network container:X`), the one that owns it.
+    /// (`--network container:X`), the one that owns it; when several sources report it (Docker's
+    /// API and containerd's state files), the one that says most ([`Runtime::rank`]).
     /// From a stale inventory, only a container whose main process still runs in that
     /// namespace: a namespace with a dead container's inode is not named after it.
     pub(crate) fn by_netns(&self, inode: u64) -> Option<&Arc<Container>> {
-        let mut found = self
-            .containers
+        self.containers
             .values()
             .filter(|c| c.netns_inodes.contains(&inode))
-            .filter(|c| !self.stale || still_in(c.pid, inode));
-        let first = found.next()?;
-        if first.owns_netns() {
-            return Some(first);
-        }
-        found.find(|c| c.owns_netns()).or(Some(first))
+            .filter(|c| !self.stale || still_in(c.pid, inode))
+            .min_by_key(|c| (c.runtime.rank(), !c.owns_netns()))
     }
 
     /// The same containers, marked as what the daemon said last (see [`Inventory::stale`]).
@@ -349,6 +363,8 @@ pub(crate) async fn refresh_networks(client: &Client, inv: &mut Inventory) -> Re
             let list: Vec<api::LibpodNetworkJson> = client.get_json("/v4.0.0/libpod/networks/json").await?;
             list.iter().map(|n| (n.id.clone(), Network::from(n))).collect()
         }
+        // Not an API: containerd's networks are its workloads' own (sources/containerd).
+        Runtime::Containerd => BTreeMap::new(),
     };
     Ok(())
 }
@@ -428,6 +444,8 @@ mod tests {
             image: "img".into(),
             compose_project: None,
             compose_service: None,
+            pod: None,
+            namespace: None,
             running: true,
             pid: 1,
             started_at: None,
@@ -448,6 +466,11 @@ mod tests {
         assert_eq!(inv.by_netns(5).unwrap().id, "b");
         assert_eq!(inv.by_netns(7).unwrap().id, "c");
         assert!(inv.by_netns(8).is_none());
+        // containerd's state files name the same namespace as Docker's API: the API wins.
+        let mut shim = (*container("0shim", &[7], "default")).clone();
+        shim.runtime = Runtime::Containerd;
+        inv.containers.insert("0shim".into(), Arc::new(shim));
+        assert_eq!(inv.by_netns(7).unwrap().id, "c");
     }
 
     #[test]

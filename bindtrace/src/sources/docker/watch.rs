@@ -54,21 +54,22 @@ impl DockerState {
     }
 }
 
-/// Follows every engine in `clients` (at least one) and publishes their merged state: up while
-/// any is up (an engine that is down contributes its last inventory, marked stale), down when
-/// all are, connecting until one has answered or failed. Each engine warns and retries on its
-/// own, so one that hangs or dies does not hold up the others.
+/// Publishes the merged state of `parts`, the followers (each engine's, containerd's state
+/// directory), each on its own channel (at least one; the one channel itself when there is
+/// one and no `appearing`): up while any is up (one that is down contributes its last
+/// inventory, marked stale), down when all are, connecting until one has answered or failed.
+/// Each follower warns and retries on its own, so one that hangs or dies does not hold up the
+/// others.
 ///
 /// `appearing` sends sockets that appear after start ([`super::appear`]): each gets a follower
 /// of its own, merged with the others from then on.
-pub(crate) fn spawn_all(
-    mut clients: Vec<Client>,
+pub(crate) fn merge_all(
+    mut parts: Vec<watch::Receiver<DockerState>>,
     appearing: Option<mpsc::UnboundedReceiver<PathBuf>>,
 ) -> watch::Receiver<DockerState> {
-    if clients.len() == 1 && appearing.is_none() {
-        return spawn(clients.remove(0));
+    if parts.len() == 1 && appearing.is_none() {
+        return parts.remove(0);
     }
-    let parts: Vec<watch::Receiver<DockerState>> = clients.into_iter().map(spawn).collect();
     let (tx, rx) = watch::channel(DockerState::Connecting);
     tokio::spawn(merge(parts, tx, appearing));
     rx
