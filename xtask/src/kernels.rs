@@ -113,6 +113,10 @@ const KERNELS: &[Kernel] = &[
 
 /// Modules the scenarios need, in insmod order (all `=m` in Debian's configs).
 const MODULES: &[&str] = &["llc", "stp", "bridge", "veth", "sch_ingress", "cls_bpf"];
+/// The UDP socket dump bindtrace reads verdicts from (`udp_diag` and what it needs), in insmod
+/// order. Modules in Debian's configs, but taken only where the package has them: a kernel with
+/// one built in needs no file, and bindtrace falls back to /proc/net/udp{,6} without udp_diag.
+const DIAG_MODULES: &[&str] = &["sock_diag", "inet_diag", "udp_diag"];
 const MIRROR: &str = "http://deb.debian.org";
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 const BEGIN: &str = "<!-- kernel-matrix:begin -->";
@@ -621,12 +625,17 @@ impl AptConfig {
     }
 }
 
-/// `boot/vmlinuz-*` and the modules of [`MODULES`] out of the package, once per ABI.
+/// `boot/vmlinuz-*` and the modules of [`MODULES`] and [`DIAG_MODULES`] out of the package,
+/// once per ABI (again when the lists grew since: `.complete` names every module it settled).
 fn extract(abi: &str, arch: Arch, deb: &Path, work: &Path) -> anyhow::Result<PathBuf> {
     let kdir = work.join("k").join(cache_name(abi, arch));
     let done = kdir.join(".complete");
-    if done.exists() {
-        return Ok(kdir);
+    if let Ok(settled) = fs::read_to_string(&done) {
+        let has =
+            |m: &str| settled.lines().any(|l| l.ends_with(&format!("/{m}.ko")) || l == format!("absent:{m}"));
+        if MODULES.iter().chain(DIAG_MODULES).all(|m| has(m)) {
+            return Ok(kdir);
+        }
     }
     if kdir.exists() {
         fs::remove_dir_all(&kdir)?;
@@ -652,6 +661,14 @@ fn extract(abi: &str, arch: Arch, deb: &Path, work: &Path) -> anyhow::Result<Pat
         })?;
         wanted.push((*member).to_owned());
     }
+    let mut absent = Vec::new();
+    for m in DIAG_MODULES {
+        let file = format!("/{m}.ko");
+        match members.iter().find(|p| p.ends_with(&file)) {
+            Some(member) => wanted.push((*member).to_owned()),
+            None => absent.push(format!("absent:{m}")),
+        }
+    }
     let status = Command::new("sh")
         .arg("-c")
         .arg("deb=$1 dir=$2; shift 2; dpkg-deb --fsys-tarfile \"$deb\" | tar -x -C \"$dir\" -f - \"$@\"")
@@ -663,7 +680,7 @@ fn extract(abi: &str, arch: Arch, deb: &Path, work: &Path) -> anyhow::Result<Pat
     if !status.success() {
         bail!("extracting {} failed", deb.display());
     }
-    fs::write(done, wanted.join("\n"))?;
+    fs::write(done, wanted.iter().chain(&absent).cloned().collect::<Vec<_>>().join("\n"))?;
     Ok(kdir)
 }
 
@@ -682,6 +699,7 @@ mount -t tmpfs tmpfs /tmp
 ln -s /run /var/run
 echo "@@ BOOTED uptime=$(cut -d' ' -f1 /proc/uptime)"
 for m in {modules}; do insmod /lib/modules/$m.ko || echo "@@ INSMOD_FAILED $m"; done
+for m in {diag}; do [ -e /lib/modules/$m.ko ] && {{ insmod /lib/modules/$m.ko || echo "@@ INSMOD_FAILED $m"; }}; done
 /usr/sbin/ip link set lo up
 echo "@@ BTF_SHA256 $(sha256sum /sys/kernel/btf/vmlinux | cut -d' ' -f1)"
 BINDTRACE_BIN=/usr/bin/bindtrace /usr/bin/bindtrace-matrix --expect-hooks {expect}
@@ -690,6 +708,7 @@ echo "@@ DONE uptime=$(cut -d' ' -f1 /proc/uptime)"
 poweroff -f
 "#,
         modules = MODULES.join(" "),
+        diag = DIAG_MODULES.join(" "),
         expect = k.expect.join(","),
     )
 }
@@ -873,6 +892,11 @@ fn build_initramfs(
         let path = find_file(&kdir.join("lib/modules"), &format!("{m}.ko"))?
             .with_context(|| format!("{m}.ko missing from {}", kdir.display()))?;
         cpio.file(&format!("lib/modules/{m}.ko"), 0o644, &fs::read(path)?);
+    }
+    for m in DIAG_MODULES {
+        if let Some(path) = find_file(&kdir.join("lib/modules"), &format!("{m}.ko"))? {
+            cpio.file(&format!("lib/modules/{m}.ko"), 0o644, &fs::read(path)?);
+        }
     }
     fs::write(out, cpio.finish()).with_context(|| format!("writing {}", out.display()))?;
     Ok(())

@@ -15,6 +15,11 @@
 //! returns `TC_ACT_UNSPEC` (`TCX_NEXT`): the next filter or tcx program runs as if we were not
 //! there (`TC_ACT_OK` would end the chain and skip them).
 //!
+//! UDP the same way: a datagram to a port without a socket is answered with an ICMP (ICMPv6)
+//! port unreachable that quotes the datagram's IP and UDP headers, and the classifier reads the
+//! refused datagram from that quote. The kernel rate-limits those replies (per peer and
+//! globally), so a UDP count here is a lower bound, and userspace says "at least N".
+//!
 //! The key is the same as the other hooks': the loader maps the host-side ifindex to the
 //! container side's (netns cookie, ifindex) and bridge. The RST's source is the container (the
 //! target), its destination the client.
@@ -24,7 +29,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TcContext,
 };
-use bindtrace_common::{AF_INET, AF_INET6, HookKind, IPPROTO_TCP, SCOPE_MAX_ENTRIES, TcPort};
+use bindtrace_common::{AF_INET, AF_INET6, HookKind, IPPROTO_TCP, IPPROTO_UDP, SCOPE_MAX_ENTRIES, TcPort};
 
 use crate::{kernel::Ingress, packet::Segment, refusal};
 
@@ -39,6 +44,15 @@ const ETH_P_IPV6_BE: u32 = (0x86DDu16).to_be() as u32;
 const IPV6_HLEN: usize = 40;
 const TCP_HLEN: usize = 20;
 const TCP_RST_ACK: u8 = 0x04 | 0x10;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// Type, code, checksum and 4 bytes (unused, or the MTU) before the quoted datagram, in ICMP
+/// and ICMPv6 alike.
+const ICMP_HLEN: usize = 8;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
 
 #[classifier]
 pub fn bt_tc(ctx: TcContext) -> i32 {
@@ -62,62 +76,153 @@ fn try_tc(ctx: &TcContext) -> Option<()> {
     // field reads into loads from the sk_buff.
     let protocol = unsafe { (*skb).protocol };
     let (start, end) = (ctx.data(), ctx.data_end());
-    let (family, ip, tcp) = if protocol == ETH_P_IP_BE {
-        let ip = ETH_HLEN;
+    let ip = ETH_HLEN;
+    let seg = if protocol == ETH_P_IP_BE {
         // version/IHL at 0, protocol at 9
         let hdr: *const [u8; 20] = at(start, end, ip)?;
         let hdr = unsafe { &*hdr };
-        if hdr[9] != IPPROTO_TCP {
-            return None;
-        }
         let ihl = ((hdr[0] & 0x0f) as usize) * 4;
         if ihl < 20 {
             return None;
         }
-        (AF_INET, ip, ip + ihl)
-    } else if protocol == ETH_P_IPV6_BE {
-        let ip = ETH_HLEN;
-        // A reset the kernel builds carries no extension headers.
-        let next: *const u8 = at(start, end, ip + 6)?;
-        if unsafe { *next } != IPPROTO_TCP {
-            return None;
+        match hdr[9] {
+            IPPROTO_TCP => reset_v4(start, end, ip, ip + ihl)?,
+            IPPROTO_ICMP => port_unreachable_v4(start, end, ip + ihl)?,
+            _ => return None,
         }
-        (AF_INET6, ip, ip + IPV6_HLEN)
+    } else if protocol == ETH_P_IPV6_BE {
+        // A reset or an ICMPv6 error the kernel builds carries no extension headers.
+        let next: *const u8 = at(start, end, ip + 6)?;
+        match unsafe { *next } {
+            IPPROTO_TCP => reset_v6(start, end, ip, ip + IPV6_HLEN)?,
+            IPPROTO_ICMPV6 => port_unreachable_v6(start, end, ip + IPV6_HLEN)?,
+            _ => return None,
+        }
     } else {
         return None;
     };
-    // ports 0..4, seq 4..8, flags at 13
-    let th: *const [u8; TCP_HLEN] = at(start, end, tcp)?;
-    let th = unsafe { &*th };
-    if th[13] != TCP_RST_ACK || th[4] | th[5] | th[6] | th[7] != 0 {
-        return None;
-    }
 
     // A refusal leaving a container: the rest runs only for these.
     let host_ifindex = unsafe { (*skb).ifindex };
     let port = unsafe { TC_PORTS.get(&host_ifindex) }?;
-    let mut seg = Segment {
-        family,
-        proto: IPPROTO_TCP,
-        saddr: [0; 16],
-        daddr: [0; 16],
-        // The RST goes from the target back to the client.
-        sport: u16::from_be_bytes([th[2], th[3]]),
-        dport: u16::from_be_bytes([th[0], th[1]]),
-    };
-    if family == AF_INET {
-        let hdr: *const [u8; 20] = at(start, end, ip)?;
-        let hdr = unsafe { &*hdr };
-        seg.saddr[..4].copy_from_slice(&hdr[16..20]);
-        seg.daddr[..4].copy_from_slice(&hdr[12..16]);
-    } else {
-        let hdr: *const [u8; IPV6_HLEN] = at(start, end, ip)?;
-        let hdr = unsafe { &*hdr };
-        seg.saddr.copy_from_slice(&hdr[24..40]);
-        seg.daddr.copy_from_slice(&hdr[8..24]);
-    }
     let ingress =
         Ingress { netns_cookie: port.netns_cookie, netns_ino: port.netns_ino, ifindex: port.ifindex };
     refusal::record(ctx, HookKind::Tc as u8, &ingress, port.bridge, &seg);
     Some(())
+}
+
+/// The refused SYN behind a socketless reset: RST|ACK with sequence number 0.
+#[inline(always)]
+fn reset_v4(start: usize, end: usize, ip: usize, tcp: usize) -> Option<Segment> {
+    let th = reset_header(start, end, tcp)?;
+    let hdr: *const [u8; 20] = at(start, end, ip)?;
+    let hdr = unsafe { &*hdr };
+    let mut seg = reset_segment(AF_INET, &th);
+    // The RST goes from the target back to the client.
+    seg.saddr[..4].copy_from_slice(&hdr[16..20]);
+    seg.daddr[..4].copy_from_slice(&hdr[12..16]);
+    Some(seg)
+}
+
+#[inline(always)]
+fn reset_v6(start: usize, end: usize, ip: usize, tcp: usize) -> Option<Segment> {
+    let th = reset_header(start, end, tcp)?;
+    let hdr: *const [u8; IPV6_HLEN] = at(start, end, ip)?;
+    let hdr = unsafe { &*hdr };
+    let mut seg = reset_segment(AF_INET6, &th);
+    seg.saddr.copy_from_slice(&hdr[24..40]);
+    seg.daddr.copy_from_slice(&hdr[8..24]);
+    Some(seg)
+}
+
+/// The TCP header's first bytes when it is a socketless reset (ports 0..4, seq 4..8, flags at 13).
+#[inline(always)]
+fn reset_header(start: usize, end: usize, tcp: usize) -> Option<[u8; TCP_HLEN]> {
+    let th: *const [u8; TCP_HLEN] = at(start, end, tcp)?;
+    let th = unsafe { *th };
+    if th[13] != TCP_RST_ACK || th[4] | th[5] | th[6] | th[7] != 0 {
+        return None;
+    }
+    Some(th)
+}
+
+#[inline(always)]
+fn reset_segment(family: u8, th: &[u8; TCP_HLEN]) -> Segment {
+    Segment {
+        family,
+        proto: IPPROTO_TCP,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        // The RST goes from the target back to the client: its ports are the SYN's swapped.
+        sport: u16::from_be_bytes([th[2], th[3]]),
+        dport: u16::from_be_bytes([th[0], th[1]]),
+    }
+}
+
+/// The refused datagram inside an ICMP destination unreachable, code port unreachable: the
+/// original IPv4 header (with its options) and the first 8 bytes of its UDP header, which the
+/// kernel quotes as it received them. So the segment is the datagram's own: client to target.
+///
+/// `udp_rcv` sends this reply only after the checksum verified and only to a unicast datagram
+/// (broadcast and multicast never get one; `icmp_send` refuses them too), and the ICMP rate
+/// limits may suppress it: what this counts is a lower bound of the datagrams refused.
+#[inline(always)]
+fn port_unreachable_v4(start: usize, end: usize, icmp: usize) -> Option<Segment> {
+    // type, code, checksum, 4 unused bytes, then the original datagram.
+    let ih: *const [u8; 2] = at(start, end, icmp)?;
+    let ih = unsafe { &*ih };
+    if ih[0] != ICMP_DEST_UNREACH || ih[1] != ICMP_PORT_UNREACH {
+        return None;
+    }
+    let inner = icmp + ICMP_HLEN;
+    let hdr: *const [u8; 20] = at(start, end, inner)?;
+    let hdr = unsafe { &*hdr };
+    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+    // UDP only (an iptables REJECT inside the container may quote TCP); a multicast or
+    // broadcast destination is never a refusal.
+    if hdr[0] >> 4 != 4 || ihl < 20 || hdr[9] != IPPROTO_UDP || hdr[16] >= 224 {
+        return None;
+    }
+    let uh: *const [u8; 4] = at(start, end, inner + ihl)?;
+    let uh = unsafe { &*uh };
+    let mut seg = udp_segment(AF_INET, uh);
+    seg.saddr[..4].copy_from_slice(&hdr[12..16]);
+    seg.daddr[..4].copy_from_slice(&hdr[16..20]);
+    Some(seg)
+}
+
+/// The same for ICMPv6 destination unreachable, code port unreachable (`__udp6_lib_rcv` sends it
+/// after the checksum verified, so a bad-checksum datagram never shows here). The quoted IPv6
+/// header's extension headers are not followed, as for TCP.
+#[inline(always)]
+fn port_unreachable_v6(start: usize, end: usize, icmp: usize) -> Option<Segment> {
+    let ih: *const [u8; 2] = at(start, end, icmp)?;
+    let ih = unsafe { &*ih };
+    if ih[0] != ICMPV6_DEST_UNREACH || ih[1] != ICMPV6_PORT_UNREACH {
+        return None;
+    }
+    let inner = icmp + ICMP_HLEN;
+    let hdr: *const [u8; IPV6_HLEN] = at(start, end, inner)?;
+    let hdr = unsafe { &*hdr };
+    if hdr[0] >> 4 != 6 || hdr[6] != IPPROTO_UDP || hdr[24] == 0xff {
+        return None;
+    }
+    let uh: *const [u8; 4] = at(start, end, inner + IPV6_HLEN)?;
+    let uh = unsafe { &*uh };
+    let mut seg = udp_segment(AF_INET6, uh);
+    seg.saddr.copy_from_slice(&hdr[8..24]);
+    seg.daddr.copy_from_slice(&hdr[24..40]);
+    Some(seg)
+}
+
+#[inline(always)]
+fn udp_segment(family: u8, uh: &[u8; 4]) -> Segment {
+    Segment {
+        family,
+        proto: IPPROTO_UDP,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: u16::from_be_bytes([uh[0], uh[1]]),
+        dport: u16::from_be_bytes([uh[2], uh[3]]),
+    }
 }

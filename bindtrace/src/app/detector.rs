@@ -117,6 +117,8 @@ pub(crate) struct KeyLifecycle {
     pub(super) overflow_since: Option<std::time::SystemTime>,
     /// The counts of every line written since start: keys are forgotten, this is not.
     pub(super) counted_in_lines: u64,
+    /// The part of `counted_in_lines` that is a lower bound (UDP on the tc hook).
+    pub(super) at_least_in_lines: u64,
     /// Lines for overflowing keys whose samples were lost.
     pub(super) overflow_lines: crate::sources::overflow::OverflowLines,
     pub(super) last_flip: Option<Instant>,
@@ -132,6 +134,7 @@ impl KeyLifecycle {
             overflow_at_flip: 0,
             overflow_since: None,
             counted_in_lines: 0,
+            at_least_in_lines: 0,
             overflow_lines: Default::default(),
             last_flip: None,
             overflow_logged: 0,

@@ -216,7 +216,12 @@ impl Detector {
         out.finish().context("writing output")?;
         log::info!(
             "detaching; {}",
-            summary(self.keys.counted_in_lines, stats.1, self.loaded.recursion_misses())
+            summary(
+                self.keys.counted_in_lines,
+                self.keys.at_least_in_lines,
+                stats.1,
+                self.loaded.recursion_misses()
+            )
         );
         drop(self);
         eprintln!("bindtrace: detached");
@@ -225,8 +230,9 @@ impl Detector {
 }
 
 /// The exit summary's figures: every refusal counted (per key, plus those that found the map
-/// full), and whether that is exact.
-fn summary(keyed: u64, overflow: u64, recursion_misses: Option<u64>) -> String {
+/// full), and whether that is exact. `at_least` of the keyed ones are UDP on the tc hook, a
+/// lower bound whatever the hook's own exactness.
+fn summary(keyed: u64, at_least: u64, overflow: u64, recursion_misses: Option<u64>) -> String {
     let total = keyed + overflow;
     let split = if overflow > 0 {
         format!(
@@ -236,10 +242,18 @@ fn summary(keyed: u64, overflow: u64, recursion_misses: Option<u64>) -> String {
         String::new()
     };
     let exactness = match recursion_misses {
+        Some(0) if at_least > 0 => " (the hook never skipped)".to_owned(),
         Some(0) => " (exact: the hook never skipped)".to_owned(),
         Some(m) => format!(" (a lower bound: the kernel skipped the hook {m} times)"),
         None => " (exact unless the kernel skipped the hook: this kernel does not say)".to_owned(),
     };
+    if at_least > 0 {
+        return format!(
+            "at least {total} refusals counted since start{exactness}{split}; at least {at_least} UDP \
+             datagrams among them, counted from the ICMP port unreachables the tc hook saw, which \
+             the kernel rate-limits"
+        );
+    }
     format!("{total} refusals counted since start{exactness}{split}")
 }
 
@@ -280,5 +294,21 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summary;
+
+    #[test]
+    fn the_summary_says_at_least_when_udp_was_counted_from_replies() {
+        assert_eq!(
+            summary(5, 0, 0, Some(0)),
+            "5 refusals counted since start (exact: the hook never skipped)"
+        );
+        let s = summary(7, 4, 0, Some(0));
+        assert!(s.starts_with("at least 7 refusals counted since start (the hook never skipped)"), "{s}");
+        assert!(s.contains("at least 4 UDP datagrams among them"), "{s}");
     }
 }

@@ -78,6 +78,9 @@ impl Detector {
         }
         report.docker = ctx;
         self.keys.counted_in_lines += line.count.unwrap_or(0);
+        if report.count_at_least {
+            self.keys.at_least_in_lines += line.count.unwrap_or(0);
+        }
         if line.count.is_none() {
             self.keys.overflow_since.get_or_insert_with(std::time::SystemTime::now);
             report.count_unknown = Some(self.count_unknown());

@@ -33,6 +33,12 @@ fn hook_name(sample: Option<&RefusalEvent>, fallback: &'static str) -> &'static 
     }
 }
 
+/// Whether a count of `proto` on `hook` counts replies the kernel rate-limits (UDP on tc: the
+/// ICMP port unreachables), so that it is only a lower bound of the refusals.
+pub(crate) fn counts_replies(hook: &str, proto: Proto) -> bool {
+    hook == "tc" && proto == Proto::Udp
+}
+
 /// Why a line carries no diagnosis (its verdict is then `unknown`): the JSON field
 /// `undiagnosed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,13 +149,15 @@ pub(crate) fn undiagnosed(
 ) -> Report {
     let sample = line.sample.as_ref();
     let family = line.key.family;
+    let hook = hook_name(sample, hook);
+    let proto = Proto::from_ip(line.key.proto);
     Report {
         time: now_rfc3339(),
         ktime_ns: sample.map(|s| s.ktime_ns),
         event: "refused",
         verdict: Verdict::Unknown,
         undiagnosed: Some(why.as_str()),
-        proto: Proto::from_ip(line.key.proto).name(),
+        proto: proto.name(),
         family: if family == AF_INET6 { "ipv6" } else { "ipv4" },
         target_ip: sample.map(|s| addr_of(family, &s.target_addr)),
         target_port: line.key.port,
@@ -163,12 +171,13 @@ pub(crate) fn undiagnosed(
             .unwrap_or_default(),
         ifindex: line.key.ifindex,
         veth: port.map(|p| p.host_ifname.clone()).unwrap_or_default(),
-        hook: hook_name(sample, hook),
+        hook,
         // Written with the attribution, which knows the published port the fix names.
         hint: String::new(),
         listeners: Vec::new(),
         listeners_omitted: 0,
         count: line.count,
+        count_at_least: counts_replies(hook, proto),
         // Filled in by the caller, which knows the overflow total.
         count_unknown: None,
         docker: Default::default(),

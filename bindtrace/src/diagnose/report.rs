@@ -57,6 +57,10 @@ pub(crate) struct Report {
     pub(crate) count: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) count_unknown: Option<CountUnknown>,
+    /// `count` is a lower bound: UDP on the tc hook, which counts the ICMP port unreachables
+    /// the container sent, and the kernel rate-limits those (absent when the count is exact).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) count_at_least: bool,
     pub(crate) hint: String,
     /// Which container, which published port, how the connection got there.
     #[serde(flatten)]

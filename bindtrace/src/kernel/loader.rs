@@ -235,6 +235,9 @@ pub(crate) enum UdpCounting {
     SameProgram,
     /// By a second program on `kfree_skb`, next to `tcp-send-reset`.
     SecondProgram,
+    /// By the tc classifier, from the ICMP port unreachables leaving the containers: the kernel
+    /// rate-limits those, so the counts are lower bounds.
+    TcReplies,
     /// Not at all, and why (the remedy is in the text).
     NotCounted(String),
 }
@@ -247,6 +250,10 @@ impl UdpCounting {
             UdpCounting::SecondProgram => {
                 "UDP: counted by a second program on kfree_skb (drop reason NO_SOCKET)".into()
             }
+            UdpCounting::TcReplies => "UDP: counted on the tc hook from the ICMP port unreachables leaving \
+                 the containers, which the kernel rate-limits: UDP counts are lower bounds (\"at least N\"); \
+                 --hook auto or kfree-skb counts every datagram on Linux 5.17 or later"
+                .into(),
             UdpCounting::NotCounted(why) => format!("UDP refusals are NOT counted: {why}"),
         }
     }
@@ -261,13 +268,8 @@ const UDP_PROGRAM: &str = "bt_kfree_skb";
 fn attach_udp(ebpf: &mut Ebpf, hook: Hook, layout: &KernelLayout, btf: &Btf) -> UdpCounting {
     match hook {
         Hook::KfreeSkb => return UdpCounting::SameProgram,
-        Hook::Tc => {
-            return UdpCounting::NotCounted(
-                "the tc hook does not count UDP yet (it would have to read the ICMP port \
-                 unreachable replies); use --hook auto or kfree-skb on Linux 5.17 or later"
-                    .into(),
-            );
-        }
+        // The classifier itself reads the port unreachables (bindtrace-ebpf/src/probes/tc.rs).
+        Hook::Tc => return UdpCounting::TcReplies,
         Hook::TcpSendReset => {}
     }
     if layout.drop_reason_no_socket.is_none() {

@@ -184,6 +184,7 @@ fn fold_into(s: &mut ScanSummary, r: &Report) {
         Some(n) => s.refusals += n,
         None => s.count_partial = true,
     }
+    s.count_partial |= r.count_at_least;
     s.last_time = r.time.clone();
 }
 
@@ -215,6 +216,7 @@ pub(crate) mod tests {
             listeners_omitted: 0,
             count: Some(count),
             count_unknown: None,
+            count_at_least: false,
             hint: "nothing listens".into(),
             docker: DockerContext::default(),
         }

@@ -107,9 +107,11 @@ fn published(d: &DockerContext) -> Option<String> {
     d.published.as_ref().map(|b| endpoint(b.host_ip, b.host_port))
 }
 
-/// ` x3`, nothing for one refusal, ` x?` when the map was full (a detail line says why).
+/// ` x3`, nothing for one refusal, ` x?` when the map was full (a detail line says why), ` at
+/// least x3` when the count is a lower bound (UDP on the tc hook; a detail line says why).
 fn count_mark(r: &Report) -> String {
     match r.count {
+        Some(n) if r.count_at_least => format!(" at least x{n}"),
         Some(n) if n > 1 => format!(" x{n}"),
         Some(_) => String::new(),
         None => " x?".into(),
@@ -244,12 +246,17 @@ fn client_detail(r: &Report) -> String {
         }
     }
     match r.count {
+        Some(n) if r.count_at_least => s.push_str(&format!("  (the sampled one of at least {n})")),
         Some(n) if n > 1 => s.push_str(&format!("  (the sampled one of these {n} refusals)")),
         None => s.push_str("  (the sampled one)"),
         Some(_) => {}
     }
     s
 }
+
+/// Why a count is only a lower bound (the `count` detail line).
+const AT_LEAST_WHY: &str = "at least: the tc hook counts the ICMP port unreachables the container sent, \
+     and the kernel rate-limits those (--hook kfree-skb on 5.17+ counts every datagram)";
 
 /// The headline and the detail lines of a refusal.
 pub(crate) fn refusal(p: Painter, r: &Report) -> Vec<String> {
@@ -290,6 +297,9 @@ pub(crate) fn refusal(p: Painter, r: &Report) -> Vec<String> {
             ),
         ));
     }
+    if r.count_at_least {
+        lines.push(detail(p, "count", AT_LEAST_WHY));
+    }
     lines.extend(listener_details(p, &r.listeners, r.listeners_omitted));
     lines.push(detail(p, "fix", &fix_text(&r.hint, r.verdict.as_str())));
     if let Some(private) = private_form(&r.docker, r.target_port) {
@@ -302,6 +312,7 @@ pub(crate) fn refusal(p: Painter, r: &Report) -> Vec<String> {
 /// 8000/tcp: loopback_only, as at TIME`.
 pub(crate) fn repeat(p: Painter, r: &Report, first_time: &str) -> String {
     let count = match r.count {
+        Some(n) if r.count_at_least => format!("at least x{n}"),
         Some(n) => format!("x{n}"),
         None => "x? (count map full)".into(),
     };
@@ -325,7 +336,8 @@ pub(crate) struct ScanSummary {
     pub(crate) highest: u16,
     /// Refusals in the lines folded into the scan (not those shown above it).
     pub(crate) refusals: u64,
-    /// Some of them found the count map full: `refusals` is then a lower bound.
+    /// Some of them found the count map full, or were counted from rate-limited replies (UDP on
+    /// the tc hook): `refusals` is then a lower bound.
     pub(crate) count_partial: bool,
     pub(crate) shown: usize,
     pub(crate) first_time: String,
@@ -448,6 +460,7 @@ mod tests {
             listeners_omitted: 0,
             count: Some(3),
             count_unknown: None,
+            count_at_least: false,
             hint: "python3 (pid 4242, 1 in the container) listens on 127.0.0.1:8000 only: that is the \
                    container's own loopback, which forwarded connections never reach. Bind to \
                    0.0.0.0:8000 instead: `--bind 0.0.0.0`; to keep it private, publish it on the host's \
@@ -567,6 +580,30 @@ mod tests {
             "2026-12-03T10:51:51Z LOST 7 samples at stage kernel_ringbuf (their refusals are still counted \
              in the lines above and below)"
         );
+    }
+
+    /// UDP on the tc hook: every place the count shows says "at least", and why.
+    #[test]
+    fn a_lower_bound_says_at_least() {
+        let mut r = loopback_report("dns", "0.0.0.0");
+        r.proto = "udp";
+        r.hook = "tc";
+        r.count_at_least = true;
+        let lines = refusal(Painter::new(false), &r);
+        assert!(lines[0].ends_with("loopback_only at least x3"), "{lines:?}");
+        assert!(lines.iter().any(|l| l.contains("(the sampled one of at least 3)")), "{lines:?}");
+        assert!(lines.iter().any(|l| l.starts_with("  count") && l.contains("rate-limits")), "{lines:?}");
+        assert!(
+            repeat(Painter::new(false), &r, "2026-12-03T10:51:40.000Z")
+                .contains("   again at least x3 dns 8000/udp")
+        );
+        let text = crate::sinks::text::refusal(&r);
+        assert!(text.contains("8000/udp on docker0 [at least 3]: container dns"), "{text}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!((&json["count"], &json["count_at_least"]), (&3.into(), &true.into()));
+        // An exact count carries no such field.
+        r.count_at_least = false;
+        assert!(serde_json::to_value(&r).unwrap().get("count_at_least").is_none());
     }
 
     #[test]

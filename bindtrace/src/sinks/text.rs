@@ -7,7 +7,8 @@ use crate::{
     diagnose::report::{AuditReport, DockerContext, LostReport, Report, Via},
 };
 
-/// `TIME refused CLIENT -> TARGET/tcp on BRIDGE [xN]: VERDICT: HINT`
+/// `TIME refused CLIENT -> TARGET/tcp on BRIDGE [xN]: VERDICT: HINT` (`[at least N]` when the
+/// count is a lower bound)
 pub(crate) fn refusal(r: &Report) -> String {
     let client = match (r.client_ip, r.client_port) {
         (Some(ip), Some(port)) => endpoint(ip, port),
@@ -18,6 +19,8 @@ pub(crate) fn refusal(r: &Report) -> String {
         None => format!("port {}", r.target_port),
     };
     let count = match (r.count, &r.count_unknown) {
+        // UDP on the tc hook: the port unreachables it counts are rate-limited by the kernel.
+        (Some(n), _) if r.count_at_least => format!(" [at least {n}]"),
         (Some(n), _) if n > 1 => format!(" [x{n}]"),
         (Some(_), _) => String::new(),
         (None, Some(u)) => {

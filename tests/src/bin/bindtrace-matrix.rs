@@ -8,7 +8,7 @@
 //! (the xtask reads them from the guest's console) and exits 1 if any check failed.
 use std::{
     io::Read as _,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, SocketAddr, UdpSocket},
     panic::{AssertUnwindSafe, catch_unwind},
     process::{Command, ExitCode},
     time::{Duration, Instant},
@@ -135,6 +135,7 @@ fn scenarios(report: &mut Report, hook: Hook, topo: &mut Topology, c: &Container
         let ports: Vec<&Value> = l["listeners"].as_array().unwrap().iter().map(|x| &x["port"]).collect();
         assert!(ports.contains(&&Value::from(8000)), "names what does listen: {l:#}");
     });
+    udp_scenarios(report, hook, topo, c, &bt);
     report.check(h, "healthy listener, no event", || {
         let mut s = connect(&topo.host, c.ipv4, 8002).expect("a listener on 0.0.0.0 accepts");
         let mut reply = String::new();
@@ -178,6 +179,54 @@ fn scenarios(report: &mut Report, hook: Hook, topo: &mut Topology, c: &Container
     });
 }
 
+/// UDP (issue 14): a socket on 127.0.0.1 is `loopback_only`, a port without one over IPv6 is
+/// `no_listener` naming it. Every hook counts UDP: both drop-reason hooks on kfree_skb (next to
+/// tcp-send-reset, a second program), tc from the port unreachables, as a lower bound.
+fn udp_scenarios(report: &mut Report, hook: Hook, topo: &Topology, c: &Container, bt: &Bindtrace) {
+    let h = hook.arg();
+    let (counted_by, at_least) = if hook == Hook::Tc { ("tc", true) } else { ("kfree-skb", false) };
+    let socket = c.ns.run(|| UdpSocket::bind("127.0.0.1:8010")).expect("bind UDP 127.0.0.1:8010");
+    let udp_line = |port: u16| {
+        bt.expect_line(&format!("udp for {port}"), EVENT_TIMEOUT, |l| {
+            l["event"] == "refused" && l["proto"] == "udp" && l["target_port"] == port
+        })
+    };
+    report.check(h, "UDP loopback socket, IPv4", || {
+        udp_refused(&topo.host, c.ipv4, 8010);
+        let l = udp_line(8010);
+        assert_eq!(l["verdict"], "loopback_only", "{l:#}");
+        assert_eq!(l["hook"], counted_by, "{l:#}");
+        assert_eq!(l["count"], 1, "{l:#}");
+        assert_eq!(l.get("count_at_least").is_some(), at_least, "{l:#}");
+        assert_eq!(l["listeners"][0]["ip"], "127.0.0.1");
+        assert_eq!(l["listeners"][0]["port"], 8010);
+    });
+    report.check(h, "UDP no socket, IPv6", || {
+        udp_refused(&topo.host, c.ipv6, 8011);
+        let l = udp_line(8011);
+        assert_eq!(l["verdict"], "no_listener", "{l:#}");
+        assert_eq!(l["family"], "ipv6");
+        let ports: Vec<&Value> = l["listeners"].as_array().unwrap().iter().map(|x| &x["port"]).collect();
+        assert!(ports.contains(&&Value::from(8010)), "names the UDP socket bound: {l:#}");
+    });
+    drop(socket);
+}
+
+/// One datagram from `from` to a closed `addr:port`: the port unreachable comes back as
+/// ECONNREFUSED on the connected socket.
+fn udp_refused(from: &Netns, addr: IpAddr, port: u16) {
+    let err = from
+        .run(|| -> std::io::Result<usize> {
+            let s = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+            s.set_read_timeout(Some(EVENT_TIMEOUT))?;
+            s.connect(SocketAddr::new(addr, port))?;
+            s.send(b"bindtrace matrix")?;
+            s.recv(&mut [0u8; 64])
+        })
+        .expect_err("the datagram should be refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "to {addr}:{port}: {err}");
+}
+
 fn wait(cond: impl Fn() -> bool, what: &str) {
     let deadline = Instant::now() + EVENT_TIMEOUT;
     while !cond() {
@@ -219,6 +268,13 @@ fn main() -> ExitCode {
     };
     let uname = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("@@ KERNEL {}", uname.trim());
+    // Where UDP verdicts come from here: the sock_diag dump, or /proc/net/udp{,6} without it.
+    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    let udp_diag = modules.lines().any(|l| l.starts_with("udp_diag "));
+    println!(
+        "@@ UDP_DIAG {}",
+        if udp_diag { "module loaded" } else { "no module loaded (built in, or /proc/net/udp)" }
+    );
     let t0 = Instant::now();
     let mut report = Report { checks: 0, failed: 0 };
     let mut supported = Vec::new();

@@ -613,6 +613,7 @@ mod tests {
             listeners_omitted: 0,
             count: Some(count),
             count_unknown: None,
+            count_at_least: false,
             hint: String::new(),
             docker: Default::default(),
         }

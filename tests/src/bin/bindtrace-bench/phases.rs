@@ -200,7 +200,9 @@ fn latency_run(
 }
 
 /// A flood with BPF run-time accounting on; for kfree-skb also a burst of drops that are not
-/// refusals in scope (UDP to a closed loopback port), to price the hook on other traffic.
+/// refusals in scope (UDP to a closed loopback port), to price the hook on other traffic. The
+/// same for tcp-send-reset, where bt_kfree_skb runs as a second program (UDP only): its cost on
+/// those drops is what counting UDP adds to that hook.
 fn bpf_round(lab: &Lab, o: &Options, config: Config) -> anyhow::Result<BpfRun> {
     let rsts_before = snmp_out_rsts(&lab.ctr.ns);
     let tracer = Running::start(config, &lab.topo.host, o.tracer_cpu, &[])?;
@@ -209,7 +211,8 @@ fn bpf_round(lab: &Lab, o: &Options, config: Config) -> anyhow::Result<BpfRun> {
     flood(lab, o, o.seconds, (SERVER_PORT, SERVER_PORT))?;
     let after = bpfstats::of_process(pid);
     let refusals = snmp_out_rsts(&lab.ctr.ns) - rsts_before;
-    let (unrelated, ordinary) = if config == Config::Bindtrace(Hook::KfreeSkb) {
+    let on_kfree_skb = matches!(config, Config::Bindtrace(Hook::KfreeSkb | Hook::TcpSendReset));
+    let (unrelated, ordinary) = if on_kfree_skb {
         let count = if o.short { 20_000 } else { 200_000 };
         load::udp_drops(&lab.topo.host, count);
         let dropped = bpfstats::of_process(pid);
