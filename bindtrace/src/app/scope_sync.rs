@@ -10,7 +10,7 @@ use super::{
     hiccups::Stage,
 };
 use crate::{
-    netns::prefixes,
+    netns::{prefixes, scope::Resolved},
     sources::link_events::{LinkChanges, LinkWatcher},
 };
 
@@ -34,7 +34,9 @@ impl Detector {
     /// ports is counted, logged and tried again at the next rescan, which a backoff schedules.
     pub(super) fn rescan(&mut self) -> anyhow::Result<RescanGaps> {
         let now = Instant::now();
-        let resolved = self.resolver.resolve(&self.bridges).context("listing the watched bridges' ports")?;
+        let mut resolved =
+            self.resolver.resolve(&self.bridges).context("listing the watched bridges' ports")?;
+        self.add_loopback_ports(&mut resolved);
         let mut fresh = resolved.ports;
         // A port whose namespace could not be opened is not watched yet: the retry tries again.
         match resolved.skipped.first() {
@@ -55,7 +57,7 @@ impl Detector {
                 log::warn!("removing {key:?} from scope: {e}");
             }
             if let Some(port) = self.ports.remove(&key) {
-                log::debug!("{}: port {} left scope", self.bridges.name(port.bridge), port.host_ifname);
+                log::debug!("{}: port {} left scope", port.on(&self.bridges), port.shown());
                 self.departed.insert(key, (port, now));
             }
         }
@@ -68,14 +70,14 @@ impl Detector {
             if let Err(e) = self.loaded.scope.insert(*key, port.bridge, 0) {
                 // Left out of `ports`, so the next rescan tries it again.
                 gaps.scope_full += 1;
-                scope_error.get_or_insert_with(|| format!("{} ({e})", port.host_ifname));
+                scope_error.get_or_insert_with(|| format!("{} ({e})", port.shown()));
                 return false;
             }
             // Churn (Docker enslaves a veth, then moves its peer): debug, not every user's concern.
             log::debug!(
                 "{}: watching {} (netns {}, ifindex {})",
-                self.bridges.name(port.bridge),
-                port.host_ifname,
+                port.on(&self.bridges),
+                port.shown(),
                 port.ns.inode,
                 port.ifindex
             );
@@ -114,6 +116,17 @@ impl Detector {
         self.forget_departed(now);
         self.refresh_prefixes();
         Ok(gaps)
+    }
+
+    /// The `lo` of every container whose forwarder dials its own address (rootless podman,
+    /// `netns/loopback.rs`), next to the bridges' ports. From a stale inventory too: a
+    /// container is kept only while its process is still in the namespace it was reported with.
+    fn add_loopback_ports(&mut self, resolved: &mut Resolved) {
+        let inventory = self.docker.inventory.clone();
+        let containers = inventory.iter().flat_map(|inv| inv.containers.values().map(|c| &**c));
+        let (ports, skipped) = self.loopbacks.ports(containers);
+        resolved.ports.extend(ports);
+        resolved.skipped.extend(skipped);
     }
 
     /// Lets go of ports that left scope more than [`DEPARTED_GRACE`] ago, and so of the
@@ -216,15 +229,25 @@ impl Detector {
         }
     }
 
-    /// The watched bridges' address prefixes, for the connect tracker and conntrack.
+    /// The watched bridges' address prefixes, for the connect tracker and conntrack, and the
+    /// own addresses of the namespaces watched on `lo` (what their forwarder dials, from inside
+    /// them), each alone.
     pub(super) fn refresh_prefixes(&mut self) {
-        let prefixes = match prefixes::interface_prefixes(&self.bridges.names) {
+        let mut prefixes = match prefixes::interface_prefixes(&self.bridges.names) {
             Ok(p) => p,
             Err(e) => {
                 log::debug!("reading the bridges' addresses: {e}");
                 return;
             }
         };
+        for port in self.ports.values().filter(|p| p.on_loopback()) {
+            match port.ns.run(prefixes::non_loopback_addresses) {
+                Ok(addrs) => prefixes.extend(
+                    addrs.into_iter().map(|a| prefixes::prefix_of(a, if a.is_ipv4() { 32 } else { 128 })),
+                ),
+                Err(e) => log::debug!("reading the addresses of netns {}: {e}", port.ns.inode),
+            }
+        }
         if prefixes == self.docker.prefixes {
             return;
         }

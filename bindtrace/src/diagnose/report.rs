@@ -128,6 +128,10 @@ pub(crate) enum Via {
     /// Straight to the container's address (a host process or another container).
     #[serde(rename = "direct")]
     Direct,
+    /// Rootless podman's port forwarder, which accepted on the host and dialed the container's
+    /// own address from inside its namespace (over its `lo`).
+    #[serde(rename = "rootlessport")]
+    Rootlessport,
 }
 
 impl Via {
@@ -136,6 +140,7 @@ impl Via {
             Via::DockerProxy => "docker-proxy",
             Via::Dnat => "dnat",
             Via::Direct => "direct",
+            Via::Rootlessport => "rootlessport",
         }
     }
 }

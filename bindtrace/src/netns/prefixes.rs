@@ -109,6 +109,20 @@ pub(crate) fn interface_prefixes(names: &[String]) -> io::Result<BTreeSet<Prefix
 /// network namespace: what a SYN that came in on it could have been sent to, when the line has
 /// no sample that says.
 pub(crate) fn addresses_of_interface(ifindex: u32) -> io::Result<Vec<IpAddr>> {
+    // SAFETY: `name` is a NUL-terminated string from getifaddrs.
+    addresses_where(|name, _| unsafe { libc::if_nametoindex(name.as_ptr()) } == ifindex)
+}
+
+/// Every address of the calling thread's network namespace but loopback and link-local ones:
+/// those a forwarder inside the namespace dials when it forwards over `lo` (rootless podman's
+/// rootlessport dials the container's own address, `netns/loopback.rs`).
+pub(crate) fn non_loopback_addresses() -> io::Result<Vec<IpAddr>> {
+    addresses_where(|_, addr| !addr.is_loopback())
+}
+
+/// Addresses of the calling thread's namespace that `keep` (interface name, address) selects,
+/// link-local ones left out.
+fn addresses_where(keep: impl Fn(&CStr, IpAddr) -> bool) -> io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `ifap` with a list we free below.
@@ -120,11 +134,7 @@ pub(crate) fn addresses_of_interface(ifindex: u32) -> io::Result<Vec<IpAddr>> {
         // SAFETY: `cur` walks the list getifaddrs returned, which stays valid until freed.
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
-        // SAFETY: ifa_name is a NUL-terminated string (checked non-null first).
-        if ifa.ifa_addr.is_null()
-            || ifa.ifa_name.is_null()
-            || unsafe { libc::if_nametoindex(ifa.ifa_name) } != ifindex
-        {
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
             continue;
         }
         // SAFETY: the address points to a sockaddr of the family it declares.
@@ -132,7 +142,10 @@ pub(crate) fn addresses_of_interface(ifindex: u32) -> io::Result<Vec<IpAddr>> {
         if matches!(addr, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80) {
             continue;
         }
-        out.push(addr);
+        // SAFETY: ifa_name is a NUL-terminated string (checked non-null above).
+        if keep(unsafe { CStr::from_ptr(ifa.ifa_name) }, addr) {
+            out.push(addr);
+        }
     }
     // SAFETY: frees the list getifaddrs allocated, once.
     unsafe { libc::freeifaddrs(ifap) };

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bindtrace_common::{BridgeId, ScopeKey};
+use bindtrace_common::{BRIDGE_LOOPBACK, BridgeId, ScopeKey};
 
 use crate::{
     netns::links::{self, Link},
@@ -48,6 +48,24 @@ pub(crate) struct Port {
     pub(crate) ifindex: u32,
 }
 
+impl Port {
+    /// Whether this is a namespace's `lo` that a forwarder dials through (see
+    /// `netns/loopback.rs`), not a veth on a bridge.
+    pub(crate) fn on_loopback(&self) -> bool {
+        self.bridge == BRIDGE_LOOPBACK
+    }
+
+    /// How the log names it: the host-side veth, or the namespace's `lo`.
+    pub(crate) fn shown(&self) -> String {
+        if self.on_loopback() { format!("lo of netns {}", self.ns.inode) } else { self.host_ifname.clone() }
+    }
+
+    /// Where the log says it is: its bridge, or that it is a forwarder's `lo`.
+    pub(crate) fn on<'a>(&self, bridges: &'a Bridges) -> &'a str {
+        if self.on_loopback() { "rootless forwarder" } else { bridges.name(self.bridge) }
+    }
+}
+
 /// The selected bridges, by name, in the order given; their index is the [`BridgeId`].
 #[derive(Debug, Clone)]
 pub(crate) struct Bridges {
@@ -55,7 +73,11 @@ pub(crate) struct Bridges {
 }
 
 impl Bridges {
+    /// The bridge's name; empty for a namespace's `lo` ([`BRIDGE_LOOPBACK`]), which has none.
     pub(crate) fn name(&self, id: BridgeId) -> &str {
+        if id == BRIDGE_LOOPBACK {
+            return "";
+        }
         self.names.get(id as usize).map(String::as_str).unwrap_or("?")
     }
 

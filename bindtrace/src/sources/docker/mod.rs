@@ -212,6 +212,19 @@ impl Container {
         out
     }
 
+    /// Whether connections to its published ports arrive on its namespace's `lo`: rootless
+    /// podman's slirp4netns network (`NetworkMode` `slirp4netns`, or with options after a
+    /// colon), whose default port handler, rootlessport, dials the container's own address from
+    /// inside its namespace. (With `port_handler=slirp4netns` they come in on tap0 instead,
+    /// from 10.0.2.2: not watched yet.)
+    pub(crate) fn forwards_over_loopback(&self) -> bool {
+        let slirp = self.network_mode == "slirp4netns" || self.network_mode.starts_with("slirp4netns:");
+        self.runtime == Runtime::Podman
+            && slirp
+            && !self.network_mode.contains("port_handler=slirp4netns")
+            && self.published().next().is_some()
+    }
+
     /// Whether the container has a network namespace of its own (not `host`, not another
     /// container's).
     pub(crate) fn owns_netns(&self) -> bool {
