@@ -36,24 +36,44 @@ pub(crate) fn socket_path(flag: Option<&str>) -> Result<PathBuf, String> {
 }
 
 /// Every socket to follow: each `--docker-host` (repeatable), else `DOCKER_HOST`, else both
-/// Docker's and podman's default sockets that exist (Docker's when neither does, so the
-/// warning names it).
+/// Docker's and podman's default sockets that exist, and every user's rootless podman socket
+/// (Docker's when none does, so the warning names it).
 pub(crate) fn socket_paths(flags: &[String]) -> Result<Vec<PathBuf>, String> {
     if !flags.is_empty() {
         return flags.iter().map(|f| socket_path(Some(f))).collect();
     }
     match given_socket(None) {
         Some(given) => Ok(vec![given?]),
-        None => Ok(default_sockets(|p| std::path::Path::new(p).exists())),
+        None => Ok(default_sockets(|p| std::path::Path::new(p).exists(), rootless_podman_sockets())),
     }
 }
 
-/// Docker's and podman's default sockets, those that `exists`; Docker's when neither does.
-fn default_sockets(exists: impl Fn(&str) -> bool) -> Vec<PathBuf> {
-    let found: Vec<PathBuf> =
+/// Docker's and podman's default sockets, those that `exists`, then `rootless` ones; Docker's
+/// when none is there.
+fn default_sockets(exists: impl Fn(&str) -> bool, rootless: Vec<PathBuf>) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> =
         [DEFAULT_SOCKET, PODMAN_SOCKET].into_iter().filter(|p| exists(p)).map(PathBuf::from).collect();
+    found.extend(rootless);
     if found.is_empty() { vec![PathBuf::from(DEFAULT_SOCKET)] } else { found }
 }
+
+/// Rootless podman's API sockets present now: /run/user/UID/podman/podman.sock of each user
+/// whose `podman system service` (or `podman.socket` user unit) runs. Read at start, like the
+/// others.
+fn rootless_podman_sockets() -> Vec<PathBuf> {
+    let Ok(dir) = std::fs::read_dir(ROOTLESS_RUNTIME_DIRS) else { return Vec::new() };
+    let mut found: Vec<PathBuf> = dir
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u32>().is_ok()))
+        .map(|e| e.path().join("podman/podman.sock"))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Where logins get their `XDG_RUNTIME_DIR` (/run/user/UID).
+const ROOTLESS_RUNTIME_DIRS: &str = "/run/user";
 
 /// Docker's socket alone: `--docker-host`, else `DOCKER_HOST`, else the default (doctor's
 /// docker line, which probes podman's socket on a line of its own).
@@ -386,9 +406,16 @@ mod tests {
     #[test]
     fn both_default_sockets_when_both_exist() {
         let both = vec![PathBuf::from(DEFAULT_SOCKET), PathBuf::from(PODMAN_SOCKET)];
-        assert_eq!(default_sockets(|_| true), both);
-        assert_eq!(default_sockets(|_| false), vec![PathBuf::from(DEFAULT_SOCKET)]);
-        assert_eq!(default_sockets(|p| p == PODMAN_SOCKET), vec![PathBuf::from(PODMAN_SOCKET)]);
+        assert_eq!(default_sockets(|_| true, vec![]), both);
+        assert_eq!(default_sockets(|_| false, vec![]), vec![PathBuf::from(DEFAULT_SOCKET)]);
+        assert_eq!(default_sockets(|p| p == PODMAN_SOCKET, vec![]), vec![PathBuf::from(PODMAN_SOCKET)]);
+        // A user's rootless podman alone: no Docker socket that is not there.
+        let user = PathBuf::from("/run/user/1000/podman/podman.sock");
+        assert_eq!(default_sockets(|_| false, vec![user.clone()]), vec![user.clone()]);
+        assert_eq!(
+            default_sockets(|p| p == DEFAULT_SOCKET, vec![user.clone()]),
+            vec![PathBuf::from(DEFAULT_SOCKET), user]
+        );
         let flags = ["/a.sock".to_owned(), "unix:///b.sock".to_owned()];
         assert_eq!(socket_paths(&flags).unwrap(), vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")]);
         assert!(socket_paths(&["tcp://x:1".to_owned()]).is_err());
