@@ -49,6 +49,38 @@ pub struct ScopeKey {
 /// What the scope map stores for an interface: the index of its bridge in userspace's table.
 pub type BridgeId = u32;
 
+/// The scope value of a namespace's `lo` where a forwarder inside the namespace dials the
+/// namespace's own address (rootless podman's rootlessport): the kernel cannot tell the
+/// forwarder's SYN from the app's own, so on such an entry only refusals whose destination is
+/// not a loopback address count (the forwarder never dials 127.0.0.0/8 or ::1).
+pub const BRIDGE_LOOPBACK: BridgeId = u32::MAX;
+
+/// The loopback device's ifindex, the same in every network namespace (the kernel registers it
+/// first: `LOOPBACK_IFINDEX` in include/net/flow.h).
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Whether `addr` (network byte order, IPv4 in the first 4 bytes) is a loopback address:
+/// 127.0.0.0/8, ::1, or IPv4-mapped 127.0.0.0/8.
+#[inline(always)]
+pub fn is_loopback(family: u8, addr: &[u8; 16]) -> bool {
+    if family == AF_INET {
+        return addr[0] == 127;
+    }
+    let mut zero = true;
+    let mut i = 0;
+    while i < 10 {
+        zero &= addr[i] == 0;
+        i += 1;
+    }
+    if !zero {
+        return false;
+    }
+    if addr[10] == 0xff && addr[11] == 0xff {
+        return addr[12] == 127;
+    }
+    addr[10] | addr[11] | addr[12] | addr[13] | addr[14] == 0 && addr[15] == 1
+}
+
 /// The kernel's exact count of refusals is kept per CPU under this key. Client addresses and
 /// ephemeral ports are deliberately absent: they would make the map unbounded.
 #[repr(C)]
@@ -227,6 +259,28 @@ mod tests {
         assert_eq!(size_of::<TcPort>(), 24);
         assert_eq!(size_of::<Connector>(), 40);
         assert_eq!(size_of::<ConnectKey>(), 40);
+    }
+
+    #[test]
+    fn loopback_addresses() {
+        let v4 = |a: [u8; 4]| {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a);
+            b
+        };
+        assert!(is_loopback(AF_INET, &v4([127, 0, 0, 1])));
+        assert!(is_loopback(AF_INET, &v4([127, 9, 8, 7])));
+        assert!(!is_loopback(AF_INET, &v4([10, 0, 2, 100])));
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert!(is_loopback(AF_INET6, &one));
+        assert!(is_loopback(AF_INET6, &mapped(AF_INET, &v4([127, 0, 0, 1]))));
+        assert!(!is_loopback(AF_INET6, &mapped(AF_INET, &v4([10, 0, 2, 100]))));
+        assert!(!is_loopback(AF_INET6, &[0u8; 16]));
+        let mut ula = [0u8; 16];
+        ula[0] = 0xfd;
+        ula[15] = 1;
+        assert!(!is_loopback(AF_INET6, &ula));
     }
 
     #[test]

@@ -9,14 +9,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use bindtrace_common::{
-    BridgeId, COUNTS_MAX_ENTRIES, CountKey, CountValue, EVENT_OVERFLOW, GENERATION_SLOTS, IPPROTO_TCP,
-    OVERFLOW_SAMPLE_KEYS, RefusalEvent, SCOPE_MAX_ENTRIES, STAT_COUNT_OVERFLOW, STAT_RINGBUF_LOST,
-    STAT_SLOTS, ScopeKey,
+    BRIDGE_LOOPBACK, BridgeId, COUNTS_MAX_ENTRIES, CountKey, CountValue, EVENT_OVERFLOW, GENERATION_SLOTS,
+    IPPROTO_TCP, OVERFLOW_SAMPLE_KEYS, RefusalEvent, SCOPE_MAX_ENTRIES, STAT_COUNT_OVERFLOW,
+    STAT_RINGBUF_LOST, STAT_SLOTS, ScopeKey, is_loopback,
 };
 
 use crate::{kernel::Ingress, packet::Segment};
 
-/// Container-side interfaces whose veth peer is a port of a selected bridge. Kept by userspace.
+/// Container-side interfaces whose veth peer is a port of a selected bridge, and the `lo` of
+/// namespaces whose forwarder dials their own address (`BRIDGE_LOOPBACK`). Kept by userspace.
 #[map]
 static SCOPE: HashMap<ScopeKey, BridgeId> = HashMap::with_max_entries(SCOPE_MAX_ENTRIES, 0);
 
@@ -132,6 +133,11 @@ pub fn record<C: aya_ebpf::EbpfContext>(
     bridge: BridgeId,
     seg: &Segment,
 ) {
+    // On a forwarder's `lo` (see BRIDGE_LOOPBACK) a SYN to a loopback address is the app
+    // talking to itself, not a forwarded connection.
+    if bridge == BRIDGE_LOOPBACK && is_loopback(seg.family, &seg.daddr) {
+        return;
+    }
     let key = CountKey {
         netns_cookie: ingress.netns_cookie,
         ifindex: ingress.ifindex,

@@ -11,6 +11,7 @@ pub mod native;
 pub mod net;
 pub mod podman;
 pub mod proc;
+pub mod rootless;
 pub mod tc_recovery;
 
 pub use bindtrace::{Bindtrace, Hook, listener_pids};

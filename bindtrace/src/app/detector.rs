@@ -15,6 +15,7 @@ use crate::{
     diagnose::audit::Auditor,
     kernel::loader::Loaded,
     netns::{
+        loopback::LoopbackNamespaces,
         prefixes::Prefix,
         scope::{Bridges, Port, Resolver},
     },
@@ -55,6 +56,8 @@ pub(crate) struct Detector {
     pub(super) loaded: Loaded,
     pub(super) bridges: Bridges,
     pub(super) resolver: Resolver,
+    /// The `lo` of containers whose forwarder dials their own address (rootless podman).
+    pub(super) loopbacks: LoopbackNamespaces,
     pub(super) ports: BTreeMap<ScopeKey, Port>,
     pub(super) departed: HashMap<ScopeKey, (Port, Instant)>,
     pub(super) folder: Folder,

@@ -3,7 +3,10 @@
 use std::{collections::BTreeSet, sync::Arc, time::Instant};
 
 use super::detector::Detector;
-use crate::{netns::scope, sources::docker::watch::DockerState};
+use crate::{
+    netns::scope,
+    sources::docker::{Inventory, watch::DockerState},
+};
 
 impl Detector {
     /// Takes in what the Docker watcher reports: new networks' bridges (without `-i`), the
@@ -38,6 +41,9 @@ impl Detector {
                 log::info!("Docker network bridge {gone} removed");
             }
         }
+        // Containers forwarded over their own `lo` are in scope through the inventory, not
+        // through a bridge: a change among them is a rescan too.
+        added |= loopback_forwarders(self.docker.inventory.as_deref()) != loopback_forwarders(Some(&inv));
         // While the daemon is away its last word is kept, marked stale: names only for
         // containers whose process is still in the namespace.
         let workloads_before = self.workload_pids();
@@ -75,4 +81,14 @@ impl Detector {
         ino != self.docker.own_netns
             && self.docker.inventory.as_ref().is_none_or(|inv| inv.by_netns(ino).is_none())
     }
+}
+
+/// The containers whose `lo` is in scope (see `netns/loopback.rs`), with the process and
+/// namespace they were reported with.
+fn loopback_forwarders(inv: Option<&Inventory>) -> BTreeSet<(String, u32, Vec<u64>)> {
+    inv.iter()
+        .flat_map(|i| i.containers.values())
+        .filter(|c| c.forwards_over_loopback())
+        .map(|c| (c.id.clone(), c.pid, c.netns_inodes.clone()))
+        .collect()
 }

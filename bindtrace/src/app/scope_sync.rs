@@ -10,7 +10,10 @@ use super::{
     hiccups::Stage,
 };
 use crate::{
-    netns::{prefixes, scope},
+    netns::{
+        prefixes,
+        scope::{self, Resolved},
+    },
     sources::link_events::{LinkChanges, LinkWatcher},
 };
 
@@ -35,10 +38,11 @@ impl Detector {
     pub(super) fn rescan(&mut self) -> anyhow::Result<RescanGaps> {
         let now = Instant::now();
         let workloads = self.workload_pids();
-        let resolved = self
+        let mut resolved = self
             .resolver
             .resolve(&mut self.bridges, &workloads)
             .context("listing the watched bridges' ports")?;
+        self.add_loopback_ports(&mut resolved);
         let mut fresh = resolved.ports;
         // A port whose namespace could not be opened is not watched yet: the retry tries again.
         match resolved.skipped.first() {
@@ -59,11 +63,7 @@ impl Detector {
                 log::warn!("removing {key:?} from scope: {e}");
             }
             if let Some(port) = self.ports.remove(&key) {
-                log::debug!(
-                    "{}: port {} left scope",
-                    bridge_shown(&self.bridges, port.bridge),
-                    port.host_ifname
-                );
+                log::debug!("{}: port {} left scope", port.on(&self.bridges), port.shown());
                 self.departed.insert(key, (port, now));
             }
         }
@@ -76,14 +76,14 @@ impl Detector {
             if let Err(e) = self.loaded.scope.insert(*key, port.bridge, 0) {
                 // Left out of `ports`, so the next rescan tries it again.
                 gaps.scope_full += 1;
-                scope_error.get_or_insert_with(|| format!("{} ({e})", port.host_ifname));
+                scope_error.get_or_insert_with(|| format!("{} ({e})", port.shown()));
                 return false;
             }
             // Churn (Docker enslaves a veth, then moves its peer): debug, not every user's concern.
             log::debug!(
                 "{}: watching {} (netns {}, ifindex {})",
-                bridge_shown(&self.bridges, port.bridge),
-                port.host_ifname,
+                port.on(&self.bridges),
+                port.shown(),
                 port.ns.inode,
                 port.ifindex
             );
@@ -122,6 +122,17 @@ impl Detector {
         self.forget_departed(now);
         self.refresh_prefixes();
         Ok(gaps)
+    }
+
+    /// The `lo` of every container whose forwarder dials its own address (rootless podman,
+    /// `netns/loopback.rs`), next to the bridges' ports. From a stale inventory too: a
+    /// container is kept only while its process is still in the namespace it was reported with.
+    fn add_loopback_ports(&mut self, resolved: &mut Resolved) {
+        let inventory = self.docker.inventory.clone();
+        let containers = inventory.iter().flat_map(|inv| inv.containers.values().map(|c| &**c));
+        let (ports, skipped) = self.loopbacks.ports(containers);
+        resolved.ports.extend(ports);
+        resolved.skipped.extend(skipped);
     }
 
     /// Lets go of ports that left scope more than [`DEPARTED_GRACE`] ago, and so of the
@@ -238,8 +249,9 @@ impl Detector {
         pids
     }
 
-    /// The watched bridges' address prefixes, and the addresses of routed workload interfaces
-    /// (no bridge, so no prefix: each address on its own), for the connect tracker and conntrack.
+    /// The watched bridges' address prefixes, for the connect tracker and conntrack, and each
+    /// address on its own of the interfaces that have no bridge: routed workload veths, and the
+    /// namespaces watched on `lo` (what their forwarder dials, from inside them).
     pub(super) fn refresh_prefixes(&mut self) {
         let mut prefixes = match prefixes::interface_prefixes(&self.bridges.names) {
             Ok(p) => p,
@@ -253,6 +265,12 @@ impl Detector {
             match port.ns.run(move || prefixes::addresses_of_interface(ifindex)) {
                 Ok(addrs) => prefixes.extend(addrs.into_iter().map(|a| prefixes::prefix_of(a, host_bits(a)))),
                 Err(e) => log::debug!("reading the addresses of {}: {e}", port.host_ifname),
+            }
+        }
+        for port in self.ports.values().filter(|p| p.on_loopback()) {
+            match port.ns.run(prefixes::global_addresses) {
+                Ok(addrs) => prefixes.extend(addrs.into_iter().map(|a| prefixes::prefix_of(a, host_bits(a)))),
+                Err(e) => log::debug!("reading the addresses of netns {}: {e}", port.ns.inode),
             }
         }
         if prefixes == self.docker.prefixes {
@@ -273,9 +291,4 @@ impl Detector {
 /// The length of a prefix that is one address.
 fn host_bits(ip: std::net::IpAddr) -> u8 {
     if ip.is_ipv4() { 32 } else { 128 }
-}
-
-/// A port's bridge as the log says it (a routed veth has none).
-fn bridge_shown(bridges: &scope::Bridges, id: bindtrace_common::BridgeId) -> &str {
-    if id == scope::NO_BRIDGE { "routed" } else { bridges.name(id) }
 }

@@ -12,13 +12,17 @@
 //!    For UDP, which that tracker never sees, the daemon's namespace is searched instead for a
 //!    proxy's UDP socket connected from the refusal's client address to its target
 //!    (`udp_proxy.rs`);
+//!    on a namespace's `lo` (rootless podman, `netns/loopback.rs`), podman's own forwarder
+//!    (recognised by its executable, `rootlessport.rs`) means `rootlessport`;
 //! 3. Docker's inventory: a client address that is another container's means `direct`.
 //!
 //! Otherwise `via` stays unknown rather than guessed.
 use std::net::{IpAddr, SocketAddr};
 
+use bindtrace_common::LOOPBACK_IFINDEX;
+
 use crate::{
-    attribution::{connect::ConnectTracker, udp_proxy},
+    attribution::{connect::ConnectTracker, rootlessport, udp_proxy},
     diagnose::procfs,
     diagnose::report::{
         ClientProcess, ContainerRef, ContainerReport, DockerContext, OriginalTuple, Report, Via,
@@ -82,6 +86,18 @@ pub(crate) fn docker_context(
     }
 
     if let Some(who) = connect.and_then(|c| c.lookup(client, target)) {
+        if report.ifindex == LOOPBACK_IFINDEX
+            && u64::from(who.netns_ino) == report.netns
+            && rootlessport::is_forwarder(who.pid, report.netns)
+        {
+            // One forwarder serves every binding of the port: which one was dialed is not in
+            // what it dials, so only a port published once says.
+            ctx.via = Some(Via::Rootlessport);
+            ctx.published = single(bindings);
+            ctx.client_netns = Some(u64::from(who.netns_ino));
+            ctx.client_process = Some(ClientProcess { pid: who.pid, comm: rootlessport::NAME.to_owned() });
+            return ctx;
+        }
         let daemon = inventory.and_then(|inv| inv.daemon.as_ref());
         if daemon.is_none() && who.comm == "docker-proxy" {
             // Calls itself the proxy, and the daemon is not known to check it against (not

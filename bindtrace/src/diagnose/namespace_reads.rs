@@ -44,10 +44,18 @@ impl NamespaceReads {
     }
 
     /// The addresses of interface `ifindex` of the namespace, read on first use in this pass;
-    /// none when they cannot be read (the namespace is gone: its listeners fail too).
+    /// none when they cannot be read (the namespace is gone: its listeners fail too). For `lo`,
+    /// only in scope where a forwarder dials the namespace's own address, the namespace's other
+    /// addresses: those are what the refused SYNs were sent to.
     pub(crate) fn addresses(&mut self, ns: &Netns, ifindex: u32) -> &[IpAddr] {
+        use crate::netns::prefixes;
         self.addresses.entry((ns.inode, ifindex)).or_insert_with(|| {
-            ns.run(|| crate::netns::prefixes::addresses_of_interface(ifindex)).unwrap_or_else(|e| {
+            let read = if ifindex == bindtrace_common::LOOPBACK_IFINDEX {
+                ns.run(prefixes::global_addresses)
+            } else {
+                ns.run(|| prefixes::addresses_of_interface(ifindex))
+            };
+            read.unwrap_or_else(|e| {
                 log::debug!("reading the addresses of interface {ifindex}: {e}");
                 Vec::new()
             })

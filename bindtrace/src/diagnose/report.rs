@@ -147,6 +147,10 @@ pub(crate) enum Via {
     /// Straight to the container's address (a host process or another container).
     #[serde(rename = "direct")]
     Direct,
+    /// Rootless podman's port forwarder, which accepted on the host and dialed the container's
+    /// own address from inside its namespace (over its `lo`).
+    #[serde(rename = "rootlessport")]
+    Rootlessport,
 }
 
 impl Via {
@@ -155,6 +159,7 @@ impl Via {
             Via::DockerProxy => "docker-proxy",
             Via::Dnat => "dnat",
             Via::Direct => "direct",
+            Via::Rootlessport => "rootlessport",
         }
     }
 }

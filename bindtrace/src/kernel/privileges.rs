@@ -3,6 +3,7 @@
 //! everything is loaded, keep only what the running daemon still uses ([`restrict`]).
 use std::{fs, io};
 
+const CAP_DAC_OVERRIDE: u32 = 1;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
@@ -84,7 +85,10 @@ fn missing_from(eff: u64) -> Result<(), MissingCapabilities> {
 /// - CAP_NET_ADMIN: attach the tc hook to ports that appear later;
 /// - CAP_SYS_PTRACE: read other processes' /proc (who holds a socket, the daemon's root);
 /// - CAP_BPF: read the maps (before about 6.5 every bpf() command needs it when unprivileged
-///   BPF is disabled, Debian's default; CAP_SYS_ADMIN stands in before 5.8).
+///   BPF is disabled, Debian's default; CAP_SYS_ADMIN stands in before 5.8);
+/// - CAP_DAC_OVERRIDE: connect to a rootless runtime's API socket (rootless podman's
+///   /run/user/UID/podman/podman.sock is its user's, mode 0600), also when it comes back later.
+///   Where bindtrace runs without it (`--cap-drop ALL`), only those sockets are out of reach.
 ///
 /// Everything else goes, CAP_PERFMON and CAP_SYS_RESOURCE included (loading is done).
 pub(crate) const KEPT: &[(u32, &str)] = &[
@@ -92,6 +96,7 @@ pub(crate) const KEPT: &[(u32, &str)] = &[
     (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
     (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
     (CAP_BPF, "CAP_BPF"),
+    (CAP_DAC_OVERRIDE, "CAP_DAC_OVERRIDE"),
 ];
 
 /// The kernel's capability header and data (linux/capability.h, version 3: two 32-bit words).

@@ -110,8 +110,12 @@ impl TcPorts {
         ports: &BTreeMap<ScopeKey, Port>,
     ) -> Vec<AttachError> {
         let mut failed = Vec::new();
+        // A namespace's `lo` (rootless podman) has no host-side veth, and TC_PORTS is keyed by
+        // host-side ifindex, which a `lo` (ifindex 1 in every namespace) cannot be: not watched
+        // by this hook yet (docs/runtimes.md).
         let wanted: BTreeMap<u32, (&str, TcPort)> = ports
             .values()
+            .filter(|p| !p.on_loopback())
             .map(|p| {
                 let value = TcPort {
                     netns_cookie: p.ns.cookie,

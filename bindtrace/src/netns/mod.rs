@@ -9,6 +9,7 @@
 //! cookie in the kernel: it gets the value from userspace, which holds every in-scope namespace
 //! open, so the inode cannot be reused while it identifies a port.
 pub(crate) mod links;
+pub(crate) mod loopback;
 pub(crate) mod prefixes;
 pub(crate) mod scope;
 

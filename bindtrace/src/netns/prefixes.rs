@@ -95,6 +95,20 @@ pub(crate) fn addresses_of_interface(ifindex: u32) -> io::Result<Vec<IpAddr>> {
     Ok(interface_addresses()?.into_iter().filter(|a| a.name == name).map(|a| a.addr).collect())
 }
 
+/// Every address of the calling thread's network namespace that another namespace could reach:
+/// no loopback, no IPv6 link-local, each once (a workload's addresses, read inside it; and
+/// those a forwarder inside the namespace dials when it forwards over `lo`: rootless podman's
+/// rootlessport dials the container's own address, `netns/loopback.rs`).
+pub(crate) fn global_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for a in interface_addresses()? {
+        if !a.addr.is_loopback() && !out.contains(&a.addr) {
+            out.push(a.addr);
+        }
+    }
+    Ok(out)
+}
+
 /// One address of one interface, as getifaddrs lists it.
 struct InterfaceAddress {
     name: String,
@@ -129,37 +143,6 @@ fn interface_addresses() -> io::Result<Vec<InterfaceAddress>> {
         // SAFETY: ifa_name is a NUL-terminated string (checked non-null above).
         let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
         out.push(InterfaceAddress { name, addr, mask });
-    }
-    // SAFETY: frees the list getifaddrs allocated, once.
-    unsafe { libc::freeifaddrs(ifap) };
-    Ok(out)
-}
-
-/// Every address of the calling thread's network namespace that another namespace could reach:
-/// no loopback, no IPv6 link-local (a workload's addresses, read inside it).
-pub(crate) fn global_addresses() -> io::Result<Vec<IpAddr>> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `ifap` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: `cur` walks the list getifaddrs returned, which stays valid until freed.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
-            continue;
-        }
-        // SAFETY: the address points to a sockaddr of the family it declares.
-        let Some(addr) = (unsafe { sockaddr_ip(ifa.ifa_addr) }) else { continue };
-        if addr.is_loopback() || matches!(addr, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80) {
-            continue;
-        }
-        if !out.contains(&addr) {
-            out.push(addr);
-        }
     }
     // SAFETY: frees the list getifaddrs allocated, once.
     unsafe { libc::freeifaddrs(ifap) };

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bindtrace_common::{BridgeId, ScopeKey};
+use bindtrace_common::{BRIDGE_LOOPBACK, BridgeId, ScopeKey};
 
 use crate::{
     netns::links::{self, Link},
@@ -50,18 +50,43 @@ pub(crate) struct Port {
     pub(crate) ifindex: u32,
 }
 
+impl Port {
+    /// Whether this is a namespace's `lo` that a forwarder dials through (see
+    /// `netns/loopback.rs`), not a veth on a bridge.
+    pub(crate) fn on_loopback(&self) -> bool {
+        self.bridge == BRIDGE_LOOPBACK
+    }
+
+    /// How the log names it: the host-side veth, or the namespace's `lo`.
+    pub(crate) fn shown(&self) -> String {
+        if self.on_loopback() { format!("lo of netns {}", self.ns.inode) } else { self.host_ifname.clone() }
+    }
+
+    /// Where the log says it is: its bridge, or that it is a forwarder's `lo`.
+    pub(crate) fn on<'a>(&self, bridges: &'a Bridges) -> &'a str {
+        match self.bridge {
+            BRIDGE_LOOPBACK => "rootless forwarder",
+            NO_BRIDGE => "routed",
+            id => bridges.name(id),
+        }
+    }
+}
+
 /// The selected bridges, by name, in the order given; their index is the [`BridgeId`].
 #[derive(Debug, Clone)]
 pub(crate) struct Bridges {
     pub(crate) names: Vec<String>,
 }
 
-/// The bridge id of a routed veth: no bridge (its name is empty, reported as null).
-pub(crate) const NO_BRIDGE: BridgeId = BridgeId::MAX;
+/// The bridge id of a routed veth: no bridge (its name is empty, reported as null). One below
+/// [`BRIDGE_LOOPBACK`] (the kernel's mark for a forwarder's `lo`), so the two never meet.
+pub(crate) const NO_BRIDGE: BridgeId = BRIDGE_LOOPBACK - 1;
 
 impl Bridges {
+    /// The bridge's name; empty for a namespace's `lo` ([`BRIDGE_LOOPBACK`]) and a routed veth
+    /// ([`NO_BRIDGE`]), which have none.
     pub(crate) fn name(&self, id: BridgeId) -> &str {
-        if id == NO_BRIDGE {
+        if id == NO_BRIDGE || id == BRIDGE_LOOPBACK {
             return "";
         }
         self.names.get(id as usize).map(String::as_str).unwrap_or("?")

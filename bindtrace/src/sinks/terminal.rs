@@ -221,7 +221,7 @@ fn client_detail(r: &Report) -> String {
     if let Some(via) = d.via {
         s.push_str(&format!(" via {}", via.as_str()));
         match via {
-            Via::DockerProxy => {
+            Via::DockerProxy | Via::Rootlessport => {
                 if let Some(c) = &d.client_process {
                     s.push_str(&format!(" (pid {})", c.pid));
                 }
@@ -284,7 +284,12 @@ pub(crate) fn refusal(p: Painter, r: &Report) -> Vec<String> {
     lines.push(detail(
         p,
         "target",
-        &format!("{target} in netns {} on {} ({})", r.netns, field(&r.bridge), field(&r.veth)),
+        // A namespace's own `lo`, where its forwarder dials it (rootless podman), has no bridge.
+        &if r.bridge.is_empty() && r.ifindex == bindtrace_common::LOOPBACK_IFINDEX {
+            format!("{target} in netns {} on lo", r.netns)
+        } else {
+            format!("{target} in netns {} on {} ({})", r.netns, field(&r.bridge), field(&r.veth))
+        },
     ));
     lines.push(detail(p, "client", &client_detail(r)));
     if let Some(u) = &r.count_unknown {

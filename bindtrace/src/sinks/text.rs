@@ -65,7 +65,7 @@ fn how(d: &DockerContext) -> String {
     let Some(via) = d.via else { return s };
     s.push_str(&format!(" via {}", via.as_str()));
     match via {
-        Via::DockerProxy => {
+        Via::DockerProxy | Via::Rootlessport => {
             if let Some(p) = &d.client_process {
                 s.push_str(&format!(" (pid {})", p.pid));
             }

@@ -36,8 +36,9 @@ pub(crate) fn socket_path(flag: Option<&str>) -> Result<PathBuf, String> {
 }
 
 /// Every socket to follow: each `--docker-host` (repeatable), else `DOCKER_HOST`, else both
-/// Docker's and podman's default sockets that exist (Docker's when neither does, so the
-/// warning names it).
+/// Docker's and podman's default sockets that exist (Docker's when neither does, so the warning
+/// names it). Each user's rootless podman socket is followed through [`appear`], which also
+/// sends those present at start.
 pub(crate) fn socket_paths(flags: &[String]) -> Result<Vec<PathBuf>, String> {
     if !flags.is_empty() {
         return flags.iter().map(|f| socket_path(Some(f))).collect();
@@ -253,6 +254,19 @@ impl Container {
             }
         }
         out
+    }
+
+    /// Whether connections to its published ports arrive on its namespace's `lo`: rootless
+    /// podman's slirp4netns network (`NetworkMode` `slirp4netns`, or with options after a
+    /// colon), whose default port handler, rootlessport, dials the container's own address from
+    /// inside its namespace. (With `port_handler=slirp4netns` they come in on tap0 instead,
+    /// from 10.0.2.2: not watched yet.)
+    pub(crate) fn forwards_over_loopback(&self) -> bool {
+        let slirp = self.network_mode == "slirp4netns" || self.network_mode.starts_with("slirp4netns:");
+        self.runtime == Runtime::Podman
+            && slirp
+            && !self.network_mode.contains("port_handler=slirp4netns")
+            && self.published().next().is_some()
     }
 
     /// Whether the container has a network namespace of its own (not `host`, not another
