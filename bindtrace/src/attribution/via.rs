@@ -19,20 +19,61 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::{
     attribution::{connect::ConnectTracker, udp_proxy},
-    diagnose::procfs,
+    diagnose::procfs::{self, Holder},
     diagnose::report::{
         ClientProcess, ContainerRef, ContainerReport, DockerContext, OriginalTuple, Report, Via,
     },
     sources::conntrack::{self, Conntrack, NatFlow},
-    sources::docker::{Binding, Container, Inventory},
+    sources::docker::{Binding, Container, Inventory, daemon::Daemon},
 };
 
-/// Everything known about the connection behind `report`.
+/// What a UDP line's own lookups found: conntrack's entry (asked for with a ctnetlink query)
+/// and docker-proxy's connected socket (entering the daemon's namespace, a sock_diag dump, a
+/// /proc walk). They take as long as the host makes them, so the enrichment worker makes them,
+/// once per line, next to the line's diagnosis (`app/enrichment.rs`); the loop only reads the
+/// result. A line the queue had no room for has none (its `via` stays unknown).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UdpLookups {
+    flow: Option<NatFlow>,
+    proxy: Option<(Holder, u64)>,
+}
+
+/// What the UDP lookups need: the daemon whose proxy may have sent the datagram, and whether
+/// conntrack is followed at all.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UdpSources {
+    pub(crate) daemon: Option<Daemon>,
+    pub(crate) conntrack: bool,
+}
+
+/// Makes the UDP lookups for `report` (nothing for a TCP line, or one without its addresses).
+pub(crate) fn udp_lookups(report: &Report, sources: &UdpSources) -> UdpLookups {
+    let (Some(client_ip), Some(client_port), Some(target_ip)) =
+        (report.client_ip, report.client_port, report.target_ip)
+    else {
+        return UdpLookups::default();
+    };
+    if report.proto != "udp" {
+        return UdpLookups::default();
+    }
+    let (client, target) =
+        (SocketAddr::new(client_ip, client_port), SocketAddr::new(target_ip, report.target_port));
+    let flow = if sources.conntrack { udp_flow(target, client) } else { None };
+    if flow.is_some_and(|f| f.is_dnat()) {
+        return UdpLookups { flow, proxy: None };
+    }
+    let proxy = sources.daemon.as_ref().and_then(|d| udp_proxy::proxy_for(d, client, target));
+    UdpLookups { flow, proxy }
+}
+
+/// Everything known about the connection behind `report`; a UDP line's lookups were made
+/// already (`udp`), so nothing here waits on the kernel for longer than a map lookup.
 pub(crate) fn docker_context(
     report: &Report,
     inventory: Option<&Inventory>,
     connect: Option<&ConnectTracker>,
     conntrack: Option<&Conntrack>,
+    udp_found: &UdpLookups,
 ) -> DockerContext {
     let container = inventory.and_then(|inv| inv.by_netns(report.netns));
     let mut ctx =
@@ -50,8 +91,8 @@ pub(crate) fn docker_context(
         .map(|p| p.bindings.as_slice())
         .unwrap_or(&[]);
 
-    if let Some(flow) =
-        conntrack.and_then(|ct| if udp { udp_flow(target, client) } else { ct.flow(target, client) })
+    let flow = if udp { udp_found.flow } else { conntrack.and_then(|ct| ct.flow(target, client)) };
+    if let Some(flow) = flow
         && flow.is_dnat()
     {
         ctx.via = Some(Via::Dnat);
@@ -68,10 +109,7 @@ pub(crate) fn docker_context(
         return ctx;
     }
 
-    if udp
-        && let Some(daemon) = inventory.and_then(|inv| inv.daemon.as_ref())
-        && let Some((proxy, netns)) = udp_proxy::proxy_for(daemon, client, target)
-    {
+    if udp && let Some((proxy, netns)) = udp_found.proxy.clone() {
         ctx.via = Some(Via::DockerProxy);
         ctx.published = parse_proxy_args(&proxy.argv)
             .and_then(|b| binding_for(bindings, SocketAddr::new(b.host_ip, b.host_port)))
