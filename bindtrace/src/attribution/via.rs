@@ -229,6 +229,62 @@ mod tests {
         s.split(' ').map(str::to_owned).collect()
     }
 
+    fn udp_report() -> Report {
+        Report {
+            time: String::new(),
+            ktime_ns: None,
+            event: "refused",
+            verdict: crate::diagnose::verdict::Verdict::LoopbackOnly,
+            undiagnosed: None,
+            proto: "udp",
+            family: "ipv4",
+            target_ip: Some("172.17.0.2".parse().unwrap()),
+            target_port: 53,
+            client_ip: Some("172.17.0.1".parse().unwrap()),
+            client_port: Some(40000),
+            netns: 7,
+            netns_cookie: 7,
+            bridge: "docker0".into(),
+            ifindex: 2,
+            veth: String::new(),
+            hook: "kfree-skb",
+            listeners: vec![],
+            listeners_omitted: 0,
+            count: Some(1),
+            count_unknown: None,
+            hint: String::new(),
+            docker: Default::default(),
+        }
+    }
+
+    /// A UDP line's `via` comes from the lookups the worker made, and from nothing else: the
+    /// loop makes no query of its own for it (with nothing found, `via` stays unknown).
+    #[test]
+    fn a_udp_line_reads_the_lookups_it_was_given() {
+        let report = udp_report();
+        let flow = NatFlow {
+            orig: conntrack::Tuple {
+                src: "10.9.0.5:41000".parse().unwrap(),
+                dst: "10.9.0.1:5353".parse().unwrap(),
+            },
+            reply: conntrack::Tuple {
+                src: "172.17.0.2:53".parse().unwrap(),
+                dst: "172.17.0.1:40000".parse().unwrap(),
+            },
+        };
+        let found = UdpLookups { flow: Some(flow), proxy: None };
+        let ctx = docker_context(&report, None, None, None, &found);
+        assert_eq!(ctx.via, Some(Via::Dnat));
+        let original = ctx.original.expect("the original tuple");
+        assert_eq!((original.client_port, original.target_port), (41000, 5353));
+        assert_eq!(ctx.published.map(|b| b.host_port), Some(5353));
+        let ctx = docker_context(&report, None, None, None, &UdpLookups::default());
+        assert_eq!(ctx.via, None);
+        // A TCP line makes none: its flow is the destroy events' (none here).
+        let sources = UdpSources { daemon: None, conntrack: true };
+        assert!(udp_lookups(&Report { proto: "tcp", ..udp_report() }, &sources).flow.is_none());
+    }
+
     #[test]
     fn proxy_command_lines() {
         let b = parse_proxy_args(&argv(
