@@ -47,7 +47,10 @@ pub fn listener_pids(line: &Value, listener: usize) -> Vec<u64> {
 /// sees it otherwise.
 pub fn with_churn_log(cmd: &mut Command) {
     let verbose = cmd.get_args().any(|a| a.to_str().is_some_and(|a| a.starts_with("-v")));
-    if !verbose && std::env::var_os("RUST_LOG").is_none() {
+    // A RUST_LOG the caller put on the command wins too (the soak's asks for the Docker
+    // watcher's debug lines; it was overwritten, so its 60-minute run's failures lacked them).
+    let given = cmd.get_envs().any(|(k, _)| k == "RUST_LOG");
+    if !verbose && !given && std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info,bindtrace::app::scope_sync=debug");
     }
 }

@@ -5,6 +5,7 @@
 //! Names are unique per test process and call (other engineers' tests and containers may run
 //! at the same time on this machine). The machine's own dockerd is never reconfigured.
 use std::{
+    collections::HashMap,
     io::{self, Read, Write},
     net::{IpAddr, TcpListener},
     os::unix::net::{UnixListener, UnixStream},
@@ -12,10 +13,10 @@ use std::{
     process::{Command, Output, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::net::unique;
@@ -259,22 +260,41 @@ pub fn curl(url: &str) -> (i32, String) {
 /// A unix-socket relay in front of the Docker daemon's socket: what bindtrace sees as the
 /// daemon going away and coming back, without touching the daemon. `stop` closes the
 /// listening socket and every relayed connection (the event stream included).
+///
+/// The relay itself must not be what fails: an error of one `accept` or one upstream connect
+/// costs that connection only (counted, see [`Relay::stats`]), never the acceptor, and a
+/// connection's descriptors are let go when both its directions end, so an hour of requests
+/// does not pile up descriptors in the test process.
 pub struct Relay {
     pub path: PathBuf,
     upstream: PathBuf,
     running: Option<Running>,
+    stats: Arc<RelayStats>,
+}
+
+/// What the relay did since it was made (over every stop and resume).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub accepted: AtomicU64,
+    /// Accepted connections dropped because the daemon's socket did not take the connection.
+    pub upstream_failures: AtomicU64,
+    /// `accept` errors other than "nothing pending" (the acceptor goes on).
+    pub accept_errors: AtomicU64,
+    /// Connections cut by `stop`.
+    pub cut: AtomicU64,
 }
 
 struct Running {
     stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<UnixStream>>>,
+    conns: Arc<Mutex<HashMap<u64, [UnixStream; 2]>>>,
     acceptor: JoinHandle<()>,
+    resumed: Instant,
 }
 
 impl Relay {
     pub fn start(upstream: &str) -> Relay {
         let path = std::env::temp_dir().join(format!("{}.sock", unique_name("relay")));
-        let mut r = Relay { path, upstream: upstream.into(), running: None };
+        let mut r = Relay { path, upstream: upstream.into(), running: None, stats: Arc::default() };
         r.resume();
         r
     }
@@ -286,28 +306,34 @@ impl Relay {
         let listener = UnixListener::bind(&self.path).expect("bind relay socket");
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
-        let (stop2, conns2, upstream) = (stop.clone(), conns.clone(), self.upstream.clone());
+        let conns: Arc<Mutex<HashMap<u64, [UnixStream; 2]>>> = Arc::default();
+        let (stop2, conns2, upstream, stats) =
+            (stop.clone(), conns.clone(), self.upstream.clone(), self.stats.clone());
         let acceptor = std::thread::spawn(move || {
+            let mut next_id = 0u64;
             while !stop2.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        client.set_nonblocking(false).unwrap();
-                        let Ok(server) = UnixStream::connect(&upstream) else { continue };
-                        let mut list = conns2.lock().unwrap();
-                        list.push(client.try_clone().unwrap());
-                        list.push(server.try_clone().unwrap());
-                        pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                        pipe(server, client);
-                    }
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(10))
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
                     }
-                    Err(_) => break,
+                    Err(e) => {
+                        stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("relay: accept: {e} (going on)");
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                next_id += 1;
+                if let Err(e) = relay_one(next_id, client, &upstream, &conns2) {
+                    stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("relay: connection {next_id} dropped: {e}");
                 }
             }
         });
-        self.running = Some(Running { stop, conns, acceptor });
+        self.running = Some(Running { stop, conns, acceptor, resumed: Instant::now() });
     }
 
     /// Kills the relay: the socket disappears and every relayed connection is cut.
@@ -316,31 +342,81 @@ impl Relay {
         r.stop.store(true, Ordering::SeqCst);
         let _ = r.acceptor.join();
         let _ = std::fs::remove_file(&self.path);
-        for c in r.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+        for [client, server] in r.conns.lock().unwrap().drain().map(|(_, c)| c) {
+            self.stats.cut.fetch_add(1, Ordering::Relaxed);
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            let _ = server.shutdown(std::net::Shutdown::Both);
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The relay's own account, for a failure's message: is it running (and for how long),
+    /// connections open now, and the counters.
+    pub fn stats(&self) -> String {
+        let s = &self.stats;
+        let state = match &self.running {
+            Some(r) => format!(
+                "running for {:.1}s ({} connections open, acceptor {})",
+                r.resumed.elapsed().as_secs_f64(),
+                r.conns.lock().unwrap().len(),
+                if r.acceptor.is_finished() { "ENDED" } else { "alive" }
+            ),
+            None => "stopped".to_owned(),
+        };
+        format!(
+            "relay {state}; since start: {} accepted, {} dropped at the upstream connect, {} accept errors, {} cut by stops",
+            s.accepted.load(Ordering::Relaxed),
+            s.upstream_failures.load(Ordering::Relaxed),
+            s.accept_errors.load(Ordering::Relaxed),
+            s.cut.load(Ordering::Relaxed)
+        )
+    }
 }
 
+/// Connects `client` to the daemon and pipes both ways; `conns` holds the connection (for
+/// `stop` to cut) until both directions have ended.
+fn relay_one(
+    id: u64,
+    client: UnixStream,
+    upstream: &Path,
+    conns: &Arc<Mutex<HashMap<u64, [UnixStream; 2]>>>,
+) -> io::Result<()> {
+    client.set_nonblocking(false)?;
+    let server = UnixStream::connect(upstream)?;
+    let (c2, s2) = (client.try_clone()?, server.try_clone()?);
+    let held = [client.try_clone()?, server.try_clone()?];
+    conns.lock().unwrap().insert(id, held);
+    let ends = Arc::new(AtomicU8::new(0));
+    for (from, to) in [(client, server), (s2, c2)] {
+        let (ends, conns) = (ends.clone(), conns.clone());
+        std::thread::spawn(move || {
+            pipe(from, to);
+            // The second direction to end lets the connection go.
+            if ends.fetch_add(1, Ordering::SeqCst) == 1 {
+                conns.lock().unwrap().remove(&id);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to` until `from` ends, then half-closes `to`.
 fn pipe(mut from: UnixStream, mut to: UnixStream) {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
                 }
             }
         }
-        let _ = to.shutdown(std::net::Shutdown::Write);
-    });
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
 }
 
 impl Drop for Relay {

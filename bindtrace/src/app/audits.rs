@@ -4,11 +4,14 @@ use std::{collections::HashMap, io::Write, sync::Arc, time::Instant};
 
 use anyhow::Context as _;
 
-use super::detector::{Detector, port_in};
+use bindtrace_common::CountKey;
+
+use super::{
+    detector::{Detector, port_in},
+    enrichment,
+};
 use crate::{
-    diagnose::{
-        audit::Auditor, listeners::Proto, namespace_reads::NamespaceReads, report::AuditReport, verdict,
-    },
+    diagnose::{audit::Auditor, report::AuditReport, verdict::Decision},
     netns::Netns,
     sinks::output::Output,
 };
@@ -62,16 +65,28 @@ impl Detector {
         Ok(())
     }
 
-    /// Checks again the listeners behind `bindtrace_loopback_listeners` (it does nothing until
-    /// they are due). Each namespace's listeners are read once per pass.
+    /// Sends the listeners behind `bindtrace_loopback_listeners` to the worker to be checked
+    /// again, when they are due (reading a namespace takes as long as the host makes it: not on
+    /// the loop); [`Detector::on_rechecked`] takes in what it found.
     pub(super) fn recheck_loopback(&mut self, now: Instant) {
         let Some(m) = &mut self.metrics else { return };
-        let (ports, departed) = (&self.ports, &self.departed);
-        let mut reads = NamespaceReads::default();
-        m.recheck_loopback(now, |key, target| {
-            let port = port_in(ports, departed, key)?;
-            let found = reads.listening(&port.ns, Proto::from_ip(key.proto)).ok()?;
-            Some(verdict::decide(target, key.port, &found.listeners, &found.v6only))
-        });
+        let Some(due) = m.loopback_recheck_due(now) else { return };
+        let keys: Vec<enrichment::Recheck> = due
+            .into_iter()
+            .map(|(key, target)| {
+                (key, target, port_in(&self.ports, &self.departed, &key).map(|p| p.ns.clone()))
+            })
+            .collect();
+        if let Err(keys) = self.enricher.recheck(keys, now) {
+            // No worker: check here rather than not at all.
+            m.loopback_rechecked(enrichment::recheck(keys), now);
+        }
+    }
+
+    /// The worker's recheck is back.
+    pub(super) fn on_rechecked(&mut self, found: Vec<(CountKey, Option<Decision>)>, asked: Instant) {
+        if let Some(m) = &mut self.metrics {
+            m.loopback_rechecked(found, asked);
+        }
     }
 }

@@ -12,7 +12,10 @@
 //!
 //! The audit runs there too: checking a started container's published ports reads its
 //! namespace the same way. The [`Auditor`] itself travels to the worker with the inventory and
-//! comes back with its reports, so its schedule has one owner at a time.
+//! comes back with its reports, so its schedule has one owner at a time. So do a UDP line's
+//! attribution lookups (a ctnetlink query; the daemon's namespace, a sock_diag dump and a /proc
+//! walk for docker-proxy's socket: `attribution/via.rs`) and the periodic recheck of the
+//! listeners behind `bindtrace_loopback_listeners` (one read of each tracked namespace).
 use std::{
     collections::HashMap,
     panic::{AssertUnwindSafe, catch_unwind},
@@ -23,12 +26,17 @@ use std::{
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
+use bindtrace_common::CountKey;
+
 use crate::{
+    attribution::via::{self, UdpLookups, UdpSources},
     diagnose::{
         audit::Auditor,
         enrich,
+        listeners::Proto,
         namespace_reads::NamespaceReads,
         report::{AuditReport, Report},
+        verdict::{self, Decision},
     },
     netns::{
         Netns,
@@ -37,6 +45,10 @@ use crate::{
     sources::{docker::Inventory, fold::Line},
 };
 
+/// A tracked loopback-only key to check again: its target address, and its namespace (None
+/// when its port is gone from scope: the key then leaves the gauge).
+pub(crate) type Recheck = (CountKey, std::net::IpAddr, Option<Arc<Netns>>);
+
 /// Lines the queue holds by default: a port scan's burst of new keys fits (a batch of one
 /// namespace is one listener dump however many lines it has).
 pub(crate) const DEFAULT_QUEUE_LINES: usize = 16_384;
@@ -44,7 +56,9 @@ pub(crate) const DEFAULT_QUEUE_LINES: usize = 16_384;
 /// What the worker does.
 enum Job {
     /// Lines that arrived together: they share one read of each namespace.
-    Lines { lines: Vec<(Line, Option<Port>)>, bridges: Bridges, hook: &'static str },
+    Lines { lines: Vec<(Line, Option<Port>)>, bridges: Bridges, hook: &'static str, udp: UdpSources },
+    /// The loopback-only listeners to check again, asked at `asked`.
+    Recheck { keys: Vec<Recheck>, asked: Instant },
     /// The audits due at `now`, against `inventory`, for the namespaces in scope.
     Audit {
         auditor: Box<Auditor>,
@@ -57,9 +71,18 @@ enum Job {
 /// What comes back.
 pub(crate) enum Done {
     /// Diagnosed lines, in the order of their batch.
-    Lines(Vec<(Line, Report)>),
+    Lines(Vec<Enriched>),
     /// The auditor, home again, and what it found.
     Audit(Box<Auditor>, Vec<AuditReport>),
+    /// Each rechecked key's verdict now (None: its namespace is gone or unreadable).
+    Rechecked { found: Vec<(CountKey, Option<Decision>)>, asked: Instant },
+}
+
+/// One diagnosed line, with what its UDP lookups found (nothing for TCP).
+pub(crate) struct Enriched {
+    pub(crate) line: Line,
+    pub(crate) report: Report,
+    pub(crate) udp: UdpLookups,
 }
 
 /// The loop's side of the worker.
@@ -101,6 +124,7 @@ impl Enricher {
         mut lines: Vec<(Line, Option<Port>)>,
         bridges: &Bridges,
         hook: &'static str,
+        udp: UdpSources,
         force: bool,
     ) -> Vec<(Line, Option<Port>)> {
         let room = if force { lines.len() } else { self.capacity.saturating_sub(self.queued) };
@@ -109,7 +133,7 @@ impl Enricher {
             return rejected;
         }
         let n = lines.len();
-        match self.jobs.send(Job::Lines { lines, bridges: bridges.clone(), hook }) {
+        match self.jobs.send(Job::Lines { lines, bridges: bridges.clone(), hook, udp }) {
             Ok(()) => {
                 self.queued += n;
                 rejected
@@ -120,7 +144,17 @@ impl Enricher {
                 lines.extend(rejected);
                 lines
             }
-            Err(mpsc::SendError(Job::Audit { .. })) => unreachable!("a lines job was sent"),
+            Err(mpsc::SendError(_)) => unreachable!("a lines job was sent"),
+        }
+    }
+
+    /// Sends the loopback recheck to the worker. Gives the keys back if the worker is gone (the
+    /// caller then checks them itself, with [`recheck`]).
+    pub(crate) fn recheck(&mut self, keys: Vec<Recheck>, asked: Instant) -> Result<(), Vec<Recheck>> {
+        match self.jobs.send(Job::Recheck { keys, asked }) {
+            Ok(()) => Ok(()),
+            Err(mpsc::SendError(Job::Recheck { keys, .. })) => Err(keys),
+            Err(mpsc::SendError(_)) => unreachable!("a recheck job was sent"),
         }
     }
 
@@ -136,7 +170,7 @@ impl Enricher {
         match self.jobs.send(Job::Audit { auditor, inventory, in_scope, now }) {
             Ok(()) => Ok(()),
             Err(mpsc::SendError(Job::Audit { auditor, .. })) => Err(auditor),
-            Err(mpsc::SendError(Job::Lines { .. })) => unreachable!("an audit job was sent"),
+            Err(mpsc::SendError(_)) => unreachable!("an audit job was sent"),
         }
     }
 
@@ -152,7 +186,16 @@ impl Enricher {
 fn work(jobs: mpsc::Receiver<Job>, done: UnboundedSender<Done>) {
     while let Ok(job) = jobs.recv() {
         let result = match job {
-            Job::Lines { lines, bridges, hook } => Done::Lines(diagnose(lines, &bridges, hook)),
+            Job::Lines { lines, bridges, hook, udp } => Done::Lines(diagnose(lines, &bridges, hook, &udp)),
+            Job::Recheck { keys, asked } => {
+                let found = catch_unwind(AssertUnwindSafe(|| recheck(keys))).unwrap_or_else(|_| {
+                    log::error!(
+                        "a loopback recheck failed (a bug): its listeners are checked again at the next"
+                    );
+                    Vec::new()
+                });
+                Done::Rechecked { found, asked }
+            }
             Job::Audit { mut auditor, inventory, in_scope, now } => {
                 let reports = catch_unwind(AssertUnwindSafe(|| auditor.run(&inventory, &in_scope, now)))
                     .unwrap_or_else(|_| {
@@ -168,7 +211,12 @@ fn work(jobs: mpsc::Receiver<Job>, done: UnboundedSender<Done>) {
     }
 }
 
-fn diagnose(lines: Vec<(Line, Option<Port>)>, bridges: &Bridges, hook: &'static str) -> Vec<(Line, Report)> {
+fn diagnose(
+    lines: Vec<(Line, Option<Port>)>,
+    bridges: &Bridges,
+    hook: &'static str,
+    udp: &UdpSources,
+) -> Vec<Enriched> {
     let mut seen = NamespaceReads::default();
     lines
         .into_iter()
@@ -181,7 +229,27 @@ fn diagnose(lines: Vec<(Line, Option<Port>)>, bridges: &Bridges, hook: &'static 
                 seen = NamespaceReads::default();
                 enrich::undiagnosed(&line, port.as_ref(), bridges, hook, enrich::Undiagnosed::Failed)
             });
-            (line, report)
+            let udp =
+                catch_unwind(AssertUnwindSafe(|| via::udp_lookups(&report, udp))).unwrap_or_else(|_| {
+                    log::error!("a UDP attribution lookup failed (a bug): the line is written without it");
+                    UdpLookups::default()
+                });
+            Enriched { line, report, udp }
+        })
+        .collect()
+}
+
+/// Each key's verdict now, its namespace read once per pass (what the
+/// `bindtrace_loopback_listeners` gauge follows between refusals).
+pub(crate) fn recheck(keys: Vec<Recheck>) -> Vec<(CountKey, Option<Decision>)> {
+    let mut reads = NamespaceReads::default();
+    keys.into_iter()
+        .map(|(key, target, ns)| {
+            let decision = ns.and_then(|ns| {
+                let found = reads.listening(&ns, Proto::from_ip(key.proto)).ok()?;
+                Some(verdict::decide(target, key.port, &found.listeners, &found.v6only))
+            });
+            (key, decision)
         })
         .collect()
 }

@@ -11,11 +11,11 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{
     detector::{ATTRIBUTION_POLL, ATTRIBUTION_RETRY, CLIENT_CONTAINER_WAIT, Detector, FRESH_SAMPLE},
-    enrichment::Done,
+    enrichment::{Done, Enriched},
     hiccups::Stage,
 };
 use crate::{
-    attribution::via,
+    attribution::via::{self, UdpLookups, UdpSources},
     diagnose::{
         enrich::{self, Undiagnosed},
         hint::{HintContext, hint_in},
@@ -33,6 +33,7 @@ impl Detector {
         &self,
         report: &Report,
         line: &Line,
+        udp: &UdpLookups,
         waited: Duration,
     ) -> Option<DockerContext> {
         let fresh = line
@@ -44,12 +45,13 @@ impl Detector {
             self.docker.inventory.as_deref(),
             self.docker.connect.as_ref(),
             self.docker.conntrack.as_ref(),
+            udp,
         );
         // Worth waiting for: the connector's record (completed by the reset) or conntrack's
         // event, for a moment; the container a client process runs in, while Docker is up and
         // may not have reported it yet. A UDP line has nothing to wait for: conntrack's entry
         // and the proxy's socket existed before the datagram was refused (or are gone for good),
-        // so its lookups are made once, not polled.
+        // so its lookups are made once, on the worker, not polled.
         let no_via = ctx.via.is_none() && tracking && report.proto != "udp" && waited < ATTRIBUTION_RETRY;
         let unknown_client = ctx.client_container.is_none()
             && ctx.client_netns.is_some_and(|ino| self.unknown_netns(ino))
@@ -104,7 +106,11 @@ impl Detector {
             return Ok(());
         }
         let batch = lines.iter().map(|l| (l.clone(), self.port_for(&l.key).cloned())).collect();
-        let rejected = self.enricher.submit(batch, &self.bridges, self.hook_name, force);
+        let udp = UdpSources {
+            daemon: self.docker.inventory.as_ref().and_then(|inv| inv.daemon.clone()),
+            conntrack: self.docker.conntrack.is_some(),
+        };
+        let rejected = self.enricher.submit(batch, &self.bridges, self.hook_name, udp, force);
         if rejected.is_empty() {
             self.hiccups.succeeded(Stage::Enrich);
             return Ok(());
@@ -128,7 +134,12 @@ impl Detector {
                 self.hook_name,
                 Undiagnosed::QueueFull,
             );
-            self.attribute_or_wait(out, line, report, Instant::now())?;
+            // No UDP lookups either: they would make the loop wait as long as the worker does.
+            self.attribute_or_wait(
+                out,
+                Enriched { line, report, udp: UdpLookups::default() },
+                Instant::now(),
+            )?;
         }
         Ok(())
     }
@@ -138,20 +149,20 @@ impl Detector {
         match done {
             Done::Lines(batch) => self.on_enriched(out, batch),
             Done::Audit(auditor, reports) => self.on_audited(out, auditor, reports),
+            Done::Rechecked { found, asked } => {
+                self.on_rechecked(found, asked);
+                Ok(())
+            }
         }
     }
 
     /// A batch the worker diagnosed: each line is written once its attribution is complete.
-    fn on_enriched<W: Write>(
-        &mut self,
-        out: &mut Output<W>,
-        batch: Vec<(Line, Report)>,
-    ) -> anyhow::Result<()> {
+    fn on_enriched<W: Write>(&mut self, out: &mut Output<W>, batch: Vec<Enriched>) -> anyhow::Result<()> {
         self.enricher.returned(batch.len());
         self.sync_docker()?;
         let now = Instant::now();
-        for (line, report) in batch {
-            self.attribute_or_wait(out, line, report, now)?;
+        for enriched in batch {
+            self.attribute_or_wait(out, enriched, now)?;
         }
         Ok(())
     }
@@ -159,14 +170,14 @@ impl Detector {
     fn attribute_or_wait<W: Write>(
         &mut self,
         out: &mut Output<W>,
-        line: Line,
-        report: Report,
+        enriched: Enriched,
         since: Instant,
     ) -> anyhow::Result<()> {
-        match self.attribution(&report, &line, since.elapsed()) {
+        let Enriched { line, report, udp } = enriched;
+        match self.attribution(&report, &line, &udp, since.elapsed()) {
             Some(ctx) => self.emit(out, &line, report, ctx),
             None => {
-                self.awaiting.push(Awaiting { line, report, since });
+                self.awaiting.push(Awaiting { enriched: Enriched { line, report, udp }, since });
                 Ok(())
             }
         }
@@ -180,7 +191,7 @@ impl Detector {
         }
         self.sync_docker()?;
         for a in std::mem::take(&mut self.awaiting) {
-            self.attribute_or_wait(out, a.line, a.report, a.since)?;
+            self.attribute_or_wait(out, a.enriched, a.since)?;
         }
         Ok(())
     }
@@ -220,7 +231,6 @@ impl Detector {
 
 /// A diagnosed line waiting for its attribution, since `since`.
 pub(crate) struct Awaiting {
-    line: Line,
-    report: Report,
+    enriched: Enriched,
     since: Instant,
 }

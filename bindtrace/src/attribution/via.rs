@@ -23,20 +23,61 @@ use bindtrace_common::LOOPBACK_IFINDEX;
 
 use crate::{
     attribution::{connect::ConnectTracker, rootlessport, udp_proxy},
-    diagnose::procfs,
+    diagnose::procfs::{self, Holder},
     diagnose::report::{
         ClientProcess, ContainerRef, ContainerReport, DockerContext, OriginalTuple, Report, Via,
     },
     sources::conntrack::{self, Conntrack, NatFlow},
-    sources::docker::{Binding, Container, Inventory},
+    sources::docker::{Binding, Container, Inventory, daemon::Daemon},
 };
 
-/// Everything known about the connection behind `report`.
+/// What a UDP line's own lookups found: conntrack's entry (asked for with a ctnetlink query)
+/// and docker-proxy's connected socket (entering the daemon's namespace, a sock_diag dump, a
+/// /proc walk). They take as long as the host makes them, so the enrichment worker makes them,
+/// once per line, next to the line's diagnosis (`app/enrichment.rs`); the loop only reads the
+/// result. A line the queue had no room for has none (its `via` stays unknown).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UdpLookups {
+    flow: Option<NatFlow>,
+    proxy: Option<(Holder, u64)>,
+}
+
+/// What the UDP lookups need: the daemon whose proxy may have sent the datagram, and whether
+/// conntrack is followed at all.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UdpSources {
+    pub(crate) daemon: Option<Daemon>,
+    pub(crate) conntrack: bool,
+}
+
+/// Makes the UDP lookups for `report` (nothing for a TCP line, or one without its addresses).
+pub(crate) fn udp_lookups(report: &Report, sources: &UdpSources) -> UdpLookups {
+    let (Some(client_ip), Some(client_port), Some(target_ip)) =
+        (report.client_ip, report.client_port, report.target_ip)
+    else {
+        return UdpLookups::default();
+    };
+    if report.proto != "udp" {
+        return UdpLookups::default();
+    }
+    let (client, target) =
+        (SocketAddr::new(client_ip, client_port), SocketAddr::new(target_ip, report.target_port));
+    let flow = if sources.conntrack { udp_flow(target, client) } else { None };
+    if flow.is_some_and(|f| f.is_dnat()) {
+        return UdpLookups { flow, proxy: None };
+    }
+    let proxy = sources.daemon.as_ref().and_then(|d| udp_proxy::proxy_for(d, client, target));
+    UdpLookups { flow, proxy }
+}
+
+/// Everything known about the connection behind `report`; a UDP line's lookups were made
+/// already (`udp`), so nothing here waits on the kernel for longer than a map lookup.
 pub(crate) fn docker_context(
     report: &Report,
     inventory: Option<&Inventory>,
     connect: Option<&ConnectTracker>,
     conntrack: Option<&Conntrack>,
+    udp_found: &UdpLookups,
 ) -> DockerContext {
     let container = inventory.and_then(|inv| inv.by_netns(report.netns));
     let mut ctx =
@@ -54,8 +95,8 @@ pub(crate) fn docker_context(
         .map(|p| p.bindings.as_slice())
         .unwrap_or(&[]);
 
-    if let Some(flow) =
-        conntrack.and_then(|ct| if udp { udp_flow(target, client) } else { ct.flow(target, client) })
+    let flow = if udp { udp_found.flow } else { conntrack.and_then(|ct| ct.flow(target, client)) };
+    if let Some(flow) = flow
         && flow.is_dnat()
     {
         ctx.via = Some(Via::Dnat);
@@ -72,10 +113,7 @@ pub(crate) fn docker_context(
         return ctx;
     }
 
-    if udp
-        && let Some(daemon) = inventory.and_then(|inv| inv.daemon.as_ref())
-        && let Some((proxy, netns)) = udp_proxy::proxy_for(daemon, client, target)
-    {
+    if udp && let Some((proxy, netns)) = udp_found.proxy.clone() {
         ctx.via = Some(Via::DockerProxy);
         ctx.published = parse_proxy_args(&proxy.argv)
             .and_then(|b| binding_for(bindings, SocketAddr::new(b.host_ip, b.host_port)))
@@ -205,6 +243,63 @@ mod tests {
 
     fn argv(s: &str) -> Vec<String> {
         s.split(' ').map(str::to_owned).collect()
+    }
+
+    fn udp_report() -> Report {
+        Report {
+            time: String::new(),
+            ktime_ns: None,
+            event: "refused",
+            verdict: crate::diagnose::verdict::Verdict::LoopbackOnly,
+            undiagnosed: None,
+            proto: "udp",
+            family: "ipv4",
+            target_ip: Some("172.17.0.2".parse().unwrap()),
+            target_port: 53,
+            client_ip: Some("172.17.0.1".parse().unwrap()),
+            client_port: Some(40000),
+            netns: 7,
+            netns_cookie: 7,
+            bridge: "docker0".into(),
+            ifindex: 2,
+            veth: String::new(),
+            hook: "kfree-skb",
+            listeners: vec![],
+            listeners_omitted: 0,
+            count: Some(1),
+            count_unknown: None,
+            count_at_least: false,
+            hint: String::new(),
+            docker: Default::default(),
+        }
+    }
+
+    /// A UDP line's `via` comes from the lookups the worker made, and from nothing else: the
+    /// loop makes no query of its own for it (with nothing found, `via` stays unknown).
+    #[test]
+    fn a_udp_line_reads_the_lookups_it_was_given() {
+        let report = udp_report();
+        let flow = NatFlow {
+            orig: conntrack::Tuple {
+                src: "10.9.0.5:41000".parse().unwrap(),
+                dst: "10.9.0.1:5353".parse().unwrap(),
+            },
+            reply: conntrack::Tuple {
+                src: "172.17.0.2:53".parse().unwrap(),
+                dst: "172.17.0.1:40000".parse().unwrap(),
+            },
+        };
+        let found = UdpLookups { flow: Some(flow), proxy: None };
+        let ctx = docker_context(&report, None, None, None, &found);
+        assert_eq!(ctx.via, Some(Via::Dnat));
+        let original = ctx.original.expect("the original tuple");
+        assert_eq!((original.client_port, original.target_port), (41000, 5353));
+        assert_eq!(ctx.published.map(|b| b.host_port), Some(5353));
+        let ctx = docker_context(&report, None, None, None, &UdpLookups::default());
+        assert_eq!(ctx.via, None);
+        // A TCP line makes none: its flow is the destroy events' (none here).
+        let sources = UdpSources { daemon: None, conntrack: true };
+        assert!(udp_lookups(&Report { proto: "tcp", ..udp_report() }, &sources).flow.is_none());
     }
 
     #[test]

@@ -249,6 +249,8 @@ struct Tracked {
     workload: Workload,
     target: IpAddr,
     listeners: Vec<(IpAddr, u16)>,
+    /// When a line last judged it: a recheck asked before that is older news.
+    judged: Instant,
 }
 
 /// The metric handles and the bookkeeping behind the caps. Owned by the event loop; the
@@ -276,6 +278,8 @@ pub(crate) struct Metrics {
     audited: BTreeMap<(Workload, u16), Vec<(IpAddr, u16)>>,
     published: HashSet<ListenerLabels>,
     last_recheck: Option<Instant>,
+    /// A recheck is on the worker: no second one until it is back.
+    recheck_in_flight: bool,
 }
 
 impl Metrics {
@@ -301,6 +305,7 @@ impl Metrics {
             audited: BTreeMap::new(),
             published: HashSet::new(),
             last_recheck: None,
+            recheck_in_flight: false,
         };
         registry.register(
             "bindtrace_refused_connections",
@@ -465,6 +470,7 @@ impl Metrics {
                     workload: Workload::of(report),
                     target: report.target_ip.unwrap_or(unspecified),
                     listeners: report.listeners.iter().map(|l| (l.ip, l.port)).collect(),
+                    judged: Instant::now(),
                 },
             );
         } else if self.tracked.remove(key).is_none() {
@@ -473,27 +479,52 @@ impl Metrics {
         self.publish_loopback();
     }
 
-    /// Checks every tracked listener again (at most every [`LOOPBACK_RECHECK`]): `decide` gives
-    /// the key's verdict now, or None when its namespace is gone.
-    pub(crate) fn recheck_loopback(
+    /// The tracked listeners to check again (key and target address), when they are due: at
+    /// most every [`LOOPBACK_RECHECK`], and not while a check is still out. The answer comes
+    /// back through [`Metrics::loopback_rechecked`].
+    pub(crate) fn loopback_recheck_due(&mut self, now: Instant) -> Option<Vec<(CountKey, IpAddr)>> {
+        if self.tracked.is_empty()
+            || self.recheck_in_flight
+            || self.last_recheck.is_some_and(|t| now.duration_since(t) < LOOPBACK_RECHECK)
+        {
+            return None;
+        }
+        self.last_recheck = Some(now);
+        self.recheck_in_flight = true;
+        Some(self.tracked.iter().map(|(k, t)| (*k, t.target)).collect())
+    }
+
+    /// What the recheck asked at `asked` found: each key's verdict, or None when its namespace
+    /// is gone. A key judged by a line since then keeps that line's word.
+    pub(crate) fn loopback_rechecked(&mut self, found: Vec<(CountKey, Option<Decision>)>, asked: Instant) {
+        self.recheck_in_flight = false;
+        for (key, decision) in found {
+            let Some(t) = self.tracked.get_mut(&key) else { continue };
+            if t.judged > asked {
+                continue;
+            }
+            match decision {
+                Some(d) if d.verdict == Verdict::LoopbackOnly => {
+                    t.listeners = d.listeners.iter().map(|l| (l.addr, l.port)).collect();
+                }
+                _ => {
+                    self.tracked.remove(&key);
+                }
+            }
+        }
+        self.publish_loopback();
+    }
+
+    /// Both halves at once (the tests'; `decide` gives a key's verdict now).
+    #[cfg(test)]
+    fn recheck_loopback(
         &mut self,
         now: Instant,
         mut decide: impl FnMut(&CountKey, IpAddr) -> Option<Decision>,
     ) {
-        if self.tracked.is_empty()
-            || self.last_recheck.is_some_and(|t| now.duration_since(t) < LOOPBACK_RECHECK)
-        {
-            return;
-        }
-        self.last_recheck = Some(now);
-        self.tracked.retain(|key, t| match decide(key, t.target) {
-            Some(d) if d.verdict == Verdict::LoopbackOnly => {
-                t.listeners = d.listeners.iter().map(|l| (l.addr, l.port)).collect();
-                true
-            }
-            _ => false,
-        });
-        self.publish_loopback();
+        let Some(due) = self.loopback_recheck_due(now) else { return };
+        let found = due.into_iter().map(|(key, target)| (key, decide(&key, target))).collect();
+        self.loopback_rechecked(found, now);
     }
 
     /// An audit line was written: a published port whose service listens on loopback only
@@ -859,6 +890,26 @@ mod tests {
         assert_eq!(sample_lines(&text(&registry), "bindtrace_loopback_listeners").len(), 1, "not due yet");
         m.recheck_loopback(t0 + LOOPBACK_RECHECK, |_, _| None);
         assert!(sample_lines(&text(&registry), "bindtrace_loopback_listeners").is_empty());
+    }
+
+    /// The recheck runs on the worker: one at a time, and what a line said meanwhile wins over
+    /// the older answer.
+    #[test]
+    fn a_recheck_on_the_worker_is_one_at_a_time_and_older_than_a_new_line() {
+        let (mut m, registry) = Metrics::new(Limits::default(), "kfree-skb", "chosen with --hook");
+        m.on_line(&key(7, 8000), &report(7, 8000, Verdict::LoopbackOnly, 1));
+        m.on_line(&key(8, 9000), &report(8, 9000, Verdict::LoopbackOnly, 1));
+        let asked = Instant::now();
+        let due = m.loopback_recheck_due(asked).expect("due at first");
+        assert_eq!(due.len(), 2);
+        assert!(m.loopback_recheck_due(asked + 2 * LOOPBACK_RECHECK).is_none(), "one is out already");
+        // A line judges key 7 again after the ask; then the answer says both namespaces are gone.
+        m.on_line(&key(7, 8000), &report(7, 8000, Verdict::LoopbackOnly, 1));
+        m.loopback_rechecked(due.into_iter().map(|(k, _)| (k, None)).collect(), asked);
+        let t = text(&registry);
+        assert_eq!(sample_lines(&t, "bindtrace_loopback_listeners").len(), 1, "{t}");
+        assert!(t.contains("netns:7"), "{t}");
+        assert!(m.loopback_recheck_due(asked + LOOPBACK_RECHECK).is_some(), "back: the next is due");
     }
 
     #[test]

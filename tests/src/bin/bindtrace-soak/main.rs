@@ -24,6 +24,7 @@ use bindtrace_tests::{
     Bindtrace, Listener,
     docker::{DOCKER_SOCK, HostLink, Relay, free_port},
     is_root,
+    proc::monotonic_ns,
 };
 use sample::Sample;
 use world::{Bridge, Ctr, Docker, Ns};
@@ -149,7 +150,10 @@ impl Soak {
         cmd.args(["--format", "json", "--docker-host", relay.path().to_str().unwrap()])
             .args(["--metrics-addr", &addr, "--counts-size", &counts])
             .args(["-i", &bridge.name, "-i", &docker.network.bridge()])
-            .args(["--idle-key-after", "2s", "--fold-window", "200ms"]);
+            .args(["--idle-key-after", "2s", "--fold-window", "200ms"])
+            // The watcher's retries and events are said, so a slow return after an outage
+            // shows why (the soak's failure message quotes them).
+            .env("RUST_LOG", "info,bindtrace::app::scope_sync=debug,bindtrace::sources::docker::watch=debug");
         let mut bt = Bindtrace::spawn_cmd(cmd);
         assert!(bt.wait_ready(Duration::from_secs(30)), "bindtrace did not become ready:\n{}", bt.stderr());
         for veth in [&scanned.host_veth, &flooded.host_veth, &published.host_veth] {
@@ -243,23 +247,52 @@ impl Soak {
         // already thinks it is down); a container started meanwhile is still watched and
         // reported; the runtime comes back. bindtrace not noticing either is a failure of the
         // run, but not the end of it: the table goes on.
+        let stopped = self.stderr_len();
+        let stopped_ns = monotonic_ns();
         self.relay.stop();
+        // Its last word, said since the stop or (already down) before it, is "unavailable".
         if !self.bt.wait_until_stderr(WAIT, |s| docker_up(s) == Some(false)) {
-            self.soft_failures.push(format!("the Docker outage went unnoticed for {WAIT:?}"));
+            self.soft_failures.push(format!(
+                "the Docker outage went unnoticed for {WAIT:?}:\n{}",
+                self.outage(stopped, stopped_ns)
+            ));
         }
         let c = self.docker.container(None);
         let refused = self.refuse_container(&c);
+        let resumed = self.stderr_len();
         self.relay.resume();
         refused?;
         self.made_by_gone += c.out_rsts();
         drop(c);
-        if !self.bt.wait_until_stderr(WAIT, |s| docker_up(s) == Some(true)) {
+        // "is back" said after the resume: one said before it would be about an earlier outage.
+        if !self.bt.wait_until_stderr(WAIT, |s| docker_up(&s[resumed..]) == Some(true)) {
             self.soft_failures.push(format!(
                 "Docker was not back {WAIT:?} after the relay was:\n{}",
-                tail(&self.bt.stderr())
+                self.outage(stopped, stopped_ns)
             ));
         }
         Ok(())
+    }
+
+    fn stderr_len(&self) -> usize {
+        let mut n = 0;
+        self.bt.wait_until_stderr(Duration::ZERO, |s| {
+            n = s.len();
+            true
+        });
+        n
+    }
+
+    /// What bindtrace said about the Docker API since the relay stopped (seconds after the
+    /// stop, as the soak read each line), and the relay's own account: enough to tell a relay
+    /// that failed from a bindtrace that did not retry.
+    fn outage(&self, from: usize, stopped_ns: u64) -> String {
+        let said: Vec<String> = self.bt.stamped_stderr()[from..]
+            .iter()
+            .filter(|(_, l)| l.contains("Docker API") || l.contains("Docker event"))
+            .map(|(ns, l)| format!("  +{:.2}s {l}", ns.saturating_sub(stopped_ns) as f64 / 1e9))
+            .collect();
+        format!("{}\nbindtrace since the stop:\n{}", self.relay.stats(), said.join("\n"))
     }
 
     fn namespace_comes_and_goes(&mut self) -> Result<(), String> {
@@ -330,6 +363,13 @@ impl Soak {
         let mut failures = Vec::new();
         let code = self.bt.stop();
         let stderr = self.bt.stderr();
+        // The whole log, for what a failure's excerpt leaves out (the current directory is
+        // the repository's root; target/ is ignored by git).
+        let log = std::path::Path::new("target/soak-bindtrace-stderr.log");
+        match std::fs::write(log, &stderr) {
+            Ok(()) => println!("soak: bindtrace's stderr is in {}", log.display()),
+            Err(e) => println!("soak: could not keep bindtrace's stderr in {}: {e}", log.display()),
+        }
         if code != Some(0) {
             failures.push(format!("bindtrace exited with {code:?}:\n{}", tail(&stderr)));
         }
@@ -357,10 +397,16 @@ impl Soak {
 /// Whether bindtrace's last word on the Docker API was that it is up (`is back`) or down
 /// (`unavailable`); None before either.
 fn docker_up(stderr: &[String]) -> Option<bool> {
-    stderr.iter().rev().find_map(|l| match l.contains("Docker API at") {
-        true if l.contains(" is back") => Some(true),
-        true if l.contains(" unavailable") => Some(false),
-        _ => None,
+    // The two lines of `sources/docker/watch.rs` (its debug lines quote errors that name the
+    // API too, and are not a change of state).
+    stderr.iter().rev().find_map(|l| {
+        if l.contains(" is back: container details resume") {
+            Some(true)
+        } else if l.contains("reporting containers by namespace and address") {
+            Some(false)
+        } else {
+            None
+        }
     })
 }
 
