@@ -44,8 +44,10 @@ pub(crate) struct Report {
     /// null for a routed veth without a bridge (a /32 route to the workload, as Calico does).
     #[serde(serialize_with = "empty_as_null")]
     pub(crate) bridge: String,
-    /// Container-side interface index and host-side veth name.
+    /// Container-side interface index and host-side veth name (null on a namespace's `lo`,
+    /// which has no veth: rootless podman's forwarder).
     pub(crate) ifindex: u32,
+    #[serde(serialize_with = "empty_as_null")]
     pub(crate) veth: String,
     pub(crate) hook: &'static str,
     pub(crate) listeners: Vec<ListenerReport>,
