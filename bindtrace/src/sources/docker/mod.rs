@@ -11,7 +11,7 @@ pub(crate) mod http;
 pub(crate) mod watch;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -303,6 +303,9 @@ pub(crate) struct Inventory {
     pub(crate) stale: bool,
     /// Merged from several engines while one of them has not answered yet.
     pub(crate) pending: bool,
+    /// Running containers whose inspect timed out: read again with backoff (`watch`), and
+    /// meanwhile reported by namespace and address only.
+    pub(crate) unread: BTreeSet<String>,
 }
 
 impl Inventory {
@@ -318,6 +321,7 @@ impl Inventory {
                 out.daemon = inv.daemon.clone();
             }
             out.stale |= inv.stale;
+            out.unread.extend(inv.unread.iter().cloned());
         }
         out
     }
@@ -392,6 +396,7 @@ pub(crate) async fn refresh_container(
     match client.get_json::<api::ContainerJson>(&format!("/containers/{}/json", http::encode_query(id))).await
     {
         Ok(json) => {
+            inv.unread.remove(id);
             let c = json.into_container(inv.runtime);
             if c.running {
                 inv.containers.insert(c.id.clone(), Arc::new(c));
@@ -401,17 +406,20 @@ pub(crate) async fn refresh_container(
             Ok(())
         }
         Err(e) if e.is_not_found() => {
+            inv.unread.remove(id);
             inv.containers.retain(|cid, _| !cid.starts_with(id));
             Ok(())
         }
         // One container the daemon cannot describe in time (dockerd answers an inspect only
         // once it has the container's lock, which a stop or removal in progress holds) is not
-        // the daemon being away: the others are read, and this one again at its next event.
-        // Failing the whole read made one stuck container keep the API "unavailable" for as
-        // long as it stayed stuck (the soak's relay restarts showed it: every retry's read
-        // hung on the same inspect).
+        // the daemon being away: the others are read, and this one again later (at its next
+        // event, or by the watcher's backoff over `unread`, whichever comes first). Failing the
+        // whole read made one stuck container keep the API "unavailable" for as long as it
+        // stayed stuck (the soak's relay restarts showed it: every retry's read hung on the
+        // same inspect).
         Err(e @ DockerError::Timeout { .. }) => {
-            log::debug!("{e}: that container is read again at its next event");
+            log::debug!("{e}: that container is read again later");
+            inv.unread.insert(id.to_string());
             Ok(())
         }
         Err(e) => Err(e),
@@ -445,6 +453,7 @@ mod tests {
             let mut inv = Inventory::default();
             refresh_container(&client, &mut inv, "abc").await.expect("one stuck container is not an outage");
             assert!(inv.containers.is_empty());
+            assert!(inv.unread.contains("abc"), "kept to be read again: {:?}", inv.unread);
             let stuck = client.get_json::<api::ContainerJson>("/containers/abc/json").await.unwrap_err();
             assert!(matches!(stuck, DockerError::Timeout { .. }), "{stuck}");
         });

@@ -15,6 +15,11 @@ use crate::bounds;
 /// Pause between attempts while the daemon is unreachable.
 pub(crate) const RETRY: Duration = Duration::from_secs(1);
 
+/// First and longest pause before reading again the containers whose inspect timed out
+/// ([`Inventory::unread`]): doubled after each read that still leaves some unread.
+const UNREAD_RETRY_FIRST: Duration = Duration::from_secs(1);
+const UNREAD_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Container and network events that change what bindtrace knows.
 const EVENT_FILTER: &str = r#"{"type":["container","network"],"event":["start","die","destroy","rename","create","connect","disconnect","remove","unpause"]}"#;
 
@@ -220,8 +225,22 @@ async fn session(
     );
     publish(tx, last, &inv);
     let mut skipped = 0u64;
+    let mut unread = UnreadRetry::default();
     loop {
-        let event: EventJson = match events.next().await {
+        unread.arm(&inv);
+        // `next` is cancel-safe (its only wait is for the next body frame), so a retry that
+        // fires first loses no part of an event.
+        let next = tokio::select! {
+            next = events.next() => next,
+            () = unread.due() => {
+                if let Err(e) = unread.read_again(client, &mut inv).await {
+                    return e;
+                }
+                publish(tx, last, &inv);
+                continue;
+            }
+        };
+        let event: EventJson = match next {
             Ok(Some(e)) => e,
             Ok(None) => {
                 // Too large to take in: whatever it changed is read afresh instead.
@@ -247,6 +266,67 @@ async fn session(
         }
         publish(tx, last, &inv);
     }
+}
+
+/// The backoff over [`Inventory::unread`]: a container stuck in an inspect (dockerd waits for
+/// its lock) would otherwise stay unnamed until its next event, which a steadily running
+/// container never has.
+#[derive(Default)]
+struct UnreadRetry {
+    at: Option<tokio::time::Instant>,
+    pause: Option<Duration>,
+    warned: bool,
+}
+
+impl UnreadRetry {
+    /// Starts the clock when containers became unread; forgets the backoff when none are.
+    fn arm(&mut self, inv: &Inventory) {
+        if inv.unread.is_empty() {
+            *self = UnreadRetry { warned: self.warned, ..Default::default() };
+        } else if self.at.is_none() {
+            let pause = self.pause.unwrap_or(UNREAD_RETRY_FIRST);
+            self.at = Some(tokio::time::Instant::now() + pause);
+            self.pause = Some(pause);
+            if !self.warned {
+                log::warn!(
+                    "Docker did not describe container {} within {}s (busy with it, e.g. a stop in \
+                     progress); naming it by namespace and address meanwhile, reading it again with \
+                     backoff up to {}s",
+                    short(inv.unread.iter().next().map_or("", String::as_str)),
+                    super::http::REQUEST_TIMEOUT.as_secs(),
+                    UNREAD_RETRY_MAX.as_secs()
+                );
+                self.warned = true;
+            }
+        }
+    }
+
+    /// When the next read is due; never while nothing is unread.
+    async fn due(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Reads each unread container again; the next pause doubles while some stay unread.
+    async fn read_again(&mut self, client: &Client, inv: &mut Inventory) -> Result<(), DockerError> {
+        let ids: Vec<String> = inv.unread.iter().cloned().collect();
+        for id in &ids {
+            refresh_container(client, inv, id).await?;
+            if !inv.unread.contains(id) {
+                log::info!("Docker described container {} now: it is named again", short(id));
+            }
+        }
+        self.at = None;
+        self.pause = self.pause.map(|p| (p * 2).min(UNREAD_RETRY_MAX));
+        Ok(())
+    }
+}
+
+/// A container id as `docker ps` shows it, escaped (it is the daemon's data).
+fn short(id: &str) -> std::borrow::Cow<'_, str> {
+    crate::sinks::escape::escaped(id.get(..12).unwrap_or(id))
 }
 
 fn publish(tx: &watch::Sender<DockerState>, last: &mut Option<Arc<Inventory>>, inv: &Inventory) {
@@ -280,6 +360,80 @@ async fn apply(client: &Client, inv: &mut Inventory, ev: &EventJson) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon that answers everything at once except the first inspect of container `abc`,
+    /// which it holds unanswered: the container is named once the backoff reads it again,
+    /// with no event for it. (dockerd cannot be made to hold an inspect on demand.)
+    #[test]
+    fn a_container_whose_inspect_timed_out_is_read_again_without_an_event() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let dir = std::env::temp_dir().join(format!("bindtrace-unread-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("docker.sock");
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                let mut inspects = 0;
+                while let Ok((mut s, _)) = listener.accept().await {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let line = String::from_utf8_lossy(&req).lines().next().unwrap_or("").to_string();
+                    let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                    let body = if path.starts_with("/events") {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                            .await;
+                        held.push(s);
+                        continue;
+                    } else if path == "/version" {
+                        r#"{"Version":"20.10.24","ApiVersion":"1.41"}"#.to_string()
+                    } else if path == "/networks" {
+                        "[]".to_string()
+                    } else if path == "/containers/json" {
+                        r#"[{"Id":"abc"}]"#.to_string()
+                    } else if path == "/containers/abc/json" {
+                        inspects += 1;
+                        if inspects == 1 {
+                            held.push(s);
+                            continue;
+                        }
+                        r#"{"Id":"abc","Name":"/stuck","State":{"Status":"running","Running":true,"Pid":0},"Config":{},"NetworkSettings":{}}"#.to_string()
+                    } else {
+                        String::new()
+                    };
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(body.as_bytes()).await;
+                }
+            });
+            let mut rx = spawn(Client::new(&path));
+            // Virtual time: ten minutes pass at once when nothing else can happen.
+            let named = tokio::time::timeout(
+                Duration::from_secs(600),
+                rx.wait_for(|st| st.inventory().is_some_and(|inv| inv.containers.contains_key("abc"))),
+            )
+            .await
+            .expect("named within ten minutes of its inspect timing out, with no event for it")
+            .expect("the watcher keeps running");
+            let inv = named.inventory().unwrap().clone();
+            assert!(inv.unread.is_empty(), "{:?}", inv.unread);
+            assert_eq!(inv.containers["abc"].name, "stuck");
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn inv(id: &str) -> Arc<Inventory> {
         let mut inv = Inventory::default();
