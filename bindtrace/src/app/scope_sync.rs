@@ -70,7 +70,9 @@ impl Detector {
         let mut gaps = RescanGaps { skipped: resolved.skipped.len(), gone: gone.len(), ..Default::default() };
         let mut scope_error = None;
         fresh.retain(|key, port| {
-            if self.ports.contains_key(key) {
+            // Known with the same bridge: nothing to do. A veth first seen before its master
+            // was set (a CNI plugin creates it, then enslaves it) is re-entered with its bridge.
+            if self.ports.get(key).is_some_and(|known| known.bridge == port.bridge) {
                 return true;
             }
             if let Err(e) = self.loaded.scope.insert(*key, port.bridge, 0) {
