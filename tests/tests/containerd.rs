@@ -151,7 +151,12 @@ fn pod_on_a_cni_bridge_and_a_routed_workload() {
     d.run(
         K8S_NAMESPACE,
         false,
-        &["--annotation", "nerdctl/name=containerd-routed-web"],
+        &[
+            "--annotation",
+            "nerdctl/name=containerd-routed-web",
+            "--annotation",
+            r#"nerdctl/ports=[{"HostPort":18931,"ContainerPort":8000,"Protocol":"tcp","HostIP":"0.0.0.0"}]"#,
+        ],
         &image,
         &routed,
         &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"],
@@ -173,6 +178,13 @@ fn pod_on_a_cni_bridge_and_a_routed_workload() {
         host_side.0,
         bt.stderr()
     );
+    // Its address was set after its veth came up: the host route, added last as a CNI does,
+    // is what tells bindtrace to read it (no link changes after it).
+    assert!(
+        bt.wait_stderr(&format!("{ROUTED_ADDRESS}/32"), WAIT),
+        "the routed address is watched by the connect tracker once its route is there:\n{}",
+        bt.stderr()
+    );
     let (code, _) = curl(&format!("http://{ROUTED_ADDRESS}:8000/"));
     assert_eq!(code, 7, "the routed workload resets the SYN");
     let line = refused_line(&bt, "the routed workload's refusal", |l| {
@@ -187,4 +199,31 @@ fn pod_on_a_cni_bridge_and_a_routed_workload() {
     assert_eq!(line["target_ip"], ROUTED_ADDRESS, "{line:#}");
     assert_eq!(line["via"], "direct", "the routed address is watched on its own: {line:#}");
     assert_eq!(bt.stop(), Some(0), "{}", bt.stderr());
+
+    // `bindtrace check` reads the same state: nerdctl's published port is audited, the pod is
+    // found by its Kubernetes name and said to have no port list to audit.
+    let out = Command::new(bindtrace_tests::bindtrace::binary())
+        .args(["check", "--format", "json", "--containerd-state", state.to_str().unwrap()])
+        .args(["containerd:containerd-routed-web", "k8s:containerd-shop/web-0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(out.status.code(), Some(1), "loopback-only: {doc:#}\n{stderr}");
+    assert_eq!(doc["containers"], 1, "{doc:#}");
+    let row = &doc["ports"][0];
+    assert_eq!(row["container"]["name"], "containerd-routed-web", "{doc:#}");
+    assert_eq!(row["container"]["runtime"], "containerd", "{doc:#}");
+    assert_eq!(row["target_port"], 8000, "{doc:#}");
+    assert_eq!(row["verdict"], "loopback_only", "{doc:#}");
+    assert_eq!(row["bindings"][0]["host_port"], 18931, "{doc:#}");
+    assert!(
+        stderr.contains("k8s:containerd-shop/web-0: no published ports known"),
+        "the pod is found, and why it has no row is said:\n{stderr}"
+    );
+    let out = Command::new(bindtrace_tests::bindtrace::binary())
+        .args(["check", "--containerd-state", state.to_str().unwrap(), "k8s:containerd-shop/nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "a pod not running: {out:?}");
 }

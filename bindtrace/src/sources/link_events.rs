@@ -24,7 +24,25 @@ pub(crate) struct LinkChanges {
     pub(crate) overruns: u64,
 }
 
-/// A netlink socket subscribed to RTNLGRP_LINK (and RTNLGRP_NSID), registered with tokio.
+/// A unicast route of the main table: what a CNI adds for a routed workload. The local
+/// table's routes (one per address, an IPv6 link-local one per veth coming up) are not: they
+/// would double every container start's rescans.
+fn is_main_unicast(m: &crate::netlink::Msg<'_>) -> bool {
+    use netlink_packet_core::NetlinkPayload;
+    use netlink_packet_route::{
+        RouteNetlinkMessage,
+        route::{RouteHeader, RouteType},
+    };
+    match m.decode::<RouteNetlinkMessage>() {
+        Some(NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
+        )) => r.header.table == RouteHeader::RT_TABLE_MAIN && r.header.kind == RouteType::Unicast,
+        _ => false,
+    }
+}
+
+/// A netlink socket subscribed to RTNLGRP_LINK, RTNLGRP_NSID and the IPv4 and IPv6 route
+/// groups (main-table unicast routes only count), registered with tokio.
 ///
 /// It only says *that* something changed; callers re-run `dump_links` for the new state. That
 /// keeps one code path for the state (the dump) and makes lost notifications harmless.
@@ -53,7 +71,12 @@ impl LinkWatcher {
         // Link changes (new/changed/deleted interfaces, master changes) and namespace ids: a
         // peer moving to another namespace shows up here as a RTM_DELLINK of the peer plus,
         // the first time, a RTM_NEWNSID for its new namespace.
-        for group in [libc::RTNLGRP_LINK, libc::RTNLGRP_NSID] {
+        // Routes too: a routed workload (Calico's `cali*`, no bridge) gets its /32 route on
+        // the host after its veth is up and its address set inside, with no link change left
+        // to say that its address is now there to watch (`refresh_prefixes`).
+        for group in
+            [libc::RTNLGRP_LINK, libc::RTNLGRP_NSID, libc::RTNLGRP_IPV4_ROUTE, libc::RTNLGRP_IPV6_ROUTE]
+        {
             sock.add_membership(group)?;
         }
         if let Err(e) = sock.set_rx_buf_sz(rcvbuf.min(i32::MAX as u32) as libc::c_int) {
@@ -97,11 +120,10 @@ impl LinkWatcher {
                 }
                 changes.messages += Messages::new(&self.buf)
                     .map_while(Result::ok)
-                    .filter(|m| {
-                        matches!(
-                            m.header.message_type,
-                            libc::RTM_NEWLINK | libc::RTM_DELLINK | libc::RTM_NEWNSID | libc::RTM_DELNSID
-                        )
+                    .filter(|m| match m.header.message_type {
+                        libc::RTM_NEWLINK | libc::RTM_DELLINK | libc::RTM_NEWNSID | libc::RTM_DELNSID => true,
+                        libc::RTM_NEWROUTE | libc::RTM_DELROUTE => is_main_unicast(m),
+                        _ => false,
                     })
                     .count();
             }
