@@ -7,8 +7,9 @@
 //! an ambiguous name), 4 when a named container or pod is not running.
 //!
 //! Every runtime is consulted, as the daemon follows them: each socket `--docker-host` names,
-//! else Docker's and podman's that exist (each user's podman socket under /run/user too). One that does not answer is an error (exit 3), but the
-//! others' containers are still checked and shown.
+//! else Docker's and podman's that exist (each user's podman socket under /run/user too), and
+//! containerd's state directory (nerdctl's published ports; pods by name). One that does not
+//! answer is an error (exit 3), but the others' containers are still checked and shown.
 use std::{
     io::{self, Write},
     path::PathBuf,
@@ -57,6 +58,11 @@ pub(crate) struct CheckArgs {
     /// looked at again until it is this old before they count as "nothing listens".
     #[arg(long, value_name = "DURATION", default_value = audit::DEFAULT_GRACE, value_parser = humantime::parse_duration)]
     pub(crate) audit_grace: Duration,
+
+    /// containerd's task state directory, read for nerdctl containers and Kubernetes pods
+    /// (as the daemon reads it; absent is no containerd).
+    #[arg(long, value_name = "DIR", default_value = crate::sources::containerd::DEFAULT_STATE_DIR)]
+    pub(crate) containerd_state: PathBuf,
 }
 
 #[derive(Serialize)]
@@ -78,7 +84,11 @@ pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
         Ok((sockets, watched)) => with_present(sockets, watched.map(|p| p.sockets()).unwrap_or_default()),
         Err(e) => return cannot_run(&e),
     };
-    let (all, answered, mut errors) = inventories(sockets).await;
+    let (mut all, mut answered, mut errors) = inventories(sockets).await;
+    if let Some(workloads) = containerd_workloads(args.containerd_state.clone()).await {
+        answered += 1;
+        all.extend(workloads);
+    }
     // A user's socket found only by the scan may be a leftover of a session that ended: it is
     // said, not an error (named and default sockets are).
     let (stale_users, real): (Vec<String>, Vec<String>) = errors
@@ -108,7 +118,14 @@ pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
 
     let mut rows: Vec<AuditReport> = Vec::new();
     let mut checked = 0;
-    for c in containers.iter().filter(|c| c.owns_netns() && c.published().next().is_some()) {
+    for c in containers.iter().filter(|c| c.owns_netns()) {
+        if c.published().next().is_none() {
+            // Asked for by name, it must not pass in silence: say why nothing was audited.
+            if !wanted.is_empty() {
+                eprintln!("bindtrace check: {}", nothing_published(c));
+            }
+            continue;
+        }
         checked += 1;
         check_container(c, args.audit_grace, &mut rows, &mut errors).await;
     }
@@ -198,6 +215,29 @@ async fn inventories(sockets: Vec<PathBuf>) -> (Vec<Container>, usize, Vec<Strin
         }
     }
     (containers, answered, errors)
+}
+
+/// containerd's workloads (nerdctl containers, pods), read from its state directory as the
+/// daemon reads it; None when there is no such directory (no containerd, not an error).
+async fn containerd_workloads(dir: PathBuf) -> Option<Vec<Container>> {
+    use crate::sources::containerd::{state, workloads};
+    tokio::task::spawn_blocking(move || dir.is_dir().then(|| workloads::group(&state::read(&dir).tasks)))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Why a named workload has no row: what it publishes is not known, or it publishes nothing.
+fn nothing_published(c: &Container) -> String {
+    let name = crate::sinks::escape::escaped(&check_names::Named::qualified(c)).into_owned();
+    if c.pod.is_some() {
+        format!(
+            "{name}: no published ports known (a pod's ports are in its spec on the API server, \
+             not in containerd's state): nothing audited; its refusals are reported by `sudo bindtrace`"
+        )
+    } else {
+        format!("{name}: publishes no port: nothing audited")
+    }
 }
 
 /// The sockets to read: those named or found by default, and, as the daemon would follow

@@ -2,7 +2,7 @@
 //! bare name (or id prefix) looked up in every runtime at once.
 //!
 //! The lookup is generic over a list of [`Named`] workloads so that every source (the Engine
-//! APIs today, containerd's pods next) is searched the same way.
+//! APIs, containerd's state directory) is searched the same way.
 use std::fmt;
 
 /// What the lookup needs to know of a workload.
@@ -35,7 +35,7 @@ impl Named for crate::sources::docker::Container {
         &self.id
     }
     fn pod(&self) -> Option<(&str, &str)> {
-        None
+        Some((self.namespace.as_deref()?, self.pod.as_deref()?))
     }
 }
 
