@@ -226,4 +226,15 @@ fn pod_on_a_cni_bridge_and_a_routed_workload() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(4), "a pod not running: {out:?}");
+
+    // doctor says what the state directory holds: the pod and the routed workload.
+    let out = Command::new(bindtrace_tests::bindtrace::binary())
+        .args(["doctor", "--format", "json", "--no-metrics", "--containerd-state", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    let line = doc["checks"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "containerd")).cloned();
+    let detail = line.as_ref().and_then(|l| l["detail"].as_str()).unwrap_or_default().to_owned();
+    assert!(detail.contains("2 workloads outside Docker's own"), "{doc:#}");
+    assert!(detail.contains("1 of them pods"), "{doc:#}");
 }

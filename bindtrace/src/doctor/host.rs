@@ -107,14 +107,16 @@ pub(crate) fn workloads_check(
     let mut parts: Vec<String> = Vec::new();
     for (runtime, containers) in runtimes {
         let Some(list) = containers else { continue };
-        let published: usize = list
-            .iter()
-            .map(|c| c.ports.iter().filter(|p| p.proto == "tcp" && p.public_port.is_some()).count())
-            .sum();
+        let published = |proto: &str| -> usize {
+            list.iter()
+                .map(|c| c.ports.iter().filter(|p| p.proto == proto && p.public_port.is_some()).count())
+                .sum()
+        };
         parts.push(format!(
-            "{runtime}: {}, {}",
+            "{runtime}: {}, {}, {}",
             counted(list.len(), "running container"),
-            counted(published, "published TCP port")
+            counted(published("tcp"), "published TCP port"),
+            counted(published("udp"), "published UDP port")
         ));
     }
     parts.push(format!("{} on the bridges", counted(ports, "container interface")));
@@ -193,7 +195,7 @@ mod tests {
         let w = workloads_check(&[("docker", Some(&list)), ("podman", None)], &links);
         assert_eq!(
             w.detail,
-            "docker: 2 running containers, 1 published TCP port; 2 container interfaces on the bridges"
+            "docker: 2 running containers, 1 published TCP port, 1 published UDP port; 2 container interfaces on the bridges"
         );
     }
 

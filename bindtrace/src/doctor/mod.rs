@@ -41,6 +41,10 @@ pub(crate) struct DoctorArgs {
     /// bindtrace would run with --no-metrics: the port is not checked.
     #[arg(long, conflicts_with = "metrics_addr")]
     pub(crate) no_metrics: bool,
+
+    /// containerd's task state directory bindtrace would read.
+    #[arg(long, value_name = "DIR", default_value = crate::sources::containerd::DEFAULT_STATE_DIR)]
+    pub(crate) containerd_state: PathBuf,
 }
 
 /// Runs every check, writes the report to `out`, and returns the exit status.
@@ -108,7 +112,9 @@ async fn checks(args: &DoctorArgs) -> Vec<Check> {
         Err(e) => Check::warn("docker", e.clone(), "--docker-host unix:///var/run/docker.sock"),
     });
     checks.push(runtimes::podman_check(&podman_probe));
-    checks.push(runtimes::containerd_check(&containerd_socket, &containerd_probe));
+    let state_dir = args.containerd_state.as_path();
+    let state = runtimes::containerd_state(state_dir);
+    checks.push(runtimes::containerd_check(&containerd_socket, &containerd_probe, state_dir, state));
 
     let docker_answered = docker_probe.as_ref().is_ok_and(runtimes::ApiProbe::answered);
     checks.push(host::bridges_check(&links, docker_answered || podman_probe.answered()));
@@ -142,6 +148,7 @@ mod tests {
             docker_host: Some("/nonexistent/docker.sock".into()),
             metrics_addr: "127.0.0.1:1".parse().unwrap(),
             no_metrics: true,
+            containerd_state: "/nonexistent/containerd-state".into(),
         };
         let names: Vec<&str> = checks(&args).await.iter().map(|c| c.name).collect();
         assert_eq!(names, CHECK_NAMES);
@@ -155,6 +162,7 @@ mod tests {
             docker_host: Some("tcp://docker.example:2375".into()),
             metrics_addr: "127.0.0.1:1".parse().unwrap(),
             no_metrics: true,
+            containerd_state: "/nonexistent/containerd-state".into(),
         };
         let checks = checks(&args).await;
         let docker = checks.iter().find(|c| c.name == "docker").unwrap();

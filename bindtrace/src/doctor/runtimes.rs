@@ -242,13 +242,49 @@ pub(crate) fn podman_check(probe: &ApiProbe) -> Check {
     }
 }
 
-pub(crate) fn containerd_check(socket: &Path, probe: &Option<Result<(), String>>) -> Check {
+/// What bindtrace reads of containerd: its task state directory (`sources::containerd`), as
+/// the workloads found there outside Docker's own `moby` namespace, and how many are pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ContainerdState {
+    pub(crate) workloads: usize,
+    pub(crate) pods: usize,
+}
+
+/// Reads containerd's state directory as the daemon does; None when it does not exist.
+pub(crate) fn containerd_state(dir: &Path) -> Option<ContainerdState> {
+    use crate::sources::containerd::{state, workloads};
+    if !dir.is_dir() {
+        return None;
+    }
+    let found = workloads::group(&state::read(dir).tasks);
+    Some(ContainerdState { workloads: found.len(), pods: found.iter().filter(|c| c.pod.is_some()).count() })
+}
+
+pub(crate) fn containerd_check(
+    socket: &Path,
+    probe: &Option<Result<(), String>>,
+    state_dir: &Path,
+    state: Option<ContainerdState>,
+) -> Check {
     const NAME: &str = "containerd";
     let sock = socket.display();
+    // The socket says whether containerd runs; the state directory is what bindtrace reads.
+    let read = match state {
+        Some(s) => format!(
+            "; {}: {} outside Docker's own (nerdctl, ctr, Kubernetes), {} of them pods",
+            state_dir.display(),
+            if s.workloads == 1 { "1 workload".to_string() } else { format!("{} workloads", s.workloads) },
+            s.pods
+        ),
+        None => format!("; no task state directory at {}", state_dir.display()),
+    };
     match probe {
-        None => Check::skip(NAME, format!("no socket at {sock}")),
-        Some(Ok(())) => Check::ok(NAME, format!("{sock} answers gRPC (HTTP/2)")),
-        Some(Err(e)) => Check::warn(NAME, format!("{sock}: {e}"), "run as root; check that containerd runs"),
+        None if state.is_none() => Check::skip(NAME, format!("no socket at {sock}{read}")),
+        None => Check::ok(NAME, format!("no socket at {sock}{read}")),
+        Some(Ok(())) => Check::ok(NAME, format!("{sock} answers gRPC (HTTP/2){read}")),
+        Some(Err(e)) => {
+            Check::warn(NAME, format!("{sock}: {e}{read}"), "run as root; check that containerd runs")
+        }
     }
 }
 
