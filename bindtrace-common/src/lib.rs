@@ -203,12 +203,18 @@ pub struct Connector {
     pub comm: [u8; 16],
 }
 
-/// A refused connection's 4-tuple as the connecting socket saw it. IPv4 addresses are stored
-/// IPv4-mapped (`::ffff:a.b.c.d`), so one key type serves both families; a dual-stack socket
-/// connecting to an IPv4 address gives the same key as an IPv4 socket.
+/// A refused connection's 4-tuple as the connecting socket saw it, and the namespace where it
+/// was refused. IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), so one key type serves
+/// both families; a dual-stack socket connecting to an IPv4 address gives the same key as an
+/// IPv4 socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ConnectKey {
+    /// The refused namespace's identity as the refusal hooks key it (`CountKey::netns_cookie`:
+    /// the watched workload's namespace, not the connector's). Two networks may reuse the same
+    /// addresses (rootless Docker's 172.17.0.0/16, parallel namespaces): the tuple alone would
+    /// name one network's connector on the other's refusal.
+    pub refused_netns_cookie: u64,
     pub client_addr: [u8; 16],
     pub target_addr: [u8; 16],
     /// Host byte order.
@@ -258,7 +264,10 @@ mod tests {
         assert_eq!(size_of::<RefusalEvent>(), 72);
         assert_eq!(size_of::<TcPort>(), 24);
         assert_eq!(size_of::<Connector>(), 40);
-        assert_eq!(size_of::<ConnectKey>(), 40);
+        assert_eq!(size_of::<ConnectKey>(), 48);
+        // Every byte is a field: 8 + 16 + 16 + 2 + 2 + 4.
+        assert_eq!(core::mem::offset_of!(ConnectKey, client_addr), 8);
+        assert_eq!(core::mem::offset_of!(ConnectKey, _pad), 44);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //!   after the state change), so the task is parked under the socket's address, and only when
 //!   the destination is in a watched bridge's prefix (one LPM lookup; everything else leaves).
 //! - SYN_SENT -> CLOSE (the reset arrived, or the connect failed) has the full 4-tuple; the
-//!   parked task moves to `CONNECTORS` under that tuple, where userspace finds it from the
-//!   refusal's own tuple.
+//!   parked task moves to `CONNECTORS` under that tuple and the refused namespace, where
+//!   userspace finds it from the refusal's own tuple and namespace.
 //!
 //! The parking place is a direct-mapped array indexed by a hash of the socket's cookie, not a
 //! hash map: an array slot is a plain memory access (the verifier inlines the lookup), where a
@@ -23,6 +23,16 @@
 //! and SYN_SENT -> CLOSE writes `CONNECTORS` only for those: the LRU map, whose inserts evict
 //! once it is full, sees one insert per sample instead of one per refused connection.
 //!
+//! The tuple alone does not say which network a connection went to: rootless Docker reuses
+//! 172.17.0.0/16 inside RootlessKit's namespace, and parallel namespaces reuse any prefix. The
+//! connecting socket cannot tell either (it lives in the connector's namespace, and the route
+//! that carried its SYN is not on it), but the refusal hook knows where the SYN was refused: it
+//! leaves that namespace's identity (the same `netns_cookie` as the count and scope keys) as the
+//! `CONNECT_WANTED` value, and `CONNECTORS` is keyed by it too. Two refusals of the same tuple
+//! digest in two namespaces before either connector closes cannot both be told apart: the second
+//! marks the digest [`WANTED_BY_SEVERAL`] and neither connector is recorded (their `via` is
+//! missing, never another network's).
+//!
 //! This runs for every connect() to a container, refused or not, so it keeps to plain loads
 //! through the BTF-typed `sk` (see `kernel::field`) and a preallocated hash; only the IPv6
 //! addresses and `inet_sport` (beyond `struct sock`'s BTF type) are copied by helper.
@@ -30,6 +40,7 @@
 //! Struct offsets come from BTF through the loader, like everything in `kernel.rs`.
 use aya_ebpf::{
     Global,
+    bindings::BPF_NOEXIST,
     cty::c_void,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
     macros::map,
@@ -75,9 +86,15 @@ fn slot_of(cookie: u64) -> u32 {
 #[map]
 static CONNECTORS: LruHashMap<ConnectKey, Connector> = LruHashMap::with_max_entries(CONNECT_MAX_ENTRIES, 0);
 
-/// Tuples of sampled refusals whose connector userspace will look up, as [`want_key`]s.
+/// Tuples of sampled refusals whose connector userspace will look up, as [`want_key`]s, with
+/// the namespace each was refused in (or [`WANTED_BY_SEVERAL`]).
 #[map]
-static CONNECT_WANTED: LruHashMap<u64, u8> = LruHashMap::with_max_entries(CONNECT_WANTED_MAX_ENTRIES, 0);
+static CONNECT_WANTED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(CONNECT_WANTED_MAX_ENTRIES, 0);
+
+/// A `CONNECT_WANTED` value: refusals in more than one namespace want this digest, so whichever
+/// connector closes first could belong to any of them, and none is recorded. Never a namespace
+/// identity (cookies are counted up from 1; the inode numbers that stand in for them are 32-bit).
+const WANTED_BY_SEVERAL: u64 = u64::MAX;
 
 /// An 8-byte digest of a 4-tuple: both ports, and the addresses folded to 32 bits. Small so the
 /// refusal hooks (the tc one is close to the 512-byte stack limit) can afford it. Two tuples
@@ -102,9 +119,17 @@ fn fold_v6(a: &[u8; 16]) -> u32 {
     w(0) ^ w(4) ^ w(8) ^ w(12)
 }
 
-/// Called by the refusal hooks for each sample they send: the connector of this tuple is wanted.
+/// Called by the refusal hooks for each sample they send: the connector of this tuple, refused in
+/// the namespace `refused_netns` (the refusal's own `netns_cookie`), is wanted.
 #[inline(always)]
-pub fn want(family: u8, client: &[u8; 16], client_port: u16, target: &[u8; 16], target_port: u16) {
+pub fn want(
+    refused_netns: u64,
+    family: u8,
+    client: &[u8; 16],
+    client_port: u16,
+    target: &[u8; 16],
+    target_port: u16,
+) {
     let (c, t) = if family == AF_INET {
         (
             fold_v4([client[0], client[1], client[2], client[3]]),
@@ -113,7 +138,22 @@ pub fn want(family: u8, client: &[u8; 16], client_port: u16, target: &[u8; 16], 
     } else {
         (fold_v6(client), fold_v6(target))
     };
-    let _ = CONNECT_WANTED.insert(&want_key(c, client_port, t, target_port), &1, 0);
+    let key = want_key(c, client_port, t, target_port);
+    // Atomic against another CPU's insert: of two refusals at once, one finds the other's.
+    if CONNECT_WANTED.insert(&key, &refused_netns, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    match unsafe { CONNECT_WANTED.get(&key) }.copied() {
+        // The same namespace again (a retry, another sample), or already ambiguous.
+        Some(v) if v == refused_netns || v == WANTED_BY_SEVERAL => {}
+        Some(_) => {
+            let _ = CONNECT_WANTED.insert(&key, &WANTED_BY_SEVERAL, 0);
+        }
+        // Taken by its connector in between.
+        None => {
+            let _ = CONNECT_WANTED.insert(&key, &refused_netns, 0);
+        }
+    }
 }
 
 // `struct sock` / `struct inet_sock` offsets, from BTF.
@@ -225,19 +265,21 @@ pub fn closed(sk: u64) {
     // already released the port and zeroed it; inet_sport keeps it.)
     let Some(sport) = read::<u16>(sk + OFF_INET_SPORT.load() as u64) else { return };
     let dport: u16 = field(sk, OFF_SK_DPORT.load());
-    let key = ConnectKey {
-        client_addr,
-        target_addr,
-        client_port: u16::from_be(sport),
-        target_port: u16::from_be(dport),
-        _pad: 0,
-    };
-    let wanted =
-        want_key(fold_v6(&key.client_addr), key.client_port, fold_v6(&key.target_addr), key.target_port);
-    if unsafe { CONNECT_WANTED.get(&wanted) }.is_none() {
+    let (client_port, target_port) = (u16::from_be(sport), u16::from_be(dport));
+    let wanted = want_key(fold_v6(&client_addr), client_port, fold_v6(&target_addr), target_port);
+    let Some(refused_netns) = unsafe { CONNECT_WANTED.get(&wanted) }.copied() else { return };
+    let _ = CONNECT_WANTED.remove(&wanted);
+    if refused_netns == WANTED_BY_SEVERAL {
         return;
     }
-    let _ = CONNECT_WANTED.remove(&wanted);
+    let key = ConnectKey {
+        refused_netns_cookie: refused_netns,
+        client_addr,
+        target_addr,
+        client_port,
+        target_port,
+        _pad: 0,
+    };
     let _ = CONNECTORS.insert(&key, &who, 0);
 }
 

@@ -169,7 +169,14 @@ pub fn record<C: aya_ebpf::EbpfContext>(
         emit(now, hook, flags, ingress, bridge, seg);
         // The connect tracker follows TCP state changes only: a UDP sender never shows there.
         if seg.proto == IPPROTO_TCP {
-            crate::connect::want(seg.family, &seg.saddr, seg.sport, &seg.daddr, seg.dport);
+            crate::connect::want(
+                ingress.netns_cookie,
+                seg.family,
+                &seg.saddr,
+                seg.sport,
+                &seg.daddr,
+                seg.dport,
+            );
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Userspace side of the connect tracker (`bindtrace-ebpf/src/connect.rs`): which prefixes to
-//! watch, and who connected with a given 4-tuple.
+//! watch, and who connected with a given 4-tuple to a given namespace.
 use std::{collections::BTreeSet, net::SocketAddr};
 
 use aya::{
@@ -81,9 +81,17 @@ impl ConnectTracker {
         }
     }
 
-    /// Who connected from `client` to `target` and was refused, if the kernel saw it.
-    pub(crate) fn lookup(&self, client: SocketAddr, target: SocketAddr) -> Option<ConnectorInfo> {
+    /// Who connected from `client` to `target` and was refused in the namespace
+    /// `refused_netns` (the refusal's own `netns_cookie`), if the kernel saw it. The same tuple
+    /// refused in another namespace (a network that reuses these addresses) is another key.
+    pub(crate) fn lookup(
+        &self,
+        refused_netns: u64,
+        client: SocketAddr,
+        target: SocketAddr,
+    ) -> Option<ConnectorInfo> {
         let key = ConnectKey {
+            refused_netns_cookie: refused_netns,
             client_addr: addr16(client.ip()),
             target_addr: addr16(target.ip()),
             client_port: client.port(),

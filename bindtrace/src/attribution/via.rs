@@ -5,7 +5,8 @@
 //!    tuple names the real client and the published address it dialed (`conntrack.rs`: a TCP
 //!    flow from the destroy events kept, a UDP one asked for, as its entry outlives the refusal);
 //! 2. the connect tracker: the process that connected with the refusal's 4-tuple, recorded in
-//!    the kernel as it connected (`connect.rs`). The daemon's own proxy (recognised by its
+//!    the kernel as it connected (`connect.rs`), keyed by the refusal's 4-tuple and namespace
+//!    (networks in other namespaces may reuse the same addresses). The daemon's own proxy (recognised by its
 //!    executable, parent and namespaces, `sources/docker/daemon.rs`, never by its name) means
 //!    `docker-proxy`, the published port taken from the daemon's bindings; anything else is
 //!    `direct`, with the process and, when it runs in one, its container;
@@ -95,7 +96,11 @@ pub(crate) fn docker_context(
         .map(|p| p.bindings.as_slice())
         .unwrap_or(&[]);
 
-    let flow = if udp { udp_found.flow } else { conntrack.and_then(|ct| ct.flow(target, client)) };
+    let flow = if udp {
+        udp_found.flow
+    } else {
+        conntrack.and_then(|ct| ct.flow(report.netns_cookie, target, client))
+    };
     if let Some(flow) = flow
         && flow.is_dnat()
     {
@@ -123,7 +128,7 @@ pub(crate) fn docker_context(
         return ctx;
     }
 
-    if let Some(who) = connect.and_then(|c| c.lookup(client, target)) {
+    if let Some(who) = connect.and_then(|c| c.lookup(report.netns_cookie, client, target)) {
         if report.ifindex == LOOPBACK_IFINDEX
             && u64::from(who.netns_ino) == report.netns
             && rootlessport::is_forwarder(who.pid, report.netns)

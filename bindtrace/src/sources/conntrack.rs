@@ -8,7 +8,16 @@
 //! nothing. The destroy event still carries both tuples, so bindtrace follows
 //! NFNLGRP_CONNTRACK_DESTROY and keeps, for a short while, the NATed TCP flows whose reply comes
 //! from a watched prefix, keyed by their reply tuple, which is exactly the refusal's
-//! (container address, client address as the container saw it).
+//! (container address, client address as the container saw it), and by the namespace whose
+//! conntrack table they are in.
+//!
+//! The address alone is not enough: conntrack tables are per namespace, and two networks may
+//! reuse the same addresses (rootless Docker's 172.17.0.0/16 is NATed in RootlessKit's
+//! namespace, not the host's). A refusal looks its flow up in the table whose NAT leads into
+//! the refused namespace ([`Conntrack::table_for`]): for the rootful runtimes, the host's, the
+//! only table followed today. A table is named by its namespace's identity as everything else
+//! names namespaces (`netns::Netns::cookie`: the cookie, or the inode where the kernel has no
+//! cookie).
 //!
 //! UDP is different: a datagram answered by an ICMP port unreachable leaves its entry in place
 //! (unreplied, until its timeout), so a UDP refusal's flow is asked for by its reply tuple
@@ -35,7 +44,10 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
     netlink::{self, Messages, Msg, RECV_BUF_LEN},
-    netns::prefixes::{Prefix, prefix_contains},
+    netns::{
+        Netns,
+        prefixes::{Prefix, prefix_contains},
+    },
 };
 
 /// include/uapi/linux/netfilter/nfnetlink.h and nfnetlink_conntrack.h (not in the crate).
@@ -73,11 +85,18 @@ impl NatFlow {
     }
 }
 
-/// NATed flows seen lately, by reply tuple, and the prefixes worth keeping.
+/// Where a flow is kept: the namespace whose conntrack table it is in, and its reply tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FlowKey {
+    table: u64,
+    reply: Tuple,
+}
+
+/// NATed flows seen lately, by table and reply tuple, and the prefixes worth keeping.
 #[derive(Default)]
 struct Flows {
-    by_reply: HashMap<Tuple, (NatFlow, Instant)>,
-    order: VecDeque<(Tuple, Instant)>,
+    by_reply: HashMap<FlowKey, (NatFlow, Instant)>,
+    order: VecDeque<(FlowKey, Instant)>,
     prefixes: BTreeSet<Prefix>,
     overruns: u64,
 }
@@ -88,9 +107,10 @@ impl Flows {
             && self.prefixes.iter().any(|p| prefix_contains(p, flow.reply.src.ip()))
     }
 
-    fn remember(&mut self, flow: NatFlow, now: Instant) {
-        self.by_reply.insert(flow.reply, (flow, now));
-        self.order.push_back((flow.reply, now));
+    fn remember(&mut self, table: u64, flow: NatFlow, now: Instant) {
+        let key = FlowKey { table, reply: flow.reply };
+        self.by_reply.insert(key, (flow, now));
+        self.order.push_back((key, now));
         while self.order.len() > MAX_FLOWS {
             if let Some((key, at)) = self.order.pop_front()
                 && self.by_reply.get(&key).is_some_and(|(_, t)| *t == at)
@@ -118,6 +138,8 @@ impl Flows {
 #[derive(Clone)]
 pub(crate) struct Conntrack {
     flows: Arc<Mutex<Flows>>,
+    /// The namespace whose table the reader follows (bindtrace's own, the host's).
+    host_table: u64,
 }
 
 impl Conntrack {
@@ -125,6 +147,7 @@ impl Conntrack {
     /// CAP_NET_ADMIN) and starts reading them on the current tokio runtime. Fails when the
     /// kernel has no conntrack netlink support.
     pub(crate) fn spawn() -> io::Result<Conntrack> {
+        let host_table = Netns::open(std::path::Path::new("/proc/thread-self/ns/net"))?.cookie;
         let mut sock = Socket::new(NETLINK_NETFILTER)?;
         sock.bind_auto()?;
         sock.set_non_blocking(true)?;
@@ -155,7 +178,7 @@ impl Conntrack {
                 let result = match fd.readable().await {
                     Ok(mut guard) => {
                         guard.clear_ready();
-                        drain(guard.get_inner(), &mut buf, &reader)
+                        drain(guard.get_inner(), &mut buf, &reader, host_table)
                     }
                     Err(e) => Err(e),
                 };
@@ -165,7 +188,7 @@ impl Conntrack {
                 }
             }
         });
-        Ok(Conntrack { flows })
+        Ok(Conntrack { flows, host_table })
     }
 
     /// Only flows answered from these prefixes (the watched bridges) are kept.
@@ -175,15 +198,25 @@ impl Conntrack {
         }
     }
 
-    /// The NATed flow the container at `target` answered for `client` (as it saw the client).
-    pub(crate) fn flow(&self, target: SocketAddr, client: SocketAddr) -> Option<NatFlow> {
+    /// The conntrack table whose NAT leads into the refused namespace `refused_netns`: for the
+    /// rootful runtimes (Docker, podman, containerd, all NATing in the host's namespace), the
+    /// host's. A runtime that NATs in a namespace of its own (rootless Docker's RootlessKit)
+    /// gets its table followed and named here for the namespaces behind it.
+    pub(crate) fn table_for(&self, _refused_netns: u64) -> u64 {
+        self.host_table
+    }
+
+    /// The NATed flow the container at `target` answered for `client` (as it saw the client),
+    /// refused in the namespace `refused_netns`, from the table that NATs into it.
+    pub(crate) fn flow(&self, refused_netns: u64, target: SocketAddr, client: SocketAddr) -> Option<NatFlow> {
+        let key = FlowKey { table: self.table_for(refused_netns), reply: Tuple { src: target, dst: client } };
         let f = self.flows.lock().ok()?;
-        f.by_reply.get(&Tuple { src: target, dst: client }).map(|(flow, _)| *flow)
+        f.by_reply.get(&key).map(|(flow, _)| *flow)
     }
 }
 
-/// Reads every queued event without blocking.
-fn drain(sock: &Socket, buf: &mut Vec<u8>, flows: &Mutex<Flows>) -> io::Result<()> {
+/// Reads every queued event of the table `table` without blocking.
+fn drain(sock: &Socket, buf: &mut Vec<u8>, flows: &Mutex<Flows>, table: u64) -> io::Result<()> {
     let now = Instant::now();
     let mut flows = flows.lock().map_err(|_| io::Error::other("conntrack state poisoned"))?;
     loop {
@@ -208,7 +241,7 @@ fn drain(sock: &Socket, buf: &mut Vec<u8>, flows: &Mutex<Flows>) -> io::Result<(
             if let Some(flow) = destroyed_flow(&msg)
                 && flows.wanted(&flow)
             {
-                flows.remember(flow, now);
+                flows.remember(table, flow, now);
             }
         }
     }
@@ -233,7 +266,9 @@ pub(crate) fn destroyed_flow(msg: &Msg<'_>) -> Option<NatFlow> {
 }
 
 /// The UDP flow whose reply tuple is (`target` -> `client`), from a ctnetlink query in this
-/// thread's network namespace (needs CAP_NET_ADMIN); None when conntrack has no such entry.
+/// thread's network namespace (needs CAP_NET_ADMIN); None when conntrack has no such entry. The
+/// caller runs it in the table that NATs into the refused namespace (today the host's, where
+/// the enrichment worker runs).
 pub(crate) fn udp_flow(target: SocketAddr, client: SocketAddr) -> io::Result<Option<NatFlow>> {
     let family = if target.is_ipv4() { NetfilterProtoFamily::IPv4 } else { NetfilterProtoFamily::IPv6 };
     let reply_tuple = vec![
@@ -399,10 +434,31 @@ mod tests {
         assert!(!f.wanted(&plain));
         assert!(!f.wanted(&outbound));
         let now = Instant::now();
-        f.remember(dnat, now);
-        assert!(f.by_reply.contains_key(&dnat.reply));
+        f.remember(1, dnat, now);
+        assert!(f.by_reply.contains_key(&FlowKey { table: 1, reply: dnat.reply }));
         f.expire(now + KEEP);
         assert!(f.by_reply.is_empty());
+    }
+
+    /// The same reply tuple in two namespaces' tables (two networks reusing one prefix) is two
+    /// flows: each table's is found under its own namespace, never the other's.
+    #[test]
+    fn flows_are_kept_per_table() {
+        let t = |a: &str, b: &str| Tuple { src: a.parse().unwrap(), dst: b.parse().unwrap() };
+        let mut f = Flows::default();
+        f.prefixes.insert(crate::netns::prefixes::prefix_of("172.17.0.1".parse().unwrap(), 16));
+        let reply = t("172.17.0.2:8000", "172.17.0.1:4000");
+        let host = NatFlow { orig: t("10.9.0.2:4000", "10.9.0.1:8000"), reply };
+        let rootless = NatFlow { orig: t("127.0.0.1:4000", "127.0.0.1:18000"), reply };
+        let now = Instant::now();
+        f.remember(1, host, now);
+        f.remember(2, rootless, now);
+        let get = |table| f.by_reply.get(&FlowKey { table, reply }).map(|(flow, _)| *flow);
+        assert_eq!(get(1), Some(host));
+        assert_eq!(get(2), Some(rootless));
+        assert_eq!(get(3), None);
+        let ct = Conntrack { flows: Arc::new(Mutex::new(f)), host_table: 1 };
+        assert_eq!(ct.flow(99, reply.src, reply.dst), Some(host), "a rootful refusal reads the host's table");
     }
 
     #[test]
