@@ -6,9 +6,10 @@
 //! processes are removed by their guards, also on panic (`bindtrace_tests::rootless`,
 //! `bindtrace_tests::rootless_docker`). The machine's own Docker daemon is not used. Host ports
 //! are picked free at run time, names are unique, and traffic only goes to loopback.
-use std::{os::unix::fs::MetadataExt, process::Command};
+use std::{os::unix::fs::MetadataExt, process::Command, time::Duration};
 
 use bindtrace_tests::{
+    Bindtrace,
     docker::{curl, free_port},
     root_or_skip,
     rootless::User,
@@ -26,6 +27,8 @@ fn skip() -> bool {
     }
     false
 }
+
+const WAIT: Duration = Duration::from_secs(20);
 
 /// `ip -br addr` inside the network namespace of `pid`.
 fn addresses_in(pid: u32) -> String {
@@ -68,4 +71,72 @@ fn a_rootless_daemon_runs_the_classic_case() {
 
     let (code, _) = curl(&format!("http://127.0.0.1:{port}/"));
     assert_eq!(code, 52, "RootlessKit accepts, docker-proxy cannot forward: an empty reply");
+}
+
+/// 3 (issue 15). `bindtrace` with no flags, started before the user's rootless daemon: the
+/// daemon's socket under /run/user/UID is found as it appears, its container is audited and
+/// its refused connection reported by name (runtime docker, rootless), inside RootlessKit's
+/// namespace: the container's own namespace, the veth and docker0 as they are named in
+/// RootlessKit's, the published port and the loopback_only verdict with the fix.
+#[test]
+fn rootless_docker_container_reported_by_name() {
+    if skip() {
+        return;
+    }
+    let user = User::create();
+    let bt = Bindtrace::start_here(&["--audit-grace", "1s"]);
+    let daemon = Daemon::start(&user);
+    let image = daemon.busybox_image();
+    let port = free_port();
+    let bad = daemon.run(
+        &image,
+        &["-p", &format!("{port}:8000")],
+        &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"],
+    );
+    bad.wait_listening(8000);
+    let named = |event: &'static str| {
+        let name = bad.name.clone();
+        move |l: &serde_json::Value| l["event"] == event && l["container"]["name"] == name.as_str()
+    };
+
+    let audit = bt.expect_line("audit of the rootless Docker container", WAIT, named("audit"));
+    assert_eq!(audit["verdict"], "loopback_only", "{audit:#}");
+    assert_eq!(audit["container"]["runtime"], "docker", "{audit:#}");
+    assert_eq!(audit["container"]["rootless"], true, "{audit:#}");
+    assert_eq!(audit["container"]["id"], bad.short_id(), "{audit:#}");
+    assert_eq!(audit["published"]["host_port"], port, "{audit:#}");
+    assert_eq!(audit["listeners"][0]["ip"], "127.0.0.1", "{audit:#}");
+
+    let (code, _) = curl(&format!("http://127.0.0.1:{port}/"));
+    assert_eq!(code, 52, "RootlessKit accepts, docker-proxy cannot forward: an empty reply");
+    let line = bt.expect_line("refusal in the rootless Docker container", WAIT, named("refused"));
+    assert_eq!(line["verdict"], "loopback_only", "{line:#}");
+    assert_eq!(line["container"]["runtime"], "docker", "{line:#}");
+    assert_eq!(line["container"]["rootless"], true, "{line:#}");
+    assert_eq!(line["container"]["id"], bad.short_id(), "{line:#}");
+    assert_eq!(line["target_port"], 8000, "{line:#}");
+    assert_eq!(line["target_ip"], "10.201.0.2", "{line:#}");
+    assert_eq!(line["published"]["host_port"], port, "{line:#}");
+    assert!(line["hint"].as_str().unwrap().contains("0.0.0.0"), "the fix: {line:#}");
+    let ns = |pid: u32| std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap().ino();
+    assert_eq!(line["netns"], ns(bad.pid()), "{line:#}");
+    // The bridge and veth as RootlessKit's namespace names them: docker0 there, and the peer
+    // of the container's eth0 on it.
+    assert_eq!(line["bridge"], "docker0", "{line:#}");
+    let veths = Command::new("nsenter")
+        .args(["-t", &daemon.pid().to_string(), "-n", "ip", "-o", "link", "show", "master", "docker0"])
+        .output()
+        .unwrap();
+    let veths = String::from_utf8_lossy(&veths.stdout);
+    let veth = line["veth"].as_str().unwrap_or_else(|| panic!("a veth: {line:#}"));
+    assert!(veths.contains(&format!(" {veth}@")), "{veth} is on RootlessKit's docker0: {veths}");
+    assert_eq!(line["listeners"][0]["pids"][0]["pid"], bad.pid(), "{line:#}");
+    // RootlessKit's port driver forwarded it: the connector is the daemon's docker-proxy, in
+    // RootlessKit's namespace, dialing from that docker0's address.
+    assert_eq!(line["via"], "rootlesskit", "{line:#}");
+    assert_eq!(line["client_ip"], BIP.split('/').next().unwrap(), "{line:#}");
+    let proxy = &line["client_process"];
+    assert_eq!(proxy["comm"], "docker-proxy", "{line:#}");
+    let proxy_ns = std::fs::metadata(format!("/proc/{}/ns/net", proxy["pid"])).unwrap().ino();
+    assert_eq!(proxy_ns, ns(daemon.pid()), "docker-proxy runs in RootlessKit's namespace");
 }
