@@ -293,6 +293,19 @@ impl ContainerJson {
 mod tests {
     use super::*;
 
+    /// A namespace file counts, a plain file (what a rootless engine's SandboxKey is from
+    /// outside its mount namespace) does not.
+    #[test]
+    fn only_a_namespace_file_gives_a_namespace_inode() {
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+        assert_eq!(nsfs_inode("/proc/self/ns/net"), Some(own));
+        let file = std::env::temp_dir().join(format!("bindtrace-nsfs-{}", std::process::id()));
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(nsfs_inode(file.to_str().unwrap()), None);
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(nsfs_inode("/nonexistent/sandbox"), None);
+    }
+
     /// Trimmed from a real `GET /containers/{id}/json` of Docker 20.10 (API 1.41).
     const INSPECT: &str = r#"{
         "Id": "845422a94cb48e2fe935caa44c301a2bab8698e1985c6aee631b4545505eb6b1",

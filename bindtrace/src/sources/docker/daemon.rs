@@ -144,6 +144,15 @@ mod tests {
         assert_eq!(proxy_path_flag(&argv("dockerd -H fd://")), None);
     }
 
+    /// A process in our own user namespace is not a rootless engine, and has no RootlessKit
+    /// relay to accept proxies through.
+    #[test]
+    fn our_own_user_namespace_is_not_rootless() {
+        let d = Daemon::of(std::process::id()).unwrap();
+        assert!(!d.rootless());
+        assert!(d.relays.is_empty());
+    }
+
     /// Our own process is not a proxy of a "daemon" that is our parent-less self: the parent
     /// rule alone refuses it, whatever the executable.
     #[test]
