@@ -12,6 +12,7 @@ pub mod net;
 pub mod podman;
 pub mod proc;
 pub mod rootless;
+pub mod rootless_docker;
 pub mod tc_recovery;
 
 pub use bindtrace::{Bindtrace, Hook, listener_pids};

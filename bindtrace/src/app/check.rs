@@ -7,9 +7,10 @@
 //! an ambiguous name), 4 when a named container or pod is not running.
 //!
 //! Every runtime is consulted, as the daemon follows them: each socket `--docker-host` names,
-//! else Docker's and podman's that exist (each user's podman socket under /run/user too), and
-//! containerd's state directory (nerdctl's published ports; pods by name). One that does not
-//! answer is an error (exit 3), but the others' containers are still checked and shown.
+//! else Docker's and podman's that exist (each user's podman and rootless Docker socket under
+//! /run/user too), and containerd's state directory (nerdctl's published ports; pods by name).
+//! One that does not answer is an error (exit 3), but the others' containers are still checked
+//! and shown.
 use std::{
     io::{self, Write},
     path::PathBuf,
@@ -97,7 +98,7 @@ pub(crate) async fn run<W: Write>(args: &CheckArgs, out: &mut W) -> u8 {
     errors = real;
     for e in &stale_users {
         eprintln!(
-            "bindtrace check: skipping a user's podman socket that does not answer: {}",
+            "bindtrace check: skipping a user's socket (podman or rootless Docker) that does not answer: {}",
             crate::sinks::escape::escaped(e)
         );
     }
@@ -316,6 +317,7 @@ mod tests {
                 compose_service: None,
                 pod: None,
                 namespace: None,
+                rootless: false,
             },
             published: None,
             bindings: vec![docker::Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 8000 }],

@@ -47,8 +47,9 @@ pub(crate) struct Args {
     pub(crate) docker_host: Vec<String>,
 
     /// Where podman's sockets appear after start, followed then without a restart:
-    /// DIR/podman/podman.sock (rootful) and DIR/user/UID/podman/podman.sock (each user's,
-    /// once DIR/user/UID is mounted at login). Default: /run, watched unless --docker-host or
+    /// DIR/podman/podman.sock (rootful) and DIR/user/UID/podman/podman.sock and
+    /// DIR/user/UID/docker.sock (each user's podman and rootless Docker, once DIR/user/UID is
+    /// mounted at login). Default: /run, watched unless --docker-host or
     /// $DOCKER_HOST names the sockets.
     #[arg(long, value_name = "DIR", conflicts_with = "no_docker")]
     pub(crate) run_dir: Option<std::path::PathBuf>,

@@ -58,6 +58,8 @@ pub(crate) struct Detector {
     pub(super) resolver: Resolver,
     /// The `lo` of containers whose forwarder dials their own address (rootless podman).
     pub(super) loopbacks: LoopbackNamespaces,
+    /// The namespaces of rootless Docker's containers, whose veths are in RootlessKit's.
+    pub(super) rootless: crate::netns::rootless::RootlessNamespaces,
     pub(super) ports: BTreeMap<ScopeKey, Port>,
     pub(super) departed: HashMap<ScopeKey, (Port, Instant)>,
     pub(super) folder: Folder,

@@ -41,8 +41,8 @@ impl Detector {
                 log::info!("Docker network bridge {gone} removed");
             }
         }
-        // Containers forwarded over their own `lo` are in scope through the inventory, not
-        // through a bridge: a change among them is a rescan too.
+        // Containers forwarded over their own `lo`, and rootless Docker's, are in scope through
+        // the inventory, not through a bridge of ours: a change among them is a rescan too.
         added |= loopback_forwarders(self.docker.inventory.as_deref()) != loopback_forwarders(Some(&inv));
         // While the daemon is away its last word is kept, marked stale: names only for
         // containers whose process is still in the namespace.
@@ -83,12 +83,13 @@ impl Detector {
     }
 }
 
-/// The containers whose `lo` is in scope (see `netns/loopback.rs`), with the process and
+/// The containers whose `lo` is in scope (see `netns/loopback.rs`), and rootless Docker's,
+/// whose veths are in RootlessKit's namespace (`netns/rootless.rs`), with the process and
 /// namespace they were reported with.
 fn loopback_forwarders(inv: Option<&Inventory>) -> BTreeSet<(String, u32, Vec<u64>)> {
     inv.iter()
         .flat_map(|i| i.containers.values())
-        .filter(|c| c.forwards_over_loopback())
+        .filter(|c| c.forwards_over_loopback() || c.rootless_daemon.is_some())
         .map(|c| (c.id.clone(), c.pid, c.netns_inodes.clone()))
         .collect()
 }

@@ -53,7 +53,9 @@ impl Detector {
         // and the proxy's socket existed before the datagram was refused (or are gone for good),
         // so its lookups are made once, on the worker, not polled.
         let no_via = ctx.via.is_none() && tracking && report.proto != "udp" && waited < ATTRIBUTION_RETRY;
+        // RootlessKit's namespace, where a rootless daemon's docker-proxy runs, is no container's.
         let unknown_client = ctx.client_container.is_none()
+            && ctx.via != Some(crate::diagnose::report::Via::Rootlesskit)
             && ctx.client_netns.is_some_and(|ino| self.unknown_netns(ino))
             && self.docker_up()
             && waited < CLIENT_CONTAINER_WAIT;

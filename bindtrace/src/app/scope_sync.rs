@@ -135,6 +135,11 @@ impl Detector {
         let (ports, skipped) = self.loopbacks.ports(containers);
         resolved.ports.extend(ports);
         resolved.skipped.extend(skipped);
+        // Rootless Docker's containers: their veths and bridge are in RootlessKit's namespace.
+        let containers = inventory.iter().flat_map(|inv| inv.containers.values().map(|c| &**c));
+        let (ports, skipped) = self.rootless.ports(&mut self.bridges, containers);
+        resolved.ports.extend(ports);
+        resolved.skipped.extend(skipped);
     }
 
     /// Lets go of ports that left scope more than [`DEPARTED_GRACE`] ago, and so of the
@@ -262,7 +267,9 @@ impl Detector {
                 return;
             }
         };
-        for port in self.ports.values().filter(|p| p.bridge == scope::NO_BRIDGE) {
+        // Routed veths, and rootless Docker's (their bridge is in RootlessKit's namespace, not
+        // ours): the container's own addresses, which its forwarder dials.
+        for port in self.ports.values().filter(|p| p.bridge == scope::NO_BRIDGE || p.in_other_namespace()) {
             let ifindex = port.ifindex;
             match port.ns.run(move || prefixes::addresses_of_interface(ifindex)) {
                 Ok(addrs) => prefixes.extend(addrs.into_iter().map(|a| prefixes::prefix_of(a, host_bits(a)))),

@@ -128,6 +128,7 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
         resolver: Resolver::new().context("opening bindtrace's own network namespace")?,
         ports: BTreeMap::new(),
         loopbacks: Default::default(),
+        rootless: Default::default(),
         departed: HashMap::new(),
         folder: Folder::new(args.fold_window),
         keys: KeyLifecycle::new(args.idle_key_after),

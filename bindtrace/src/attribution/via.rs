@@ -13,6 +13,8 @@
 //!    For UDP, which that tracker never sees, the daemon's namespace is searched instead for a
 //!    proxy's UDP socket connected from the refusal's client address to its target
 //!    (`udp_proxy.rs`);
+//!    a rootless Docker container's own daemon's proxy (docker-proxy inside RootlessKit's
+//!    namespace, run by `rootlesskit-docker-proxy`) means `rootlesskit`;
 //!    on a namespace's `lo` (rootless podman, `netns/loopback.rs`), podman's own forwarder
 //!    (recognised by its executable, `rootlessport.rs`) means `rootlessport`;
 //! 3. Docker's inventory: a client address that is another container's means `direct`.
@@ -139,6 +141,19 @@ pub(crate) fn docker_context(
             ctx.published = single(bindings);
             ctx.client_netns = Some(u64::from(who.netns_ino));
             ctx.client_process = Some(ClientProcess { pid: who.pid, comm: rootlessport::NAME.to_owned() });
+            return ctx;
+        }
+        // A rootless engine's container: its own daemon (inside RootlessKit) runs the proxy.
+        let rootless = container.and_then(|c| c.rootless_daemon).and_then(|pid| Daemon::of(pid).ok());
+        if rootless.is_some_and(|d| d.owns_proxy(who.pid)) {
+            ctx.via = Some(Via::Rootlesskit);
+            // It listens on the loopback of RootlessKit's namespace, whatever the binding: the
+            // published port picks the binding (`binding_for` prefers the wildcard one).
+            ctx.published = proxy_binding(who.pid)
+                .and_then(|b| binding_for(bindings, SocketAddr::new(b.host_ip, b.host_port)))
+                .or_else(|| single(bindings));
+            ctx.client_netns = Some(u64::from(who.netns_ino));
+            ctx.client_process = Some(ClientProcess { pid: who.pid, comm: who.comm });
             return ctx;
         }
         let daemon = inventory.and_then(|inv| inv.daemon.as_ref());

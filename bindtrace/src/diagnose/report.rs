@@ -115,6 +115,9 @@ pub(crate) struct ContainerReport {
     /// The Kubernetes pod and its namespace (from the kubelet's annotations); null otherwise.
     pub(crate) pod: Option<String>,
     pub(crate) namespace: Option<String>,
+    /// Whether its engine runs rootless (in a user namespace of its own: rootless Docker
+    /// inside RootlessKit, a user's podman); `runtime` still says which engine.
+    pub(crate) rootless: bool,
 }
 
 /// An empty string as JSON null: the field's "unknown".
@@ -133,6 +136,7 @@ impl From<&crate::sources::docker::Container> for ContainerReport {
             compose_service: c.compose_service.clone(),
             pod: c.pod.clone(),
             namespace: c.namespace.clone(),
+            rootless: c.rootless_daemon.is_some(),
         }
     }
 }
@@ -153,6 +157,10 @@ pub(crate) enum Via {
     /// own address from inside its namespace (over its `lo`).
     #[serde(rename = "rootlessport")]
     Rootlessport,
+    /// Rootless Docker: RootlessKit's port driver accepted on the host, and docker-proxy
+    /// inside RootlessKit's namespace dialed the container (`client_process`).
+    #[serde(rename = "rootlesskit")]
+    Rootlesskit,
 }
 
 impl Via {
@@ -162,6 +170,7 @@ impl Via {
             Via::Dnat => "dnat",
             Via::Direct => "direct",
             Via::Rootlessport => "rootlessport",
+            Via::Rootlesskit => "rootlesskit",
         }
     }
 }

@@ -87,7 +87,8 @@ fn missing_from(eff: u64) -> Result<(), MissingCapabilities> {
 /// - CAP_BPF: read the maps (before about 6.5 every bpf() command needs it when unprivileged
 ///   BPF is disabled, Debian's default; CAP_SYS_ADMIN stands in before 5.8);
 /// - CAP_DAC_OVERRIDE: connect to a rootless runtime's API socket (rootless podman's
-///   /run/user/UID/podman/podman.sock is its user's, mode 0600), also when it comes back later.
+///   /run/user/UID/podman/podman.sock is its user's, mode 0600; rootless Docker's
+///   /run/user/UID/docker.sock 0660 in a directory of mode 0700), also when it comes back later.
 ///   Where bindtrace runs without it (`--cap-drop ALL`), only those sockets are out of reach.
 ///
 /// Everything else goes, CAP_PERFMON and CAP_SYS_RESOURCE included (loading is done).

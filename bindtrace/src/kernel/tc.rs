@@ -112,10 +112,11 @@ impl TcPorts {
         let mut failed = Vec::new();
         // A namespace's `lo` (rootless podman) has no host-side veth, and TC_PORTS is keyed by
         // host-side ifindex, which a `lo` (ifindex 1 in every namespace) cannot be: not watched
-        // by this hook yet (docs/runtimes.md).
+        // by this hook yet (docs/runtimes.md). Nor can a rootless Docker container's veth, whose
+        // peer is in RootlessKit's namespace.
         let wanted: BTreeMap<u32, (&str, TcPort)> = ports
             .values()
-            .filter(|p| !p.on_loopback())
+            .filter(|p| !p.on_loopback() && !p.in_other_namespace())
             .map(|p| {
                 let value = TcPort {
                     netns_cookie: p.ns.cookie,

@@ -58,6 +58,18 @@ impl LoopbackNamespaces {
 
     /// The container's namespace: the one held, or opened through its main process.
     fn open(&self, c: &Container) -> io::Result<Option<Arc<Netns>>> {
+        open_workload(&self.held, c)
+    }
+}
+
+/// A container's namespace, through its main process, checked against the inodes its runtime
+/// reported: one in `held` (by inode) or newly opened. Ok(None) when its process is gone or its
+/// pid is another process's now.
+pub(crate) fn open_workload(
+    held: &HashMap<u64, Arc<Netns>>,
+    c: &Container,
+) -> io::Result<Option<Arc<Netns>>> {
+    {
         if c.pid == 0 {
             return Ok(None);
         }
@@ -73,7 +85,7 @@ impl LoopbackNamespaces {
             // The pid was reused, or the process moved: not this container's namespace.
             return Ok(None);
         }
-        if let Some(ns) = self.held.get(&inode) {
+        if let Some(ns) = held.get(&inode) {
             return Ok(Some(ns.clone()));
         }
         Ok(Some(Arc::new(Netns::from_file(file)?)))
@@ -106,6 +118,7 @@ mod tests {
             compose_service: None,
             pod: None,
             namespace: None,
+            rootless_daemon: None,
             running: true,
             pid,
             started_at: None,

@@ -11,6 +11,7 @@
 pub(crate) mod links;
 pub(crate) mod loopback;
 pub(crate) mod prefixes;
+pub(crate) mod rootless;
 pub(crate) mod scope;
 
 use std::{

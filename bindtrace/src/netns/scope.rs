@@ -57,6 +57,12 @@ impl Port {
         self.bridge == BRIDGE_LOOPBACK
     }
 
+    /// Whether its bridge and peer are in another namespace than ours (rootless Docker's
+    /// RootlessKit namespace, `netns/rootless.rs`): no host-side ifindex here.
+    pub(crate) fn in_other_namespace(&self) -> bool {
+        self.host_ifindex == 0 && !self.on_loopback()
+    }
+
     /// How the log names it: the host-side veth, or the namespace's `lo`.
     pub(crate) fn shown(&self) -> String {
         if self.on_loopback() { format!("lo of netns {}", self.ns.inode) } else { self.host_ifname.clone() }

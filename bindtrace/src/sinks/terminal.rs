@@ -221,7 +221,7 @@ fn client_detail(r: &Report) -> String {
     if let Some(via) = d.via {
         s.push_str(&format!(" via {}", via.as_str()));
         match via {
-            Via::DockerProxy | Via::Rootlessport => {
+            Via::DockerProxy | Via::Rootlessport | Via::Rootlesskit => {
                 if let Some(c) = &d.client_process {
                     s.push_str(&format!(" (pid {})", c.pid));
                 }
@@ -481,6 +481,7 @@ mod tests {
                     compose_service: None,
                     pod: None,
                     namespace: None,
+                    rootless: false,
                 }),
                 published: Some(Binding { host_ip: published.parse().unwrap(), host_port: 8080 }),
                 via: Some(Via::DockerProxy),

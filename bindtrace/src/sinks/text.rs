@@ -70,6 +70,12 @@ fn how(d: &DockerContext) -> String {
                 s.push_str(&format!(" (pid {})", p.pid));
             }
         }
+        // RootlessKit's port driver accepted; its docker-proxy dialed the container.
+        Via::Rootlesskit => {
+            if let Some(p) = &d.client_process {
+                s.push_str(&format!(" ({} pid {} in RootlessKit's namespace)", p.comm, p.pid));
+            }
+        }
         Via::Dnat => {
             if let Some(o) = &d.original {
                 s.push_str(&format!(

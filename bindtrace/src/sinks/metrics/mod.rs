@@ -664,6 +664,7 @@ mod tests {
             compose_service: None,
             pod: None,
             namespace: None,
+            rootless: false,
         });
         r.docker.published =
             Some(crate::sources::docker::Binding { host_ip: "0.0.0.0".parse().unwrap(), host_port: 18000 });
@@ -703,6 +704,7 @@ mod tests {
                 compose_service: None,
                 pod: None,
                 namespace: None,
+                rootless: false,
             },
             published: None,
             bindings: vec![],
@@ -839,6 +841,7 @@ mod tests {
                 compose_project: None,
                 compose_service: None,
                 namespace: pod.map(|p| p.0.to_owned()),
+                rootless: false,
                 pod: pod.map(|p| p.1.to_owned()),
             });
             r

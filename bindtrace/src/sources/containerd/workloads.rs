@@ -64,6 +64,7 @@ pub(crate) fn workload(tasks: &[&Task]) -> Container {
         compose_service: None,
         pod: None,
         namespace: None,
+        rootless_daemon: None,
         running: true,
         pid: named.pid,
         started_at: None,

@@ -186,6 +186,19 @@ impl From<&NetworkJson> for Network {
     }
 }
 
+/// The inode of the namespace at `path`, only when it is one: a rootless engine's SandboxKey,
+/// seen from outside its mount namespace, is the empty file its namespace is mounted on.
+pub(crate) fn nsfs_inode(path: &str) -> Option<u64> {
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let c = std::ffi::CString::new(path).ok()?;
+    // SAFETY: a valid C string and a zeroed statfs for the call to fill.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut fs) } != 0 || fs.f_type as i64 != NSFS_MAGIC {
+        return None;
+    }
+    inode_of(path)
+}
+
 fn inode_of(path: &str) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
 }
@@ -244,7 +257,7 @@ impl ContainerJson {
         let mut netns_inodes = Vec::new();
         // Both ways to the namespace: the sandbox handle (exists without any process) and the
         // main process's /proc entry (when the handle is not visible from here).
-        if let Some(ino) = sandbox_key.as_deref().and_then(inode_of) {
+        if let Some(ino) = sandbox_key.as_deref().and_then(nsfs_inode) {
             netns_inodes.push(ino);
         }
         if self.state.pid > 0
@@ -262,6 +275,7 @@ impl ContainerJson {
             compose_service: labels.get("com.docker.compose.service").cloned().map(label),
             pod: None,
             namespace: None,
+            rootless_daemon: None,
             running: self.state.running,
             pid: self.state.pid,
             started_at: humantime::parse_rfc3339_weak(&self.state.started_at).ok(),
@@ -278,6 +292,19 @@ impl ContainerJson {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A namespace file counts, a plain file (what a rootless engine's SandboxKey is from
+    /// outside its mount namespace) does not.
+    #[test]
+    fn only_a_namespace_file_gives_a_namespace_inode() {
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+        assert_eq!(nsfs_inode("/proc/self/ns/net"), Some(own));
+        let file = std::env::temp_dir().join(format!("bindtrace-nsfs-{}", std::process::id()));
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(nsfs_inode(file.to_str().unwrap()), None);
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(nsfs_inode("/nonexistent/sandbox"), None);
+    }
 
     /// Trimmed from a real `GET /containers/{id}/json` of Docker 20.10 (API 1.41).
     const INSPECT: &str = r#"{

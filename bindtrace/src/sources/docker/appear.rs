@@ -1,7 +1,8 @@
-//! podman sockets that appear after start: rootful podman's `RUN/podman/podman.sock` (a
+//! Engine sockets that appear after start: rootful podman's `RUN/podman/podman.sock` (a
 //! `podman system service` or the `podman.socket` unit started later) and each user's
-//! `RUN/user/UID/podman/podman.sock` (rootless podman; `/run/user/UID` itself appears at the
-//! user's login, as a tmpfs mounted there).
+//! `RUN/user/UID/podman/podman.sock` (rootless podman) and `RUN/user/UID/docker.sock`
+//! (rootless Docker); `/run/user/UID` itself appears at the user's login, as a tmpfs mounted
+//! there.
 //!
 //! A thread waits, without a timeout, on two things: inotify on every directory along those
 //! paths that exists (a new `podman`, `user/UID` or `podman.sock` entry), and the mount table
@@ -68,10 +69,14 @@ impl Places {
         dirs
     }
 
-    /// The sockets that exist now: rootful podman's, then each user's.
+    /// The sockets that exist now: rootful podman's, then each user's podman and rootless
+    /// Docker sockets (`dockerd-rootless.sh` serves `$XDG_RUNTIME_DIR/docker.sock`).
     pub(crate) fn sockets(&self) -> Vec<PathBuf> {
         let mut found = vec![self.rootful()];
-        found.extend(self.users().into_iter().map(|u| u.join("podman/podman.sock")));
+        for user in self.users() {
+            found.push(user.join("podman/podman.sock"));
+            found.push(user.join("docker.sock"));
+        }
         found.retain(|p| fs::metadata(p).is_ok_and(|m| m.file_type().is_socket()));
         found
     }
@@ -209,12 +214,17 @@ mod tests {
         let _rootful = UnixListener::bind(root.join("podman/podman.sock")).unwrap();
         let _user = UnixListener::bind(root.join("user/1000/podman/podman.sock")).unwrap();
         let _other = UnixListener::bind(root.join("user/not-a-uid/podman/podman.sock")).unwrap();
+        let _docker = UnixListener::bind(root.join("user/1000/docker.sock")).unwrap();
         // A plain file of that name is not a socket.
         fs::create_dir_all(root.join("user/1001/podman")).unwrap();
         fs::write(root.join("user/1001/podman/podman.sock"), "").unwrap();
         assert_eq!(
             places.sockets(),
-            vec![root.join("podman/podman.sock"), root.join("user/1000/podman/podman.sock")]
+            vec![
+                root.join("podman/podman.sock"),
+                root.join("user/1000/podman/podman.sock"),
+                root.join("user/1000/docker.sock")
+            ]
         );
         assert!(places.dirs().contains(&root.join("user/1000/podman")));
         assert!(!places.dirs().contains(&root.join("user/not-a-uid")));

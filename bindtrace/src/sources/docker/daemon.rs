@@ -6,7 +6,8 @@
 //! - its executable is the daemon's proxy binary, compared by (device, inode) with the file
 //!   the daemon would run, resolved inside the daemon's own root (`/proc/<daemon>/root`): its
 //!   `--userland-proxy-path`, else `docker-proxy` where Docker's packages install it;
-//! - its parent is the daemon;
+//! - its parent is the daemon (for a rootless daemon, also RootlessKit's
+//!   `rootlesskit-docker-proxy` that is the daemon's child, which runs docker-proxy);
 //! - it shares the daemon's mount, network and pid namespaces.
 //!
 //! The daemon's pid comes from the API socket itself (SO_PEERCRED of a connection to it):
@@ -24,6 +25,12 @@ const PROXY_PATHS: [&str; 4] = [
     "/usr/local/bin/docker-proxy",
 ];
 
+/// Where RootlessKit's packages put `rootlesskit-docker-proxy`: what a rootless dockerd runs
+/// as its userland proxy; it asks RootlessKit's port driver to listen on the host and runs
+/// docker-proxy inside RootlessKit's namespace.
+const ROOTLESSKIT_PROXY_PATHS: [&str; 2] =
+    ["/usr/bin/rootlesskit-docker-proxy", "/usr/local/bin/rootlesskit-docker-proxy"];
+
 /// What identifies the daemon's own processes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Daemon {
@@ -32,6 +39,12 @@ pub(crate) struct Daemon {
     proxies: Vec<(u64, u64)>,
     /// Mount, network and pid namespace inodes.
     namespaces: [u64; 3],
+    /// (device, inode) of RootlessKit's proxy wrapper, which a rootless dockerd runs as its
+    /// userland proxy and which runs docker-proxy in turn (rootless engines only).
+    relays: Vec<(u64, u64)>,
+    /// Its user namespace is not ours: a rootless engine (rootless Docker inside RootlessKit,
+    /// a user's podman service), whose network namespace is its own too.
+    in_userns: bool,
 }
 
 impl Daemon {
@@ -54,7 +67,23 @@ impl Daemon {
             .filter_map(|p| fs::metadata(format!("{root}{p}")).ok())
             .map(|m| (m.dev(), m.ino()))
             .collect();
-        Ok(Daemon { pid, proxies, namespaces: namespaces_of(&proc)? })
+        let own_userns = fs::metadata("/proc/self/ns/user").map(|m| m.ino()).ok();
+        let in_userns = proc.namespace_inode("user").is_some_and(|u| Some(u) != own_userns);
+        let relays = if in_userns {
+            ROOTLESSKIT_PROXY_PATHS
+                .iter()
+                .filter_map(|p| fs::metadata(format!("{root}{p}")).ok())
+                .map(|m| (m.dev(), m.ino()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Daemon { pid, proxies, namespaces: namespaces_of(&proc)?, relays, in_userns })
+    }
+
+    /// Whether the engine runs rootless, in a user namespace of its own.
+    pub(crate) fn rootless(&self) -> bool {
+        self.in_userns
     }
 
     /// Whether `pid` is this daemon's userland proxy (see the module's rules).
@@ -62,6 +91,19 @@ impl Daemon {
         let Ok(proc) = ProcDir::open(pid) else { return false };
         let exe = proc.exe_identity();
         exe.is_some_and(|id| self.proxies.contains(&id))
+            && (proc.parent() == Some(self.pid) || proc.parent().is_some_and(|p| self.owns_relay(p)))
+            && namespaces_of(&proc).is_ok_and(|ns| ns == self.namespaces)
+            && proc.still_same()
+    }
+
+    /// Whether `pid` is a rootless daemon's `rootlesskit-docker-proxy`: RootlessKit's
+    /// executable, the daemon's child, in the daemon's namespaces.
+    fn owns_relay(&self, pid: u32) -> bool {
+        if self.relays.is_empty() {
+            return false;
+        }
+        let Ok(proc) = ProcDir::open(pid) else { return false };
+        proc.exe_identity().is_some_and(|id| self.relays.contains(&id))
             && proc.parent() == Some(self.pid)
             && namespaces_of(&proc).is_ok_and(|ns| ns == self.namespaces)
             && proc.still_same()
@@ -100,6 +142,15 @@ mod tests {
             Some("/opt/p".into())
         );
         assert_eq!(proxy_path_flag(&argv("dockerd -H fd://")), None);
+    }
+
+    /// A process in our own user namespace is not a rootless engine, and has no RootlessKit
+    /// relay to accept proxies through.
+    #[test]
+    fn our_own_user_namespace_is_not_rootless() {
+        let d = Daemon::of(std::process::id()).unwrap();
+        assert!(!d.rootless());
+        assert!(d.relays.is_empty());
     }
 
     /// Our own process is not a proxy of a "daemon" that is our parent-less self: the parent

@@ -196,6 +196,10 @@ pub(crate) struct Container {
     /// annotations); None for every other workload.
     pub(crate) pod: Option<String>,
     pub(crate) namespace: Option<String>,
+    /// The pid of its engine when that engine runs rootless, in a user namespace of its own
+    /// (rootless Docker's dockerd inside RootlessKit, a user's podman service): its network
+    /// namespace is where the container's bridge and veth live. None for a rootful engine.
+    pub(crate) rootless_daemon: Option<u32>,
     pub(crate) running: bool,
     /// Main process, host pid namespace (0 when not running).
     pub(crate) pid: u32,
@@ -267,6 +271,17 @@ impl Container {
             && slirp
             && !self.network_mode.contains("port_handler=slirp4netns")
             && self.published().next().is_some()
+    }
+
+    /// A rootless engine's SandboxKey is a bind mount in its own mount namespace (an empty
+    /// file seen from ours): the namespace behind it, opened through the daemon's root.
+    fn add_inode_inside(&mut self, daemon_pid: u32) {
+        let Some(key) = &self.sandbox_key else { return };
+        if let Some(ino) = api::nsfs_inode(&format!("/proc/{daemon_pid}/root{}", key.display()))
+            && !self.netns_inodes.contains(&ino)
+        {
+            self.netns_inodes.push(ino);
+        }
     }
 
     /// Whether the container has a network namespace of its own (not `host`, not another
@@ -397,7 +412,11 @@ pub(crate) async fn refresh_container(
     {
         Ok(json) => {
             inv.unread.remove(id);
-            let c = json.into_container(inv.runtime);
+            let mut c = json.into_container(inv.runtime);
+            if let Some(daemon) = inv.daemon.as_ref().filter(|d| d.rootless()) {
+                c.rootless_daemon = Some(daemon.pid);
+                c.add_inode_inside(daemon.pid);
+            }
             if c.running {
                 inv.containers.insert(c.id.clone(), Arc::new(c));
             } else {
@@ -508,6 +527,7 @@ mod tests {
             compose_service: None,
             pod: None,
             namespace: None,
+            rootless_daemon: None,
             running: true,
             pid: 1,
             started_at: None,

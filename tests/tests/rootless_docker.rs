@@ -1,0 +1,142 @@
+//! Against rootless Docker (Debian's `dockerd-rootless.sh` and RootlessKit, slirp4netns, the
+//! builtin port driver) of a test user of its own, its API on /run/user/UID/docker.sock. Run as
+//! root through `sudo ./x test`.
+//!
+//! The user, its subordinate ids, the `/dev/net/tun` ACL, the daemon, its image, containers and
+//! processes are removed by their guards, also on panic (`bindtrace_tests::rootless`,
+//! `bindtrace_tests::rootless_docker`). The machine's own Docker daemon is not used. Host ports
+//! are picked free at run time, names are unique, and traffic only goes to loopback.
+use std::{os::unix::fs::MetadataExt, process::Command, time::Duration};
+
+use bindtrace_tests::{
+    Bindtrace,
+    docker::{curl, free_port},
+    root_or_skip,
+    rootless::User,
+    rootless_docker::{self, BIP, Daemon},
+};
+
+/// True when this test cannot run here (see `bindtrace_tests::skip`: under `CI` it fails).
+fn skip() -> bool {
+    if !root_or_skip() {
+        return true;
+    }
+    if let Some(missing) = rootless_docker::available() {
+        bindtrace_tests::skip(&format!("{missing} is not installed (`./x setup` installs it)"));
+        return true;
+    }
+    false
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `ip -br addr` inside the network namespace of `pid`.
+fn addresses_in(pid: u32) -> String {
+    let out =
+        Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "ip", "-br", "addr"]).output().unwrap();
+    assert!(out.status.success(), "nsenter: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The set-up itself: the test user's rootless daemon runs a container published with
+/// `-p H:8000`; its docker0 (with our `--bip`) is in RootlessKit's namespace, not the host's;
+/// the container's namespace is another one again; and the loopback-bound server behind the
+/// published port is the classic case: RootlessKit accepts on the host, docker-proxy inside
+/// its namespace cannot reach the app, the client gets an empty reply.
+#[test]
+fn a_rootless_daemon_runs_the_classic_case() {
+    if skip() {
+        return;
+    }
+    let user = User::create();
+    let daemon = Daemon::start(&user);
+    assert!(daemon.docker_ok(&["info", "--format", "{{.SecurityOptions}}"]).contains("rootless"));
+    let image = daemon.busybox_image();
+    let port = free_port();
+    let bad = daemon.run(
+        &image,
+        &["-p", &format!("{port}:8000")],
+        &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"],
+    );
+    bad.wait_listening(8000);
+
+    let inner = addresses_in(daemon.pid());
+    let bip = BIP.split('/').next().unwrap();
+    assert!(inner.lines().any(|l| l.starts_with("docker0 ") && l.contains(bip)), "{inner}");
+    let ns = |pid: u32| std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap().ino();
+    let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    assert_ne!(ns(daemon.pid()), own, "dockerd runs in RootlessKit's namespace");
+    assert_ne!(ns(bad.pid()), ns(daemon.pid()), "the container has a namespace of its own");
+    assert_eq!(bad.inspect("{{.NetworkSettings.IPAddress}}"), "10.201.0.2");
+
+    let (code, _) = curl(&format!("http://127.0.0.1:{port}/"));
+    assert_eq!(code, 52, "RootlessKit accepts, docker-proxy cannot forward: an empty reply");
+}
+
+/// 3 (issue 15). `bindtrace` with no flags, started before the user's rootless daemon: the
+/// daemon's socket under /run/user/UID is found as it appears, its container is audited and
+/// its refused connection reported by name (runtime docker, rootless), inside RootlessKit's
+/// namespace: the container's own namespace, the veth and docker0 as they are named in
+/// RootlessKit's, the published port and the loopback_only verdict with the fix.
+#[test]
+fn rootless_docker_container_reported_by_name() {
+    if skip() {
+        return;
+    }
+    let user = User::create();
+    let bt = Bindtrace::start_here(&["--audit-grace", "1s"]);
+    let daemon = Daemon::start(&user);
+    let image = daemon.busybox_image();
+    let port = free_port();
+    let bad = daemon.run(
+        &image,
+        &["-p", &format!("{port}:8000")],
+        &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"],
+    );
+    bad.wait_listening(8000);
+    let named = |event: &'static str| {
+        let name = bad.name.clone();
+        move |l: &serde_json::Value| l["event"] == event && l["container"]["name"] == name.as_str()
+    };
+
+    let audit = bt.expect_line("audit of the rootless Docker container", WAIT, named("audit"));
+    assert_eq!(audit["verdict"], "loopback_only", "{audit:#}");
+    assert_eq!(audit["container"]["runtime"], "docker", "{audit:#}");
+    assert_eq!(audit["container"]["rootless"], true, "{audit:#}");
+    assert_eq!(audit["container"]["id"], bad.short_id(), "{audit:#}");
+    assert_eq!(audit["published"]["host_port"], port, "{audit:#}");
+    assert_eq!(audit["listeners"][0]["ip"], "127.0.0.1", "{audit:#}");
+
+    let (code, _) = curl(&format!("http://127.0.0.1:{port}/"));
+    assert_eq!(code, 52, "RootlessKit accepts, docker-proxy cannot forward: an empty reply");
+    let line = bt.expect_line("refusal in the rootless Docker container", WAIT, named("refused"));
+    assert_eq!(line["verdict"], "loopback_only", "{line:#}");
+    assert_eq!(line["container"]["runtime"], "docker", "{line:#}");
+    assert_eq!(line["container"]["rootless"], true, "{line:#}");
+    assert_eq!(line["container"]["id"], bad.short_id(), "{line:#}");
+    assert_eq!(line["target_port"], 8000, "{line:#}");
+    assert_eq!(line["target_ip"], "10.201.0.2", "{line:#}");
+    assert_eq!(line["published"]["host_port"], port, "{line:#}");
+    assert!(line["hint"].as_str().unwrap().contains("0.0.0.0"), "the fix: {line:#}");
+    let ns = |pid: u32| std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap().ino();
+    assert_eq!(line["netns"], ns(bad.pid()), "{line:#}");
+    // The bridge and veth as RootlessKit's namespace names them: docker0 there, and the peer
+    // of the container's eth0 on it.
+    assert_eq!(line["bridge"], "docker0", "{line:#}");
+    let veths = Command::new("nsenter")
+        .args(["-t", &daemon.pid().to_string(), "-n", "ip", "-o", "link", "show", "master", "docker0"])
+        .output()
+        .unwrap();
+    let veths = String::from_utf8_lossy(&veths.stdout);
+    let veth = line["veth"].as_str().unwrap_or_else(|| panic!("a veth: {line:#}"));
+    assert!(veths.contains(&format!(" {veth}@")), "{veth} is on RootlessKit's docker0: {veths}");
+    assert_eq!(line["listeners"][0]["pids"][0]["pid"], bad.pid(), "{line:#}");
+    // RootlessKit's port driver forwarded it: the connector is the daemon's docker-proxy, in
+    // RootlessKit's namespace, dialing from that docker0's address.
+    assert_eq!(line["via"], "rootlesskit", "{line:#}");
+    assert_eq!(line["client_ip"], BIP.split('/').next().unwrap(), "{line:#}");
+    let proxy = &line["client_process"];
+    assert_eq!(proxy["comm"], "docker-proxy", "{line:#}");
+    let proxy_ns = std::fs::metadata(format!("/proc/{}/ns/net", proxy["pid"])).unwrap().ino();
+    assert_eq!(proxy_ns, ns(daemon.pid()), "docker-proxy runs in RootlessKit's namespace");
+}
