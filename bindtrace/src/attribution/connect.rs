@@ -1,7 +1,7 @@
 //! Userspace side of the connect tracker (`bindtrace-ebpf/src/connect.rs`): which prefixes to
 //! watch, and who connected with a given 4-tuple, over TCP (`CONNECTORS`) or UDP
 //! (`UDP_CONNECTORS`).
-use std::{collections::BTreeSet, net::SocketAddr, sync::Arc};
+use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use aya::{
     Ebpf,
@@ -13,7 +13,10 @@ use aya::{
 };
 use bindtrace_common::{Addr16, ConnectKey, Connector};
 
-use crate::netns::prefixes::{Prefix, addr16, show_prefix};
+use crate::{
+    kernel::clock::monotonic_ns,
+    netns::prefixes::{Prefix, addr16, show_prefix},
+};
 
 const PROGRAM: &str = "bt_sock_set_state";
 const TRACEPOINT: &str = "inet_sock_set_state";
@@ -52,7 +55,18 @@ pub(crate) struct ConnectTracker {
 /// The kernel's record of UDP sockets connected to the watched prefixes: a handle the
 /// enrichment worker reads (one map lookup per UDP line), cloned for each batch.
 #[derive(Clone)]
-pub(crate) struct UdpConnects(Arc<HashMap<MapData, ConnectKey, Connector>>);
+pub(crate) struct UdpConnects {
+    map: Arc<HashMap<MapData, ConnectKey, Connector>>,
+    /// How long after a refusal its record may still be missing: none when the connect itself
+    /// is recorded (before the datagram left); with only the refused reads, until the socket's
+    /// owner was woken by the error and read it.
+    settle: Duration,
+}
+
+/// How long the owner of a refused UDP socket may take to read the error, after the refusal.
+const READ_SETTLE: Duration = Duration::from_millis(50);
+/// How often the record is looked for meanwhile.
+const READ_POLL: Duration = Duration::from_millis(2);
 
 impl std::fmt::Debug for UdpConnects {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,7 +77,28 @@ impl std::fmt::Debug for UdpConnects {
 impl UdpConnects {
     /// Who last connected a UDP socket from `client` to `target`, if the kernel recorded it.
     pub(crate) fn lookup(&self, client: SocketAddr, target: SocketAddr) -> Option<ConnectorInfo> {
-        self.0.get(&connect_key(client, target), 0).ok().map(ConnectorInfo::from)
+        self.map.get(&connect_key(client, target), 0).ok().map(ConnectorInfo::from)
+    }
+
+    /// [`Self::lookup`], looked for again until [`Self::settle`] after the refusal at
+    /// `refused_ns` (CLOCK_MONOTONIC) when it is not there yet; a line written later than that
+    /// does not wait.
+    pub(crate) fn lookup_settled(
+        &self,
+        client: SocketAddr,
+        target: SocketAddr,
+        refused_ns: Option<u64>,
+    ) -> Option<ConnectorInfo> {
+        let deadline = refused_ns.map_or(0, |t| t.saturating_add(self.settle.as_nanos() as u64));
+        loop {
+            if let Some(who) = self.lookup(client, target) {
+                return Some(who);
+            }
+            if monotonic_ns() >= deadline {
+                return None;
+            }
+            std::thread::sleep(READ_POLL);
+        }
     }
 }
 
@@ -160,7 +195,10 @@ fn attach_udp(ebpf: &mut Ebpf, btf: &aya::Btf) -> (Option<UdpConnects>, UdpRecor
         .ok_or_else(|| "no map UDP_CONNECTORS".to_owned())
         .and_then(|m| HashMap::try_from(m).map_err(|e| e.to_string()));
     match map {
-        Ok(map) => (Some(UdpConnects(Arc::new(map))), recorders),
+        Ok(map) => {
+            let settle = if recorders.connects.is_ok() { Duration::ZERO } else { READ_SETTLE };
+            (Some(UdpConnects { map: Arc::new(map), settle }), recorders)
+        }
         Err(e) => {
             // Nothing left attached that fills a map nobody reads.
             for name in UDP_PROGRAMS.iter().map(|p| p.0).chain([UDP_READ_PROGRAM.0]) {

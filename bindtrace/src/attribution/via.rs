@@ -77,7 +77,7 @@ pub(crate) fn udp_lookups(report: &Report, sources: &UdpSources) -> UdpLookups {
     }
     // The kernel's record first: docker-proxy may have closed the socket since (Docker 20.10
     // closes it at the first refusal), and a record is one map lookup.
-    let recorded = sources.connects.as_ref().and_then(|c| c.lookup(client, target));
+    let recorded = sources.connects.as_ref().and_then(|c| c.lookup_settled(client, target, report.ktime_ns));
     if let Some(who) = recorded {
         if let Some(daemon) = sources.daemon.as_ref()
             && daemon.owns_proxy(who.pid)
