@@ -192,7 +192,8 @@ pub const CONNECT_WANTED_MAX_ENTRIES: u32 = 4_096;
 pub const ECONNREFUSED: i32 = 111;
 /// Capacity of `UDP_CONNECTORS`, an LRU map of UDP sockets connected to a watched prefix, by
 /// 4-tuple: every such `connect()` is recorded (it comes before any refusal, so none can be
-/// asked for), and docker-proxy makes one per client. 4,096 entries of 80 bytes (320 KiB); the
+/// asked for; where fexit is refused, every read of such a socket that failed with
+/// ECONNREFUSED instead), and docker-proxy makes one per client. 4,096 entries of 80 bytes (320 KiB); the
 /// oldest make room, so a record lasts as long as 4,095 newer connects to the bridges.
 pub const UDP_CONNECT_MAX_ENTRIES: u32 = 4_096;
 

@@ -323,7 +323,8 @@ pub fn udp_connected(sk: u64, v4: bool) {
 /// connected UDP socket's datagram with has reached its owner, in the owner's task. Recorded
 /// like a connect (the socket is still connected, its 4-tuple intact), for kernels where the
 /// connect itself cannot be traced; an IPv6 socket connected to an IPv4-mapped address has its
-/// IPv4 fields set too, so it is recorded by those.
+/// IPv4 fields set too, so it is recorded by those. (A TCP socket's read refused the same way
+/// lands here too, under a tuple only UDP lines are looked up by: never read.)
 #[inline(always)]
 pub fn udp_refused_read(sk: u64) {
     if sk == 0 {
