@@ -16,6 +16,7 @@ use bindtrace_tests::{
     Bindtrace,
     bindtrace::binary,
     docker::{self, Container, DOCKER_SOCK, HostLink, Image, Network, Relay, curl, free_port},
+    native::programs_held_by,
     root_or_skip,
 };
 use serde_json::Value;
@@ -702,6 +703,26 @@ fn udp_loopback_server_behind_a_published_port() {
     proxied.wait_udp_bound(5353);
     let link = HostLink::new();
     let mut bt = Bindtrace::start_here(&[]);
+    // The recorders of UDP connectors: the start-up line names those attached, the fexit pair
+    // is attached both or neither, and one of them runs (the docker-proxy line below needs it).
+    assert!(bt.wait_stderr("UDP connectors: recorded by", WAIT), "{}", bt.stderr());
+    let ids = programs_held_by(bt.pid());
+    let names: Vec<String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| ids.contains(&p.id()))
+        .filter_map(|p| p.name_as_str().map(str::to_owned))
+        .collect();
+    let fexit = names.iter().filter(|n| n.starts_with("fx_udp")).count();
+    let reads = names.iter().any(|n| n.starts_with("bt_sock_recv"));
+    let started = bt.stderr();
+    let said = started.lines().find(|l| l.contains("UDP connectors: recorded by")).unwrap();
+    assert!(fexit == 0 || fexit == 2, "{names:?}");
+    assert_eq!(said.contains("recorded by fexit/"), fexit == 2, "{said} {names:?}");
+    assert_eq!(
+        said.contains("recorded by tp_btf/sock_recv_length") || said.contains("and by tp_btf"),
+        reads,
+        "{said} {names:?}"
+    );
     for (c, port) in [(&nat, nat_port), (&proxied, proxy_port)] {
         let audit = bt.expect_line("audit of a UDP loopback server", WAIT, |l| {
             l["event"] == "audit" && l["container"]["name"] == c.name.as_str()
