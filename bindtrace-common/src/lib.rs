@@ -186,6 +186,16 @@ pub const CONNECT_PARKED_SLOTS: u32 = 8_192;
 pub const CONNECT_DESTS_MAX_ENTRIES: u32 = 1_024;
 /// Sampled refusals whose connector is wanted (one per sample; samples are rate-limited).
 pub const CONNECT_WANTED_MAX_ENTRIES: u32 = 4_096;
+/// `ECONNREFUSED`, the errno a read of a connected UDP socket returns once a port unreachable
+/// came back for it (ABI: asm-generic/errno.h, the same on every Linux architecture bindtrace
+/// builds for).
+pub const ECONNREFUSED: i32 = 111;
+/// Capacity of `UDP_CONNECTORS`, an LRU map of UDP sockets connected to a watched prefix, by
+/// 4-tuple: every such `connect()` is recorded (it comes before any refusal, so none can be
+/// asked for; where fexit is refused, every read of such a socket that failed with
+/// ECONNREFUSED instead), and docker-proxy makes one per client. 4,096 entries of 80 bytes (320 KiB); the
+/// oldest make room, so a record lasts as long as 4,095 newer connects to the bridges.
+pub const UDP_CONNECT_MAX_ENTRIES: u32 = 4_096;
 
 /// Who started a TCP connection to a watched prefix, recorded in the connecting task's context
 /// when its socket enters SYN_SENT.

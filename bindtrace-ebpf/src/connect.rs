@@ -48,7 +48,7 @@ use aya_ebpf::{
 };
 use bindtrace_common::{
     AF_INET, AF_INET6, Addr16, CONNECT_DESTS_MAX_ENTRIES, CONNECT_MAX_ENTRIES, CONNECT_PARKED_SLOTS,
-    CONNECT_WANTED_MAX_ENTRIES, ConnectKey, Connector, mapped,
+    CONNECT_WANTED_MAX_ENTRIES, ConnectKey, Connector, UDP_CONNECT_MAX_ENTRIES, mapped,
 };
 
 use crate::kernel::{field, read};
@@ -294,5 +294,91 @@ pub fn established(sk: u64) {
         && unsafe { (*p).cookie } == cookie
     {
         unsafe { (*p).cookie = 0 };
+    }
+}
+
+/// Connected UDP sockets to a watched prefix, by their 4-tuple after `connect()`. Read by
+/// userspace for a refused datagram: docker-proxy's per-client socket is often closed by then.
+#[map]
+static UDP_CONNECTORS: LruHashMap<ConnectKey, Connector> =
+    LruHashMap::with_max_entries(UDP_CONNECT_MAX_ENTRIES, 0);
+
+/// A UDP (or other datagram) socket's `connect()` returned 0: record who made it when the
+/// destination is in a watched prefix. `v4` for `__ip4_datagram_connect`, which sets the IPv4
+/// fields even on an IPv6 socket dialing an IPv4-mapped address; `__ip6_datagram_connect`
+/// leaves that case to it (it calls it), so each connect is recorded once.
+#[inline(always)]
+pub fn udp_connected(sk: u64, v4: bool) {
+    if sk == 0 {
+        return;
+    }
+    let (client_addr, target_addr) = if v4 {
+        let d: [u8; 4] = field::<u32>(sk, OFF_SK_DADDR.load()).to_ne_bytes();
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&d);
+        let target = mapped(AF_INET, &a);
+        if CONNECT_DESTS.get(Key::new(128, target)).is_none() {
+            return;
+        }
+        let s: [u8; 4] = field::<u32>(sk, OFF_SK_RCV_SADDR.load()).to_ne_bytes();
+        a[..4].copy_from_slice(&s);
+        (mapped(AF_INET, &a), target)
+    } else {
+        let family: u16 = field(sk, OFF_SK_FAMILY.load());
+        if family != AF_INET6 as u16 || CONNECT_V6.load() != 1 {
+            return;
+        }
+        let Some(target) = read::<[u8; 16]>(sk + OFF_SK_V6_DADDR.load() as u64) else { return };
+        // IPv4-mapped: recorded by the IPv4 half.
+        if target[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+            return;
+        }
+        if CONNECT_DESTS.get(Key::new(128, target)).is_none() {
+            return;
+        }
+        let Some(client) = read::<[u8; 16]>(sk + OFF_SK_V6_RCV_SADDR.load() as u64) else { return };
+        (client, target)
+    };
+    let Some(sport) = read::<u16>(sk + OFF_INET_SPORT.load() as u64) else { return };
+    let dport: u16 = field(sk, OFF_SK_DPORT.load());
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let net: u64 = field(sk, OFF_SK_NET.load());
+    let who = Connector {
+        netns_cookie: if net != 0 { field(net, OFF_CONN_NET_COOKIE.load()) } else { 0 },
+        netns_ino: if net != 0 { field(net, OFF_CONN_NET_NS_INUM.load()) } else { 0 },
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    // Recorded before any refusal, so no refused namespace to key by: 0, as userspace asks.
+    let key = ConnectKey {
+        refused_netns_cookie: 0,
+        client_addr,
+        target_addr,
+        client_port: u16::from_be(sport),
+        target_port: u16::from_be(dport),
+        _pad: 0,
+    };
+    let _ = UDP_CONNECTORS.insert(&key, &who, 0);
+}
+
+/// A read from a socket returned ECONNREFUSED: the port unreachable a container answered a
+/// connected UDP socket's datagram with has reached its owner, in the owner's task. Recorded
+/// like a connect (the socket is still connected, its 4-tuple intact), for kernels where the
+/// connect itself cannot be traced; an IPv6 socket connected to an IPv4-mapped address has its
+/// IPv4 fields set too, so it is recorded by those. (A TCP socket's read refused the same way
+/// lands here too, under a tuple only UDP lines are looked up by: never read.)
+#[inline(always)]
+pub fn udp_refused_read(sk: u64) {
+    if sk == 0 {
+        return;
+    }
+    let family: u16 = field(sk, OFF_SK_FAMILY.load());
+    if family == AF_INET as u16 {
+        udp_connected(sk, true);
+    } else if family == AF_INET6 as u16 && CONNECT_V6.load() == 1 {
+        let Some(target) = read::<[u8; 16]>(sk + OFF_SK_V6_DADDR.load() as u64) else { return };
+        udp_connected(sk, target[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
     }
 }

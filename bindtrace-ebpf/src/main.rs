@@ -15,7 +15,10 @@
 //!
 //! A third program, `tp_btf/inet_sock_set_state` (`connect.rs`), records who connects to the
 //! watched bridges' addresses, so a refusal can say whether docker-proxy, a host process or
-//! another container made the connection.
+//! another container made the connection. For UDP, which that tracepoint never sees, two fexit
+//! programs (`probes/udp_connect.rs`) record each datagram socket's `connect()` to those
+//! addresses, or where fexit is refused `tp_btf/sock_recv_length` the owner's read of the
+//! refusal, so a datagram docker-proxy forwarded is attributed after its socket is closed.
 //!
 //! Per event the work is: one compare on the reason, a few reads to find the namespace and
 //! interface, one scope lookup, a SYN check, one per-CPU counter update. A ring-buffer record is

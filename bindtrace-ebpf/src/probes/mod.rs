@@ -3,3 +3,4 @@ mod kfree_skb;
 mod sock_set_state;
 mod tc;
 mod tcp_send_reset;
+mod udp_connect;

@@ -1,6 +1,7 @@
 //! Userspace side of the connect tracker (`bindtrace-ebpf/src/connect.rs`): which prefixes to
-//! watch, and who connected with a given 4-tuple to a given namespace.
-use std::{collections::BTreeSet, net::SocketAddr};
+//! watch, and who connected with a given 4-tuple: over TCP to a given namespace
+//! (`CONNECTORS`), or over UDP (`UDP_CONNECTORS`).
+use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use aya::{
     Ebpf,
@@ -8,14 +9,20 @@ use aya::{
         HashMap, MapData,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, FExit},
 };
 use bindtrace_common::{Addr16, ConnectKey, Connector};
 
-use crate::netns::prefixes::{Prefix, addr16, show_prefix};
+use crate::{
+    kernel::clock::monotonic_ns,
+    netns::prefixes::{Prefix, addr16, show_prefix},
+};
 
 const PROGRAM: &str = "bt_sock_set_state";
 const TRACEPOINT: &str = "inet_sock_set_state";
+/// The UDP connect recorders (`bindtrace-ebpf/src/probes/udp_connect.rs`) and their functions.
+const UDP_PROGRAMS: [(&str, &str); 2] =
+    [("fx_udp4_connect", "__ip4_datagram_connect"), ("fx_udp6_connect", "__ip6_datagram_connect")];
 
 /// Who made a connection, as the kernel recorded it when the socket entered SYN_SENT.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +48,179 @@ pub(crate) struct ConnectTracker {
     dests: LpmTrie<MapData, Addr16, u32>,
     connectors: HashMap<MapData, ConnectKey, Connector>,
     installed: BTreeSet<Prefix>,
+    /// None where the UDP recorders could not be attached (said once at start-up).
+    udp: Option<UdpConnects>,
+}
+
+/// The kernel's record of UDP sockets connected to the watched prefixes: a handle the
+/// enrichment worker reads (one map lookup per UDP line), cloned for each batch.
+#[derive(Clone)]
+pub(crate) struct UdpConnects {
+    map: Arc<HashMap<MapData, ConnectKey, Connector>>,
+    /// How long after a refusal its record may still be missing: none when the connect itself
+    /// is recorded (before the datagram left); with only the refused reads, until the socket's
+    /// owner was woken by the error and read it.
+    settle: Duration,
+}
+
+/// How long the owner of a refused UDP socket may take to read the error, after the refusal.
+const READ_SETTLE: Duration = Duration::from_millis(50);
+/// How often the record is looked for meanwhile.
+const READ_POLL: Duration = Duration::from_millis(2);
+
+impl std::fmt::Debug for UdpConnects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UdpConnects")
+    }
+}
+
+impl UdpConnects {
+    /// Who last connected a UDP socket from `client` to `target`, if the kernel recorded it.
+    pub(crate) fn lookup(&self, client: SocketAddr, target: SocketAddr) -> Option<ConnectorInfo> {
+        // Recorded at connect(), before any refusal: no refused namespace to key by (0).
+        self.map.get(&connect_key(0, client, target), 0).ok().map(ConnectorInfo::from)
+    }
+
+    /// [`Self::lookup`], looked for again until [`Self::settle`] after the refusal at
+    /// `refused_ns` (CLOCK_MONOTONIC) when it is not there yet; a line written later than that
+    /// does not wait.
+    pub(crate) fn lookup_settled(
+        &self,
+        client: SocketAddr,
+        target: SocketAddr,
+        refused_ns: Option<u64>,
+    ) -> Option<ConnectorInfo> {
+        let deadline = refused_ns.map_or(0, |t| t.saturating_add(self.settle.as_nanos() as u64));
+        loop {
+            if let Some(who) = self.lookup(client, target) {
+                return Some(who);
+            }
+            if monotonic_ns() >= deadline {
+                return None;
+            }
+            std::thread::sleep(READ_POLL);
+        }
+    }
+}
+
+/// The map key of a connection from `client` to `target`, as the kernel side builds it: both
+/// addresses IPv4-mapped for IPv4, ports in host order.
+pub(crate) fn connect_key(refused_netns: u64, client: SocketAddr, target: SocketAddr) -> ConnectKey {
+    ConnectKey {
+        refused_netns_cookie: refused_netns,
+        client_addr: addr16(client.ip()),
+        target_addr: addr16(target.ip()),
+        client_port: client.port(),
+        target_port: target.port(),
+        _pad: 0,
+    }
+}
+
+/// Where fexit cannot be loaded: the refused read (`tp_btf/sock_recv_length`, Linux 6.3+).
+const UDP_READ_PROGRAM: (&str, &str) = ("bt_sock_recv_length", "sock_recv_length");
+
+/// Which of the UDP recorders are attached, for the start-up message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UdpRecorders {
+    /// The fexit pair on the connects, or why not.
+    pub(crate) connects: Result<(), String>,
+    /// The refused reads, or why not.
+    pub(crate) reads: Result<(), String>,
+}
+
+impl UdpRecorders {
+    /// The start-up line, and whether it is a warning (nothing records UDP connectors).
+    pub(crate) fn describe(&self) -> (bool, String) {
+        const CONNECTS: &str = "fexit/__ip4_datagram_connect and fexit/__ip6_datagram_connect";
+        const READS: &str = "tp_btf/sock_recv_length";
+        match (&self.connects, &self.reads) {
+            (Ok(()), Ok(())) => (false, format!("UDP connectors: recorded by {CONNECTS}, and by {READS}")),
+            (Ok(()), Err(e)) => {
+                (false, format!("UDP connectors: recorded by {CONNECTS} (not by {READS}: {e})"))
+            }
+            (Err(e), Ok(())) => (
+                false,
+                format!(
+                    "UDP connectors: recorded by {READS}, from the refused reads (not at the connect: {e})"
+                ),
+            ),
+            (Err(c), Err(r)) => (
+                true,
+                format!(
+                    "not recording UDP connects ({c}; {r}): a datagram through docker-proxy is attributed \
+                     only while the proxy's socket for it is still open"
+                ),
+            ),
+        }
+    }
+}
+
+/// Loads and attaches the UDP recorders: the fexit pair (both or none: whatever was attached is
+/// detached again when one fails), and the refused-read tracepoint; each is optional.
+fn attach_udp(ebpf: &mut Ebpf, btf: &aya::Btf) -> (Option<UdpConnects>, UdpRecorders) {
+    let mut loaded = Vec::new();
+    let mut attach = |ebpf: &mut Ebpf, name: &'static str, function: &str| -> Result<(), String> {
+        let program: &mut FExit = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("the eBPF object has no program {name}"))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        program.load(function, btf).map_err(|e| format!("loading fexit/{function}: {e}"))?;
+        loaded.push(name);
+        program.attach().map_err(|e| format!("attaching fexit/{function}: {e}"))?;
+        Ok(())
+    };
+    let connects = UDP_PROGRAMS.iter().try_for_each(|(name, function)| attach(ebpf, name, function));
+    if connects.is_err() {
+        loaded.into_iter().for_each(|name| unload(ebpf, name));
+    }
+    let reads = (|| -> Result<(), String> {
+        let (name, tracepoint) = UDP_READ_PROGRAM;
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("the eBPF object has no program {name}"))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        program.load(tracepoint, btf).map_err(|e| format!("loading tp_btf/{tracepoint}: {e}"))?;
+        if let Err(e) = program.attach() {
+            unload(ebpf, name);
+            return Err(format!("attaching tp_btf/{tracepoint}: {e}"));
+        }
+        Ok(())
+    })();
+    let recorders = UdpRecorders { connects, reads };
+    if recorders.connects.is_err() && recorders.reads.is_err() {
+        return (None, recorders);
+    }
+    let map = ebpf
+        .take_map("UDP_CONNECTORS")
+        .ok_or_else(|| "no map UDP_CONNECTORS".to_owned())
+        .and_then(|m| HashMap::try_from(m).map_err(|e| e.to_string()));
+    match map {
+        Ok(map) => {
+            let settle = if recorders.connects.is_ok() { Duration::ZERO } else { READ_SETTLE };
+            (Some(UdpConnects { map: Arc::new(map), settle }), recorders)
+        }
+        Err(e) => {
+            // Nothing left attached that fills a map nobody reads.
+            for name in UDP_PROGRAMS.iter().map(|p| p.0).chain([UDP_READ_PROGRAM.0]) {
+                unload(ebpf, name);
+            }
+            (None, UdpRecorders { connects: Err(e.clone()), reads: Err(e) })
+        }
+    }
+}
+
+/// Detaches and unloads one of the UDP recorders (a no-op for one that is not loaded).
+fn unload(ebpf: &mut Ebpf, name: &str) {
+    let result = match ebpf.program_mut(name) {
+        Some(aya::programs::Program::FExit(p)) if p.fd().is_ok() => p.unload(),
+        Some(aya::programs::Program::BtfTracePoint(p)) if p.fd().is_ok() => p.unload(),
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        log::warn!("detaching {name} after a failed attach: {e}");
+    }
 }
 
 impl ConnectTracker {
@@ -56,11 +236,22 @@ impl ConnectTracker {
         program.attach().with_context(|| format!("attaching tp_btf/{TRACEPOINT}"))?;
         let dests = ebpf.take_map("CONNECT_DESTS").context("no map CONNECT_DESTS")?;
         let connectors = ebpf.take_map("CONNECTORS").context("no map CONNECTORS")?;
+        let (udp, recorders) = attach_udp(ebpf, btf);
+        match recorders.describe() {
+            (true, line) => log::warn!("{line}"),
+            (false, line) => log::info!("{line}"),
+        }
         Ok(ConnectTracker {
             dests: LpmTrie::try_from(dests)?,
             connectors: HashMap::try_from(connectors)?,
             installed: BTreeSet::new(),
+            udp,
         })
+    }
+
+    /// The UDP connect record, for the enrichment worker (None where it is not attached).
+    pub(crate) fn udp(&self) -> Option<UdpConnects> {
+        self.udp.clone()
     }
 
     /// Makes the kernel's prefix set equal to `prefixes`.
@@ -90,15 +281,7 @@ impl ConnectTracker {
         client: SocketAddr,
         target: SocketAddr,
     ) -> Option<ConnectorInfo> {
-        let key = ConnectKey {
-            refused_netns_cookie: refused_netns,
-            client_addr: addr16(client.ip()),
-            target_addr: addr16(target.ip()),
-            client_port: client.port(),
-            target_port: target.port(),
-            _pad: 0,
-        };
-        self.connectors.get(&key, 0).ok().map(ConnectorInfo::from)
+        self.connectors.get(&connect_key(refused_netns, client, target), 0).ok().map(ConnectorInfo::from)
     }
 }
 
@@ -113,5 +296,36 @@ mod tests {
         let info = ConnectorInfo::from(c);
         assert_eq!(info.comm, "docker-proxy");
         assert_eq!(info.pid, 7);
+    }
+
+    /// Start-up says which recorder runs, and warns only when none does.
+    #[test]
+    fn recorders_are_described() {
+        let no = |why: &str| Err(why.to_owned());
+        let (warn, line) = UdpRecorders { connects: no("EPERM"), reads: Ok(()) }.describe();
+        assert!(!warn && line.contains("tp_btf/sock_recv_length") && line.contains("EPERM"), "{line}");
+        let (warn, line) = UdpRecorders { connects: Ok(()), reads: no("no tracepoint") }.describe();
+        assert!(!warn && line.contains("fexit/__ip4_datagram_connect"), "{line}");
+        let (warn, line) = UdpRecorders { connects: no("EPERM"), reads: no("no tracepoint") }.describe();
+        assert!(warn && line.starts_with("not recording UDP connects (EPERM; no tracepoint)"), "{line}");
+    }
+
+    /// The key userspace looks up is the one the kernel side writes: IPv4 mapped, as an IPv6
+    /// socket dialing `::ffff:a.b.c.d` gives too, ports in host order, client first.
+    #[test]
+    fn keys_are_built_as_the_kernel_builds_them() {
+        let k = connect_key(0, "172.17.0.1:40000".parse().unwrap(), "172.17.0.2:53".parse().unwrap());
+        assert_eq!(k.client_addr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 172, 17, 0, 1]);
+        assert_eq!(k.target_addr[10..], [0xff, 0xff, 172, 17, 0, 2]);
+        assert_eq!((k.client_port, k.target_port, k._pad), (40000, 53, 0));
+        let mapped = connect_key(
+            0,
+            "[::ffff:172.17.0.1]:40000".parse().unwrap(),
+            "[::ffff:172.17.0.2]:53".parse().unwrap(),
+        );
+        assert_eq!(mapped, k);
+        let v6 = connect_key(0, "[fd00::1]:40000".parse().unwrap(), "[fd00::2]:53".parse().unwrap());
+        assert_eq!(v6.client_addr, "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        assert_ne!(connect_key(0, "172.17.0.2:53".parse().unwrap(), "172.17.0.1:40000".parse().unwrap()), k);
     }
 }

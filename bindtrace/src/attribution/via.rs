@@ -10,9 +10,10 @@
 //!    executable, parent and namespaces, `sources/docker/daemon.rs`, never by its name) means
 //!    `docker-proxy`, the published port taken from the daemon's bindings; anything else is
 //!    `direct`, with the process and, when it runs in one, its container;
-//!    For UDP, which that tracker never sees, the daemon's namespace is searched instead for a
-//!    proxy's UDP socket connected from the refusal's client address to its target
-//!    (`udp_proxy.rs`);
+//!    For UDP, which `inet_sock_set_state` never sees, the kernel records every UDP `connect()`
+//!    to a watched prefix instead (`UDP_CONNECTORS`), and where that record is missing (not
+//!    attached on this kernel, or evicted) the daemon's namespace is searched for a proxy's UDP
+//!    socket still connected from the refusal's client address to its target (`udp_proxy.rs`);
 //!    a rootless Docker container's own daemon's proxy (docker-proxy inside RootlessKit's
 //!    namespace, run by `rootlesskit-docker-proxy`) means `rootlesskit`;
 //!    on a namespace's `lo` (rootless podman, `netns/loopback.rs`), podman's own forwarder
@@ -25,7 +26,10 @@ use std::net::{IpAddr, SocketAddr};
 use bindtrace_common::LOOPBACK_IFINDEX;
 
 use crate::{
-    attribution::{connect::ConnectTracker, rootlessport, udp_proxy},
+    attribution::{
+        connect::{ConnectTracker, ConnectorInfo, UdpConnects},
+        rootlessport, udp_proxy,
+    },
     diagnose::procfs::{self, Holder},
     diagnose::report::{
         ClientProcess, ContainerRef, ContainerReport, DockerContext, OriginalTuple, Report, Via,
@@ -43,6 +47,9 @@ use crate::{
 pub(crate) struct UdpLookups {
     flow: Option<NatFlow>,
     proxy: Option<(Holder, u64)>,
+    /// The kernel's record of who connected the sending socket, when it is not the daemon's
+    /// proxy (a host process, or a container's).
+    other: Option<ConnectorInfo>,
 }
 
 /// What the UDP lookups need: the daemon whose proxy may have sent the datagram, and whether
@@ -51,6 +58,8 @@ pub(crate) struct UdpLookups {
 pub(crate) struct UdpSources {
     pub(crate) daemon: Option<Daemon>,
     pub(crate) conntrack: bool,
+    /// The kernel's record of UDP connects (None where it is not attached).
+    pub(crate) connects: Option<UdpConnects>,
 }
 
 /// Makes the UDP lookups for `report` (nothing for a TCP line, or one without its addresses).
@@ -67,10 +76,31 @@ pub(crate) fn udp_lookups(report: &Report, sources: &UdpSources) -> UdpLookups {
         (SocketAddr::new(client_ip, client_port), SocketAddr::new(target_ip, report.target_port));
     let flow = if sources.conntrack { udp_flow(target, client) } else { None };
     if flow.is_some_and(|f| f.is_dnat()) {
-        return UdpLookups { flow, proxy: None };
+        return UdpLookups { flow, ..Default::default() };
+    }
+    // The kernel's record first: docker-proxy may have closed the socket since (Docker 20.10
+    // closes it at the first refusal), and a record is one map lookup.
+    let recorded = sources.connects.as_ref().and_then(|c| c.lookup_settled(client, target, report.ktime_ns));
+    if let Some(who) = recorded {
+        if let Some(daemon) = sources.daemon.as_ref()
+            && daemon.owns_proxy(who.pid)
+            && let Ok(proc) = procfs::ProcDir::open(who.pid)
+        {
+            return UdpLookups {
+                flow,
+                proxy: Some((proc.describe(), u64::from(who.netns_ino))),
+                other: None,
+            };
+        }
+        if sources.daemon.is_none() && who.comm == "docker-proxy" {
+            // Calls itself the proxy, and there is no daemon to check it against: say nothing.
+            return UdpLookups { flow, ..Default::default() };
+        }
+        // As for TCP: a recorded connector that is not the daemon's proxy is `direct`.
+        return UdpLookups { flow, proxy: None, other: Some(who) };
     }
     let proxy = sources.daemon.as_ref().and_then(|d| udp_proxy::proxy_for(d, client, target));
-    UdpLookups { flow, proxy }
+    UdpLookups { flow, proxy, other: None }
 }
 
 /// Everything known about the connection behind `report`; a UDP line's lookups were made
@@ -130,7 +160,20 @@ pub(crate) fn docker_context(
         return ctx;
     }
 
-    if let Some(who) = connect.and_then(|c| c.lookup(report.netns_cookie, client, target)) {
+    if udp
+        && report.ifindex != LOOPBACK_IFINDEX
+        && let Some(who) = udp_found.other.clone()
+    {
+        // Checked on the worker already: not the daemon's proxy.
+        ctx.via = Some(Via::Direct);
+        ctx.client_container =
+            inventory.and_then(|inv| inv.by_netns(u64::from(who.netns_ino))).map(|c| container_ref(c));
+        ctx.client_netns = Some(u64::from(who.netns_ino));
+        ctx.client_process = Some(ClientProcess { pid: who.pid, comm: who.comm });
+        return ctx;
+    }
+
+    if let Some(who) = connect.filter(|_| !udp).and_then(|c| c.lookup(report.netns_cookie, client, target)) {
         if report.ifindex == LOOPBACK_IFINDEX
             && u64::from(who.netns_ino) == report.netns
             && rootlessport::is_forwarder(who.pid, report.netns)
@@ -309,7 +352,7 @@ mod tests {
                 dst: "172.17.0.1:40000".parse().unwrap(),
             },
         };
-        let found = UdpLookups { flow: Some(flow), proxy: None };
+        let found = UdpLookups { flow: Some(flow), ..Default::default() };
         let ctx = docker_context(&report, None, None, None, &found);
         assert_eq!(ctx.via, Some(Via::Dnat));
         let original = ctx.original.expect("the original tuple");
@@ -318,7 +361,7 @@ mod tests {
         let ctx = docker_context(&report, None, None, None, &UdpLookups::default());
         assert_eq!(ctx.via, None);
         // A TCP line makes none: its flow is the destroy events' (none here).
-        let sources = UdpSources { daemon: None, conntrack: true };
+        let sources = UdpSources { daemon: None, conntrack: true, connects: None };
         assert!(udp_lookups(&Report { proto: "tcp", ..udp_report() }, &sources).flow.is_none());
     }
 
