@@ -248,6 +248,15 @@ fn auto(report: &mut Report, best: Option<Hook>) {
         if let Some(layout) = stderr.lines().find_map(|l| l.split_once("kernel layout from BTF: ")) {
             println!("@@ LAYOUT {}", layout.1);
         }
+        // Which UDP connector recorders this kernel lets attach (fexit, the refused-read
+        // tracepoint, or none): said, not checked, as the hooks' own lines are.
+        if let Some(udp) = stderr.lines().find(|l| {
+            l.contains("UDP connectors")
+                || l.contains("UDP connects")
+                || l.contains("not tracking who connects")
+        }) {
+            println!("@@ UDP_CONNECTORS {}", udp.split_once("] ").map_or(udp, |x| x.1));
+        }
         let best = best.expect("at least one hook is supported");
         let chose = format!("(hook {}: BTF: ", best.arg());
         let line = stderr.lines().find(|l| l.contains("(hook ")).unwrap_or("");
