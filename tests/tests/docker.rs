@@ -717,6 +717,8 @@ fn udp_loopback_server_behind_a_published_port() {
     let started = bt.stderr();
     let said = started.lines().find(|l| l.contains("UDP connectors: recorded by")).unwrap();
     assert!(fexit == 0 || fexit == 2, "{names:?}");
+    assert!(fexit == 0 || !reads, "the per-recvmsg tracepoint only where fexit is refused: {names:?}");
+    assert!(fexit == 2 || reads, "one recorder runs: {names:?}");
     assert_eq!(said.contains("recorded by fexit/"), fexit == 2, "{said} {names:?}");
     assert_eq!(
         said.contains("recorded by tp_btf/sock_recv_length") || said.contains("and by tp_btf"),
