@@ -138,9 +138,7 @@ impl UdpRecorders {
             (Ok(()), Err(_)) => (false, format!("UDP connectors: recorded by {CONNECTS}")),
             (Err(e), Ok(())) => (
                 false,
-                format!(
-                    "UDP connectors: recorded by {READS}, from the refused reads (not at the connect: {e})"
-                ),
+                format!("UDP connectors: recorded by {READS}, from the refused reads (fexit: {})", brief(e)),
             ),
             (Err(c), Err(r)) => (
                 true,
@@ -151,6 +149,12 @@ impl UdpRecorders {
             ),
         }
     }
+}
+
+/// An attach error without the verifier's log when it said nothing (aya appends
+/// "Verifier output: " even then), for a start-up line every user reads.
+fn brief(e: &str) -> &str {
+    e.trim_end().strip_suffix("Verifier output:").map_or(e, |s| s.trim_end().trim_end_matches('.'))
 }
 
 /// Loads and attaches the UDP recorders: the fexit pair (both or none: whatever was attached is
@@ -310,6 +314,12 @@ mod tests {
         let (warn, line) = UdpRecorders { connects: Ok(()), reads: no("no tracepoint") }.describe();
         assert!(!warn && line.contains("fexit/__ip4_datagram_connect"), "{line}");
         assert!(!line.contains("sock_recv_length"), "not attached where fexit is: {line}");
+        let (_, line) = UdpRecorders {
+            connects: no("loading fexit/f: the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1). Verifier output: "),
+            reads: Ok(()),
+        }
+        .describe();
+        assert!(line.ends_with("(os error 1))"), "no empty verifier log: {line}");
         let (warn, line) = UdpRecorders { connects: no("EPERM"), reads: no("no tracepoint") }.describe();
         assert!(warn && line.starts_with("not recording UDP connects (EPERM; no tracepoint)"), "{line}");
     }
