@@ -62,6 +62,21 @@ pub fn tcp_syn(skb: u64) -> Option<Segment> {
     Some(seg)
 }
 
+/// Whether the packet's IP header says UDP: one small read, no scope lookup. The UDP-only
+/// program (next to `tcp-send-reset`) sees every refused SYN too (they are freed with
+/// NO_SOCKET as well), and this is what lets it leave those before looking up their scope.
+#[inline(always)]
+pub fn says_udp(skb: u64) -> bool {
+    let Some((ip, _)) = header_addrs(skb) else { return false };
+    // Version at 0; the protocol at 9 for IPv4, the next header at 6 for IPv6.
+    let Some(h) = read::<[u8; 10]>(ip) else { return false };
+    match h[0] >> 4 {
+        4 => h[9] == IPPROTO_UDP,
+        6 => h[6] == IPPROTO_UDP,
+        _ => false,
+    }
+}
+
 /// The datagram if it is UDP to a unicast address (UDP-Lite and others stop here). Broadcast and
 /// multicast take the kernel's multicast delivery path and are never freed with NO_SOCKET; the
 /// address test only keeps a limited broadcast or multicast from ever passing for a refusal.

@@ -15,7 +15,7 @@ use bindtrace_common::HookKind;
 
 use crate::{
     kernel::ingress_of,
-    packet::{tcp_syn, udp_datagram},
+    packet::{says_udp, tcp_syn, udp_datagram},
     refusal,
 };
 
@@ -34,11 +34,17 @@ pub fn bt_kfree_skb(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let skb: u64 = ctx.arg(0);
+    let udp_only = KFREE_SKB_TCP.load() == 0;
+    // UDP only: a refused SYN (the most common NO_SOCKET drop in a flood) leaves on its
+    // protocol byte, before the device, namespace and scope loads.
+    if udp_only && !says_udp(skb) {
+        return 0;
+    }
     let Some(ingress) = ingress_of(skb) else { return 0 };
     let Some(bridge) = refusal::in_scope(&ingress) else { return 0 };
     let seg = match udp_datagram(skb) {
         Some(seg) => seg,
-        None if KFREE_SKB_TCP.load() != 0 => {
+        None if !udp_only => {
             let Some(seg) = tcp_syn(skb) else { return 0 };
             seg
         }
