@@ -702,7 +702,12 @@ fn udp_loopback_server_behind_a_published_port() {
     nat.wait_udp_bound(5353);
     proxied.wait_udp_bound(5353);
     let link = HostLink::new();
-    let mut bt = Bindtrace::start_here(&[]);
+    // The recorders' line is at debug level.
+    let mut cmd = std::process::Command::new(bindtrace_tests::bindtrace::binary());
+    cmd.args(["--format", "json", "--no-metrics"])
+        .env("RUST_LOG", "info,bindtrace::app::scope_sync=debug,bindtrace::attribution::connect=debug");
+    let mut bt = Bindtrace::spawn_cmd(cmd);
+    assert!(bt.wait_ready(WAIT), "{}", bt.stderr());
     // The recorders of UDP connectors: the start-up line names those attached, the fexit pair
     // is attached both or neither, and one of them runs (the docker-proxy line below needs it).
     assert!(bt.wait_stderr("UDP connectors: recorded by", WAIT), "{}", bt.stderr());

@@ -244,9 +244,10 @@ impl ConnectTracker {
         let dests = ebpf.take_map("CONNECT_DESTS").context("no map CONNECT_DESTS")?;
         let connectors = ebpf.take_map("CONNECTORS").context("no map CONNECTORS")?;
         let (udp, recorders) = attach_udp(ebpf, btf);
+        // Which recorder runs is a detail (debug); that none does is worth a warning.
         match recorders.describe() {
             (true, line) => log::warn!("{line}"),
-            (false, line) => log::info!("{line}"),
+            (false, line) => log::debug!("{line}"),
         }
         Ok(ConnectTracker {
             dests: LpmTrie::try_from(dests)?,

@@ -63,8 +63,14 @@ async fn follow(dir: PathBuf, tx: watch::Sender<DockerState>) {
             ..Default::default()
         };
         if last.as_ref() != Some(&inv) {
-            if last.as_ref().is_none_or(|l| l.containers.len() != inv.containers.len()) {
-                log::info!("containerd: {} workloads in {}", inv.containers.len(), dir.display());
+            let before = last.as_ref().map(|l| l.containers.len());
+            if before != Some(inv.containers.len()) {
+                // None at start and none since is every Docker-only host: not for the summary.
+                if inv.containers.is_empty() && before.unwrap_or(0) == 0 {
+                    log::debug!("containerd: no workloads in {}", dir.display());
+                } else {
+                    log::info!("containerd: {} workloads in {}", inv.containers.len(), dir.display());
+                }
             }
             tx.send_replace(DockerState::Up(Arc::new(inv.clone())));
             last = Some(inv);
