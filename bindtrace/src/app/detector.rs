@@ -67,6 +67,14 @@ pub(crate) struct Detector {
     pub(super) hook_name: &'static str,
     pub(super) lost_reported: u64,
     pub(super) recursion_reported: u64,
+    /// The ring's loss counter at the last idle pass: samples lost since then may have been a
+    /// key's only announcement, so that pass reads every key's count.
+    pub(super) lost_at_pass: u64,
+    /// Samples arrived since the last idle pass: the next one reads the loss counters.
+    pub(super) samples_since_pass: bool,
+    /// Something said a held namespace may be gone (a handle removed, a runtime or link change):
+    /// the next wake checks for namespaces only bindtrace keeps alive.
+    pub(super) orphans_suspect: bool,
     /// None with --no-metrics.
     pub(super) metrics: Option<Metrics>,
     pub(super) docker: DockerSide,

@@ -32,10 +32,14 @@ use crate::{
 };
 
 /// When the loop must wake next even if nothing arrives: the idle pass, the earliest fold
-/// window to close, or the rescan a burst of link changes asked for.
+/// window to close, or the rescan a burst of link changes asked for. None: nothing is pending,
+/// the loop sleeps until the kernel, a runtime, netlink or inotify says something.
 struct Deadlines {
-    next_full: Instant,
-    next_poll: Instant,
+    next_full: Option<Instant>,
+    /// The idle pass that reads the loss counters after samples: set by the first sample after
+    /// a pass and kept, so that a flood's stream of wake-ups does not push it back.
+    after_samples: Option<Instant>,
+    next_poll: Option<Instant>,
     rescan_at: Option<Instant>,
 }
 
@@ -62,9 +66,22 @@ impl Detector {
         self.start(out, docker_state.as_mut()).await?;
 
         let mut poll_timer = PollTimer::new().context("creating the poll timer")?;
-        let now = Instant::now();
-        let mut at = Deadlines { next_full: now + IDLE_POLL, next_poll: now + IDLE_POLL, rescan_at: None };
+        // Handles of namespaces (`ip netns`, Docker's): their removal may leave a namespace that
+        // only bindtrace holds, and says so without a timer.
+        let mut handles = crate::sources::containerd::inotify::Watcher::new("namespace handles")
+            .inspect_err(|e| log::debug!("no inotify on the namespace handles ({e}): checked on a timer"))
+            .ok();
+        if handles.is_none() {
+            self.resolver.watch_lost();
+        }
+        let mut at = Deadlines { next_full: None, after_samples: None, next_poll: None, rescan_at: None };
+        self.plan_wake(&mut at, Instant::now());
         loop {
+            if let Some(h) = handles.as_mut() {
+                for dir in crate::netns::HANDLE_DIRS {
+                    h.watch_existing(std::path::Path::new(dir));
+                }
+            }
             poll_timer.arm(at.next_poll).context("arming the poll timer")?;
             let audit_at = self.docker.auditor.as_ref().and_then(|a| a.next_due());
             tokio::select! {
@@ -79,11 +96,21 @@ impl Detector {
                 }
                 done = enriched_batch(&mut enriched) => self.on_done(out, done)?,
                 () = docker_changed(&mut docker_state) => {
+                    self.orphans_suspect = true;
                     self.sync_docker()?;
                     self.run_audits(out)?;
                 }
+                changed = handles_changed(&mut handles) => {
+                    if let Err(e) = changed {
+                        log::debug!("inotify on the namespace handles failed ({e}): checked on a timer");
+                        handles = None;
+                        self.resolver.watch_lost();
+                    }
+                    self.orphans_suspect = true;
+                }
                 _ = sleep_until_opt(audit_at) => self.run_audits(out)?,
                 changed = link_changes(&mut links) => {
+                    self.orphans_suspect = true;
                     self.on_link_changes(&mut links, std::iter::once(changed));
                     // A container start is a burst of notifications: one rescan covers it, at a
                     // deadline of the loop's own, so samples and events are not held up meanwhile.
@@ -149,6 +176,7 @@ impl Detector {
             let total = self.key_total(&key_of(&ev));
             lines.extend(self.folder.on_event(ev, total, now));
         }
+        self.samples_since_pass = true;
         if overflowed {
             // The active map is full: make room now rather than at the next idle pass.
             self.sync_keys(now, self.loaded.stats().1);
@@ -163,13 +191,14 @@ impl Detector {
             at.rescan_at = None;
             self.rescan_or_retry();
         }
-        if now >= at.next_full {
+        if at.next_full.is_some_and(|t| now >= t) {
             // The idle pass: the loss counters, the loopback gauge, and, only when samples
             // were lost (a key may then be known to the kernel alone), every key's count.
             // Otherwise every key announced itself with a sample, and closed windows are
             // read one key at a time below: a pass over 10 000 keys takes ~40 ms of syscalls.
             let stats = self.loaded.stats();
-            let samples_lost = stats.0 > self.lost_reported;
+            let samples_lost = stats.0 > self.lost_at_pass;
+            self.lost_at_pass = stats.0;
             if samples_lost || self.folder.awaiting_samples() {
                 let totals = self.loaded.counts.totals();
                 let lines = self.folder.on_totals(&totals, now, false);
@@ -180,8 +209,10 @@ impl Detector {
             self.report_lost(out, stats)?;
             self.sync_keys(now, stats.1);
             self.recheck_loopback(now);
-            at.next_full = now + IDLE_POLL;
+            self.samples_since_pass = false;
+            at.after_samples = None;
         }
+        self.scope_upkeep(now);
         // Windows that closed: one lookup per key, not a pass over the whole map (a burst of
         // new ports closes a window every millisecond or so).
         let mut lines = Vec::new();
@@ -189,15 +220,50 @@ impl Detector {
             let total = self.key_total(&key);
             lines.extend(self.folder.on_key_total(key, total, now));
         }
+        if !lines.is_empty() && self.samples_since_pass {
+            // A folded line completes its key's count: the samples lost meanwhile are said with
+            // it (and in the metrics), not only at the next idle pass.
+            let stats = self.loaded.stats();
+            self.report_lost(out, stats)?;
+        }
         self.print(out, &lines, false)?;
         self.retry_attribution(out)?;
         // The terminal form's scans that stopped get their SCAN line.
         out.scans_ended().context("writing output")?;
-        at.next_poll = [self.folder.next_deadline(), self.next_attribution_poll(now), at.rescan_at]
-            .into_iter()
-            .flatten()
-            .fold(at.next_full, Instant::min);
+        self.plan_wake(at, now);
         Ok(())
+    }
+
+    /// The next deadline of the loop: the earliest of everything pending, or none.
+    fn plan_wake(&self, at: &mut Deadlines, now: Instant) {
+        if self.samples_since_pass || self.folder.awaiting_samples() || self.keys.overflow_lines.awaiting() {
+            at.after_samples.get_or_insert(now + IDLE_POLL);
+        }
+        at.next_full = at.after_samples.into_iter().chain(self.next_idle_pass(now)).min();
+        at.next_poll = [
+            at.next_full,
+            self.folder.next_deadline(),
+            self.next_attribution_poll(now),
+            at.rescan_at,
+            self.hiccups.next_retry(),
+            self.departed_due(),
+            self.resolver.orphan_check_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+    }
+
+    /// When the idle pass must run next for what it keeps (besides the samples' losses, read
+    /// a second after them: [`Deadlines::after_samples`]). Idle means nothing is pending: no
+    /// key the kernel or userspace still holds (flipped out and forgotten at the key
+    /// lifecycle's pace), no loopback gauge to recheck. Then the loop has no timer at all.
+    fn next_idle_pass(&self, now: Instant) -> Option<Instant> {
+        let counts = &self.loaded.counts;
+        let reclaim = counts.lifecycle()
+            && (counts.kernel_keys() > 0 || self.folder.len() > 0 || counts.drained_keys() > 0);
+        let loopback = self.metrics.as_ref().and_then(|m| m.loopback_recheck_at());
+        [reclaim.then_some(self.keys.next_flip.max(now)), loopback].into_iter().flatten().min()
     }
 
     /// After the loop: nothing counted stays unprinted (every line queued for diagnosis is
@@ -273,6 +339,20 @@ async fn enriched_batch(rx: &mut Option<UnboundedReceiver<Done>>) -> Done {
 async fn link_changes(links: &mut Option<LinkWatcher>) -> std::io::Result<LinkChanges> {
     match links.as_mut() {
         Some(l) => l.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when a namespace handle directory changed (never without the watch).
+async fn handles_changed(
+    handles: &mut Option<crate::sources::containerd::inotify::Watcher>,
+) -> std::io::Result<()> {
+    match handles.as_mut() {
+        Some(h) => {
+            h.changed().await?;
+            h.drain();
+            Ok(())
+        }
         None => std::future::pending().await,
     }
 }

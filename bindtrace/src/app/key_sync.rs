@@ -46,7 +46,6 @@ impl Detector {
             self.keys.last_flip = Some(now);
             self.forget_idle(now);
         }
-        self.scope_upkeep(now);
         if let Some(m) = &mut self.metrics {
             m.on_count_keys(self.loaded.counts.kernel_keys(), self.folder.len());
         }

@@ -150,12 +150,19 @@ impl Detector {
         self.departed.retain(|_, (_, since)| now.duration_since(*since) < DEPARTED_GRACE);
     }
 
-    /// At the idle pass (called from `sync_keys`): departed ports leave after their grace even
-    /// when no link event brings a rescan, and namespaces only bindtrace keeps alive are let go
-    /// (see [`crate::netns::scope::Resolver::release_orphans`]), their ports with them.
+    /// When the next departed port's grace ends (a wake-up is due then, for it alone).
+    pub(super) fn departed_due(&self) -> Option<Instant> {
+        self.departed.values().map(|(_, since)| *since + DEPARTED_GRACE).min()
+    }
+
+    /// At every wake of the loop (cheap when nothing is due): departed ports leave after their
+    /// grace even when no link event brings a rescan, and namespaces only bindtrace keeps alive
+    /// are let go (see [`crate::netns::scope::Resolver::release_orphans`]), their ports with
+    /// them: at once when an event made them suspect, else when the resolver's timer is due.
     pub(super) fn scope_upkeep(&mut self, now: Instant) {
         self.forget_departed(now);
-        match self.resolver.release_orphans(now) {
+        let forced = std::mem::take(&mut self.orphans_suspect);
+        match self.resolver.release_orphans(now, forced) {
             Ok(0) => {}
             Ok(n) => {
                 log::info!(

@@ -134,6 +134,9 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
         keys: KeyLifecycle::new(args.idle_key_after),
         hook_name: hook.name(),
         lost_reported: 0,
+        lost_at_pass: 0,
+        samples_since_pass: false,
+        orphans_suspect: false,
         recursion_reported: 0,
         metrics,
         docker: DockerSide {

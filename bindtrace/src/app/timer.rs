@@ -32,13 +32,17 @@ impl PollTimer {
         Ok(PollTimer { fd, armed: None })
     }
 
-    /// Sets the one deadline (std's Instant is CLOCK_MONOTONIC too); a no-op when unchanged.
-    pub(crate) fn arm(&mut self, at: Instant) -> io::Result<()> {
-        if self.armed == Some(at) {
+    /// Sets the one deadline (std's Instant is CLOCK_MONOTONIC too), or none: the loop then has
+    /// no timer. A no-op when unchanged.
+    pub(crate) fn arm(&mut self, at: Option<Instant>) -> io::Result<()> {
+        if self.armed == at {
             return Ok(());
         }
         // An all-zero it_value disarms: a deadline already past fires after 1 ns.
-        let left = at.saturating_duration_since(Instant::now()).max(Duration::from_nanos(1));
+        let left = match at {
+            Some(at) => at.saturating_duration_since(Instant::now()).max(Duration::from_nanos(1)),
+            None => Duration::ZERO,
+        };
         let spec = libc::itimerspec {
             it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
             it_value: libc::timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ },
@@ -47,7 +51,7 @@ impl PollTimer {
         if unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        self.armed = Some(at);
+        self.armed = at;
         Ok(())
     }
 

@@ -148,10 +148,18 @@ pub(crate) fn validate(names: &[String]) -> Result<Bridges, ScopeError> {
 pub(crate) struct Resolver {
     own: Arc<Netns>,
     by_nsid: HashMap<i32, Arc<Netns>>,
+    /// Held namespaces found only as `/proc/PID/ns/net` of some process, with neither a handle
+    /// under [`netns::HANDLE_DIRS`] (whose removal inotify reports) nor a runtime that sends an
+    /// event when its workload stops. Only these are checked on a timer.
+    unannounced: HashSet<i32>,
+    /// inotify on the handle directories is unavailable: every held namespace is checked on the
+    /// timer.
+    handles_unwatched: bool,
     next_orphan_check: Instant,
 }
 
-/// How often the namespaces held open are checked for being alive only through bindtrace.
+/// How often namespaces held open that no event covers are checked for being alive only
+/// through bindtrace.
 const ORPHAN_CHECK: Duration = Duration::from_secs(10);
 
 /// The ports found on the watched bridges, and those skipped because their namespace could
@@ -167,6 +175,8 @@ impl Resolver {
         Ok(Resolver {
             own: Arc::new(Netns::own()?),
             by_nsid: HashMap::new(),
+            unannounced: HashSet::new(),
+            handles_unwatched: false,
             next_orphan_check: Instant::now(),
         })
     }
@@ -233,6 +243,7 @@ impl Resolver {
         }
         // Let go of namespaces no port refers to any more, so they can be freed.
         self.by_nsid = used;
+        self.unannounced.retain(|id| self.by_nsid.contains_key(id));
         Ok(Resolved { ports: scope, skipped })
     }
 
@@ -252,6 +263,8 @@ impl Resolver {
             if self.by_nsid.get(&nsid).is_none_or(|ns| ns.inode != inode) {
                 self.by_nsid.insert(nsid, Arc::new(Netns::from_file(file)?));
             }
+            // Its runtime says when the workload stops.
+            self.unannounced.remove(&nsid);
             out.insert(nsid);
         }
         Ok(out)
@@ -260,11 +273,13 @@ impl Resolver {
     /// Lets go of held namespaces that nothing but bindtrace keeps alive: no handle under
     /// [`netns::HANDLE_DIRS`] and no process inside (`ip netns del` while the namespace's veth is
     /// still on a watched bridge). Holding one would keep the namespace, so its veth, so its port
-    /// in scope, so the namespace: forever. Returns how many were let go (at most every
-    /// [`ORPHAN_CHECK`]); the caller then rescans, which cannot find them any more, so their
+    /// in scope, so the namespace: forever. Returns how many were let go; the caller then rescans, which cannot find them any more, so their
     /// ports leave scope, and once the departed grace is over the namespace is freed.
-    pub(crate) fn release_orphans(&mut self, now: Instant) -> io::Result<usize> {
-        if self.by_nsid.is_empty() || now < self.next_orphan_check {
+    ///
+    /// `forced`: an event said a namespace may have gone (a handle removed, a runtime event, a
+    /// rescan); otherwise the check runs only when [`Self::orphan_check_due`] is.
+    pub(crate) fn release_orphans(&mut self, now: Instant, forced: bool) -> io::Result<usize> {
+        if self.by_nsid.is_empty() || !(forced || self.orphan_check_due().is_some_and(|t| now >= t)) {
             return Ok(0);
         }
         self.next_orphan_check = now + ORPHAN_CHECK;
@@ -272,7 +287,22 @@ impl Resolver {
         let reachable: HashSet<u64> = netns::candidates()?.into_iter().map(|c| c.inode).collect();
         let before = self.by_nsid.len();
         self.by_nsid.retain(|_, ns| reachable.contains(&ns.inode));
+        self.unannounced.retain(|id| self.by_nsid.contains_key(id));
         Ok(before - self.by_nsid.len())
+    }
+
+    /// When the timer must check for orphans: only while a namespace no event covers is held
+    /// (an idle host with Docker's, podman's or `ip netns` namespaces needs no timer).
+    pub(crate) fn orphan_check_due(&self) -> Option<Instant> {
+        let timer_needed =
+            !self.unannounced.is_empty() || (self.handles_unwatched && !self.by_nsid.is_empty());
+        timer_needed.then_some(self.next_orphan_check)
+    }
+
+    /// No inotify on the handle directories (none at start, or it failed): the timer checks
+    /// every held namespace from now on.
+    pub(crate) fn watch_lost(&mut self) {
+        self.handles_unwatched = true;
     }
 
     /// The namespace our namespace calls `nsid`. A cached one is re-checked (ids are reused
@@ -306,6 +336,11 @@ impl Resolver {
             if id == Some(nsid) {
                 let ns = Arc::new(Netns::from_file(file)?);
                 self.by_nsid.insert(nsid, ns.clone());
+                if netns::HANDLE_DIRS.iter().any(|d| candidate.path.starts_with(d)) {
+                    self.unannounced.remove(&nsid);
+                } else {
+                    self.unannounced.insert(nsid);
+                }
                 return Ok(Some(ns));
             }
         }

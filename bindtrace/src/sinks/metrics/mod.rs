@@ -482,6 +482,15 @@ impl Metrics {
     /// The tracked listeners to check again (key and target address), when they are due: at
     /// most every [`LOOPBACK_RECHECK`], and not while a check is still out. The answer comes
     /// back through [`Metrics::loopback_rechecked`].
+    /// When the loopback gauge's next recheck is due: None while no key is tracked, or while a
+    /// recheck is out (its answer wakes the loop).
+    pub(crate) fn loopback_recheck_at(&self) -> Option<Instant> {
+        if self.tracked.is_empty() || self.recheck_in_flight {
+            return None;
+        }
+        Some(self.last_recheck.map_or_else(Instant::now, |t| t + LOOPBACK_RECHECK))
+    }
+
     pub(crate) fn loopback_recheck_due(&mut self, now: Instant) -> Option<Vec<(CountKey, IpAddr)>> {
         if self.tracked.is_empty()
             || self.recheck_in_flight

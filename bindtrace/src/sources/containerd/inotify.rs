@@ -23,13 +23,15 @@ const MASK: u32 = libc::IN_CREATE
     | libc::IN_ONLYDIR;
 
 pub(crate) struct Watcher {
+    /// What is watched, for the log.
+    label: &'static str,
     fd: AsyncFd<OwnedFd>,
     /// Directories asked for (the kernel drops a watch by itself when its directory goes).
     watched: HashSet<PathBuf>,
 }
 
 impl Watcher {
-    pub(crate) fn new() -> io::Result<Watcher> {
+    pub(crate) fn new(label: &'static str) -> io::Result<Watcher> {
         // SAFETY: a plain system call; the descriptor it returns is owned below.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if fd < 0 {
@@ -38,7 +40,7 @@ impl Watcher {
         // SAFETY: `fd` is a new descriptor nothing else owns; the AsyncFd owns it from here on,
         // and it stays open while registered.
         let fd = unsafe { AsyncFd::register_with_interest(OwnedFd::from_raw_fd(fd), Interest::READABLE) }?;
-        Ok(Watcher { fd, watched: HashSet::new() })
+        Ok(Watcher { label, fd, watched: HashSet::new() })
     }
 
     /// Watches `root` and `dirs` under it; while `root` does not exist, its nearest existing
@@ -59,8 +61,22 @@ impl Watcher {
                 Ok(()) => {
                     self.watched.insert(dir.to_owned());
                 }
-                Err(e) => log::debug!("containerd: watching {}: {e}", dir.display()),
+                Err(e) => log::debug!("{}: watching {}: {e}", self.label, dir.display()),
             }
+        }
+    }
+
+    /// Watches `dir` if it exists and is not watched yet (a few stat calls when nothing is new).
+    pub(crate) fn watch_existing(&mut self, dir: &Path) {
+        if self.watched.contains(dir) || !dir.is_dir() {
+            return;
+        }
+        // A symlink to a directory already watched (/var/run -> /run) adds nothing new.
+        match self.add(dir) {
+            Ok(()) => {
+                self.watched.insert(dir.to_owned());
+            }
+            Err(e) => log::debug!("{}: watching {}: {e}", self.label, dir.display()),
         }
     }
 

@@ -33,7 +33,7 @@ pub(crate) fn spawn(dir: PathBuf) -> watch::Receiver<DockerState> {
 }
 
 async fn follow(dir: PathBuf, tx: watch::Sender<DockerState>) {
-    let mut watcher = match inotify::Watcher::new() {
+    let mut watcher = match inotify::Watcher::new("containerd") {
         Ok(w) => Some(w),
         Err(e) => {
             log::warn!("containerd: no inotify ({e}): its tasks are read once, at start");
