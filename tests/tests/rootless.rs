@@ -171,4 +171,25 @@ fn tcns_loopback_server_behind_rootlessport_on_the_tc_hook() {
         assert!(left.iter().all(|id| !ours.contains(id)), "{mode:?}: left on lo: {left:?}");
         assert_eq!(wait_unloaded(&ours), Vec::<u32>::new(), "{mode:?}: programs left loaded");
     }
+
+    // A SIGKILLed bindtrace's clsact filter on that lo outlives it; the next start removes it
+    // before attaching its own there, and leaves nothing at its exit.
+    let args = ["--hook", "tc", "--tc-clsact", "--docker-host", service.path()];
+    let mut killed = Bindtrace::start_here(&args);
+    let killed_progs = programs_held_by(killed.pid());
+    unsafe { libc::kill(killed.pid() as i32, libc::SIGKILL) };
+    killed.stop();
+    let left = ingress_programs_of_pid(bad.pid(), "lo");
+    assert!(left.iter().any(|id| killed_progs.contains(id)), "no filter survived the SIGKILL: {left:?}");
+    let mut restarted = Bindtrace::start_here(&args);
+    let stderr = restarted.stderr();
+    let reaped = format!("clsact filters that a killed bindtrace left in netns {own_ns}");
+    assert!(stderr.contains(&reaped), "{stderr}");
+    let ours = programs_held_by(restarted.pid());
+    let now = ingress_programs_of_pid(bad.pid(), "lo");
+    assert!(now.iter().all(|id| !killed_progs.contains(id)), "the dead instance's filter stayed: {now:?}");
+    assert!(now.iter().any(|id| ours.contains(id)), "{now:?}");
+    assert_eq!(restarted.stop(), Some(0), "{}", restarted.stderr());
+    let left = ingress_programs_of_pid(bad.pid(), "lo");
+    assert!(left.iter().all(|id| !ours.contains(id)), "left on lo: {left:?}");
 }
