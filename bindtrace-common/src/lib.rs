@@ -157,9 +157,9 @@ pub struct RefusalEvent {
 /// (it is in `STATS[STAT_COUNT_OVERFLOW]`).
 pub const EVENT_OVERFLOW: u8 = 1;
 
-/// What the tc hook knows about a port, under the host-side veth's ifindex (in bindtrace's own
-/// namespace) in the `TC_PORTS` map: the container side the RST left from, as the other hooks
-/// key it, and the bridge. Userspace fills it from the same scan that fills `SCOPE`.
+/// What the tc hook knows about a port, under its [`TcPortKey`] (the host-side veth, or a
+/// namespace's `lo`, where the classifier is attached) in the `TC_PORTS` map: the container side
+/// the RST left from, as the other hooks key it, and the bridge. Userspace fills it from the same scan that fills `SCOPE`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcPort {

@@ -161,6 +161,9 @@ fn tcns_loopback_server_behind_rootlessport_on_the_tc_hook() {
         assert_eq!(line["target_port"], 8000, "{line:#}");
         assert_eq!((&line["ifindex"], &line["netns"]), (&1.into(), &own_ns.into()), "{line:#}");
         assert!(!line["target_ip"].as_str().unwrap().starts_with("127."), "{line:#}");
+        // The reset crosses lo twice (egress, then ingress): attached at ingress only, it is
+        // counted once.
+        assert_eq!(line["count"], 1, "{line:#}");
 
         let own = bad.exec(&["wget", "-q", "-T", "2", "-O-", "http://127.0.0.1:9/"]);
         assert!(!own.status.success(), "nothing listens on 127.0.0.1:9 in the container");
