@@ -166,6 +166,8 @@ pub(crate) struct TcPorts {
     map: HashMap<MapData, TcPortKey, TcPort>,
     attached: BTreeMap<Place, Attached>,
     slots: NsSlots,
+    /// The cookie of bindtrace's own namespace (None if it could not be read).
+    own_cookie: Option<u64>,
     /// The classifier copies loaded so far (slot 0 by the loader; the others on first use).
     loaded: BTreeSet<u32>,
     /// With clsact: the slot whose priority every filter gets. Declared last, so the lock is
@@ -193,6 +195,7 @@ impl TcPorts {
             map,
             attached: BTreeMap::new(),
             slots: NsSlots::new(TC_NS_SLOTS),
+            own_cookie: Netns::own().ok().map(|n| n.cookie),
             loaded: BTreeSet::from([0]),
             instance,
         }
@@ -228,6 +231,12 @@ impl TcPorts {
                 continue;
             } else {
                 ((0, p.host_ifindex), None, p.host_ifname.as_str())
+            };
+            // Another namespace that is ours after all (bindtrace run inside RootlessKit's): the
+            // same interface as the scan of our own links may list, attached once, in slot 0.
+            let (place, ns) = match ns {
+                Some(n) if Some(n.cookie) == self.own_cookie => ((0, place.1), None),
+                _ => (place, ns),
             };
             wanted.insert(place, Wanted { ns, ifname, value });
         }
