@@ -157,9 +157,9 @@ pub struct RefusalEvent {
 /// (it is in `STATS[STAT_COUNT_OVERFLOW]`).
 pub const EVENT_OVERFLOW: u8 = 1;
 
-/// What the tc hook knows about a port, under the host-side veth's ifindex (in bindtrace's own
-/// namespace) in the `TC_PORTS` map: the container side the RST left from, as the other hooks
-/// key it, and the bridge. Userspace fills it from the same scan that fills `SCOPE`.
+/// What the tc hook knows about a port, under its [`TcPortKey`] (the host-side veth, or a
+/// namespace's `lo`, where the classifier is attached) in the `TC_PORTS` map: the container side
+/// the RST left from, as the other hooks key it, and the bridge. Userspace fills it from the same scan that fills `SCOPE`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcPort {
@@ -170,6 +170,24 @@ pub struct TcPort {
     pub bridge: BridgeId,
     pub _pad: u32,
 }
+
+/// The key of `TC_PORTS`: an interface, in the namespace that the classifier copy of `slot`
+/// is attached in. Ifindexes are per namespace (every `lo` is 1), and a classifier on kernels
+/// before 5.17 cannot ask for its namespace's cookie, so each namespace the tc hook attaches in
+/// gets a copy of the program of its own (`bt_tc` for slot 0, bindtrace's own namespace;
+/// `bt_tc_N` for the others), which puts its constant slot in the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TcPortKey {
+    pub slot: u32,
+    /// The ifindex in that namespace: the host-side veth, or the namespace's `lo`.
+    pub ifindex: u32,
+}
+
+/// Copies of the classifier in the eBPF object: slot 0 for bindtrace's own namespace and
+/// `TC_NS_SLOTS - 1` for the other namespaces the tc hook attaches in (RootlessKit's, rootless
+/// podman containers'). The eBPF side's copies must match (`probes/tc.rs`).
+pub const TC_NS_SLOTS: u32 = 8;
 
 /// TCP states (include/net/tcp_states.h). These numbers are ABI: /proc/net/tcp's `st` column and
 /// `sock:inet_sock_set_state` report them, and they have not changed since Linux 2.x.
@@ -259,6 +277,7 @@ mod pod {
     unsafe impl aya::Pod for Connector {}
     unsafe impl aya::Pod for ConnectKey {}
     unsafe impl aya::Pod for TcPort {}
+    unsafe impl aya::Pod for TcPortKey {}
 }
 
 #[cfg(test)]
@@ -273,6 +292,7 @@ mod tests {
         assert_eq!(size_of::<CountValue>(), 16);
         assert_eq!(size_of::<RefusalEvent>(), 72);
         assert_eq!(size_of::<TcPort>(), 24);
+        assert_eq!(size_of::<TcPortKey>(), 8);
         assert_eq!(size_of::<Connector>(), 40);
         assert_eq!(size_of::<ConnectKey>(), 48);
         // Every byte is a field: 8 + 16 + 16 + 2 + 2 + 4.

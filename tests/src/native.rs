@@ -110,3 +110,35 @@ pub fn ingress_programs(ns: &Netns, ifname: &str) -> Vec<u32> {
     ids.dedup();
     ids
 }
+
+/// `ingress_programs` for the network namespace process `pid` runs in (a rootless container's,
+/// RootlessKit's), which has no name under /run/netns.
+pub fn ingress_programs_of_pid(pid: u32, ifname: &str) -> Vec<u32> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let file = std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("the process's namespace");
+    let mut ids: Vec<u32> = std::thread::scope(|s| {
+        s.spawn(|| {
+            assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+                .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
+                .unwrap_or_default()
+        })
+        .join()
+        .unwrap()
+    });
+    let out = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "tc", "filter", "show", "dev", ifname, "ingress"])
+        .output()
+        .expect("run nsenter tc");
+    let text = String::from_utf8_lossy(&out.stdout);
+    ids.extend(
+        text.split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "id")
+            .filter_map(|w| w[1].parse::<u32>().ok()),
+    );
+    ids.sort();
+    ids.dedup();
+    ids
+}

@@ -140,3 +140,53 @@ fn rootless_docker_container_reported_by_name() {
     let proxy_ns = std::fs::metadata(format!("/proc/{}/ns/net", proxy["pid"])).unwrap().ino();
     assert_eq!(proxy_ns, ns(daemon.pid()), "docker-proxy runs in RootlessKit's namespace");
 }
+
+/// Issue 15, the tc hook (kernels before 5.17): the classic case with `--hook tc`. The
+/// container's veth peer is in RootlessKit's namespace, so the classifier is attached there,
+/// inside that namespace: the refusal is reported by name with docker0 and the veth as
+/// RootlessKit's namespace names them; after bindtrace exits nothing of it is left on that
+/// veth (tcx links, then clsact filters: the path of those kernels).
+#[test]
+fn tcns_rootless_docker_on_the_tc_hook() {
+    use bindtrace_tests::native::{ingress_programs_of_pid, programs_held_by, wait_unloaded};
+    if skip() {
+        return;
+    }
+    let user = User::create();
+    let daemon = Daemon::start(&user);
+    let image = daemon.busybox_image();
+    let port = free_port();
+    let bad = daemon.run(
+        &image,
+        &["-p", &format!("{port}:8000")],
+        &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"],
+    );
+    bad.wait_listening(8000);
+    let ns = |pid: u32| std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap().ino();
+    for mode in [&[][..], &["--tc-clsact"][..]] {
+        let mut args = vec!["--hook", "tc"];
+        args.extend_from_slice(mode);
+        let mut bt = Bindtrace::start_here(&args);
+        let ours = programs_held_by(bt.pid());
+        let (code, _) = curl(&format!("http://127.0.0.1:{port}/"));
+        assert_eq!(code, 52, "RootlessKit accepts, docker-proxy cannot forward: an empty reply");
+        let name = bad.name.clone();
+        let line = bt.expect_line("refusal in RootlessKit's namespace, tc hook", WAIT, move |l| {
+            l["event"] == "refused" && l["container"]["name"] == name.as_str()
+        });
+        assert_eq!(line["container"]["rootless"], true, "{mode:?} {line:#}");
+        assert_eq!(line["container"]["id"], bad.short_id(), "{line:#}");
+        assert_eq!(line["target_port"], 8000, "{line:#}");
+        assert_eq!(line["published"]["host_port"], port, "{line:#}");
+        assert_eq!(line["netns"], ns(bad.pid()), "{line:#}");
+        assert_eq!(line["bridge"], "docker0", "{line:#}");
+        assert_eq!(line["via"], "rootlesskit", "{line:#}");
+        let veth = line["veth"].as_str().unwrap_or_else(|| panic!("a veth: {line:#}")).to_owned();
+        let on_veth = ingress_programs_of_pid(daemon.pid(), &veth);
+        assert!(on_veth.iter().any(|id| ours.contains(id)), "{mode:?}: {veth} not attached: {on_veth:?}");
+        assert_eq!(bt.stop(), Some(0), "{}", bt.stderr());
+        let left = ingress_programs_of_pid(daemon.pid(), &veth);
+        assert!(left.iter().all(|id| !ours.contains(id)), "{mode:?}: left on {veth}: {left:?}");
+        assert_eq!(wait_unloaded(&ours), Vec::<u32>::new(), "{mode:?}: programs left loaded");
+    }
+}

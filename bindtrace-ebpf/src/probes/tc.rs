@@ -23,19 +23,33 @@
 //! The key is the same as the other hooks': the loader maps the host-side ifindex to the
 //! container side's (netns cookie, ifindex) and bridge. The RST's source is the container (the
 //! target), its destination the client.
+//!
+//! Not every port's host side is in bindtrace's namespace: rootless Docker's veths are in
+//! RootlessKit's, and a rootless podman container's refusals cross its own `lo` (ifindex 1, as in
+//! every namespace). There is no `bpf_get_netns_cookie` for tc programs on the kernels this hook
+//! serves, so the namespace comes from the program itself: [`TC_NS_SLOTS`] copies of the
+//! classifier, each a thin wrapper with a constant slot around the same code, slot 0 attached in
+//! bindtrace's namespace and the others handed out by userspace, one per other namespace.
+//! `TC_PORTS` is keyed by (slot, ifindex). On a `lo` the port's bridge is `BRIDGE_LOOPBACK`, so
+//! `refusal::record` counts only refusals whose target is not a loopback address (the
+//! forwarder dials the container's own address); a packet crosses `lo` twice (egress, then
+//! ingress after `loopback_xmit`), and only ingress is attached, as on the veths.
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
     macros::{classifier, map},
     maps::HashMap,
     programs::TcContext,
 };
-use bindtrace_common::{AF_INET, AF_INET6, HookKind, IPPROTO_TCP, IPPROTO_UDP, SCOPE_MAX_ENTRIES, TcPort};
+use bindtrace_common::{
+    AF_INET, AF_INET6, HookKind, IPPROTO_TCP, IPPROTO_UDP, SCOPE_MAX_ENTRIES, TC_NS_SLOTS, TcPort, TcPortKey,
+};
 
 use crate::{kernel::Ingress, packet::Segment, refusal};
 
-/// Host-side veth ifindex (bindtrace's namespace) -> the container side. Kept by userspace.
+/// (slot of the namespace, host-side veth or `lo` ifindex there) -> the container side. Kept by
+/// userspace.
 #[map]
-static TC_PORTS: HashMap<u32, TcPort> = HashMap::with_max_entries(SCOPE_MAX_ENTRIES, 0);
+static TC_PORTS: HashMap<TcPortKey, TcPort> = HashMap::with_max_entries(SCOPE_MAX_ENTRIES, 0);
 
 const ETH_HLEN: usize = 14;
 /// `skb->protocol` values, in network byte order as `__sk_buff.protocol` holds them.
@@ -54,11 +68,31 @@ const ICMP_PORT_UNREACH: u8 = 3;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
 
-#[classifier]
-pub fn bt_tc(ctx: TcContext) -> i32 {
-    let _ = try_tc(&ctx);
-    TC_ACT_UNSPEC
+/// One classifier per namespace slot, all the same code (`try_tc`, inlined into each).
+macro_rules! classifiers {
+    ($($name:ident = $slot:literal),* $(,)?) => {
+        $(
+            #[classifier]
+            pub fn $name(ctx: TcContext) -> i32 {
+                let _ = try_tc(&ctx, $slot);
+                TC_ACT_UNSPEC
+            }
+        )*
+        const COPIES: u32 = [$($slot),*].len() as u32;
+    };
 }
+
+classifiers!(
+    bt_tc = 0,
+    bt_tc_1 = 1,
+    bt_tc_2 = 2,
+    bt_tc_3 = 3,
+    bt_tc_4 = 4,
+    bt_tc_5 = 5,
+    bt_tc_6 = 6,
+    bt_tc_7 = 7
+);
+const _: () = assert!(COPIES == TC_NS_SLOTS, "one classifier copy per slot");
 
 /// A pointer to `T` at `off` when the whole `T` lies within the packet's linear data.
 #[inline(always)]
@@ -70,7 +104,7 @@ fn at<T>(start: usize, end: usize, off: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn try_tc(ctx: &TcContext) -> Option<()> {
+fn try_tc(ctx: &TcContext, slot: u32) -> Option<()> {
     let skb = ctx.skb.skb;
     // SAFETY: the context pointer is valid for the program's run; the verifier turns these
     // field reads into loads from the sk_buff.
@@ -103,8 +137,8 @@ fn try_tc(ctx: &TcContext) -> Option<()> {
     };
 
     // A refusal leaving a container: the rest runs only for these.
-    let host_ifindex = unsafe { (*skb).ifindex };
-    let port = unsafe { TC_PORTS.get(&host_ifindex) }?;
+    let key = TcPortKey { slot, ifindex: unsafe { (*skb).ifindex } };
+    let port = unsafe { TC_PORTS.get(&key) }?;
     let ingress =
         Ingress { netns_cookie: port.netns_cookie, netns_ino: port.netns_ino, ifindex: port.ifindex };
     refusal::record(ctx, HookKind::Tc as u8, &ingress, port.bridge, &seg);

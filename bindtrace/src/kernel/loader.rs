@@ -194,12 +194,7 @@ impl Loaded {
     /// at the next sync) and how many it is attached to.
     pub(crate) fn sync_tc(&mut self, ports: &BTreeMap<ScopeKey, Port>) -> (Vec<AttachError>, usize) {
         let Some(tc) = self.tc.as_mut() else { return (Vec::new(), 0) };
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(self.hook.program())
-            .and_then(|p| p.try_into().ok())
-            .expect("the tc program was loaded as a SchedClassifier");
-        let failed = tc.sync(program, ports);
+        let failed = tc.sync(&mut self.ebpf, ports);
         (failed, tc.attached())
     }
 
@@ -296,7 +291,7 @@ fn attach_udp(ebpf: &mut Ebpf, hook: Hook, layout: &KernelLayout, btf: &Btf) -> 
 fn clsact_instance(program: &str) -> Result<Instance, LoadError> {
     let dir = std::path::Path::new(tc_instance::LOCK_DIR);
     let instance = Instance::acquire(dir).map_err(LoadError::TcInstance)?;
-    match instance.remove_dead_filters(dir, program) {
+    match instance.remove_dead_filters(program) {
         Ok(removed) if removed.is_empty() => {}
         Ok(removed) => {
             let mut ifaces: Vec<&str> = removed.iter().map(|r| r.ifname.as_str()).collect();
@@ -353,7 +348,7 @@ fn attach_hook(
                 AttachMode::Tcx => None,
                 AttachMode::Clsact => Some(clsact_instance(hook.program())?),
             };
-            Some(TcPorts::new(tc_mode, ports, instance))
+            Some(TcPorts::new(tc_mode, hook.program(), ports, instance))
         }
     };
     Ok(tc)

@@ -12,8 +12,11 @@
 //! another name (another tool's, or a live bindtrace's) is never touched.
 //!
 //! The slots being cleaned stay locked while they are cleaned, so a bindtrace starting at the
-//! same moment takes another slot instead of attaching filters we would then delete. Only the
-//! interfaces of bindtrace's own network namespace are looked at (that is where it attaches).
+//! same moment takes another slot instead of attaching filters we would then delete. At start the
+//! interfaces of bindtrace's own network namespace are looked at; each other namespace the tc
+//! hook attaches in (RootlessKit's, a rootless podman container's) is looked at before its first
+//! filter there. A namespace never attached in again keeps a dead instance's filters until it
+//! goes (with its container or daemon); they count into maps nobody reads.
 use std::{
     fs::{File, OpenOptions},
     io,
@@ -28,7 +31,10 @@ use netlink_packet_route::{
 };
 use netlink_sys::protocols::NETLINK_ROUTE;
 
-use crate::{netlink, netns::links};
+use crate::{
+    netlink,
+    netns::{Netns, links},
+};
 
 /// Where the slots' lock files live.
 pub(crate) const LOCK_DIR: &str = "/run/bindtrace";
@@ -43,6 +49,7 @@ pub(crate) const PRIORITY_BASE: u16 = 0xb700;
 #[derive(Debug)]
 pub(crate) struct Instance {
     slot: u16,
+    dir: PathBuf,
     /// Held with `flock(LOCK_EX)`: closing it (or dying) releases the slot.
     _lock: File,
 }
@@ -68,7 +75,7 @@ impl Instance {
         std::fs::create_dir_all(dir).map_err(err)?;
         for slot in 0..SLOTS {
             if let Some(lock) = try_lock(&lock_path(dir, slot)).map_err(err)? {
-                return Ok(Instance { slot, _lock: lock });
+                return Ok(Instance { slot, dir: dir.to_owned(), _lock: lock });
             }
         }
         Err(InstanceError::Full { dir: dir.display().to_string() })
@@ -83,38 +90,71 @@ impl Instance {
         PRIORITY_BASE + self.slot
     }
 
-    /// Deletes the filters named `program` that dead bindtraces left on the ingress of this
-    /// namespace's interfaces: at our own slot's priority (its last holder died) and at every
-    /// slot nobody holds. Returns how many were deleted and where. Interfaces that vanish
-    /// meanwhile are skipped.
-    pub(crate) fn remove_dead_filters(&self, dir: &Path, program: &str) -> io::Result<Vec<Removed>> {
-        // Locked while we clean (dropped at the end): nobody attaches at these meanwhile.
+    /// Deletes the filters of `program` (or of one of its namespace copies, `program_N`) that
+    /// dead bindtraces left on the ingress of this namespace's interfaces: at our own slot's
+    /// priority (its last holder died) and at every slot nobody holds. Returns how many were
+    /// deleted and where. Interfaces that vanish meanwhile are skipped.
+    pub(crate) fn remove_dead_filters(&self, program: &str) -> io::Result<Vec<Removed>> {
+        let (held, dead) = self.dead_priorities()?;
+        let removed = reap(&dead, program);
+        // Locked while we cleaned: nobody attached at these meanwhile.
+        drop(held);
+        removed
+    }
+
+    /// The same in the network namespace `ns` (one the tc hook is about to attach in).
+    pub(crate) fn remove_dead_filters_in(&self, program: &str, ns: &Netns) -> io::Result<Vec<Removed>> {
+        let (held, dead) = self.dead_priorities()?;
+        let removed = ns.run(|| reap(&dead, program));
+        drop(held);
+        removed
+    }
+
+    /// The priorities of dead instances' filters: our own slot's and every slot nobody holds,
+    /// with the locks of the latter, to hold while their filters are deleted.
+    fn dead_priorities(&self) -> io::Result<(Vec<File>, Vec<u16>)> {
         let mut held = Vec::new();
         let mut dead = vec![self.priority()];
         for slot in (0..SLOTS).filter(|&s| s != self.slot) {
-            if let Some(lock) = try_lock(&lock_path(dir, slot))? {
+            if let Some(lock) = try_lock(&lock_path(&self.dir, slot))? {
                 held.push(lock);
                 dead.push(PRIORITY_BASE + slot);
             }
         }
-        let mut removed = Vec::new();
-        for link in links::dump_links()? {
-            let filters = match ingress_filters(link.ifindex) {
-                Ok(f) => f,
-                Err(e) => {
-                    log::debug!("tc: listing the filters of {}: {e} (gone?)", link.name);
-                    continue;
-                }
-            };
-            for f in filters.into_iter().filter(|f| f.name == program && dead.contains(&f.priority)) {
-                match delete_filter(link.ifindex, &f) {
-                    Ok(()) => removed.push(Removed { ifname: link.name.clone(), priority: f.priority }),
-                    Err(e) => log::debug!("tc: deleting a dead bindtrace's filter on {}: {e}", link.name),
-                }
+        Ok((held, dead))
+    }
+}
+
+/// Deletes our program's filters at a priority in `dead` from every interface of the calling
+/// thread's namespace.
+fn reap(dead: &[u16], program: &str) -> io::Result<Vec<Removed>> {
+    let mut removed = Vec::new();
+    for link in links::dump_links()? {
+        let filters = match ingress_filters(link.ifindex) {
+            Ok(f) => f,
+            Err(e) => {
+                log::debug!("tc: listing the filters of {}: {e} (gone?)", link.name);
+                continue;
+            }
+        };
+        for f in filters.into_iter().filter(|f| is_ours(&f.name, program) && dead.contains(&f.priority)) {
+            match delete_filter(link.ifindex, &f) {
+                Ok(()) => removed.push(Removed { ifname: link.name.clone(), priority: f.priority }),
+                Err(e) => log::debug!("tc: deleting a dead bindtrace's filter on {}: {e}", link.name),
             }
         }
-        drop(held);
-        Ok(removed)
+    }
+    Ok(removed)
+}
+
+/// Whether a filter's program name is `program` or one of its copies (`program_N`).
+fn is_ours(name: &str, program: &str) -> bool {
+    match name.strip_prefix(program) {
+        Some("") => true,
+        Some(rest) => {
+            rest.strip_prefix('_').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        }
+        None => false,
     }
 }
 
@@ -221,5 +261,16 @@ mod tests {
         assert_eq!(third.slot(), 0, "a released slot is free again");
         drop((second, third));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_copies_of_the_classifier_are_ours_and_nothing_else() {
+        assert!(is_ours("bt_tc", "bt_tc"));
+        assert!(is_ours("bt_tc_1", "bt_tc"));
+        assert!(is_ours("bt_tc_7", "bt_tc"));
+        assert!(!is_ours("bt_tc_", "bt_tc"));
+        assert!(!is_ours("bt_tc_x", "bt_tc"));
+        assert!(!is_ours("bt_tcx", "bt_tc"));
+        assert!(!is_ours("cil_from_container", "bt_tc"));
     }
 }

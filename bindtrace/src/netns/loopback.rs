@@ -98,6 +98,7 @@ pub(crate) fn loopback_port(ns: Arc<Netns>) -> Port {
         bridge: BRIDGE_LOOPBACK,
         host_ifname: String::new(),
         host_ifindex: 0,
+        host_elsewhere: None,
         ns,
         ifindex: LOOPBACK_IFINDEX,
     }

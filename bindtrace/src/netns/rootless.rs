@@ -4,13 +4,15 @@
 //! (found through its main process, a host pid: RootlessKit makes no pid namespace), and named
 //! from inside the daemon's: the veth peer there and the bridge it is a port of.
 //!
-//! The host-side ifindex of such a port is 0: it is in another namespace, and the tc hook
-//! (keyed by ifindex in ours) cannot attach there yet; the tracepoint hooks see the reset in
-//! the container's namespace as for any other container.
+//! The host-side ifindex of such a port is 0: it is in another namespace. The port carries that
+//! namespace (held open) and the peer's ifindex there instead, where the tc hook attaches (with
+//! a classifier copy of that namespace's slot, `kernel/tc.rs`); the tracepoint hooks see the
+//! reset in the container's namespace as for any other container.
 use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
     io,
+    os::unix::fs::MetadataExt,
     sync::Arc,
 };
 
@@ -30,6 +32,9 @@ use crate::{
 #[derive(Default)]
 pub(crate) struct RootlessNamespaces {
     held: HashMap<u64, Arc<Netns>>,
+    /// The daemons' (RootlessKit's) namespaces, by inode, held while one of their containers
+    /// is in scope: the tc hook attaches there.
+    daemons: HashMap<u64, Arc<Netns>>,
 }
 
 impl RootlessNamespaces {
@@ -45,7 +50,8 @@ impl RootlessNamespaces {
         let mut skipped = Vec::new();
         let mut used = HashMap::new();
         // One dump of each daemon's namespace per scan.
-        let mut daemon_links: HashMap<u32, Option<Vec<Link>>> = HashMap::new();
+        let mut daemon_links: HashMap<u32, Option<DaemonNamespace>> = HashMap::new();
+        let mut daemons_used = HashMap::new();
         for c in containers.into_iter().filter(|c| is_rootless_docker(c)) {
             let Some(daemon) = c.rootless_daemon else { continue };
             let ns = match open_workload(&self.held, c) {
@@ -63,15 +69,21 @@ impl RootlessNamespaces {
                     continue;
                 }
             };
-            let outer = daemon_links.entry(daemon).or_insert_with(|| links_of_pid(daemon).ok());
+            let outer =
+                daemon_links.entry(daemon).or_insert_with(|| daemon_namespace(&self.daemons, daemon).ok());
+            if let Some((dns, _)) = outer {
+                daemons_used.insert(dns.inode, dns.clone());
+            }
+            let daemon_ns = outer.as_ref().map(|(dns, _)| dns.clone());
+            let outer = outer.as_ref().map(|(_, links)| links);
             used.insert(ns.inode, ns.clone());
             for link in inner.iter().filter(|l| l.kind.as_deref() == Some("veth")) {
-                let peer = link.peer_ifindex.and_then(|i| {
-                    outer.as_ref()?.iter().find(|o| o.ifindex == i && o.peer_netnsid.is_some())
-                });
+                let peer = link
+                    .peer_ifindex
+                    .and_then(|i| outer?.iter().find(|o| o.ifindex == i && o.peer_netnsid.is_some()));
                 let bridge_name = peer
                     .and_then(|p| p.master)
-                    .and_then(|m| outer.as_ref()?.iter().find(|o| o.ifindex == m))
+                    .and_then(|m| outer?.iter().find(|o| o.ifindex == m))
                     .filter(|b| b.kind.as_deref() == Some("bridge"))
                     .map(|b| b.name.clone());
                 let bridge = match bridge_name {
@@ -88,6 +100,7 @@ impl RootlessNamespaces {
                         bridge,
                         host_ifname: peer.map(|p| p.name.clone()).unwrap_or_default(),
                         host_ifindex: 0,
+                        host_elsewhere: peer.zip(daemon_ns.clone()).map(|(p, dns)| (dns, p.ifindex)),
                         ns: ns.clone(),
                         ifindex: link.ifindex,
                     },
@@ -96,6 +109,7 @@ impl RootlessNamespaces {
         }
         // Let go of the namespaces of containers that are gone, so the kernel can free them.
         self.held = used;
+        self.daemons = daemons_used;
         (ports, skipped)
     }
 }
@@ -106,10 +120,19 @@ fn is_rootless_docker(c: &Container) -> bool {
     c.runtime == Runtime::Docker && c.rootless_daemon.is_some() && c.owns_netns() && c.pid != 0
 }
 
-/// The links of the network namespace process `pid` runs in.
-fn links_of_pid(pid: u32) -> io::Result<Vec<Link>> {
+/// A daemon's (RootlessKit's) namespace and its links.
+type DaemonNamespace = (Arc<Netns>, Vec<Link>);
+
+/// The network namespace process `pid` runs in (the one held if it is that), and its links.
+fn daemon_namespace(held: &HashMap<u64, Arc<Netns>>, pid: u32) -> io::Result<DaemonNamespace> {
     let file = File::open(format!("/proc/{pid}/ns/net"))?;
-    crate::netns::run_in(std::os::fd::AsFd::as_fd(&file), links::dump_links)
+    let inode = file.metadata()?.ino();
+    let ns = match held.get(&inode) {
+        Some(ns) => ns.clone(),
+        None => Arc::new(Netns::from_file(file)?),
+    };
+    let links = ns.run(links::dump_links)?;
+    Ok((ns, links))
 }
 
 #[cfg(test)]

@@ -46,6 +46,10 @@ pub(crate) struct Port {
     pub(crate) host_ifname: String,
     /// Host-side veth ifindex, in bindtrace's namespace (the tc hook attaches there).
     pub(crate) host_ifindex: u32,
+    /// When the host side is in another namespace than ours (rootless Docker's veths, in
+    /// RootlessKit's): that namespace and the host side's ifindex there, where the tc hook
+    /// attaches. None for ports whose host side is here, a `lo`, or a peer not found.
+    pub(crate) host_elsewhere: Option<(Arc<Netns>, u32)>,
     pub(crate) ns: Arc<Netns>,
     pub(crate) ifindex: u32,
 }
@@ -236,6 +240,7 @@ impl Resolver {
                     bridge,
                     host_ifname: link.name.clone(),
                     host_ifindex: link.ifindex,
+                    host_elsewhere: None,
                     ns,
                     ifindex: peer_ifindex,
                 },
