@@ -7,6 +7,7 @@
 //! Run it through `sudo ./x bench` (or `cargo xtask bench`), which builds what it needs.
 mod bpfstats;
 mod load;
+mod ordinary;
 mod phases;
 mod procfs;
 mod report;
@@ -23,9 +24,9 @@ const USAGE: &str = "usage: bindtrace-bench [--short] [--rounds N] [--seconds S]
   --rounds N   interleaved rounds per configuration (default 5, at least 5 for a real run)
   --seconds S  length of each flood (default 5)
   --out FILE   also write the tables (markdown) to FILE
-  --only LIST  only these phases, comma-separated: throughput, latency, bpf, idle (default: all)";
+  --only LIST  only these phases, comma-separated: throughput, latency, bpf, idle, ordinary (default: all)";
 
-pub const PHASES: [&str; 4] = ["throughput", "latency", "bpf", "idle"];
+pub const PHASES: [&str; 5] = ["throughput", "latency", "bpf", "idle", "ordinary"];
 
 pub struct Options {
     pub short: bool,
