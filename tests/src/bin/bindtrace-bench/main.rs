@@ -3,7 +3,9 @@
 //! Builds its own topology (a "host" namespace with a bridge named docker0, a container
 //! namespace on a veth with a server bound to 127.0.0.1:8000), hammers the container's
 //! 172.17.0.2:8000 with refused connection attempts from the host namespace, and prints
-//! markdown tables. Every run is bounded in time; all traffic stays in these namespaces.
+//! markdown tables. Its last phase prices ordinary traffic instead: HTTP requests that succeed,
+//! to nginx on 0.0.0.0:8080 in the same container namespace (see `ordinary`). Every run is
+//! bounded in time; all traffic stays in these namespaces.
 //! Run it through `sudo ./x bench` (or `cargo xtask bench`), which builds what it needs.
 mod bpfstats;
 mod load;

@@ -517,93 +517,100 @@ impl Report {
         let _ = writeln!(s, "### Targets\n");
         let _ = writeln!(s, "| target | measured | met |");
         let _ = writeln!(s, "|---|---|---|");
-        let bpftrace = Config::Bpftrace(crate::tracer::BPFTRACE_COUNT);
-        for c in bindtrace_configs() {
-            let r = self.ratios(c, Config::NoTracer);
-            let verdict = if r.n == 0 {
-                "–"
-            } else if r.min >= THROUGHPUT_TARGET {
-                "yes"
-            } else if r.max < THROUGHPUT_TARGET {
-                "no"
-            } else {
-                "not shown: the spread straddles the target"
-            };
-            let _ = writeln!(
-                s,
-                "| {} throughput ≥ 97 % of no tracer | {:.1} % [{:.1}–{:.1}] | {verdict} |",
-                c.label(),
-                r.median * 100.0,
-                r.min * 100.0,
-                r.max * 100.0
-            );
-            let b = self.ratios(c, bpftrace);
-            let verdict = if b.n == 0 {
-                "–"
-            } else if b.min > 1.0 {
-                "yes"
-            } else if b.max < 1.0 {
-                "no"
-            } else {
-                "not shown: the spread straddles 1"
-            };
-            let _ = writeln!(
-                s,
-                "| {} throughput better than bpftrace | ratio {:.3} [{:.3}–{:.3}] | {verdict} |",
-                c.label(),
-                b.median,
-                b.min,
-                b.max
-            );
-        }
-        if let Some(b) = self.bpf.iter().find(|b| b.config == Config::Bindtrace(Hook::TcpSendReset))
-            && let Some(p) = b.progs.iter().find(|p| p.name.contains("send_reset"))
-            && b.refusals > 0
+        // The refusal phases' targets, when any of them ran (`--only ordinary` runs none).
+        if !self.throughput.is_empty()
+            || !self.latency.is_empty()
+            || !self.bpf.is_empty()
+            || self.idle.is_some()
         {
-            let per = p.run_ns as f64 / b.refusals as f64;
+            let bpftrace = Config::Bpftrace(crate::tracer::BPFTRACE_COUNT);
+            for c in bindtrace_configs() {
+                let r = self.ratios(c, Config::NoTracer);
+                let verdict = if r.n == 0 {
+                    "–"
+                } else if r.min >= THROUGHPUT_TARGET {
+                    "yes"
+                } else if r.max < THROUGHPUT_TARGET {
+                    "no"
+                } else {
+                    "not shown: the spread straddles the target"
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} throughput ≥ 97 % of no tracer | {:.1} % [{:.1}–{:.1}] | {verdict} |",
+                    c.label(),
+                    r.median * 100.0,
+                    r.min * 100.0,
+                    r.max * 100.0
+                );
+                let b = self.ratios(c, bpftrace);
+                let verdict = if b.n == 0 {
+                    "–"
+                } else if b.min > 1.0 {
+                    "yes"
+                } else if b.max < 1.0 {
+                    "no"
+                } else {
+                    "not shown: the spread straddles 1"
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} throughput better than bpftrace | ratio {:.3} [{:.3}–{:.3}] | {verdict} |",
+                    c.label(),
+                    b.median,
+                    b.min,
+                    b.max
+                );
+            }
+            if let Some(b) = self.bpf.iter().find(|b| b.config == Config::Bindtrace(Hook::TcpSendReset))
+                && let Some(p) = b.progs.iter().find(|p| p.name.contains("send_reset"))
+                && b.refusals > 0
+            {
+                let per = p.run_ns as f64 / b.refusals as f64;
+                let _ = writeln!(
+                    s,
+                    "| ≤ 100 ns kernel time per refusal, tcp-send-reset | {per:.0} ns | {} |",
+                    if per <= 100.0 { "yes" } else { "no" }
+                );
+            }
+            for l in self.latency.iter().filter(|l| l.label.starts_with("1 000")) {
+                let _ = writeln!(
+                    s,
+                    "| p99 first line ≤ 10 ms at 1 000 new keys/s, {} | {} | {} |",
+                    l.hook.arg(),
+                    ms(l.first_line.p99),
+                    if l.first_line.p99 <= 10_000_000 && l.keys_with_line == l.keys { "yes" } else { "no" }
+                );
+            }
+            let all_exact = self.bindtrace_rounds().all(|r| r.counted == Some(r.out_rsts))
+                && self.latency.iter().all(|l| l.counted == l.out_rsts);
             let _ = writeln!(
                 s,
-                "| ≤ 100 ns kernel time per refusal, tcp-send-reset | {per:.0} ns | {} |",
-                if per <= 100.0 { "yes" } else { "no" }
+                "| counts exact at the maximum rate | every run compared with OutRsts | {} |",
+                yes(all_exact)
             );
-        }
-        for l in self.latency.iter().filter(|l| l.label.starts_with("1 000")) {
+            let peak = self.peak_rss_kib();
             let _ = writeln!(
                 s,
-                "| p99 first line ≤ 10 ms at 1 000 new keys/s, {} | {} | {} |",
-                l.hook.arg(),
-                ms(l.first_line.p99),
-                if l.first_line.p99 <= 10_000_000 && l.keys_with_line == l.keys { "yes" } else { "no" }
+                "| peak RSS ≤ 30 MB | {:.1} MiB | {} |",
+                peak as f64 / 1024.0,
+                yes(peak * 1024 <= 30_000_000)
+            );
+            if let Some(idle) = &self.idle {
+                let wakeups: u64 = idle.per_thread.iter().map(|(_, t)| t.timeslices).sum();
+                let per_s = wakeups as f64 / idle.seconds;
+                let _ = writeln!(s, "| idle wake-ups ≤ about 1/s | {per_s:.2}/s | {} |", yes(per_s <= 1.5));
+            }
+            let attached: Vec<f64> =
+                self.startups.iter().filter_map(|st| st.attached_ns).map(|n| n as f64 / 1e9).collect();
+            let a = Spread::of(&attached);
+            let _ = writeln!(
+                s,
+                "| attached within 0.5 s of start | max {:.3} s | {} |",
+                a.max,
+                yes(a.n > 0 && a.max <= 0.5)
             );
         }
-        let all_exact = self.bindtrace_rounds().all(|r| r.counted == Some(r.out_rsts))
-            && self.latency.iter().all(|l| l.counted == l.out_rsts);
-        let _ = writeln!(
-            s,
-            "| counts exact at the maximum rate | every run compared with OutRsts | {} |",
-            yes(all_exact)
-        );
-        let peak = self.peak_rss_kib();
-        let _ = writeln!(
-            s,
-            "| peak RSS ≤ 30 MB | {:.1} MiB | {} |",
-            peak as f64 / 1024.0,
-            yes(peak * 1024 <= 30_000_000)
-        );
-        if let Some(idle) = &self.idle {
-            let wakeups: u64 = idle.per_thread.iter().map(|(_, t)| t.timeslices).sum();
-            let per_s = wakeups as f64 / idle.seconds;
-            let _ = writeln!(s, "| idle wake-ups ≤ about 1/s | {per_s:.2}/s | {} |", yes(per_s <= 1.5));
-        }
-        let attached: Vec<f64> =
-            self.startups.iter().filter_map(|st| st.attached_ns).map(|n| n as f64 / 1e9).collect();
-        let a = Spread::of(&attached);
-        let _ = writeln!(
-            s,
-            "| attached within 0.5 s of start | max {:.3} s | {} |",
-            a.max,
-            yes(a.n > 0 && a.max <= 0.5)
-        );
         for c in ORDINARY_CONFIGS.into_iter().filter(|c| matches!(c, Config::Bindtrace(_))) {
             for scenario in SCENARIOS {
                 let r = self.ordinary_ratios(c, scenario);
