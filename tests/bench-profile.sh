@@ -12,6 +12,7 @@
 # With --ordinary the connections succeed, and the server's half of each runs on CPU 1 (nginx,
 # and the softirq of its replies), where the tracer runs too: both CPUs are sampled, and the
 # tracer's own threads (its userspace and syscalls) are reported next to the BPF symbols.
+# Conntrack is on in the host namespace (a DNAT rule for a published port, as Docker adds).
 #
 # Needs Debian's linux-perf and bpftrace (and nginx and wrk for --ordinary: ./x setup). Builds its own namespaces (a "host" with a bridge named
 # docker0 and a container on a veth), sends traffic only to them, stops by itself, cleans up.
@@ -69,6 +70,12 @@ http {
   server { listen 0.0.0.0:8080 backlog=4096; location / { return 200 "ok\n"; } }
 }
 CONF
+  # Conntrack on in the host namespace, as on a Docker host (a published port's DNAT rule; the
+  # traffic goes to the container's address). TIME_WAIT entries expire after 1 s instead of
+  # 120 s, so that the destroy events of a run's connections (bindtrace follows them) come
+  # during the run, as they do in a steady state.
+  ip netns exec "$H" iptables -w -t nat -A OUTPUT -m addrtype --dst-type LOCAL -p tcp --dport 18080 -j DNAT --to-destination 172.17.0.2:8080
+  ip netns exec "$H" sysctl -q -w net.netfilter.nf_conntrack_tcp_timeout_time_wait=1
   taskset -c 1 ip netns exec "$C" nginx -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e stderr -g 'daemon off;' &
   NGINX=$!
   for _ in $(seq 100); do ip netns exec "$H" bash -c 'exec 3<>/dev/tcp/172.17.0.2/8080' 2>/dev/null && break; sleep 0.1; done
@@ -125,6 +132,12 @@ profile() {
     perf report -q -i "$TMP/perf.data" --no-children --sort comm 2>/dev/null | awk -v names=" $comms" '
       { p=$1; sub("%","",p); if (names != " " && index(names, " " $2 " ")) t+=p }
       END { printf "    the tracer'"'"'s own threads (%s): %.2f%% of CPU 0,1\n", substr(names, 2), t }'
+    # Conntrack's event delivery (ctnetlink builds and multicasts a message per event only
+    # while someone, like bindtrace, listens), wherever it runs.
+    perf report -q -i "$TMP/perf.data" --no-children --sort symbol 2>/dev/null | awk '
+      { p=$1; sub("%","",p); s=$3 }
+      s ~ /^(ctnetlink_|nf_conntrack_event|nf_ct_deliver_cached_events|netlink_broadcast|__netlink_sendskb|nf_ct_ecache)/ { t+=p; if (p >= 0.05) d=d" "s"="p"%" }
+      END { printf "    conntrack event delivery (kernel): %.2f%% of CPU 0,1%s\n", t, d }'
     grep -E 'Requests/sec|Socket errors|Non-2xx' "$TMP/load.txt" | sed 's/^ */    wrk: /'
   fi
 }
