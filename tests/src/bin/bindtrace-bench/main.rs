@@ -3,10 +3,13 @@
 //! Builds its own topology (a "host" namespace with a bridge named docker0, a container
 //! namespace on a veth with a server bound to 127.0.0.1:8000), hammers the container's
 //! 172.17.0.2:8000 with refused connection attempts from the host namespace, and prints
-//! markdown tables. Every run is bounded in time; all traffic stays in these namespaces.
+//! markdown tables. Its last phase prices ordinary traffic instead: HTTP requests that succeed,
+//! to nginx on 0.0.0.0:8080 in the same container namespace (see `ordinary`). Every run is
+//! bounded in time; all traffic stays in these namespaces.
 //! Run it through `sudo ./x bench` (or `cargo xtask bench`), which builds what it needs.
 mod bpfstats;
 mod load;
+mod ordinary;
 mod phases;
 mod procfs;
 mod report;
@@ -23,9 +26,9 @@ const USAGE: &str = "usage: bindtrace-bench [--short] [--rounds N] [--seconds S]
   --rounds N   interleaved rounds per configuration (default 5, at least 5 for a real run)
   --seconds S  length of each flood (default 5)
   --out FILE   also write the tables (markdown) to FILE
-  --only LIST  only these phases, comma-separated: throughput, latency, bpf, idle (default: all)";
+  --only LIST  only these phases, comma-separated: throughput, latency, bpf, idle, ordinary (default: all)";
 
-pub const PHASES: [&str; 4] = ["throughput", "latency", "bpf", "idle"];
+pub const PHASES: [&str; 5] = ["throughput", "latency", "bpf", "idle", "ordinary"];
 
 pub struct Options {
     pub short: bool,

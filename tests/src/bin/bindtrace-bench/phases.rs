@@ -1,5 +1,5 @@
 //! The benchmark's phases, in order: warm-up, interleaved throughput rounds, first-line
-//! latency, kernel time (BPF stats, dedicated rounds), idle cost.
+//! latency, kernel time (BPF stats, dedicated rounds), idle cost, ordinary traffic.
 use std::{
     collections::HashMap,
     path::Path,
@@ -60,6 +60,13 @@ pub fn run_all(lab: &Lab, o: &Options) -> anyhow::Result<Report> {
     if o.runs("idle") {
         eprintln!("bindtrace-bench: idle");
         report.idle = Some(idle_run(lab, o)?);
+    }
+
+    // Last: its DNAT rule turns conntrack on in the host namespace, which would change the
+    // other phases' reset path.
+    if o.runs("ordinary") {
+        eprintln!("bindtrace-bench: ordinary traffic");
+        crate::ordinary::run(lab, o, &mut report)?;
     }
     Ok(report)
 }

@@ -7,6 +7,7 @@ use crate::{
     Options,
     bpfstats::ProgStats,
     load::Load,
+    ordinary::{ORDINARY_CONFIGS, SCENARIOS, Scenario, Wrk},
     phases::THROUGHPUT_CONFIGS,
     procfs::Sched,
     stats::{Latency, Spread},
@@ -58,6 +59,40 @@ pub struct IdleRun {
     pub peak_rss_kib: u64,
 }
 
+/// One wrk run of the ordinary-traffic phase.
+#[derive(Debug)]
+pub struct OrdinaryRun {
+    pub scenario: Scenario,
+    pub config: Config,
+    pub wrk: Wrk,
+    /// The tracer's CPU time during the run (schedstat).
+    pub cpu: Option<Sched>,
+    /// Requests/s over the mean of the no-tracer runs of the same scenario around it.
+    pub ratio: Option<f64>,
+}
+
+/// One start of a configuration in the ordinary-traffic phase and the runs under it.
+#[derive(Debug)]
+pub struct OrdinarySession {
+    pub config: Config,
+    pub runs: Vec<OrdinaryRun>,
+    /// What the tracer counted in all (bindtrace: the sum of its refused lines' counts).
+    pub counted: Option<u64>,
+    /// bindtrace's refused lines: a healthy server must have none.
+    pub refused_lines: usize,
+    /// The container namespace's `Tcp OutRsts` delta over the session.
+    pub out_rsts: u64,
+}
+
+/// bpf_stats of bindtrace's programs during one-connection-per-request ordinary traffic.
+pub struct OrdinaryBpf {
+    pub hook: Hook,
+    pub scenario: Scenario,
+    pub wrk: Wrk,
+    pub progs: Vec<ProgStats>,
+    pub counted: Option<u64>,
+}
+
 pub struct Report {
     pub command: String,
     pub throughput: BTreeMap<String, Vec<FloodRound>>,
@@ -65,9 +100,13 @@ pub struct Report {
     pub bpf: Vec<BpfRun>,
     pub idle: Option<IdleRun>,
     pub startups: Vec<Startup>,
+    pub ordinary: Vec<OrdinarySession>,
+    pub ordinary_bpf: Vec<OrdinaryBpf>,
 }
 
 const THROUGHPUT_TARGET: f64 = 0.97;
+/// bindtrace's requests/s on ordinary traffic, as a share of no tracer's (the issue's target).
+const ORDINARY_TARGET: f64 = 0.99;
 
 impl Report {
     pub fn new(o: &Options) -> Report {
@@ -83,6 +122,8 @@ impl Report {
             bpf: Vec::new(),
             idle: None,
             startups: Vec::new(),
+            ordinary: Vec::new(),
+            ordinary_bpf: Vec::new(),
         }
     }
 
@@ -159,7 +200,67 @@ impl Report {
                 ));
             }
         }
+        self.ordinary_failures(&mut f);
         f
+    }
+
+    /// A healthy server: every request answered 2xx, no connect error, and bindtrace refused
+    /// nothing (no line, a count of 0, after its exit flush); its connect tracker ran.
+    fn ordinary_failures(&self, f: &mut Vec<String>) {
+        for s in &self.ordinary {
+            for r in &s.runs {
+                let w = &r.wrk;
+                if w.requests == 0 || w.non_2xx > 0 || w.errors[0] > 0 {
+                    f.push(format!(
+                        "ordinary traffic, {}, {}: {} requests, {} not 2xx, {} connect errors",
+                        r.scenario.label(),
+                        s.config.label(),
+                        w.requests,
+                        w.non_2xx,
+                        w.errors[0]
+                    ));
+                }
+            }
+            if let Config::Bindtrace(h) = s.config
+                && (s.refused_lines > 0 || s.counted != Some(0))
+            {
+                f.push(format!(
+                    "ordinary traffic, bindtrace --hook {}: {} refused line(s), counted {:?}, for a server that refuses nothing",
+                    h.arg(),
+                    s.refused_lines,
+                    s.counted
+                ));
+            }
+        }
+        for b in &self.ordinary_bpf {
+            if b.wrk.requests == 0 || b.counted != Some(0) {
+                f.push(format!(
+                    "ordinary traffic (bpf_stats), {}, {}: {} requests, counted {:?}",
+                    b.hook.arg(),
+                    b.scenario.label(),
+                    b.wrk.requests,
+                    b.counted
+                ));
+            }
+            if !b.progs.iter().any(|p| p.name.contains("sock_set") && p.runs > 0) {
+                f.push(format!(
+                    "ordinary traffic (bpf_stats), {}: the connect tracker (inet_sock_set_state) did not run",
+                    b.hook.arg()
+                ));
+            }
+        }
+    }
+
+    /// The ordinary-traffic runs of `c` under `scenario`.
+    fn ordinary_runs(&self, c: Config, scenario: Scenario) -> impl Iterator<Item = &OrdinaryRun> {
+        self.ordinary
+            .iter()
+            .flat_map(|s| s.runs.iter())
+            .filter(move |r| r.config == c && r.scenario == scenario)
+    }
+
+    fn ordinary_ratios(&self, c: Config, scenario: Scenario) -> Spread {
+        Spread::of(&self.ordinary_runs(c, scenario).filter_map(|r| r.ratio).collect::<Vec<_>>())
     }
 
     pub fn markdown(&self, o: &Options) -> String {
@@ -186,6 +287,7 @@ impl Report {
         self.bpf_table(&mut s);
         self.latency_table(&mut s);
         self.resources_table(&mut s);
+        self.ordinary_table(&mut s, o);
         if o.short {
             let _ = writeln!(
                 s,
@@ -415,93 +517,230 @@ impl Report {
         let _ = writeln!(s, "### Targets\n");
         let _ = writeln!(s, "| target | measured | met |");
         let _ = writeln!(s, "|---|---|---|");
-        let bpftrace = Config::Bpftrace(crate::tracer::BPFTRACE_COUNT);
-        for c in bindtrace_configs() {
-            let r = self.ratios(c, Config::NoTracer);
-            let verdict = if r.n == 0 {
-                "–"
-            } else if r.min >= THROUGHPUT_TARGET {
-                "yes"
-            } else if r.max < THROUGHPUT_TARGET {
-                "no"
-            } else {
-                "not shown: the spread straddles the target"
-            };
-            let _ = writeln!(
-                s,
-                "| {} throughput ≥ 97 % of no tracer | {:.1} % [{:.1}–{:.1}] | {verdict} |",
-                c.label(),
-                r.median * 100.0,
-                r.min * 100.0,
-                r.max * 100.0
-            );
-            let b = self.ratios(c, bpftrace);
-            let verdict = if b.n == 0 {
-                "–"
-            } else if b.min > 1.0 {
-                "yes"
-            } else if b.max < 1.0 {
-                "no"
-            } else {
-                "not shown: the spread straddles 1"
-            };
-            let _ = writeln!(
-                s,
-                "| {} throughput better than bpftrace | ratio {:.3} [{:.3}–{:.3}] | {verdict} |",
-                c.label(),
-                b.median,
-                b.min,
-                b.max
-            );
-        }
-        if let Some(b) = self.bpf.iter().find(|b| b.config == Config::Bindtrace(Hook::TcpSendReset))
-            && let Some(p) = b.progs.iter().find(|p| p.name.contains("send_reset"))
-            && b.refusals > 0
+        // The refusal phases' targets, when any of them ran (`--only ordinary` runs none).
+        if !self.throughput.is_empty()
+            || !self.latency.is_empty()
+            || !self.bpf.is_empty()
+            || self.idle.is_some()
         {
-            let per = p.run_ns as f64 / b.refusals as f64;
+            let bpftrace = Config::Bpftrace(crate::tracer::BPFTRACE_COUNT);
+            for c in bindtrace_configs() {
+                let r = self.ratios(c, Config::NoTracer);
+                let verdict = if r.n == 0 {
+                    "–"
+                } else if r.min >= THROUGHPUT_TARGET {
+                    "yes"
+                } else if r.max < THROUGHPUT_TARGET {
+                    "no"
+                } else {
+                    "not shown: the spread straddles the target"
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} throughput ≥ 97 % of no tracer | {:.1} % [{:.1}–{:.1}] | {verdict} |",
+                    c.label(),
+                    r.median * 100.0,
+                    r.min * 100.0,
+                    r.max * 100.0
+                );
+                let b = self.ratios(c, bpftrace);
+                let verdict = if b.n == 0 {
+                    "–"
+                } else if b.min > 1.0 {
+                    "yes"
+                } else if b.max < 1.0 {
+                    "no"
+                } else {
+                    "not shown: the spread straddles 1"
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} throughput better than bpftrace | ratio {:.3} [{:.3}–{:.3}] | {verdict} |",
+                    c.label(),
+                    b.median,
+                    b.min,
+                    b.max
+                );
+            }
+            if let Some(b) = self.bpf.iter().find(|b| b.config == Config::Bindtrace(Hook::TcpSendReset))
+                && let Some(p) = b.progs.iter().find(|p| p.name.contains("send_reset"))
+                && b.refusals > 0
+            {
+                let per = p.run_ns as f64 / b.refusals as f64;
+                let _ = writeln!(
+                    s,
+                    "| ≤ 100 ns kernel time per refusal, tcp-send-reset | {per:.0} ns | {} |",
+                    if per <= 100.0 { "yes" } else { "no" }
+                );
+            }
+            for l in self.latency.iter().filter(|l| l.label.starts_with("1 000")) {
+                let _ = writeln!(
+                    s,
+                    "| p99 first line ≤ 10 ms at 1 000 new keys/s, {} | {} | {} |",
+                    l.hook.arg(),
+                    ms(l.first_line.p99),
+                    if l.first_line.p99 <= 10_000_000 && l.keys_with_line == l.keys { "yes" } else { "no" }
+                );
+            }
+            let all_exact = self.bindtrace_rounds().all(|r| r.counted == Some(r.out_rsts))
+                && self.latency.iter().all(|l| l.counted == l.out_rsts);
             let _ = writeln!(
                 s,
-                "| ≤ 100 ns kernel time per refusal, tcp-send-reset | {per:.0} ns | {} |",
-                if per <= 100.0 { "yes" } else { "no" }
+                "| counts exact at the maximum rate | every run compared with OutRsts | {} |",
+                yes(all_exact)
             );
-        }
-        for l in self.latency.iter().filter(|l| l.label.starts_with("1 000")) {
+            let peak = self.peak_rss_kib();
             let _ = writeln!(
                 s,
-                "| p99 first line ≤ 10 ms at 1 000 new keys/s, {} | {} | {} |",
-                l.hook.arg(),
-                ms(l.first_line.p99),
-                if l.first_line.p99 <= 10_000_000 && l.keys_with_line == l.keys { "yes" } else { "no" }
+                "| peak RSS ≤ 30 MB | {:.1} MiB | {} |",
+                peak as f64 / 1024.0,
+                yes(peak * 1024 <= 30_000_000)
+            );
+            if let Some(idle) = &self.idle {
+                let wakeups: u64 = idle.per_thread.iter().map(|(_, t)| t.timeslices).sum();
+                let per_s = wakeups as f64 / idle.seconds;
+                let _ = writeln!(s, "| idle wake-ups ≤ about 1/s | {per_s:.2}/s | {} |", yes(per_s <= 1.5));
+            }
+            let attached: Vec<f64> =
+                self.startups.iter().filter_map(|st| st.attached_ns).map(|n| n as f64 / 1e9).collect();
+            let a = Spread::of(&attached);
+            let _ = writeln!(
+                s,
+                "| attached within 0.5 s of start | max {:.3} s | {} |",
+                a.max,
+                yes(a.n > 0 && a.max <= 0.5)
             );
         }
-        let all_exact = self.bindtrace_rounds().all(|r| r.counted == Some(r.out_rsts))
-            && self.latency.iter().all(|l| l.counted == l.out_rsts);
-        let _ = writeln!(
-            s,
-            "| counts exact at the maximum rate | every run compared with OutRsts | {} |",
-            yes(all_exact)
-        );
-        let peak = self.peak_rss_kib();
-        let _ = writeln!(
-            s,
-            "| peak RSS ≤ 30 MB | {:.1} MiB | {} |",
-            peak as f64 / 1024.0,
-            yes(peak * 1024 <= 30_000_000)
-        );
-        if let Some(idle) = &self.idle {
-            let wakeups: u64 = idle.per_thread.iter().map(|(_, t)| t.timeslices).sum();
-            let per_s = wakeups as f64 / idle.seconds;
-            let _ = writeln!(s, "| idle wake-ups ≤ about 1/s | {per_s:.2}/s | {} |", yes(per_s <= 1.5));
+        for c in ORDINARY_CONFIGS.into_iter().filter(|c| matches!(c, Config::Bindtrace(_))) {
+            for scenario in SCENARIOS {
+                let r = self.ordinary_ratios(c, scenario);
+                if r.n == 0 {
+                    continue;
+                }
+                let verdict = if r.min >= ORDINARY_TARGET {
+                    "met"
+                } else if r.max < ORDINARY_TARGET {
+                    "missed"
+                } else {
+                    "not shown: the spread straddles the target"
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} requests/s ≥ 0.99 of no tracer, ordinary traffic, {} | {:.3} [{:.3}–{:.3}] | {verdict} |",
+                    c.label(),
+                    scenario.label(),
+                    r.median,
+                    r.min,
+                    r.max
+                );
+            }
         }
-        let attached: Vec<f64> =
-            self.startups.iter().filter_map(|st| st.attached_ns).map(|n| n as f64 / 1e9).collect();
-        let a = Spread::of(&attached);
+        let _ = writeln!(s);
+    }
+}
+
+impl Report {
+    fn ordinary_table(&self, s: &mut String, o: &Options) {
+        if self.ordinary.is_empty() {
+            return;
+        }
+        let _ = writeln!(s, "### Ordinary traffic (HTTP requests that succeed)\n");
         let _ = writeln!(
             s,
-            "| attached within 0.5 s of start | max {:.3} s | {} |",
-            a.max,
-            yes(a.n > 0 && a.max <= 0.5)
+            "nginx (one worker, CPU {}) on 0.0.0.0:{} in the container namespace answers `ok` to every request; \
+             `wrk -t1 -c{} -d{}s` on CPU {} in the host namespace, keep-alive or `Connection: close` (one \
+             connection per request), to the container's address or to a port published by DNAT (iptables, \
+             nat OUTPUT, in the host namespace; conntrack on). {}\n",
+            o.tracer_cpu,
+            crate::ordinary::HTTP_PORT,
+            crate::ordinary::CONNECTIONS,
+            if o.short { 1 } else { 3 },
+            o.gen_cpu,
+            if o.short {
+                "Smoke run: each configuration started once for all four scenarios, ratios to the one no-tracer run before them."
+            } else {
+                "Each tracer run sits between two no-tracer runs of the same scenario and is compared with their mean."
+            }
         );
+        let _ = writeln!(
+            s,
+            "| traffic | configuration | runs | requests/s, median [min–max] | ratio to the no-tracer runs around it, median [min–max] | socket errors | tracer CPU, ms per s |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for scenario in SCENARIOS {
+            for c in ORDINARY_CONFIGS {
+                let runs: Vec<&OrdinaryRun> = self.ordinary_runs(c, scenario).collect();
+                if runs.is_empty() {
+                    continue;
+                }
+                let rate = Spread::of(&runs.iter().map(|r| r.wrk.per_sec).collect::<Vec<_>>());
+                let ratio = if c == Config::NoTracer {
+                    "1".to_owned()
+                } else {
+                    let r = self.ordinary_ratios(c, scenario);
+                    format!("{:.3} [{:.3}–{:.3}]", r.median, r.min, r.max)
+                };
+                let errors: u64 = runs.iter().map(|r| r.wrk.errors.iter().sum::<u64>()).sum();
+                let cpu = Spread::of(
+                    &runs
+                        .iter()
+                        .filter_map(|r| r.cpu.map(|c| c.run_ns as f64 / 1e6 / r.wrk.seconds))
+                        .collect::<Vec<_>>(),
+                );
+                let cpu = if cpu.n == 0 {
+                    "–".into()
+                } else {
+                    format!("{:.1} [{:.1}–{:.1}]", cpu.median, cpu.min, cpu.max)
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.0} [{:.0}–{:.0}] | {ratio} | {errors} | {cpu} |",
+                    scenario.label(),
+                    c.label(),
+                    runs.len(),
+                    rate.median,
+                    rate.min,
+                    rate.max
+                );
+            }
+        }
+        let lines: usize = self.ordinary.iter().map(|s| s.refused_lines).sum();
+        let rsts: u64 = self.ordinary.iter().map(|s| s.out_rsts).sum();
+        let _ = writeln!(
+            s,
+            "\nbindtrace's refused lines over the phase: {lines} (the server refuses nothing); the container sent {rsts} resets.\n"
+        );
+        if self.ordinary_bpf.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "Kernel time during one-connection-per-request traffic (kernel.bpf_stats_enabled, dedicated runs): \
+             the connect tracker (`bt_sock_set_state`, on `inet_sock_set_state`) runs on every state change of \
+             every TCP socket, client and server, of connections that no watched workload refuses.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| hook | traffic | program | runs | ns per run | runs per request | ns per request |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for b in &self.ordinary_bpf {
+            for p in b.progs.iter().filter(|p| p.runs > 0) {
+                let req = b.wrk.requests.max(1) as f64;
+                let _ = writeln!(
+                    s,
+                    "| {} | {} ({} requests) | {} | {} | {:.0} | {:.2} | {:.0} |",
+                    b.hook.arg(),
+                    b.scenario.label(),
+                    b.wrk.requests,
+                    p.name,
+                    p.runs,
+                    p.run_ns as f64 / p.runs as f64,
+                    p.runs as f64 / req,
+                    p.run_ns as f64 / req
+                );
+            }
+        }
         let _ = writeln!(s);
     }
 }
