@@ -23,13 +23,20 @@ use crate::{
         loopback::open_workload,
         scope::{Bridges, Port},
     },
-    sources::docker::{Container, Runtime},
+    sources::{
+        conntrack::TableOf,
+        docker::{Container, Runtime},
+    },
 };
 
 /// The namespaces opened for rootless containers, by inode, held while their container runs.
 #[derive(Default)]
 pub(crate) struct RootlessNamespaces {
     held: HashMap<u64, Arc<Netns>>,
+    /// Each daemon's (RootlessKit's) namespace, by dockerd's pid, held while it has containers.
+    daemons: HashMap<u32, Arc<Netns>>,
+    /// The namespaces of each daemon's running containers, from the last scan.
+    behind: BTreeMap<u32, Vec<u64>>,
 }
 
 impl RootlessNamespaces {
@@ -44,6 +51,8 @@ impl RootlessNamespaces {
         let mut ports = BTreeMap::new();
         let mut skipped = Vec::new();
         let mut used = HashMap::new();
+        let mut daemons = HashMap::new();
+        let mut behind: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         // One dump of each daemon's namespace per scan.
         let mut daemon_links: HashMap<u32, Option<Vec<Link>>> = HashMap::new();
         for c in containers.into_iter().filter(|c| is_rootless_docker(c)) {
@@ -65,6 +74,23 @@ impl RootlessNamespaces {
             };
             let outer = daemon_links.entry(daemon).or_insert_with(|| links_of_pid(daemon).ok());
             used.insert(ns.inode, ns.clone());
+            // RootlessKit's namespace: its conntrack table is the one that NATs into the
+            // container (`Conntrack::table_for`).
+            if let std::collections::hash_map::Entry::Vacant(slot) = daemons.entry(daemon) {
+                let opened = match self.daemons.get(&daemon) {
+                    Some(known) => Ok(known.clone()),
+                    None => {
+                        Netns::open(std::path::Path::new(&format!("/proc/{daemon}/ns/net"))).map(Arc::new)
+                    }
+                };
+                match opened {
+                    Ok(d) => {
+                        slot.insert(d);
+                    }
+                    Err(e) => log::debug!("the namespace of rootless dockerd {daemon}: {e}"),
+                }
+            }
+            behind.entry(daemon).or_default().push(ns.cookie);
             for link in inner.iter().filter(|l| l.kind.as_deref() == Some("veth")) {
                 let peer = link.peer_ifindex.and_then(|i| {
                     outer.as_ref()?.iter().find(|o| o.ifindex == i && o.peer_netnsid.is_some())
@@ -96,7 +122,22 @@ impl RootlessNamespaces {
         }
         // Let go of the namespaces of containers that are gone, so the kernel can free them.
         self.held = used;
+        behind.retain(|d, _| daemons.contains_key(d));
+        self.daemons = daemons;
+        self.behind = behind;
         (ports, skipped)
+    }
+
+    /// Each rootless daemon's namespace with its containers' (as of the last scan): the
+    /// conntrack tables to follow.
+    pub(crate) fn tables(&self) -> Vec<TableOf> {
+        self.behind
+            .iter()
+            .filter_map(|(daemon, into)| {
+                let ns = self.daemons.get(daemon)?.clone();
+                Some(TableOf { ns, what: format!("rootless dockerd {daemon}"), into: into.clone() })
+            })
+            .collect()
     }
 }
 
