@@ -54,13 +54,18 @@ impl<'a> Daemon<'a> {
     /// allows (dockerd's default for containers is higher, and root here lacks
     /// CAP_SYS_RESOURCE).
     pub fn start(user: &'a User) -> Daemon<'a> {
+        Self::start_with(user, &[])
+    }
+
+    /// [`Daemon::start`] with more dockerd flags (e.g. `--userland-proxy=false`).
+    pub fn start_with(user: &'a User, extra: &[&str]) -> Daemon<'a> {
         let socket = user.runtime_dir.join("docker.sock");
+        let mut args =
+            vec!["--bip", BIP, "--storage-driver", "overlay2", "--default-ulimit", "nofile=1024:1024"];
+        args.extend_from_slice(extra);
         let log = fs::File::create(user.home.join("dockerd.log")).unwrap();
         let child = user
-            .command(
-                DOCKERD_ROOTLESS,
-                &["--bip", BIP, "--storage-driver", "overlay2", "--default-ulimit", "nofile=1024:1024"],
-            )
+            .command(DOCKERD_ROOTLESS, &args)
             .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
             .stdout(log.try_clone().unwrap())
             .stderr(log)

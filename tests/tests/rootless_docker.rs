@@ -10,6 +10,7 @@ use std::{os::unix::fs::MetadataExt, process::Command, time::Duration};
 
 use bindtrace_tests::{
     Bindtrace,
+    bindtrace::binary,
     docker::{curl, free_port},
     root_or_skip,
     rootless::User,
@@ -189,4 +190,103 @@ fn tcns_rootless_docker_on_the_tc_hook() {
         assert!(left.iter().all(|id| !ours.contains(id)), "{mode:?}: left on {veth}: {left:?}");
         assert_eq!(wait_unloaded(&ours), Vec::<u32>::new(), "{mode:?}: programs left loaded");
     }
+}
+
+/// Issue 15's rootless Docker edges, on one daemon run with `--userland-proxy=false` (its
+/// ports are then DNATed by iptables inside RootlessKit's namespace, and RootlessKit's port
+/// driver is never asked to listen on the host: nobody calls its API without
+/// `rootlesskit-docker-proxy`), a loopback-bound container published with `-p H:8000`:
+/// - `bindtrace check docker:NAME` finds it through the user's socket and audits its port;
+/// - `bindtrace doctor` has a `docker_rootless` line for the user's socket, and a
+///   `podman_rootless` line for the same user's podman service;
+/// - `bindtrace` follows RootlessKit's conntrack table: a connection to the published port made
+///   inside RootlessKit's namespace (the only place it is published) is reported by name,
+///   `via` dnat, with the published port and the original tuple from that table.
+#[test]
+fn rlops_userland_proxy_off_dnat_is_read_from_rootlesskits_table() {
+    if skip() {
+        return;
+    }
+    let user = User::create();
+    let daemon = Daemon::start_with(&user, &["--userland-proxy=false"]);
+    let image = daemon.busybox_image();
+    let port = free_port();
+    let bad = daemon.run(
+        &image,
+        &["-p", &format!("{port}:8000")],
+        &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"],
+    );
+    bad.wait_listening(8000);
+    let target = bad.inspect("{{.NetworkSettings.IPAddress}}");
+
+    // check: no eBPF, the user's socket found under /run/user.
+    let out = Command::new(binary())
+        .args(["check", "--format", "json", &format!("docker:{}", bad.name)])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "loopback-only: {stdout}{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(doc["containers"], 1, "{doc:#}");
+    let row = &doc["ports"][0];
+    assert_eq!(row["verdict"], "loopback_only", "{doc:#}");
+    assert_eq!(row["container"]["name"], bad.name.as_str(), "{doc:#}");
+    assert_eq!(row["container"]["rootless"], true, "{doc:#}");
+    assert_eq!(row["published"]["host_port"], port, "{doc:#}");
+
+    // doctor: a line for each of the user's sockets.
+    let podman = user.service();
+    let out = Command::new(binary())
+        .args(["doctor", "--no-metrics", "--format", "json"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let line_of = |name: &str, sock: &str| {
+        doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name && c["detail"].as_str().unwrap().contains(sock))
+            .unwrap_or_else(|| panic!("no {name} line for {sock}: {doc:#}"))
+            .clone()
+    };
+    let docker_line = line_of("docker_rootless", daemon.path());
+    assert_eq!(docker_line["status"], "ok", "{docker_line:#}");
+    let detail = docker_line["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("user {} (uid {})", user.name, user.uid)), "{detail}");
+    assert!(detail.contains("rootless Docker") && detail.contains("1 running containers"), "{detail}");
+    let podman_line = line_of("podman_rootless", podman.path());
+    assert_eq!(podman_line["status"], "ok", "{podman_line:#}");
+    drop(podman);
+
+    // The port is published only inside RootlessKit's namespace: curl it there, at docker0's
+    // address (DNAT in that namespace's OUTPUT chain, to the container).
+    let bip = BIP.split('/').next().unwrap();
+    let curl_inside = || {
+        let out = Command::new("nsenter")
+            .args(["-t", &daemon.pid().to_string(), "-n", "curl", "-sS", "--max-time", "5"])
+            .arg(format!("http://{bip}:{port}/"))
+            .output()
+            .unwrap();
+        out.status.code().unwrap_or(-1)
+    };
+    let bt = Bindtrace::start_here(&["--audit-grace", "1s"]);
+    let name = bad.name.clone();
+    let named = move |event: &'static str| {
+        let name = name.clone();
+        move |l: &serde_json::Value| l["event"] == event && l["container"]["name"] == name.as_str()
+    };
+    bt.expect_line("audit of the rootless container", WAIT, named("audit"));
+    assert!(bt.wait_stderr("following the conntrack table of rootless dockerd", WAIT), "{}", bt.stderr());
+    assert_eq!(curl_inside(), 7, "the container resets the DNATed SYN: refused");
+    let line = bt.expect_line("refusal in the rootless container", WAIT, named("refused"));
+    assert_eq!(line["verdict"], "loopback_only", "{line:#}");
+    assert_eq!(line["container"]["rootless"], true, "{line:#}");
+    assert_eq!(line["target_ip"], target.as_str(), "{line:#}");
+    assert_eq!(line["target_port"], 8000, "{line:#}");
+    assert_eq!(line["via"], "dnat", "RootlessKit's table has the flow: {line:#}");
+    assert_eq!(line["published"]["host_port"], port, "{line:#}");
+    assert_eq!(line["original"]["target_ip"], bip, "{line:#}");
+    assert_eq!(line["original"]["target_port"], port, "{line:#}");
 }

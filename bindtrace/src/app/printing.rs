@@ -111,6 +111,7 @@ impl Detector {
         let udp = UdpSources {
             daemon: self.docker.inventory.as_ref().and_then(|inv| inv.daemon.clone()),
             conntrack: self.docker.conntrack.is_some(),
+            tables: self.docker.conntrack.as_ref().map(|c| c.tables_by_refused()).unwrap_or_default(),
             connects: self.docker.connect.as_ref().and_then(|c| c.udp()),
         };
         let rejected = self.enricher.submit(batch, &self.bridges, self.hook_name, udp, force);

@@ -140,6 +140,10 @@ impl Detector {
         let (ports, skipped) = self.rootless.ports(&mut self.bridges, containers);
         resolved.ports.extend(ports);
         resolved.skipped.extend(skipped);
+        // Their NAT (a daemon with `--userland-proxy=false`) is in RootlessKit's table.
+        if let Some(ct) = &self.docker.conntrack {
+            ct.set_tables(self.rootless.tables());
+        }
     }
 
     /// Lets go of ports that left scope more than [`DEPARTED_GRACE`] ago, and so of the

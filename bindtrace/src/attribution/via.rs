@@ -58,6 +58,9 @@ pub(crate) struct UdpLookups {
 pub(crate) struct UdpSources {
     pub(crate) daemon: Option<Daemon>,
     pub(crate) conntrack: bool,
+    /// The namespaces whose conntrack table NATs into a refused namespace other than the host's
+    /// (RootlessKit's, for a rootless daemon's containers), by the refused namespace's cookie.
+    pub(crate) tables: std::collections::HashMap<u64, std::sync::Arc<crate::netns::Netns>>,
     /// The kernel's record of UDP connects (None where it is not attached).
     pub(crate) connects: Option<UdpConnects>,
 }
@@ -74,7 +77,11 @@ pub(crate) fn udp_lookups(report: &Report, sources: &UdpSources) -> UdpLookups {
     }
     let (client, target) =
         (SocketAddr::new(client_ip, client_port), SocketAddr::new(target_ip, report.target_port));
-    let flow = if sources.conntrack { udp_flow(target, client) } else { None };
+    let flow = if sources.conntrack {
+        udp_flow(sources.tables.get(&report.netns_cookie), target, client)
+    } else {
+        None
+    };
     if flow.is_some_and(|f| f.is_dnat()) {
         return UdpLookups { flow, ..Default::default() };
     }
@@ -233,12 +240,19 @@ pub(crate) fn docker_context(
     ctx
 }
 
-/// conntrack's UDP entry for the refusal, asked for in this namespace (the host's, where Docker
-/// DNATs); a failed query is logged and leaves `via` to the other sources.
-fn udp_flow(target: SocketAddr, client: SocketAddr) -> Option<NatFlow> {
-    conntrack::udp_flow(target, client)
-        .map_err(|e| log::debug!("conntrack query for {client} -> {target}: {e}"))
-        .ok()?
+/// conntrack's UDP entry for the refusal, asked for in the namespace whose table NATs into the
+/// refused one: `table` (RootlessKit's), else this one (the host's, where Docker DNATs); a
+/// failed query is logged and leaves `via` to the other sources.
+fn udp_flow(
+    table: Option<&std::sync::Arc<crate::netns::Netns>>,
+    target: SocketAddr,
+    client: SocketAddr,
+) -> Option<NatFlow> {
+    let found = match table {
+        Some(ns) => ns.run(|| conntrack::udp_flow(target, client)),
+        None => conntrack::udp_flow(target, client),
+    };
+    found.map_err(|e| log::debug!("conntrack query for {client} -> {target}: {e}")).ok()?
 }
 
 fn container_ref(c: &Container) -> ContainerRef {
@@ -361,7 +375,8 @@ mod tests {
         let ctx = docker_context(&report, None, None, None, &UdpLookups::default());
         assert_eq!(ctx.via, None);
         // A TCP line makes none: its flow is the destroy events' (none here).
-        let sources = UdpSources { daemon: None, conntrack: true, connects: None };
+        let sources =
+            UdpSources { daemon: None, conntrack: true, connects: None, tables: Default::default() };
         assert!(udp_lookups(&Report { proto: "tcp", ..udp_report() }, &sources).flow.is_none());
     }
 

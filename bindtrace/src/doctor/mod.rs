@@ -45,6 +45,11 @@ pub(crate) struct DoctorArgs {
     /// containerd's task state directory bindtrace would read.
     #[arg(long, value_name = "DIR", default_value = crate::sources::containerd::DEFAULT_STATE_DIR)]
     pub(crate) containerd_state: PathBuf,
+
+    /// Where each user's sockets are looked for: DIR/user/UID/docker.sock (rootless Docker)
+    /// and DIR/user/UID/podman/podman.sock, a line each.
+    #[arg(long, value_name = "DIR", default_value = docker::appear::DEFAULT_RUN_DIR)]
+    pub(crate) run_dir: PathBuf,
 }
 
 /// Runs every check, writes the report to `out`, and returns the exit status.
@@ -75,10 +80,14 @@ async fn checks(args: &DoctorArgs) -> Vec<Check> {
 
     // The runtimes at once: each probe is bounded on its own.
     let podman_socket = runtimes::first_present(&runtimes::podman_sockets());
+    // Each user's rootless Docker and podman socket, but the one the podman line probes.
+    let user_sockets: Vec<runtimes::UserSocket> =
+        runtimes::user_sockets(&args.run_dir).into_iter().filter(|u| u.path != podman_socket).collect();
+    let user_probes = probe_users(&user_sockets);
     let containerd_socket =
         runtimes::first_present(&runtimes::CONTAINERD_SOCKETS.iter().map(PathBuf::from).collect::<Vec<_>>());
     // A DOCKER_HOST bindtrace cannot use (tcp://...) is not probed: said on the docker line.
-    let (docker_probe, podman_probe, containerd_probe) = tokio::join!(
+    let (docker_probe, podman_probe, containerd_probe, user_probes) = tokio::join!(
         async {
             match docker::docker_socket_path(args.docker_host.as_deref()) {
                 Ok(path) => Ok(runtimes::probe_api(&path, runtimes::PROBE_TIMEOUT).await),
@@ -95,6 +104,7 @@ async fn checks(args: &DoctorArgs) -> Vec<Check> {
                 Ok(_) => Some(runtimes::probe_http2(&containerd_socket, runtimes::PROBE_TIMEOUT).await),
             }
         },
+        user_probes,
     );
 
     let links = links::dump_links().map_err(|e| e.to_string());
@@ -106,12 +116,15 @@ async fn checks(args: &DoctorArgs) -> Vec<Check> {
     checks.push(namespaces::pid_check(&ns));
     checks.push(namespaces::network_check(&ns));
 
-    let other_runtime = podman_probe.answered() || matches!(containerd_probe, Some(Ok(())));
+    let other_runtime = podman_probe.answered()
+        || matches!(containerd_probe, Some(Ok(())))
+        || user_probes.iter().any(runtimes::ApiProbe::answered);
     checks.push(match &docker_probe {
         Ok(p) => runtimes::docker_check(p, other_runtime),
         Err(e) => Check::warn("docker", e.clone(), "--docker-host unix:///var/run/docker.sock"),
     });
     checks.push(runtimes::podman_check(&podman_probe));
+    checks.extend(user_sockets.iter().zip(&user_probes).map(|(u, p)| runtimes::user_check(u, p)));
     let state_dir = args.containerd_state.as_path();
     let state = runtimes::containerd_state(state_dir);
     checks.push(runtimes::containerd_check(&containerd_socket, &containerd_probe, state_dir, state));
@@ -135,6 +148,25 @@ async fn checks(args: &DoctorArgs) -> Vec<Check> {
     checks
 }
 
+/// Probes every user's socket at once (each bounded by its own timeouts).
+async fn probe_users(sockets: &[runtimes::UserSocket]) -> Vec<runtimes::ApiProbe> {
+    let tasks: Vec<_> = sockets
+        .iter()
+        .map(|u| {
+            let path = u.path.clone();
+            tokio::spawn(async move { runtimes::probe_api(&path, runtimes::PROBE_TIMEOUT).await })
+        })
+        .collect();
+    let mut probes = Vec::with_capacity(tasks.len());
+    for (task, u) in tasks.into_iter().zip(sockets) {
+        probes.push(task.await.unwrap_or_else(|e| runtimes::ApiProbe {
+            socket: u.path.clone(),
+            outcome: runtimes::ApiOutcome::Unreachable(format!("probe failed: {e}")),
+        }));
+    }
+    probes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +181,7 @@ mod tests {
             metrics_addr: "127.0.0.1:1".parse().unwrap(),
             no_metrics: true,
             containerd_state: "/nonexistent/containerd-state".into(),
+            run_dir: "/nonexistent/run".into(),
         };
         let names: Vec<&str> = checks(&args).await.iter().map(|c| c.name).collect();
         assert_eq!(names, CHECK_NAMES);
@@ -163,6 +196,7 @@ mod tests {
             metrics_addr: "127.0.0.1:1".parse().unwrap(),
             no_metrics: true,
             containerd_state: "/nonexistent/containerd-state".into(),
+            run_dir: "/nonexistent/run".into(),
         };
         let checks = checks(&args).await;
         let docker = checks.iter().find(|c| c.name == "docker").unwrap();

@@ -189,6 +189,111 @@ pub(crate) fn podman_sockets() -> Vec<PathBuf> {
     v
 }
 
+/// Which engine serves a user's socket under `RUN/user/UID`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UserEngine {
+    /// `docker.sock`: `dockerd-rootless.sh` (RootlessKit).
+    Docker,
+    /// `podman/podman.sock`: the user's `podman system service`.
+    Podman,
+}
+
+/// A user's runtime socket found under `RUN/user/UID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UserSocket {
+    pub(crate) uid: u32,
+    pub(crate) engine: UserEngine,
+    pub(crate) path: PathBuf,
+}
+
+/// Every user's rootless Docker and podman socket under `run_dir/user/UID` (each numeric
+/// directory), those that are there, in uid order. A directory we may not look into is left
+/// out: doctor then says it lacks privileges on the capability lines.
+pub(crate) fn user_sockets(run_dir: &Path) -> Vec<UserSocket> {
+    let Ok(entries) = std::fs::read_dir(run_dir.join("user")) else { return Vec::new() };
+    let mut uids: Vec<u32> =
+        entries.filter_map(Result::ok).filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    uids.sort_unstable();
+    let mut found = Vec::new();
+    for uid in uids {
+        let dir = run_dir.join("user").join(uid.to_string());
+        for (engine, path) in [
+            (UserEngine::Docker, dir.join("docker.sock")),
+            (UserEngine::Podman, dir.join("podman/podman.sock")),
+        ] {
+            if std::fs::symlink_metadata(&path).is_ok() {
+                found.push(UserSocket { uid, engine, path });
+            }
+        }
+    }
+    found
+}
+
+/// A user's name from /etc/passwd (the uid's own name, as `id -nu` says), for the lines.
+pub(crate) fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    })
+}
+
+/// The line of one user's socket: rootless Docker (`docker_rootless`) or podman
+/// (`podman_rootless`), each with what to do when it does not answer.
+pub(crate) fn user_check(socket: &UserSocket, probe: &ApiProbe) -> Check {
+    let sock = probe.socket.display();
+    let who = match user_name(socket.uid) {
+        Some(name) => format!("user {name} (uid {})", socket.uid),
+        None => format!("uid {}", socket.uid),
+    };
+    let (name, engine, start, restart) = match socket.engine {
+        UserEngine::Docker => (
+            "docker_rootless",
+            "rootless Docker",
+            "start it as that user (systemctl --user start docker, or dockerd-rootless.sh)",
+            "restart that user's rootless dockerd (systemctl --user restart docker)",
+        ),
+        UserEngine::Podman => (
+            "podman_rootless",
+            "rootless podman",
+            "start it as that user (podman system service --time=0, or systemctl --user start podman.socket)",
+            "restart that user's podman API service",
+        ),
+    };
+    let stale = "; or remove the socket if the session ended";
+    match &probe.outcome {
+        ApiOutcome::Absent => Check::skip(name, format!("{who}: no socket at {sock}")),
+        ApiOutcome::Unreachable(e) if e.contains("ermission denied") => {
+            Check::warn(name, format!("{who}, {engine}: {sock}: {e}"), "run bindtrace as root (sudo)")
+        }
+        ApiOutcome::Unreachable(e) => {
+            Check::warn(name, format!("{who}, {engine}: {sock}: {e}"), format!("{start}{stale}"))
+        }
+        ApiOutcome::Silent => Check::warn(
+            name,
+            format!(
+                "{who}, {engine}: {sock} accepts connections but sends no reply within {} s",
+                PROBE_TIMEOUT.as_secs()
+            ),
+            restart,
+        ),
+        ApiOutcome::Answered { version, containers, .. } => {
+            let running = match containers {
+                Some(c) => format!(", {} running containers", c.len()),
+                None => String::new(),
+            };
+            Check::ok(
+                name,
+                format!(
+                    "{who}, {engine}: {sock}: {} (API {}){running}",
+                    version.version, version.api_version
+                ),
+            )
+        }
+    }
+}
+
 /// The Docker line. `other_runtime` says whether podman or containerd answered, which makes a
 /// missing Docker nothing to fix.
 pub(crate) fn docker_check(probe: &ApiProbe, other_runtime: bool) -> Check {
@@ -336,6 +441,39 @@ mod tests {
             "{:?}",
             probe.outcome
         );
+    }
+
+    /// Each user's sockets under RUN/user/UID, both engines, numeric directories only; a
+    /// socket that hangs or whose daemon is gone is a warning naming it and the user's remedy.
+    #[tokio::test]
+    async fn each_users_sockets_get_a_line() {
+        let run = socket_path("users").with_file_name("run");
+        std::fs::create_dir_all(run.join("user/4241/podman")).unwrap();
+        std::fs::create_dir_all(run.join("user/4242")).unwrap();
+        std::fs::create_dir_all(run.join("user/not-a-uid")).unwrap();
+        std::fs::write(run.join("user/not-a-uid/docker.sock"), "").unwrap();
+        let hung = tokio::net::UnixListener::bind(run.join("user/4242/docker.sock")).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(run.join("user/4241/podman/podman.sock")).unwrap());
+        let found = user_sockets(&run);
+        let got: Vec<(u32, UserEngine)> = found.iter().map(|u| (u.uid, u.engine)).collect();
+        assert_eq!(got, [(4241, UserEngine::Podman), (4242, UserEngine::Docker)]);
+        let short = Duration::from_millis(200);
+        let dead = user_check(&found[0], &probe_api(&found[0].path, short).await);
+        assert_eq!((dead.name, dead.status), ("podman_rootless", Status::Warn), "{dead:?}");
+        assert!(dead.detail.contains("uid 4241") && dead.detail.contains("cannot connect"), "{dead:?}");
+        assert!(dead.remedy.as_deref().unwrap().contains("podman system service"), "{dead:?}");
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            loop {
+                conns.push(hung.accept().await.unwrap());
+            }
+        });
+        let silent = user_check(&found[1], &probe_api(&found[1].path, short).await);
+        held.abort();
+        assert_eq!((silent.name, silent.status), ("docker_rootless", Status::Warn), "{silent:?}");
+        assert!(silent.detail.contains("4242/docker.sock accepts connections"), "{silent:?}");
+        assert!(silent.remedy.as_deref().unwrap().contains("rootless dockerd"), "{silent:?}");
+        let _ = std::fs::remove_dir_all(run.parent().unwrap());
     }
 
     /// A server that answers HTTP/1.1 to the preface is not taken for containerd.

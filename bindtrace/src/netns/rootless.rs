@@ -25,7 +25,10 @@ use crate::{
         loopback::open_workload,
         scope::{Bridges, Port},
     },
-    sources::docker::{Container, Runtime},
+    sources::{
+        conntrack::TableOf,
+        docker::{Container, Runtime},
+    },
 };
 
 /// The namespaces opened for rootless containers, by inode, held while their container runs.
@@ -35,6 +38,9 @@ pub(crate) struct RootlessNamespaces {
     /// The daemons' (RootlessKit's) namespaces, by inode, held while one of their containers
     /// is in scope: the tc hook attaches there.
     daemons: HashMap<u64, Arc<Netns>>,
+    /// Each daemon (by dockerd's pid): its namespace and its running containers' namespaces
+    /// (cookies), from the last scan. Its conntrack table NATs into them.
+    behind: BTreeMap<u32, (Arc<Netns>, Vec<u64>)>,
 }
 
 impl RootlessNamespaces {
@@ -52,6 +58,7 @@ impl RootlessNamespaces {
         // One dump of each daemon's namespace per scan.
         let mut daemon_links: HashMap<u32, Option<DaemonNamespace>> = HashMap::new();
         let mut daemons_used = HashMap::new();
+        let mut behind: BTreeMap<u32, (Arc<Netns>, Vec<u64>)> = BTreeMap::new();
         for c in containers.into_iter().filter(|c| is_rootless_docker(c)) {
             let Some(daemon) = c.rootless_daemon else { continue };
             let ns = match open_workload(&self.held, c) {
@@ -73,6 +80,9 @@ impl RootlessNamespaces {
                 daemon_links.entry(daemon).or_insert_with(|| daemon_namespace(&self.daemons, daemon).ok());
             if let Some((dns, _)) = outer {
                 daemons_used.insert(dns.inode, dns.clone());
+                // RootlessKit's namespace: its conntrack table is the one that NATs into the
+                // container (`Conntrack::table_for`).
+                behind.entry(daemon).or_insert_with(|| (dns.clone(), Vec::new())).1.push(ns.cookie);
             }
             let daemon_ns = outer.as_ref().map(|(dns, _)| dns.clone());
             let outer = outer.as_ref().map(|(_, links)| links);
@@ -110,7 +120,21 @@ impl RootlessNamespaces {
         // Let go of the namespaces of containers that are gone, so the kernel can free them.
         self.held = used;
         self.daemons = daemons_used;
+        self.behind = behind;
         (ports, skipped)
+    }
+
+    /// Each rootless daemon's namespace with its containers' (as of the last scan): the
+    /// conntrack tables to follow.
+    pub(crate) fn tables(&self) -> Vec<TableOf> {
+        self.behind
+            .iter()
+            .map(|(daemon, (ns, into))| TableOf {
+                ns: ns.clone(),
+                what: format!("rootless dockerd {daemon}"),
+                into: into.clone(),
+            })
+            .collect()
     }
 }
 

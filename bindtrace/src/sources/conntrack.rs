@@ -14,8 +14,10 @@
 //! The address alone is not enough: conntrack tables are per namespace, and two networks may
 //! reuse the same addresses (rootless Docker's 172.17.0.0/16 is NATed in RootlessKit's
 //! namespace, not the host's). A refusal looks its flow up in the table whose NAT leads into
-//! the refused namespace ([`Conntrack::table_for`]): for the rootful runtimes, the host's, the
-//! only table followed today. A table is named by its namespace's identity as everything else
+//! the refused namespace ([`Conntrack::table_for`]): for the rootful runtimes, the host's; for a
+//! rootless Docker daemon's containers, RootlessKit's (a daemon with `--userland-proxy=false`
+//! DNATs there), followed with a socket of its own opened inside that namespace while the
+//! daemon has containers running ([`Conntrack::set_tables`]). A table is named by its namespace's identity as everything else
 //! names namespaces (`netns::Netns::cookie`: the cookie, or the inode where the kernel has no
 //! cookie).
 //!
@@ -140,6 +142,94 @@ pub(crate) struct Conntrack {
     flows: Arc<Mutex<Flows>>,
     /// The namespace whose table the reader follows (bindtrace's own, the host's).
     host_table: u64,
+    /// The other tables followed (RootlessKit's), and which refused namespaces they NAT into.
+    others: Arc<Mutex<OtherTables>>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// The conntrack tables of namespaces other than ours that bindtrace follows: a rootless Docker
+/// daemon's (RootlessKit's namespace), where its `--userland-proxy=false` DNAT happens.
+#[derive(Default)]
+struct OtherTables {
+    /// Refused namespace (a rootless container's) -> the table that NATs into it.
+    route: HashMap<u64, u64>,
+    /// Table -> its namespace (held while followed) and its reader.
+    readers: HashMap<u64, (Arc<Netns>, tokio::task::AbortHandle)>,
+}
+
+impl Drop for OtherTables {
+    fn drop(&mut self) {
+        for (_, reader) in self.readers.values() {
+            reader.abort();
+        }
+    }
+}
+
+/// A namespace whose conntrack table NATs into the namespaces `into` (a rootless daemon's).
+pub(crate) struct TableOf {
+    pub(crate) ns: Arc<Netns>,
+    /// What the table is, for the log (`rootless dockerd PID`).
+    pub(crate) what: String,
+    pub(crate) into: Vec<u64>,
+}
+
+/// A ctnetlink socket of this thread's network namespace, subscribed to destroy events.
+fn destroy_socket() -> io::Result<Socket> {
+    let mut sock = Socket::new(NETLINK_NETFILTER)?;
+    sock.bind_auto()?;
+    sock.set_non_blocking(true)?;
+    sock.add_membership(NFNLGRP_CONNTRACK_DESTROY)?;
+    // SO_RCVBUFFORCE passes net.core.rmem_max (we have CAP_NET_ADMIN); netlink-sys only
+    // offers SO_RCVBUF, the fallback.
+    let rcvbuf = RCVBUF;
+    // SAFETY: `rcvbuf` is a valid c_int for the duration of the call.
+    let forced = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const rcvbuf).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = sock.set_rx_buf_sz(RCVBUF);
+    }
+    Ok(sock)
+}
+
+/// Reads the destroy events of `sock` (the table `table`) into `flows` until it fails; `what`
+/// names the table in the warning.
+fn spawn_reader(
+    runtime: &tokio::runtime::Handle,
+    sock: Socket,
+    flows: Arc<Mutex<Flows>>,
+    table: u64,
+    what: String,
+) -> io::Result<tokio::task::AbortHandle> {
+    // Registered on the runtime that reads it (the caller may be on another thread).
+    let _entered = runtime.enter();
+    // SAFETY: the Socket owns its descriptor and closes it only when the AsyncFd drops it.
+    let fd = unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) }?;
+    let task = runtime.spawn(async move {
+        let mut buf = Vec::with_capacity(RECV_BUF_LEN);
+        loop {
+            let result = match fd.readable().await {
+                Ok(mut guard) => {
+                    guard.clear_ready();
+                    drain(guard.get_inner(), &mut buf, &flows, table)
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                log::warn!(
+                    "conntrack events of {what} stopped ({e}): `via` dnat is no longer reported there"
+                );
+                return;
+            }
+        }
+    });
+    Ok(task.abort_handle())
 }
 
 impl Conntrack {
@@ -148,47 +238,12 @@ impl Conntrack {
     /// kernel has no conntrack netlink support.
     pub(crate) fn spawn() -> io::Result<Conntrack> {
         let host_table = Netns::open(std::path::Path::new("/proc/thread-self/ns/net"))?.cookie;
-        let mut sock = Socket::new(NETLINK_NETFILTER)?;
-        sock.bind_auto()?;
-        sock.set_non_blocking(true)?;
-        sock.add_membership(NFNLGRP_CONNTRACK_DESTROY)?;
-        // SO_RCVBUFFORCE passes net.core.rmem_max (we have CAP_NET_ADMIN); netlink-sys only
-        // offers SO_RCVBUF, the fallback.
-        let rcvbuf = RCVBUF;
-        // SAFETY: `rcvbuf` is a valid c_int for the duration of the call.
-        let forced = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&raw const rcvbuf).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        } == 0;
-        if !forced {
-            let _ = sock.set_rx_buf_sz(RCVBUF);
-        }
-        // SAFETY: the Socket owns its descriptor and closes it only when the AsyncFd drops it.
-        let fd = unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) }?;
+        let sock = destroy_socket()?;
         let flows: Arc<Mutex<Flows>> = Arc::default();
-        let reader = flows.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(RECV_BUF_LEN);
-            loop {
-                let result = match fd.readable().await {
-                    Ok(mut guard) => {
-                        guard.clear_ready();
-                        drain(guard.get_inner(), &mut buf, &reader, host_table)
-                    }
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = result {
-                    log::warn!("conntrack events stopped ({e}): `via` dnat is no longer reported");
-                    return;
-                }
-            }
-        });
-        Ok(Conntrack { flows, host_table })
+        let runtime = tokio::runtime::Handle::current();
+        // The host's reader runs as long as bindtrace does.
+        let _ = spawn_reader(&runtime, sock, flows.clone(), host_table, "the host's table".to_owned())?;
+        Ok(Conntrack { flows, host_table, others: Arc::default(), runtime })
     }
 
     /// Only flows answered from these prefixes (the watched bridges) are kept.
@@ -198,12 +253,63 @@ impl Conntrack {
         }
     }
 
+    /// The tables of other namespaces to follow, each with the namespaces it NATs into (each
+    /// running rootless Docker daemon's RootlessKit namespace and its containers'). A table new
+    /// here gets a ctnetlink socket opened inside its namespace (on a helper thread that joins
+    /// it, as `netns::run_in` does) and a reader; one no longer named (its daemon or its last
+    /// container gone) has its reader stopped and its namespace let go.
+    pub(crate) fn set_tables(&self, tables: Vec<TableOf>) {
+        let Ok(mut others) = self.others.lock() else { return };
+        let wanted: HashMap<u64, &TableOf> =
+            tables.iter().filter(|t| t.ns.cookie != self.host_table).map(|t| (t.ns.cookie, t)).collect();
+        others.readers.retain(|table, (_, reader)| {
+            let keep = wanted.contains_key(table);
+            if !keep {
+                reader.abort();
+                log::info!("conntrack table of netns {table} no longer followed (its daemon is gone)");
+            }
+            keep
+        });
+        others.route.clear();
+        for (&table, t) in &wanted {
+            if let std::collections::hash_map::Entry::Vacant(slot) = others.readers.entry(table) {
+                let opened = t.ns.run(destroy_socket).and_then(|sock| {
+                    spawn_reader(&self.runtime, sock, self.flows.clone(), table, t.what.clone())
+                });
+                match opened {
+                    Ok(reader) => {
+                        log::info!("following the conntrack table of {} (netns {})", t.what, t.ns.inode);
+                        slot.insert((t.ns.clone(), reader));
+                    }
+                    Err(e) => {
+                        // Tried again at the next scan; its refusals read the host's table.
+                        log::debug!("conntrack table of {} (netns {}): {e}", t.what, t.ns.inode);
+                        continue;
+                    }
+                }
+            }
+            for &refused in &t.into {
+                others.route.insert(refused, table);
+            }
+        }
+    }
+
+    /// The namespaces of the tables other than the host's, by the refused namespaces they NAT
+    /// into (a UDP refusal's entry is asked for inside them).
+    pub(crate) fn tables_by_refused(&self) -> HashMap<u64, Arc<Netns>> {
+        let Ok(others) = self.others.lock() else { return HashMap::new() };
+        others
+            .route
+            .iter()
+            .filter_map(|(refused, table)| Some((*refused, others.readers.get(table)?.0.clone())))
+            .collect()
+    }
+
     /// The conntrack table whose NAT leads into the refused namespace `refused_netns`: for the
     /// rootful runtimes (Docker, podman, containerd, all NATing in the host's namespace), the
-    /// host's. A runtime that NATs in a namespace of its own (rootless Docker's RootlessKit)
-    /// gets its table followed and named here for the namespaces behind it.
-    pub(crate) fn table_for(&self, _refused_netns: u64) -> u64 {
-        self.host_table
+    /// host's; for a rootless Docker daemon's containers, RootlessKit's (see [`Self::set_tables`]).
+    pub(crate) fn table_for(&self, refused_netns: u64) -> u64 {
+        self.others.lock().ok().and_then(|o| o.route.get(&refused_netns).copied()).unwrap_or(self.host_table)
     }
 
     /// The NATed flow the container at `target` answered for `client` (as it saw the client),
@@ -267,8 +373,8 @@ pub(crate) fn destroyed_flow(msg: &Msg<'_>) -> Option<NatFlow> {
 
 /// The UDP flow whose reply tuple is (`target` -> `client`), from a ctnetlink query in this
 /// thread's network namespace (needs CAP_NET_ADMIN); None when conntrack has no such entry. The
-/// caller runs it in the table that NATs into the refused namespace (today the host's, where
-/// the enrichment worker runs).
+/// caller runs it in the namespace whose table NATs into the refused one (the host's, where the
+/// enrichment worker runs, or RootlessKit's, on a thread that joined it).
 pub(crate) fn udp_flow(target: SocketAddr, client: SocketAddr) -> io::Result<Option<NatFlow>> {
     let family = if target.is_ipv4() { NetfilterProtoFamily::IPv4 } else { NetfilterProtoFamily::IPv6 };
     let reply_tuple = vec![
@@ -457,8 +563,17 @@ mod tests {
         assert_eq!(get(1), Some(host));
         assert_eq!(get(2), Some(rootless));
         assert_eq!(get(3), None);
-        let ct = Conntrack { flows: Arc::new(Mutex::new(f)), host_table: 1 };
+        let ct = Conntrack {
+            flows: Arc::new(Mutex::new(f)),
+            host_table: 1,
+            others: Arc::default(),
+            runtime: tokio::runtime::Builder::new_current_thread().build().unwrap().handle().clone(),
+        };
         assert_eq!(ct.flow(99, reply.src, reply.dst), Some(host), "a rootful refusal reads the host's table");
+        // A rootless container's namespace (99) behind the table 2: its refusal reads that one.
+        ct.others.lock().unwrap().route.insert(99, 2);
+        assert_eq!(ct.flow(99, reply.src, reply.dst), Some(rootless), "RootlessKit's table");
+        assert_eq!(ct.flow(98, reply.src, reply.dst), Some(host));
     }
 
     #[test]
