@@ -290,3 +290,94 @@ fn rlops_userland_proxy_off_dnat_is_read_from_rootlesskits_table() {
     assert_eq!(line["original"]["target_ip"], bip, "{line:#}");
     assert_eq!(line["original"]["target_port"], port, "{line:#}");
 }
+
+/// A user's rootless Docker socket that accepts and never answers, then dies (its listener
+/// closed, the file left), next to rootful Docker: one warning naming it, the follower retrying
+/// (a second connection comes), and rootful Docker's refusal reported by name meanwhile. The
+/// socket is under a private `--run-dir` (a user's `user/UID/docker.sock` made after start),
+/// never the real /run/user.
+#[test]
+fn rlops_a_hanging_rootless_socket_leaves_rootful_docker_reporting() {
+    use bindtrace_tests::{docker, podman::RunDir};
+    use std::{
+        os::unix::net::UnixListener,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicUsize, Ordering},
+        },
+    };
+    if !root_or_skip() {
+        return;
+    }
+    if !docker::available() {
+        bindtrace_tests::skip("no Docker daemon answers here");
+        return;
+    }
+    let run = RunDir::new();
+    let bt = Bindtrace::start_here(&[
+        "--run-dir",
+        run.path(),
+        "--docker-host",
+        docker::DOCKER_SOCK,
+        "--audit-grace",
+        "1s",
+    ]);
+    // The hanging "daemon": accepts, holds every connection, answers nothing; stops on `dead`.
+    let dir = run.path.join("user/4243");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("docker.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (accepted, dead) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+    let hang = {
+        let (accepted, dead) = (accepted.clone(), dead.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !dead.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        accepted.fetch_add(1, Ordering::SeqCst);
+                        held.push(conn);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })
+    };
+    let path = sock.display().to_string();
+    assert!(bt.wait_stderr(&format!("{path} appeared"), WAIT), "{}", bt.stderr());
+    let warning = format!("Docker API at {path} unavailable");
+    assert!(bt.wait_stderr(&warning, WAIT), "the hung socket is warned about: {}", bt.stderr());
+
+    // Rootful Docker goes on: its loopback-bound container's refusal is reported by name.
+    let image = docker::Image::busybox();
+    let port = free_port();
+    let bad = docker::Container::run(
+        &image,
+        &["-p", &format!("127.0.0.1:{port}:8000")],
+        &["httpd", "-f", "-p", "127.0.0.1:8000", "-h", "/www"],
+    );
+    bad.wait_listening(8000);
+    let _ = curl(&format!("http://127.0.0.1:{port}/"));
+    let name = bad.name.clone();
+    let line = bt.expect_line("rootful Docker's refusal", WAIT, move |l| {
+        l["event"] == "refused" && l["container"]["name"] == name.as_str()
+    });
+    assert_eq!(line["container"]["runtime"], "docker", "{line:#}");
+    assert_eq!(line["published"]["host_port"], port, "{line:#}");
+
+    // Retried: another connection after the first timed out.
+    let deadline = std::time::Instant::now() + WAIT;
+    while accepted.load(Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the follower never retried: {}", bt.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // It dies: the listener closes, the file stays (connections are refused from now on).
+    dead.store(true, Ordering::SeqCst);
+    hang.join().unwrap();
+    let mut bt = bt;
+    assert_eq!(bt.stop(), Some(0), "{}", bt.stderr());
+    let stderr = bt.stderr();
+    assert_eq!(stderr.matches(&warning).count(), 1, "one warning for the hung, then dead socket: {stderr}");
+    assert!(stderr.lines().any(|l| l.contains("Docker: ") && l.contains("running containers")), "{stderr}");
+}

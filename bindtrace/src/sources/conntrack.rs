@@ -266,7 +266,9 @@ impl Conntrack {
             let keep = wanted.contains_key(table);
             if !keep {
                 reader.abort();
-                log::info!("conntrack table of netns {table} no longer followed (its daemon is gone)");
+                log::info!(
+                    "conntrack table of netns {table} no longer followed (its daemon has no running containers)"
+                );
             }
             keep
         });
