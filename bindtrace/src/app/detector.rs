@@ -75,6 +75,10 @@ pub(crate) struct Detector {
     /// Something said a held namespace may be gone (a handle removed, a runtime or link change):
     /// the next wake checks for namespaces only bindtrace keeps alive.
     pub(super) orphans_suspect: bool,
+    /// The follow-up checks after such an event: the next one and the step after it. An event
+    /// may come before the namespace is unreachable (a runtime tears down in several steps), so
+    /// it is checked again at 1, 2, 4 ... 32 s after, then no more until the next event.
+    pub(super) orphan_followup: Option<(Instant, Duration)>,
     /// None with --no-metrics.
     pub(super) metrics: Option<Metrics>,
     pub(super) docker: DockerSide,

@@ -247,6 +247,7 @@ impl Detector {
             at.rescan_at,
             self.hiccups.next_retry(),
             self.departed_due(),
+            self.orphan_followup_due(),
             self.resolver.orphan_check_due(),
         ]
         .into_iter()

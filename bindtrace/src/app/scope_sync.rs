@@ -31,6 +31,11 @@ pub(super) struct RescanGaps {
     pub(super) tc_attached: usize,
 }
 
+/// The follow-up checks for orphaned namespaces after an event: 1 s after it, then doubling.
+const ORPHAN_FOLLOWUP_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+/// The last step: the checks stop about a minute after the event.
+const ORPHAN_FOLLOWUP_LAST: std::time::Duration = std::time::Duration::from_secs(32);
+
 impl Detector {
     /// Recomputes the scope and brings the kernel's SCOPE map in line with it. An error means
     /// the ports could not be listed at all (the scope stays as it was); what failed for single
@@ -154,6 +159,11 @@ impl Detector {
         self.departed.retain(|_, (_, since)| now.duration_since(*since) < DEPARTED_GRACE);
     }
 
+    /// When the next follow-up check for orphaned namespaces is due.
+    pub(super) fn orphan_followup_due(&self) -> Option<Instant> {
+        self.orphan_followup.map(|(at, _)| at)
+    }
+
     /// When the next departed port's grace ends (a wake-up is due then, for it alone).
     pub(super) fn departed_due(&self) -> Option<Instant> {
         self.departed.values().map(|(_, since)| *since + DEPARTED_GRACE).min()
@@ -165,7 +175,13 @@ impl Detector {
     /// them: at once when an event made them suspect, else when the resolver's timer is due.
     pub(super) fn scope_upkeep(&mut self, now: Instant) {
         self.forget_departed(now);
-        let forced = std::mem::take(&mut self.orphans_suspect);
+        if std::mem::take(&mut self.orphans_suspect) {
+            self.orphan_followup = Some((now, ORPHAN_FOLLOWUP_FIRST));
+        }
+        let forced = self.orphan_followup.is_some_and(|(at, _)| now >= at);
+        if let Some((_, step)) = self.orphan_followup.filter(|_| forced) {
+            self.orphan_followup = (step <= ORPHAN_FOLLOWUP_LAST).then(|| (now + step, step * 2));
+        }
         match self.resolver.release_orphans(now, forced) {
             Ok(0) => {}
             Ok(n) => {

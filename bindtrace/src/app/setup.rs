@@ -137,6 +137,7 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
         lost_at_pass: 0,
         samples_since_pass: false,
         orphans_suspect: false,
+        orphan_followup: None,
         recursion_reported: 0,
         metrics,
         docker: DockerSide {
