@@ -98,14 +98,7 @@ pub fn ingress_programs(ns: &Netns, ifname: &str) -> Vec<u32> {
         .args(["-n", &ns.name, "filter", "show", "dev", ifname, "ingress"])
         .output()
         .expect("run tc");
-    let text = String::from_utf8_lossy(&out.stdout);
-    ids.extend(
-        text.split_whitespace()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .filter(|w| w[0] == "id")
-            .filter_map(|w| w[1].parse::<u32>().ok()),
-    );
+    ids.extend(filter_program_ids(&String::from_utf8_lossy(&out.stdout)));
     ids.sort();
     ids.dedup();
     ids
@@ -130,15 +123,15 @@ pub fn ingress_programs_of_pid(pid: u32, ifname: &str) -> Vec<u32> {
         .args(["-t", &pid.to_string(), "-n", "tc", "filter", "show", "dev", ifname, "ingress"])
         .output()
         .expect("run nsenter tc");
-    let text = String::from_utf8_lossy(&out.stdout);
-    ids.extend(
-        text.split_whitespace()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .filter(|w| w[0] == "id")
-            .filter_map(|w| w[1].parse::<u32>().ok()),
-    );
+    ids.extend(filter_program_ids(&String::from_utf8_lossy(&out.stdout)));
     ids.sort();
     ids.dedup();
     ids
+}
+
+/// The program ids `tc filter show` names (`... id N ...`).
+fn filter_program_ids(text: &str) -> impl Iterator<Item = u32> + '_ {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let ids: Vec<u32> = words.windows(2).filter(|w| w[0] == "id").filter_map(|w| w[1].parse().ok()).collect();
+    ids.into_iter()
 }
