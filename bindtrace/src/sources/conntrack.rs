@@ -62,7 +62,7 @@ const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const KEEP: Duration = Duration::from_secs(30);
 /// Bound on the flows kept (the oldest go first).
 const MAX_FLOWS: usize = 4096;
-/// Receive buffer: every connection of the host ends in a destroy event, so ask for room.
+/// Receive buffer: a port scan of a published port ends thousands of refused flows a second.
 const RCVBUF: libc::c_int = 4 << 20;
 
 /// One direction of a connection.
@@ -173,9 +173,71 @@ pub(crate) struct TableOf {
     pub(crate) into: Vec<u64>,
 }
 
-/// A ctnetlink socket of this thread's network namespace, subscribed to destroy events.
+/// include/uapi/linux/netfilter/nfnetlink_conntrack.h and nf_conntrack_common.h.
+const CTA_STATUS: u32 = 3;
+const IPS_SEEN_REPLY: u32 = 1 << 1;
+const IPS_NAT_MASK: u32 = (1 << 4) | (1 << 5);
+/// Where a ctnetlink message's attributes start: after the nlmsghdr and the nfgenmsg.
+const FIRST_ATTR: u32 = 16 + 4;
+
+/// A classic BPF socket filter that lets through only the destroy events a refusal can be: a
+/// NATed connection that never saw a reply. Every connection of the host ends in a destroy
+/// event once conntrack runs, and a host serving a published port ends thousands a second; the
+/// refused ones are the few whose only answer was a reset, which netfilter kills before it
+/// marks the entry `SEEN_REPLY` (nf_conntrack_proto_tcp: "if only reply is a RST ... delete
+/// the conntrack immediately"). Dropping the rest in the kernel spares bindtrace a wake-up, a
+/// copy and a parse per ordinary connection, and its receive buffer the overruns. An event
+/// without a status attribute is let through: userspace decides, as before.
+///
+/// `ld #nla` (SKF_AD_NLATTR) finds a top-level attribute by type; the status is a big-endian
+/// u32, which is what a classic BPF word load reads.
+fn refusal_filter() -> [libc::sock_filter; 10] {
+    use libc::{
+        BPF_ABS, BPF_IMM, BPF_IND, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_LDX, BPF_MISC, BPF_RET,
+        BPF_TAX, BPF_W, SKF_AD_NLATTR, SKF_AD_OFF, sock_filter,
+    };
+    let op = |code: u32, jt: u8, jf: u8, k: u32| sock_filter { code: code as u16, jt, jf, k };
+    const KEEP: u32 = u32::MAX;
+    [
+        /* 0 */ op(BPF_LD | BPF_IMM, 0, 0, FIRST_ATTR),
+        /* 1 */ op(BPF_LDX | BPF_IMM, 0, 0, CTA_STATUS),
+        /* 2 */ op(BPF_LD | BPF_W | BPF_ABS, 0, 0, (SKF_AD_OFF + SKF_AD_NLATTR) as u32),
+        /* 3: no status -> keep */ op(BPF_JMP | BPF_JEQ | BPF_K, 4, 0, 0),
+        /* 4 */ op(BPF_MISC | BPF_TAX, 0, 0, 0),
+        /* 5: A = status, after the attribute's 4-byte header */ op(BPF_LD | BPF_W | BPF_IND, 0, 0, 4),
+        /* 6: answered -> drop */ op(BPF_JMP | BPF_JSET | BPF_K, 2, 0, IPS_SEEN_REPLY),
+        /* 7: NATed -> keep, else drop */ op(BPF_JMP | BPF_JSET | BPF_K, 0, 1, IPS_NAT_MASK),
+        /* 8 */ op(BPF_RET | BPF_K, 0, 0, KEEP),
+        /* 9 */ op(BPF_RET | BPF_K, 0, 0, 0),
+    ]
+}
+
+/// Attaches [`refusal_filter`] to `fd`.
+fn attach_refusal_filter(fd: libc::c_int) -> io::Result<()> {
+    let mut filter = refusal_filter();
+    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_mut_ptr() };
+    // SAFETY: `prog` points at `filter`, both alive for the call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const prog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// A ctnetlink socket of this thread's network namespace, subscribed to destroy events, with
+/// [`refusal_filter`] on it.
 fn destroy_socket() -> io::Result<Socket> {
     let mut sock = Socket::new(NETLINK_NETFILTER)?;
+    // Before joining the group, so that no unfiltered event is ever queued.
+    if let Err(e) = attach_refusal_filter(sock.as_raw_fd()) {
+        // Still correct without it, only dearer: userspace sees every connection end.
+        log::warn!("conntrack events: cannot filter them in the kernel ({e}); reading them all");
+    }
     sock.bind_auto()?;
     sock.set_non_blocking(true)?;
     sock.add_membership(NFNLGRP_CONNTRACK_DESTROY)?;
@@ -359,7 +421,7 @@ fn drain(sock: &Socket, buf: &mut Vec<u8>, flows: &Mutex<Flows>, table: u64) -> 
 
 /// Both tuples of a TCP destroy event; None for any other message.
 pub(crate) fn destroyed_flow(msg: &Msg<'_>) -> Option<NatFlow> {
-    // Check the type before decoding: every connection of the host ends in one of these.
+    // Check the type before decoding: the kernel filter lets through events without a status.
     if msg.header.message_type != (NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE) {
         return None;
     }
@@ -466,13 +528,19 @@ mod tests {
     const CTA_PROTO_SRC_PORT: u16 = 2;
     const CTA_PROTO_DST_PORT: u16 = 3;
 
-    /// `payload` (nfgenmsg + attributes) framed as one IPCTNL_MSG_CT_DELETE event, decoded.
-    fn parse_destroy(payload: &[u8]) -> Option<NatFlow> {
+    /// `payload` (nfgenmsg + attributes) framed as one IPCTNL_MSG_CT_DELETE event.
+    fn destroy_event(payload: &[u8]) -> Vec<u8> {
         let mut msg = Vec::new();
         msg.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
         msg.extend_from_slice(&(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
         msg.extend_from_slice(&[0u8; 10]);
         msg.extend_from_slice(payload);
+        msg
+    }
+
+    /// `payload` framed as one destroy event, decoded.
+    fn parse_destroy(payload: &[u8]) -> Option<NatFlow> {
+        let msg = destroy_event(payload);
         destroyed_flow(&Messages::new(&msg).next()?.ok()?)
     }
 
@@ -619,5 +687,73 @@ mod tests {
             let _ = parse_destroy(&full[..n]);
         }
         assert!(parse_destroy(&full).is_some());
+    }
+
+    /// The kernel runs the filter: a datagram socket pair with it on the receiving end (the
+    /// kernel filters AF_UNIX datagrams as it filters netlink broadcasts, and `ld #nla` reads
+    /// any linear skb) gets the events as a conntrack listener would, and only the refusals.
+    #[test]
+    fn the_kernel_filter_keeps_only_unanswered_nated_flows() {
+        const CTA_STATUS_U16: u16 = CTA_STATUS as u16;
+        let event = |status: Option<u32>| {
+            let mut payload = vec![2, 0, 0, 0];
+            payload.extend(tuple(CTA_TUPLE_ORIG, [10, 9, 0, 2], [10, 9, 0, 1], 40000, 8000));
+            payload.extend(tuple(CTA_TUPLE_REPLY, [172, 17, 0, 2], [10, 9, 0, 2], 8000, 40000));
+            if let Some(status) = status {
+                payload.extend(attr(CTA_STATUS_U16, &status.to_be_bytes()));
+            }
+            payload.extend(attr(7, &[0, 0, 0, 9])); // CTA_TIMEOUT, after the status as the kernel puts it
+            destroy_event(&payload)
+        };
+        const CONFIRMED: u32 = 1 << 3;
+        const ASSURED: u32 = 1 << 2;
+        const DST_NAT_DONE: u32 = 1 << 8;
+        let cases: [(&str, Option<u32>, bool); 6] = [
+            ("refused through a DNAT", Some(CONFIRMED | (1 << 5) | DST_NAT_DONE), true),
+            ("refused through a SNAT", Some(CONFIRMED | (1 << 4)), true),
+            (
+                "answered through a DNAT",
+                Some(CONFIRMED | (1 << 5) | DST_NAT_DONE | IPS_SEEN_REPLY | ASSURED),
+                false,
+            ),
+            ("refused, no NAT", Some(CONFIRMED), false),
+            ("answered, no NAT", Some(CONFIRMED | IPS_SEEN_REPLY | ASSURED), false),
+            ("no status attribute", None, true),
+        ];
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors.
+        assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) }, 0);
+        let (tx, rx) = (fds[0], fds[1]);
+        attach_refusal_filter(rx).expect("the kernel takes the filter");
+        for (what, status, _) in &cases {
+            let msg = event(*status);
+            // SAFETY: `msg` is alive for the call.
+            let sent = unsafe { libc::send(tx, msg.as_ptr().cast(), msg.len(), 0) };
+            assert_eq!(sent, msg.len() as isize, "{what}");
+        }
+        let mut received = Vec::new();
+        let mut buf = [0u8; 512];
+        loop {
+            // SAFETY: `buf` is alive and as long as said.
+            let n = unsafe { libc::recv(rx, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n < 0 {
+                break;
+            }
+            received.push(buf[..n as usize].to_vec());
+        }
+        // SAFETY: both descriptors are ours and closed once.
+        unsafe {
+            libc::close(tx);
+            libc::close(rx);
+        }
+        let expected: Vec<Vec<u8>> = cases.iter().filter(|c| c.2).map(|c| event(c.1)).collect();
+        let names = |msgs: &[Vec<u8>]| {
+            msgs.iter()
+                .map(|m| cases.iter().find(|c| event(c.1) == *m).map_or("?", |c| c.0))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&received), names(&expected));
+        // What passes still parses as the flow it is.
+        assert!(parse_destroy(&received[0][16..]).is_some_and(|f| f.is_dnat()));
     }
 }
