@@ -41,7 +41,24 @@ pub fn run_all(lab: &Lab, o: &Options) -> anyhow::Result<Report> {
     for hook in [Hook::TcpSendReset, Hook::KfreeSkb].into_iter().filter(|_| o.runs("latency")) {
         eprintln!("bindtrace-bench: first-line latency, {}", hook.arg());
         report.latency.push(latency_run(lab, o, hook, "1 000 new keys/s", 30000, moderate_keys, Some(1000))?);
+        // The maximum rate is also the ksoftirqd-heavy run: past a few thousand packets per
+        // softirq pass the kernel defers the rest of its receive work to ksoftirqd.
         report.latency.push(latency_run(lab, o, hook, "maximum rate", 40000, max_keys, None)?);
+        // With RPS on the container's interface its receive path (the SYN, the refusal, the
+        // reset) runs on the other CPU, in whatever task was running there: who is "current"
+        // at the refusal is then not the connector. The connector column says whether the
+        // attribution holds.
+        let _rps = Rps::steer(&lab.ctr.ns, "eth0", o.tracer_cpu)?;
+        report.latency.push(latency_run(
+            lab,
+            o,
+            hook,
+            "1 000 new keys/s, RPS on",
+            20000,
+            moderate_keys,
+            Some(1000),
+        )?);
+        report.latency.push(latency_run(lab, o, hook, "maximum rate, RPS on", 50000, max_keys, None)?);
     }
 
     if o.runs("bpf") {
@@ -174,14 +191,19 @@ fn latency_run(
     // Lines may still be on their way for a burst of new keys: wait for every port's first.
     let deadline = Instant::now() + Duration::from_secs(60);
     let Running::Bindtrace { bt, .. } = &tracer else { unreachable!() };
-    let mut first: HashMap<u16, u64> = HashMap::new();
+    // Per port: the first line's latency (u64::MAX without a sample) and whether it named the
+    // load generator as the connecting process.
+    let mut first: HashMap<u16, (u64, bool)> = HashMap::new();
     loop {
         first.clear();
         for (read_ns, l) in bt.stamped_lines() {
             let Some(port) = l["target_port"].as_u64().map(|p| p as u16) else { continue };
             if l["event"] == "refused" && (ports.0..=ports.1).contains(&port) {
                 let ktime = l["ktime_ns"].as_u64().unwrap_or(0);
-                first.entry(port).or_insert(if ktime > 0 { read_ns.saturating_sub(ktime) } else { u64::MAX });
+                let latency = if ktime > 0 { read_ns.saturating_sub(ktime) } else { u64::MAX };
+                let connector =
+                    l["client_process"]["comm"].as_str().is_some_and(|c| c.starts_with(LOADGEN_COMM));
+                first.entry(port).or_insert((latency, connector));
             }
         }
         if first.len() >= keys as usize || Instant::now() > deadline {
@@ -189,21 +211,79 @@ fn latency_run(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    settle_out_rsts(&lab.ctr.ns);
     let stopped = tracer.stop()?;
     let out_rsts = snmp_out_rsts(&lab.ctr.ns) - rsts_before;
-    let without_sample = first.values().filter(|&&v| v == u64::MAX).count();
+    let without_sample = first.values().filter(|(v, _)| *v == u64::MAX).count();
+    let connector_named = first.values().filter(|(_, named)| *named).count();
     Ok(LatencyRun {
         hook,
         label,
         keys: keys as usize,
         keys_with_line: first.len(),
         without_sample,
-        first_line: Latency::of(first.into_values().filter(|&v| v != u64::MAX).collect()),
+        connector_named,
+        first_line: Latency::of(first.into_values().map(|(v, _)| v).filter(|&v| v != u64::MAX).collect()),
         load,
         out_rsts,
         counted: stopped.counted.unwrap_or(0),
         lost_samples: stopped.lost_samples,
     })
+}
+
+/// Waits until the container has sent its last reset: with RPS on, up to a backlog queue of
+/// SYNs (net.core.netdev_max_backlog, 1 000) is still waiting on the other CPU when the load
+/// generator is done, and a tracer stopped then would miss the resets they cause.
+fn settle_out_rsts(ns: &bindtrace_tests::net::Netns) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = snmp_out_rsts(ns);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = snmp_out_rsts(ns);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// The load generator's comm as the kernel keeps it (15 bytes of `bindtrace-loadgen`).
+const LOADGEN_COMM: &str = "bindtrace-loadg";
+
+/// Receive Packet Steering on an interface of a namespace, to one CPU, until dropped.
+struct Rps {
+    ns: String,
+    file: String,
+}
+
+impl Rps {
+    fn steer(ns: &bindtrace_tests::net::Netns, ifname: &str, cpu: usize) -> anyhow::Result<Rps> {
+        // sysfs shows the devices of the namespace it was mounted in: `ip netns exec` mounts
+        // one for the namespace.
+        let rps = Rps { ns: ns.name.clone(), file: format!("/sys/class/net/{ifname}/queues/rx-0/rps_cpus") };
+        rps.write(&format!("{:x}", 1u64 << cpu))?;
+        Ok(rps)
+    }
+
+    fn write(&self, mask: &str) -> anyhow::Result<()> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "sh", "-c", &format!("echo {mask} > {}", self.file)])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "RPS on {} in {}: {} (a kernel without CONFIG_RPS?)",
+            self.file,
+            self.ns,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Rps {
+    fn drop(&mut self) {
+        let _ = self.write("0");
+    }
 }
 
 /// A flood with BPF run-time accounting on; for kfree-skb also a burst of drops that are not

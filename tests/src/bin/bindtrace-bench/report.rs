@@ -36,6 +36,8 @@ pub struct LatencyRun {
     pub keys_with_line: usize,
     /// First lines whose sample was lost (the count came from the periodic read).
     pub without_sample: usize,
+    /// First lines that named the load generator as the process that connected.
+    pub connector_named: usize,
     pub first_line: Latency,
     pub load: Load,
     pub out_rsts: u64,
@@ -424,9 +426,9 @@ impl Report {
         let _ = writeln!(s, "### Latency from the refusal (ktime_ns) to its first line\n");
         let _ = writeln!(
             s,
-            "| hook | new keys | load | keys with a line | p50 | p99 | max | counted / sent | samples lost |"
+            "| hook | new keys | load | keys with a line | connector named (the load generator) | p50 | p99 | max | counted / sent | samples lost |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
         for l in &self.latency {
             let no_sample = if l.without_sample > 0 {
                 format!(" ({} without a sample)", l.without_sample)
@@ -435,11 +437,13 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} ({:.0} refusals/s) | {}{no_sample} | {} | {} | {} | {} / {} | {} |",
+                "| {} | {} | {} ({:.0} refusals/s) | {}{no_sample} | {} of {} | {} | {} | {} | {} / {} | {} |",
                 l.hook.arg(),
                 l.keys,
                 l.label,
                 l.load.refused_per_sec,
+                l.keys_with_line,
+                l.connector_named,
                 l.keys_with_line,
                 ms(l.first_line.p50),
                 ms(l.first_line.p99),
