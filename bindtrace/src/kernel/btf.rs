@@ -574,6 +574,30 @@ impl Btf {
         Ok(self.params(proto, 0, &Cell::new(RENDER_BUDGET)))
     }
 
+    /// The types aya's program loaders look up, for [`ProgramTypes::aya_btf`]: typedefs
+    /// `btf_trace_<tp>` and FUNCs by name, each the lowest id of that name and kind (the same
+    /// choice as aya's `id_by_type_name_kind`). A name this BTF lacks is left out, so aya's
+    /// lookup fails as it would on the full BTF. Small and owned: this parse can go first.
+    pub(crate) fn program_types(&self, typedefs: &[String], funcs: &[&str]) -> ProgramTypes {
+        let wanted = typedefs
+            .iter()
+            .map(|n| (Kind::Typedef, n.as_str()))
+            .chain(funcs.iter().map(|&n| (Kind::Func, n)));
+        let mut found: Vec<(u32, String, [u8; TYPE_LEN])> = wanted
+            .filter_map(|(kind, name)| self.named(name).find(|t| t.kind == kind).map(|t| (t.id, name)))
+            .map(|(id, name)| {
+                let pos = self.offsets[id as usize] as usize;
+                let mut record = [0; TYPE_LEN];
+                // Neither TYPEDEF nor FUNC has trailing data, so these 12 bytes are all of it.
+                record.copy_from_slice(&self.data[pos..pos + TYPE_LEN]);
+                (id, name.to_owned(), record)
+            })
+            .collect();
+        found.sort_unstable_by_key(|f| f.0);
+        found.dedup_by_key(|f| f.0);
+        ProgramTypes { found }
+    }
+
     /// Rendered parameter types of a FUNC_PROTO; a final void parameter means `...`. `depth`
     /// is the prototype's own: a parameter that points back to its prototype (a corrupt or
     /// hostile blob) must hit the depth bound, not recurse until the stack overflows.
@@ -677,6 +701,52 @@ impl Btf {
 struct Header {
     types: (usize, usize),
     strs: (usize, usize),
+}
+
+/// What aya's program loaders need from the kernel's BTF ([`Btf::program_types`]).
+#[derive(Debug)]
+pub(crate) struct ProgramTypes {
+    /// (type id, name, the kernel's 12-byte record), by ascending id.
+    found: Vec<(u32, String, [u8; TYPE_LEN])>,
+}
+
+impl ProgramTypes {
+    /// The BTF aya's program loaders are given instead of aya's own parse of vmlinux.
+    ///
+    /// `BtfTracePoint::load(tp, btf)` and `FExit::load(function, btf)` (aya 0.14) only look up
+    /// the first TYPEDEF `btf_trace_<tp>`, resp. the first FUNC `<function>`, by name, and hand
+    /// its position in `btf` to the kernel as `attach_btf_id`. So positions must be the
+    /// kernel's type ids: each found type sits at its id (its record copied, its name
+    /// re-pointed into a new string section), and every other id up to the highest holds an
+    /// empty kind-0 record, which aya reads as `BtfType::Unknown` and skips. It costs 12 bytes a
+    /// type in the blob and one 72-byte `BtfType` in aya's parse up to the highest id (about
+    /// 50 000 of 126 000 on 6.18: 4.7 MB), instead of aya's ~16 MB parse of everything.
+    pub(crate) fn aya_btf(&self) -> Result<aya::Btf, BtfError> {
+        let last = self.found.last().map_or(0, |f| f.0) as usize;
+        let too_large = || BtfError::TooLarge { path: "the program BTF".to_owned() };
+        let type_len = u32::try_from(last * TYPE_LEN).map_err(|_| too_large())?;
+        // Header, then the type section (ids 1..=last, zeroed), then the strings.
+        let mut blob = vec![0u8; HEADER_LEN as usize + type_len as usize];
+        let mut strs = vec![0u8];
+        for (id, name, record) in &self.found {
+            let at = HEADER_LEN as usize + (*id as usize - 1) * TYPE_LEN;
+            blob[at..at + TYPE_LEN].copy_from_slice(record);
+            let name_off = u32::try_from(strs.len()).map_err(|_| too_large())?;
+            blob[at..at + 4].copy_from_slice(&name_off.to_le_bytes());
+            strs.extend_from_slice(name.as_bytes());
+            strs.push(0);
+        }
+        let str_len = u32::try_from(strs.len()).map_err(|_| too_large())?;
+        blob[0..2].copy_from_slice(&MAGIC.to_le_bytes());
+        blob[2] = 1; // version; flags stay 0
+        for (i, word) in [HEADER_LEN, 0, type_len, type_len, str_len].into_iter().enumerate() {
+            blob[4 + 4 * i..8 + 4 * i].copy_from_slice(&word.to_le_bytes());
+        }
+        blob.extend_from_slice(&strs);
+        aya::Btf::parse(&blob, aya::Endianness::Little).map_err(|e| {
+            BtfError::BadHeader(format!("aya rejects the program BTF built from the kernel's: {e}"))
+        })
+    }
 }
 
 impl Header {
@@ -877,6 +947,40 @@ pub(crate) mod tests {
         assert_eq!(member(btf, "ns_common.ns_id"), (32, 8));
         // A typedef of an anonymous struct works as the root too.
         assert_eq!(member(btf, "possible_net_t.net"), (0, 8));
+    }
+
+    /// The small BTF must answer aya's lookups exactly as aya's full parse of the same kernel
+    /// does: these ids go to the kernel as attach targets.
+    #[test]
+    fn program_btf_gives_aya_the_ids_of_its_full_parse() {
+        use aya_obj::btf::BtfKind;
+        let typedefs: Vec<String> =
+            ["tcp_send_reset", "kfree_skb", "inet_sock_set_state", "sock_recv_length"]
+                .iter()
+                .map(|tp| format!("btf_trace_{tp}"))
+                .collect();
+        let funcs = ["__ip4_datagram_connect", "__ip6_datagram_connect", "no_such_function"];
+        for name in [V6_18, V6_1, V5_10] {
+            let full = aya::Btf::parse(&fixture_bytes(name), aya::Endianness::Little).unwrap();
+            let small = fixture(name).program_types(&typedefs, &funcs).aya_btf().unwrap();
+            let lookups = typedefs
+                .iter()
+                .map(|n| (n.as_str(), BtfKind::Typedef))
+                .chain(funcs.iter().map(|&n| (n, BtfKind::Func)))
+                // Asked for as the other kind: each must miss, or both find the same id.
+                .chain([
+                    ("btf_trace_kfree_skb", BtfKind::Func),
+                    ("__ip4_datagram_connect", BtfKind::Typedef),
+                ]);
+            let mut found = 0;
+            for (n, kind) in lookups {
+                let want = full.id_by_type_name_kind(n, kind).ok();
+                assert_eq!(small.id_by_type_name_kind(n, kind).ok(), want, "{name}: {n} ({kind:?})");
+                found += usize::from(want.is_some());
+            }
+            // tcp_send_reset exists on all three; sock_recv_length only from 6.3.
+            assert!(found >= 4, "{name}: only {found} of the names exist");
+        }
     }
 
     #[test]
