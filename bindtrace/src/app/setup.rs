@@ -15,7 +15,7 @@ use super::{
     enrichment::Enricher,
 };
 use crate::{
-    attribution::connect::ConnectTracker,
+    attribution::connect::{self, ConnectTracker},
     diagnose::audit::Auditor,
     kernel::{
         btf::Btf,
@@ -43,6 +43,11 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
     log::debug!("kernel layout from BTF: {layout:?}");
     let tc_mode = tc::AttachMode::choose(&btf, args.tc_clsact);
     let sock_layout = SockLayout::resolve(&btf);
+    // What aya's program loads look up, at their ids in this kernel's BTF: taken before our
+    // parse is dropped, turned into aya's (small) BTF after, so that the two never add up.
+    let tracepoints: Vec<String> =
+        loader::TRACEPOINTS.iter().chain(&connect::TRACEPOINTS).map(|tp| format!("btf_trace_{tp}")).collect();
+    let program_types = btf.program_types(&tracepoints, &connect::FUNCTIONS);
     drop(btf);
     let (hook, why) = hook::choose(args.hook, &layout)?;
     let auto_bridges = args.ifaces.is_empty();
@@ -54,9 +59,8 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
             docker::socket_plan(&args.docker_host, args.run_dir.as_deref()).map_err(anyhow::Error::msg)?,
         ),
     };
-    // Before aya's copy of the BTF is parsed (see `Loaded::loader`).
     let loader = Loaded::loader();
-    let aya_btf = aya::Btf::from_sys_fs().context("loading /sys/kernel/btf/vmlinux")?;
+    let program_btf = program_types.aya_btf().context("the BTF for loading the programs")?;
     let opts = LoadOptions {
         ringbuf_bytes: args.ringbuf_size,
         counts_size: args.counts_size,
@@ -69,7 +73,7 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
         },
         tc_mode,
     };
-    let mut loaded = Loaded::load(loader, &layout, hook, &aya_btf, &opts)?;
+    let mut loaded = Loaded::load(loader, &layout, hook, &program_btf, &opts)?;
     match hook.tracepoint() {
         Some(tp) => log::info!("attached tp_btf/{tp} (hook {hook}: {why})"),
         None => log::info!(
@@ -90,7 +94,7 @@ pub(crate) fn setup(args: &Args) -> anyhow::Result<Detector> {
             args.counts_size
         );
     }
-    let connect = attach_connect_tracker(&mut loaded, &aya_btf, sock_layout.as_ref().map(|_| ()));
+    let connect = attach_connect_tracker(&mut loaded, &program_btf, sock_layout.as_ref().map(|_| ()));
     // Everything is loaded: from here on, in this thread and every thread started after it,
     // only what the running daemon still needs (see privileges::KEPT).
     privileges::restrict().context("dropping the capabilities set-up needed")?;

@@ -119,6 +119,11 @@ pub(crate) fn connect_key(refused_netns: u64, client: SocketAddr, target: Socket
 /// Where fexit cannot be loaded: the refused read (`tp_btf/sock_recv_length`, Linux 6.3+).
 const UDP_READ_PROGRAM: (&str, &str) = ("bt_sock_recv_length", "sock_recv_length");
 
+/// What the tracker's programs attach to, for the BTF their loads are given
+/// ([`crate::kernel::btf::Btf::program_btf`]).
+pub(crate) const TRACEPOINTS: [&str; 2] = [TRACEPOINT, UDP_READ_PROGRAM.1];
+pub(crate) const FUNCTIONS: [&str; 2] = [UDP_PROGRAMS[0].1, UDP_PROGRAMS[1].1];
+
 /// Which of the UDP recorders are attached, for the start-up message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UdpRecorders {

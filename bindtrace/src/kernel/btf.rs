@@ -15,7 +15,7 @@
 //! it has no lookup for enum values or function prototypes, which we would also write
 //! ourselves; and it has one maintainer. Little of this file's job would move to the crate.
 
-use std::{cell::Cell, collections::HashMap};
+use std::cell::Cell;
 
 const MAGIC: u16 = 0xeb9f;
 /// Size of the version 1 header; `hdr_len` may be larger (later fields we do not know).
@@ -216,11 +216,11 @@ pub(crate) struct Btf {
     strs: (usize, usize),
     /// `offsets[id]` is where type `id` starts in `data`; `offsets[0]` stands for void.
     offsets: Vec<u32>,
-    /// Hash of a name to the lowest type id with a name of that hash ...
-    names: HashMap<u64, u32>,
-    /// ... and `name_chain[id]` to the next higher id with the same hash (0 ends the chain).
-    /// One flat vector instead of a `String` and a `Vec` per name.
-    name_chain: Vec<u32>,
+    /// `hash32(name) << 32 | id` of every named type, sorted: the types of one name (and of
+    /// any name with the same hash) are adjacent, by ascending id. 8 bytes a named type (1 MB
+    /// on 6.18) where a hash map from hash to the first id plus a chain vector took 5 MB and
+    /// was most of this parse's peak next to the blob.
+    names: Vec<u64>,
 }
 
 impl std::fmt::Debug for Btf {
@@ -244,13 +244,7 @@ impl Btf {
     fn from_vec(data: Vec<u8>) -> Result<Btf, BtfError> {
         let header = Header::parse(&data)?;
         let offsets = index_types(&data, header.types)?;
-        let mut btf = Btf {
-            name_chain: vec![0; offsets.len()],
-            data,
-            strs: header.strs,
-            offsets,
-            names: HashMap::new(),
-        };
+        let mut btf = Btf { data, strs: header.strs, offsets, names: Vec::new() };
         btf.index_names()?;
         Ok(btf)
     }
@@ -261,27 +255,30 @@ impl Btf {
     }
 
     fn index_names(&mut self) -> Result<(), BtfError> {
-        self.names.reserve(self.offsets.len());
-        // Walking down and pushing onto the chain head leaves each chain in ascending id order.
-        for id in (1..self.offsets.len() as u32).rev() {
-            let name_off = self.ty(id)?.name_off;
+        let mut names = Vec::with_capacity(self.offsets.len());
+        for (id, &pos) in self.offsets.iter().enumerate().skip(1) {
+            // `name_off` leads each record, which index_types checked: no need to decode it
+            // all (decoding each record a second time here was ~10 M instructions at start-up).
+            let name_off = le32(&self.data, pos as usize);
             if name_off == 0 {
                 continue;
             }
-            let hash = name_hash(self.str_bytes(name_off)?);
-            if let Some(next) = self.names.insert(hash, id) {
-                self.name_chain[id as usize] = next;
-            }
+            names.push(name_key(self.str_bytes(name_off)?, id as u32));
         }
+        names.sort_unstable();
+        names.shrink_to_fit();
+        self.names = names;
         Ok(())
     }
 
     /// Types named `name`, in ascending id order.
     fn named<'s>(&'s self, name: &str) -> impl Iterator<Item = Type<'s>> {
-        let first = self.names.get(&name_hash(name.as_bytes())).copied();
-        let next = |&id: &u32| self.name_chain.get(id as usize).copied().filter(|&n| n != 0);
-        std::iter::successors(first, next)
-            .filter_map(|id| self.ty(id).ok())
+        let first = name_key(name.as_bytes(), 0);
+        let start = self.names.partition_point(|&k| k < first);
+        self.names[start..]
+            .iter()
+            .take_while(move |&&k| k >> 32 == first >> 32)
+            .filter_map(|&k| self.ty(k as u32).ok())
             .filter(move |t| self.str_bytes(t.name_off).ok() == Some(name.as_bytes()))
     }
 
@@ -574,6 +571,30 @@ impl Btf {
         Ok(self.params(proto, 0, &Cell::new(RENDER_BUDGET)))
     }
 
+    /// The types aya's program loaders look up, for [`ProgramTypes::aya_btf`]: typedefs
+    /// `btf_trace_<tp>` and FUNCs by name, each the lowest id of that name and kind (the same
+    /// choice as aya's `id_by_type_name_kind`). A name this BTF lacks is left out, so aya's
+    /// lookup fails as it would on the full BTF. Small and owned: this parse can go first.
+    pub(crate) fn program_types(&self, typedefs: &[String], funcs: &[&str]) -> ProgramTypes {
+        let wanted = typedefs
+            .iter()
+            .map(|n| (Kind::Typedef, n.as_str()))
+            .chain(funcs.iter().map(|&n| (Kind::Func, n)));
+        let mut found: Vec<(u32, String, [u8; TYPE_LEN])> = wanted
+            .filter_map(|(kind, name)| self.named(name).find(|t| t.kind == kind).map(|t| (t.id, name)))
+            .map(|(id, name)| {
+                let pos = self.offsets[id as usize] as usize;
+                let mut record = [0; TYPE_LEN];
+                // Neither TYPEDEF nor FUNC has trailing data, so these 12 bytes are all of it.
+                record.copy_from_slice(&self.data[pos..pos + TYPE_LEN]);
+                (id, name.to_owned(), record)
+            })
+            .collect();
+        found.sort_unstable_by_key(|f| f.0);
+        found.dedup_by_key(|f| f.0);
+        ProgramTypes { found }
+    }
+
     /// Rendered parameter types of a FUNC_PROTO; a final void parameter means `...`. `depth`
     /// is the prototype's own: a parameter that points back to its prototype (a corrupt or
     /// hostile blob) must hit the depth bound, not recurse until the stack overflows.
@@ -679,6 +700,52 @@ struct Header {
     strs: (usize, usize),
 }
 
+/// What aya's program loaders need from the kernel's BTF ([`Btf::program_types`]).
+#[derive(Debug)]
+pub(crate) struct ProgramTypes {
+    /// (type id, name, the kernel's 12-byte record), by ascending id.
+    found: Vec<(u32, String, [u8; TYPE_LEN])>,
+}
+
+impl ProgramTypes {
+    /// The BTF aya's program loaders are given instead of aya's own parse of vmlinux.
+    ///
+    /// `BtfTracePoint::load(tp, btf)` and `FExit::load(function, btf)` (aya 0.14) only look up
+    /// the first TYPEDEF `btf_trace_<tp>`, resp. the first FUNC `<function>`, by name, and hand
+    /// its position in `btf` to the kernel as `attach_btf_id`. So positions must be the
+    /// kernel's type ids: each found type sits at its id (its record copied, its name
+    /// re-pointed into a new string section), and every other id up to the highest holds an
+    /// empty kind-0 record, which aya reads as `BtfType::Unknown` and skips. It costs 12 bytes a
+    /// type in the blob and one 72-byte `BtfType` in aya's parse up to the highest id (about
+    /// 50 000 of 126 000 on 6.18: 4.7 MB), instead of aya's ~16 MB parse of everything.
+    pub(crate) fn aya_btf(&self) -> Result<aya::Btf, BtfError> {
+        let last = self.found.last().map_or(0, |f| f.0) as usize;
+        let too_large = || BtfError::TooLarge { path: "the program BTF".to_owned() };
+        let type_len = u32::try_from(last * TYPE_LEN).map_err(|_| too_large())?;
+        // Header, then the type section (ids 1..=last, zeroed), then the strings.
+        let mut blob = vec![0u8; HEADER_LEN as usize + type_len as usize];
+        let mut strs = vec![0u8];
+        for (id, name, record) in &self.found {
+            let at = HEADER_LEN as usize + (*id as usize - 1) * TYPE_LEN;
+            blob[at..at + TYPE_LEN].copy_from_slice(record);
+            let name_off = u32::try_from(strs.len()).map_err(|_| too_large())?;
+            blob[at..at + 4].copy_from_slice(&name_off.to_le_bytes());
+            strs.extend_from_slice(name.as_bytes());
+            strs.push(0);
+        }
+        let str_len = u32::try_from(strs.len()).map_err(|_| too_large())?;
+        blob[0..2].copy_from_slice(&MAGIC.to_le_bytes());
+        blob[2] = 1; // version; flags stay 0
+        for (i, word) in [HEADER_LEN, 0, type_len, type_len, str_len].into_iter().enumerate() {
+            blob[4 + 4 * i..8 + 4 * i].copy_from_slice(&word.to_le_bytes());
+        }
+        blob.extend_from_slice(&strs);
+        aya::Btf::parse(&blob, aya::Endianness::Little).map_err(|e| {
+            BtfError::BadHeader(format!("aya rejects the program BTF built from the kernel's: {e}"))
+        })
+    }
+}
+
 impl Header {
     fn parse(data: &[u8]) -> Result<Header, BtfError> {
         let field = |at: usize, len: usize| {
@@ -771,15 +838,19 @@ fn le32(bytes: &[u8], at: usize) -> u32 {
     bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes)
 }
 
-/// FNV-1a: cheap, and good enough to spread identifier names over the map.
-fn name_hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+/// A name's sort key in `Btf::names`: FNV-1a (cheap, and spreads identifier names well; a
+/// collision only costs a string compare) folded to 32 bits, above the type id.
+fn name_key(bytes: &[u8], id: u32) -> u64 {
+    let h = bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (((h >> 32) ^ h) << 32) | u64::from(id)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, HashMap};
     use std::io::Read;
     use std::sync::{Mutex, OnceLock};
 
@@ -877,6 +948,40 @@ pub(crate) mod tests {
         assert_eq!(member(btf, "ns_common.ns_id"), (32, 8));
         // A typedef of an anonymous struct works as the root too.
         assert_eq!(member(btf, "possible_net_t.net"), (0, 8));
+    }
+
+    /// The small BTF must answer aya's lookups exactly as aya's full parse of the same kernel
+    /// does: these ids go to the kernel as attach targets.
+    #[test]
+    fn program_btf_gives_aya_the_ids_of_its_full_parse() {
+        use aya_obj::btf::BtfKind;
+        let typedefs: Vec<String> =
+            ["tcp_send_reset", "kfree_skb", "inet_sock_set_state", "sock_recv_length"]
+                .iter()
+                .map(|tp| format!("btf_trace_{tp}"))
+                .collect();
+        let funcs = ["__ip4_datagram_connect", "__ip6_datagram_connect", "no_such_function"];
+        for name in [V6_18, V6_1, V5_10] {
+            let full = aya::Btf::parse(&fixture_bytes(name), aya::Endianness::Little).unwrap();
+            let small = fixture(name).program_types(&typedefs, &funcs).aya_btf().unwrap();
+            let lookups = typedefs
+                .iter()
+                .map(|n| (n.as_str(), BtfKind::Typedef))
+                .chain(funcs.iter().map(|&n| (n, BtfKind::Func)))
+                // Asked for as the other kind: each must miss, or both find the same id.
+                .chain([
+                    ("btf_trace_kfree_skb", BtfKind::Func),
+                    ("__ip4_datagram_connect", BtfKind::Typedef),
+                ]);
+            let mut found = 0;
+            for (n, kind) in lookups {
+                let want = full.id_by_type_name_kind(n, kind).ok();
+                assert_eq!(small.id_by_type_name_kind(n, kind).ok(), want, "{name}: {n} ({kind:?})");
+                found += usize::from(want.is_some());
+            }
+            // tcp_send_reset exists on all three; sock_recv_length only from 6.3.
+            assert!(found >= 4, "{name}: only {found} of the names exist");
+        }
     }
 
     #[test]

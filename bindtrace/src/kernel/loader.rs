@@ -21,6 +21,10 @@ use crate::{
     netns::scope::Port,
 };
 
+/// Every tp_btf this module may load: either hook's, and kfree_skb for UDP next to
+/// tcp_send_reset (see `attach_udp`).
+pub(crate) const TRACEPOINTS: [&str; 2] = ["tcp_send_reset", "kfree_skb"];
+
 /// The object `build.rs` built; empty when the build skipped eBPF.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bindtrace"));
 
@@ -80,20 +84,67 @@ pub(crate) struct Loaded {
     recursion_misses_offset: Option<u32>,
 }
 
+/// `EbpfLoader::new()` in a mount namespace of this thread alone, where /sys/kernel/btf is an
+/// empty tmpfs (see [`Loaded::loader`]). The namespace ends with the thread.
+fn loader_without_kernel_btf() -> std::io::Result<EbpfLoader<'static>> {
+    let check = |r: libc::c_int| if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+    // SAFETY: unshare and mount take no pointers but the NUL-terminated literals, and change
+    // only this thread's view of the mounts (CLONE_NEWNS unshares the thread's fs too).
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        // Private first: in a namespace that still shares propagation with the host's, the
+        // tmpfs below would appear over the host's /sys/kernel/btf too.
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            c"none".as_ptr(),
+            c"/sys/kernel/btf".as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ))?;
+    }
+    let mut loader = EbpfLoader::new();
+    loader.btf(None);
+    Ok(loader)
+}
+
 /// Fails at once when this binary was built without its eBPF object.
 pub(crate) fn check_object() -> Result<(), LoadError> {
     if OBJECT.is_empty() { Err(LoadError::NoObject) } else { Ok(()) }
 }
 
 impl Loaded {
-    /// A loader that holds no BTF of its own. aya 0.14's `EbpfLoader::new()` parses
-    /// /sys/kernel/btf/vmlinux itself (~16 MB of heap on a 5.5 MB vmlinux BTF), a copy nobody
-    /// can borrow: let it go before the caller parses the one it keeps, so that two copies are
-    /// never alive together (they made the process's peak RSS).
+    /// A loader that holds no BTF. aya 0.14's `EbpfLoader::new()` always parses
+    /// /sys/kernel/btf/vmlinux in full (~16 MB of heap on 6.18's 5.5 MB BTF, which made the
+    /// process's peak RSS) and has no constructor without that; `.btf(None)` only drops it
+    /// afterwards. The parse is not needed: our object has no CO-RE relocations (the kernel's
+    /// layout comes in through globals), and the program loads get the small BTF of
+    /// [`crate::kernel::btf::Btf::program_btf`]. So the loader is made on a short-lived thread
+    /// whose own mount namespace hides /sys/kernel/btf under an empty tmpfs: aya's read fails at
+    /// once and aya ignores the error. Where that namespace cannot be made (no CAP_SYS_ADMIN in
+    /// it, an LSM refusing the mount), the loader parses and drops as before.
     pub(crate) fn loader() -> EbpfLoader<'static> {
-        let mut loader = EbpfLoader::new();
-        loader.btf(None);
-        loader
+        let hidden = std::thread::Builder::new()
+            .name("btf-less loader".into())
+            .spawn(loader_without_kernel_btf)
+            .map_err(|e| e.to_string())
+            .and_then(|t| t.join().map_err(|_| "the thread panicked".to_owned()))
+            .and_then(|made| made.map_err(|e| e.to_string()));
+        match hidden {
+            Ok(loader) => loader,
+            Err(e) => {
+                log::debug!("aya's loader parses the kernel BTF once and drops it (cannot hide it: {e})");
+                let mut loader = EbpfLoader::new();
+                loader.btf(None);
+                loader
+            }
+        }
     }
 
     /// `loader` comes from [`Loaded::loader`].
@@ -105,11 +156,10 @@ impl Loaded {
         opts: &LoadOptions,
     ) -> Result<Loaded, LoadError> {
         check_object()?;
-        // Narrowed to this call: it borrows the BTF and the globals below.
+        // Narrowed to this call: it borrows the globals below.
         let mut loader: EbpfLoader<'_> = loader;
         // `must_exist` everywhere: a global the object lacks means the object and loader disagree.
         loader
-            .btf(Some(btf))
             .override_global("OFF_SKB_DEV", &layout.skb_dev, true)
             .override_global("OFF_SKB_HEAD", &layout.skb_head, true)
             .override_global("OFF_SKB_NETWORK_HEADER", &layout.skb_network_header, true)
