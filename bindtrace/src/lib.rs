@@ -106,8 +106,10 @@ pub fn run() -> std::process::ExitCode {
         let stdout = std::io::stdout().lock();
         let scan_window = args.scan_window.unwrap_or(sinks::collapse::SCAN_WINDOW);
         let format = args.format.resolve(std::io::IsTerminal::is_terminal(&stdout));
-        let mut out =
-            Output::new(format, std::io::LineWriter::new(stdout), Painter::for_stdout(), scan_window);
+        // Not a LineWriter: it would write every line on its own; the sink flushes each record,
+        // or each run of records it was told to hold.
+        let stdout = std::io::BufWriter::with_capacity(64 * 1024, stdout);
+        let mut out = Output::new(format, stdout, Painter::for_stdout(), scan_window);
         detector.run(&mut out, args.duration).await
     });
     match result {

@@ -250,6 +250,15 @@ impl Bindtrace {
         g.lines_read_ns.iter().copied().zip(g.lines.iter().cloned()).collect()
     }
 
+    /// The stdout lines from the `from`-th on, with the time each was read: a caller that
+    /// waits for lines takes only the new ones, rather than copying every line so far while
+    /// the reader thread waits on the lock (and bindtrace, once the pipe is full, on it).
+    pub fn stamped_lines_from(&self, from: usize) -> Vec<(u64, Value)> {
+        let g = self.shared.0.lock().unwrap();
+        let from = from.min(g.lines.len());
+        g.lines_read_ns[from..].iter().copied().zip(g.lines[from..].iter().cloned()).collect()
+    }
+
     /// Every stderr line with the CLOCK_MONOTONIC time it was read.
     pub fn stamped_stderr(&self) -> Vec<(u64, String)> {
         let g = self.shared.0.lock().unwrap();

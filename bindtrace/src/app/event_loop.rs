@@ -94,7 +94,9 @@ impl Detector {
                     guard.clear_ready();
                     self.on_samples(out, samples)?;
                 }
-                done = enriched_batch(&mut enriched) => self.on_done(out, done)?,
+                done = enriched_batch(&mut enriched) => {
+                    self.on_done(out, done, &mut || ring::drain(ring.get_mut()))?;
+                }
                 () = docker_changed(&mut docker_state) => {
                     self.orphans_suspect = true;
                     self.sync_docker()?;
@@ -160,7 +162,7 @@ impl Detector {
     }
 
     /// Samples from the ring buffer: each key's total read at once, folded into lines.
-    fn on_samples<W: Write>(
+    pub(super) fn on_samples<W: Write>(
         &mut self,
         out: &mut Output<W>,
         samples: Vec<bindtrace_common::RefusalEvent>,

@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use bindtrace_common::RefusalEvent;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{
@@ -148,10 +149,16 @@ impl Detector {
         Ok(())
     }
 
-    /// What the worker sends back: diagnosed lines, or the auditor with its reports.
-    pub(super) fn on_done<W: Write>(&mut self, out: &mut Output<W>, done: Done) -> anyhow::Result<()> {
+    /// What the worker sends back: diagnosed lines, or the auditor with its reports. `ring`
+    /// takes the samples waiting in the kernel's ring buffer (see [`Detector::on_enriched`]).
+    pub(super) fn on_done<W: Write>(
+        &mut self,
+        out: &mut Output<W>,
+        done: Done,
+        ring: &mut dyn FnMut() -> Vec<RefusalEvent>,
+    ) -> anyhow::Result<()> {
         match done {
-            Done::Lines(batch) => self.on_enriched(out, batch),
+            Done::Lines(batch) => self.on_enriched(out, batch, ring),
             Done::Audit(auditor, reports) => self.on_audited(out, auditor, reports),
             Done::Rechecked { found, asked } => {
                 self.on_rechecked(found, asked);
@@ -161,12 +168,33 @@ impl Detector {
     }
 
     /// A batch the worker diagnosed: each line is written once its attribution is complete.
-    fn on_enriched<W: Write>(&mut self, out: &mut Output<W>, batch: Vec<Enriched>) -> anyhow::Result<()> {
+    ///
+    /// A burst of new keys comes back as batches of thousands of lines, and writing one takes
+    /// its ~10 us (the report, its hint, the metrics, the JSON): the loop would not read the
+    /// ring meanwhile, and a 256 KiB ring holds ~2 900 samples, ~20 ms of a burst at the
+    /// maximum rate. So the lines are written in runs of [`EMIT_RUN`], each with one flush, and
+    /// the ring is drained between runs: samples wait in userspace for their turn, not in the
+    /// kernel where a full ring drops them.
+    fn on_enriched<W: Write>(
+        &mut self,
+        out: &mut Output<W>,
+        batch: Vec<Enriched>,
+        ring: &mut dyn FnMut() -> Vec<RefusalEvent>,
+    ) -> anyhow::Result<()> {
         self.enricher.returned(batch.len());
         self.sync_docker()?;
         let now = Instant::now();
-        for enriched in batch {
-            self.attribute_or_wait(out, enriched, now)?;
+        let mut batch = batch.into_iter().peekable();
+        while batch.peek().is_some() {
+            out.hold();
+            for enriched in batch.by_ref().take(EMIT_RUN) {
+                self.attribute_or_wait(out, enriched, now)?;
+            }
+            out.release().context("writing output")?;
+            let samples = ring();
+            if !samples.is_empty() {
+                self.on_samples(out, samples)?;
+            }
         }
         Ok(())
     }
@@ -216,7 +244,8 @@ impl Detector {
         while self.enricher.queued() > 0 || self.docker.auditor.is_none() {
             match done.as_mut() {
                 Some(rx) => match rx.recv().await {
-                    Some(d) => self.on_done(out, d)?,
+                    // The final count was read: samples still arriving change no line.
+                    Some(d) => self.on_done(out, d, &mut Vec::new)?,
                     None => anyhow::bail!(
                         "the enrichment worker stopped with {} lines queued",
                         self.enricher.queued()
@@ -232,6 +261,11 @@ impl Detector {
         Ok(())
     }
 }
+
+/// Lines of a diagnosed batch written with one flush, between two reads of the ring buffer:
+/// short enough that the ring is read every ~0.5 ms during a burst, long enough that the write
+/// is not per line.
+const EMIT_RUN: usize = 32;
 
 /// A diagnosed line waiting for its attribution, since `since`.
 pub(crate) struct Awaiting {

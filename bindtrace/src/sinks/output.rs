@@ -1,5 +1,6 @@
 //! The line sink: each record in the form `--format` chose, flushed one by one (the stream is
-//! live). `text` is one line per record ([`text`](super::text)), for pipes and logs; `terminal`
+//! live), or a run of records written together with one flush ([`Output::hold`]: a burst of new
+//! keys costs one write per run, not one per line). `text` is one line per record ([`text`](super::text)), for pipes and logs; `terminal`
 //! is a headline with detail lines, short repeats and collapsed scans
 //! ([`terminal`](super::terminal), [`collapse`](super::collapse)), for a person; `json` is one
 //! object per record.
@@ -55,13 +56,27 @@ pub(crate) struct Output<W: Write> {
     format: StreamFormat,
     screen: Screen,
     out: W,
+    /// Records are written without a flush until [`Output::release`].
+    held: bool,
 }
 
 impl<W: Write> Output<W> {
     /// `format` resolved already (not `Auto`); `painter` colours the terminal form only;
     /// `scan_window` is the terminal form's [scan window](super::collapse::SCAN_WINDOW).
     pub(crate) fn new(format: StreamFormat, out: W, painter: Painter, scan_window: Duration) -> Self {
-        Output { format, screen: Screen { painter, collapse: Collapse::new(scan_window) }, out }
+        Output { format, screen: Screen { painter, collapse: Collapse::new(scan_window) }, out, held: false }
+    }
+
+    /// From now on records are not flushed one by one: the caller writes a short run of them
+    /// and calls [`Output::release`], which flushes them together.
+    pub(crate) fn hold(&mut self) {
+        self.held = true;
+    }
+
+    /// Flushes what was written since [`Output::hold`]; records are flushed one by one again.
+    pub(crate) fn release(&mut self) -> io::Result<()> {
+        self.held = false;
+        self.out.flush()
     }
 
     fn lines(&mut self, lines: &[String]) -> io::Result<()> {
@@ -69,7 +84,7 @@ impl<W: Write> Output<W> {
             self.out.write_all(l.as_bytes())?;
             self.out.write_all(b"\n")?;
         }
-        self.out.flush()
+        if self.held { Ok(()) } else { self.out.flush() }
     }
 
     pub(crate) fn refusal(&mut self, r: &Report) -> io::Result<()> {
@@ -141,6 +156,44 @@ mod tests {
         }
         out.finish().unwrap();
         String::from_utf8(out.out).unwrap()
+    }
+
+    /// A writer that says what reached it flushed: what a pipe's reader would see.
+    #[derive(Default)]
+    struct Flushes {
+        pending: Vec<u8>,
+        flushed: Vec<u8>,
+        flushes: usize,
+    }
+
+    impl Write for Flushes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.pending.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.flushed.append(&mut self.pending);
+            self.flushes += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn held_records_are_flushed_together_and_records_after_release_one_by_one() {
+        let t = "2026-12-03T10:00:00.000Z";
+        let mut out = Output::new(StreamFormat::Json, Flushes::default(), Painter::new(false), SCAN_WINDOW);
+        out.hold();
+        for port in 1..=3 {
+            out.refusal(&report(1, port, 1, t)).unwrap();
+        }
+        assert_eq!(out.out.flushes, 0);
+        assert!(out.out.flushed.is_empty());
+        out.release().unwrap();
+        assert_eq!(out.out.flushes, 1);
+        assert_eq!(out.out.flushed.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count(), 3);
+        out.refusal(&report(1, 4, 1, t)).unwrap();
+        assert_eq!(out.out.flushes, 2);
+        assert!(out.out.pending.is_empty());
     }
 
     #[test]

@@ -194,9 +194,13 @@ fn latency_run(
     // Per port: the first line's latency (u64::MAX without a sample) and whether it named the
     // load generator as the connecting process.
     let mut first: HashMap<u16, (u64, bool)> = HashMap::new();
+    // Only the lines read since the last look: copying all of them every 50 ms held the
+    // reader thread's lock long enough, with 10 000 lines, to be part of what was measured.
+    let mut seen = 0;
     loop {
-        first.clear();
-        for (read_ns, l) in bt.stamped_lines() {
+        let new = bt.stamped_lines_from(seen);
+        seen += new.len();
+        for (read_ns, l) in new {
             let Some(port) = l["target_port"].as_u64().map(|p| p as u16) else { continue };
             if l["event"] == "refused" && (ports.0..=ports.1).contains(&port) {
                 let ktime = l["ktime_ns"].as_u64().unwrap_or(0);
