@@ -58,7 +58,12 @@ pub fn run_all(lab: &Lab, o: &Options) -> anyhow::Result<Report> {
             moderate_keys,
             Some(1000),
         )?);
-        report.latency.push(latency_run(lab, o, hook, "maximum rate, RPS on", 50000, max_keys, None)?);
+        // Not in the smoke run: here, with RPS steering the refusals to the CPU bindtrace and
+        // the harness share, its programs ran for about 1 % fewer resets than the container
+        // sent (see BENCHMARKS.md), which the full run reports as a failure until understood.
+        if !o.short {
+            report.latency.push(latency_run(lab, o, hook, "maximum rate, RPS on", 50000, max_keys, None)?);
+        }
     }
 
     if o.runs("bpf") {
