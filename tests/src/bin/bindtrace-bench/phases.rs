@@ -48,20 +48,22 @@ pub fn run_all(lab: &Lab, o: &Options) -> anyhow::Result<Report> {
         // reset) runs on the other CPU, in whatever task was running there: who is "current"
         // at the refusal is then not the connector. The connector column says whether the
         // attribution holds.
-        let _rps = Rps::steer(&lab.ctr.ns, "eth0", o.tracer_cpu)?;
-        report.latency.push(latency_run(
-            lab,
-            o,
-            hook,
-            "1 000 new keys/s, RPS on",
-            20000,
-            moderate_keys,
-            Some(1000),
-        )?);
-        // Not in the smoke run: here, with RPS steering the refusals to the CPU bindtrace and
-        // the harness share, its programs ran for about 1 % fewer resets than the container
-        // sent (see BENCHMARKS.md), which the full run reports as a failure until understood.
+        // Not in the smoke run: with RPS steering the refusals to the CPU bindtrace and the
+        // harness share, the kernel ran no tracing program (ours or bpftrace's) for some of the
+        // resets the container sent, about 1 % at the maximum rate and now and then one at
+        // 1 000 new keys/s (see BENCHMARKS.md); the full run reports that as a failure until
+        // it is understood.
         if !o.short {
+            let _rps = Rps::steer(&lab.ctr.ns, "eth0", o.tracer_cpu)?;
+            report.latency.push(latency_run(
+                lab,
+                o,
+                hook,
+                "1 000 new keys/s, RPS on",
+                20000,
+                moderate_keys,
+                Some(1000),
+            )?);
             report.latency.push(latency_run(lab, o, hook, "maximum rate, RPS on", 50000, max_keys, None)?);
         }
     }
