@@ -120,7 +120,7 @@ pub(crate) fn connect_key(refused_netns: u64, client: SocketAddr, target: Socket
 const UDP_READ_PROGRAM: (&str, &str) = ("bt_sock_recv_length", "sock_recv_length");
 
 /// What the tracker's programs attach to, for the BTF their loads are given
-/// ([`crate::kernel::btf::Btf::program_btf`]).
+/// ([`crate::kernel::btf::ProgramTypes::aya_btf`]).
 pub(crate) const TRACEPOINTS: [&str; 2] = [TRACEPOINT, UDP_READ_PROGRAM.1];
 pub(crate) const FUNCTIONS: [&str; 2] = [UDP_PROGRAMS[0].1, UDP_PROGRAMS[1].1];
 

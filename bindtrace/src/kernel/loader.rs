@@ -125,7 +125,7 @@ impl Loaded {
     /// process's peak RSS) and has no constructor without that; `.btf(None)` only drops it
     /// afterwards. The parse is not needed: our object has no CO-RE relocations (the kernel's
     /// layout comes in through globals), and the program loads get the small BTF of
-    /// [`crate::kernel::btf::Btf::program_btf`]. So the loader is made on a short-lived thread
+    /// [`crate::kernel::btf::ProgramTypes::aya_btf`]. So the loader is made on a short-lived thread
     /// whose own mount namespace hides /sys/kernel/btf under an empty tmpfs: aya's read fails at
     /// once and aya ignores the error. Where that namespace cannot be made (no CAP_SYS_ADMIN in
     /// it, an LSM refusing the mount), the loader parses and drops as before.
