@@ -198,8 +198,17 @@ pub const TCP_CLOSE: u32 = 7;
 /// Capacity of `CONNECTORS` (sampled refused connects, by 4-tuple), an LRU map: old entries
 /// make room.
 pub const CONNECT_MAX_ENTRIES: u32 = 8_192;
-/// Slots of the connect tracker's parking array (a power of two): connects in flight at once.
-pub const CONNECT_PARKED_SLOTS: u32 = 8_192;
+/// Capacity of the connect tracker's parking map (used once parking is on): connects to the
+/// watched prefixes in flight at once.
+pub const CONNECT_PARKED_MAX_ENTRIES: u32 = 4_096;
+/// `CONNECT_STATE` slots: parking on (1) or off (0), set by the kernel side.
+pub const CONNECT_STATE_PARKING: u32 = 0;
+pub const CONNECT_STATE_SLOTS: u32 = 1;
+/// `CONNECT_STATS` slots (per CPU): wanted closes in a softirq with nothing parked (their
+/// refusal's `via` is not recorded), and wanted closes attributed from a parked record.
+pub const CONNECT_STAT_UNATTRIBUTED: u32 = 0;
+pub const CONNECT_STAT_FROM_PARKED: u32 = 1;
+pub const CONNECT_STAT_SLOTS: u32 = 2;
 /// Capacity of `CONNECT_DESTS`: address prefixes of the watched bridges.
 pub const CONNECT_DESTS_MAX_ENTRIES: u32 = 1_024;
 /// Sampled refusals whose connector is wanted (one per sample; samples are rate-limited).

@@ -3,25 +3,31 @@
 //! A refusal seen inside the container names only the SYN's source address, and both Docker's
 //! userland proxy and any host process dialing the container IP come from the bridge's gateway
 //! address. By the time userspace looks, the connecting socket is gone. So the connecting side
-//! is recorded in two steps, from `sock:inet_sock_set_state`:
-//! - CLOSE -> SYN_SENT runs in the connecting task (`connect()`), so its pid and comm are the
-//!   connector's. The destination is already set, the source port not yet (it is chosen right
-//!   after the state change), so the task is parked under the socket's address, and only when
-//!   the destination is in a watched bridge's prefix (one LPM lookup; everything else leaves).
-//! - SYN_SENT -> CLOSE (the reset arrived, or the connect failed) has the full 4-tuple; the
-//!   parked task moves to `CONNECTORS` under that tuple and the refused namespace, where
-//!   userspace finds it from the refusal's own tuple and namespace.
-//!
-//! The parking place is a direct-mapped array indexed by a hash of the socket's cookie, not a
-//! hash map: an array slot is a plain memory access (the verifier inlines the lookup), where a
-//! hash insert and delete per connection took locks and cost more than the rest together. Two
-//! sockets in flight at once that share a slot lose the older one's attribution, never a count.
+//! is recorded in the kernel, from `sock:inet_sock_set_state`, when the reset reaches the
+//! connecting socket and moves it from SYN_SENT to CLOSE: the 4-tuple is complete then, and the
+//! record goes to `CONNECTORS` under that tuple and the refused namespace, where userspace finds
+//! it from the refusal's own tuple and namespace. Who it names depends on where that state
+//! change runs (see `docs/attribution.md`):
+//! - Usually in the connecting task itself. A veth queues the SYN on the sending CPU, and the
+//!   softirq that refuses it runs when the sender re-enables bottom halves inside its own
+//!   `connect()`; the reset comes back the same way, finds the socket locked by that
+//!   `connect()` (`sk_lock.owned`), waits in its backlog and is processed by the owner at
+//!   `release_sock`. So SYN_SENT -> CLOSE with the socket owned is proof that the current task
+//!   holds the socket: it is the connector (or a thread of it), on every architecture, with no
+//!   ordering between CPUs to rely on. That costs nothing per connect.
+//! - Otherwise in a softirq on behalf of nobody in particular: receive packet steering sent the
+//!   SYN to another CPU, the backlog was deferred to ksoftirqd, or a non-blocking connect had
+//!   returned before the reset came. The current task is then whoever was interrupted, and is
+//!   not recorded. The first such close switches the tracker to parking (`CONNECT_STATE`): from
+//!   then on CLOSE -> SYN_SENT, which runs in the connecting task (`connect()`), parks the task
+//!   under the socket's cookie when the destination is in a watched bridge's prefix, and a close
+//!   in a softirq takes the parked record. The refusal that revealed it loses its `via` (counted
+//!   in `CONNECT_STATS`); the ones after it are attributed as before.
 //!
 //! A refused flood is one connect after another to the same port, but userspace only ever asks
 //! about the refusals it got a sample of (`refusal::emit`). The refusal hooks run before the
 //! reset reaches the connecting socket, so they leave the sampled tuple in `CONNECT_WANTED`,
-//! and SYN_SENT -> CLOSE writes `CONNECTORS` only for those: the LRU map, whose inserts evict
-//! once it is full, sees one insert per sample instead of one per refused connection.
+//! and SYN_SENT -> CLOSE writes `CONNECTORS` only for those.
 //!
 //! The tuple alone does not say which network a connection went to: rootless Docker reuses
 //! 172.17.0.0/16 inside RootlessKit's namespace, and parallel namespaces reuse any prefix. The
@@ -33,22 +39,23 @@
 //! marks the digest [`WANTED_BY_SEVERAL`] and neither connector is recorded (their `via` is
 //! missing, never another network's).
 //!
-//! This runs for every connect() to a container, refused or not, so it keeps to plain loads
-//! through the BTF-typed `sk` (see `kernel::field`) and a preallocated hash; only the IPv6
-//! addresses and `inet_sport` (beyond `struct sock`'s BTF type) are copied by helper.
+//! This runs for every TCP state change on the host, so it keeps to plain loads through the
+//! BTF-typed `sk` (see `kernel::field`); only the IPv6 addresses and `inet_sport` (beyond
+//! `struct sock`'s BTF type) are copied by helper, and only for a wanted close.
 //!
 //! Struct offsets come from BTF through the loader, like everything in `kernel.rs`.
 use aya_ebpf::{
     Global,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_ANY, BPF_NOEXIST},
     cty::c_void,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use bindtrace_common::{
-    AF_INET, AF_INET6, Addr16, CONNECT_DESTS_MAX_ENTRIES, CONNECT_MAX_ENTRIES, CONNECT_PARKED_SLOTS,
-    CONNECT_WANTED_MAX_ENTRIES, ConnectKey, Connector, UDP_CONNECT_MAX_ENTRIES, mapped,
+    AF_INET, AF_INET6, Addr16, CONNECT_DESTS_MAX_ENTRIES, CONNECT_MAX_ENTRIES, CONNECT_PARKED_MAX_ENTRIES,
+    CONNECT_STAT_FROM_PARKED, CONNECT_STAT_SLOTS, CONNECT_STAT_UNATTRIBUTED, CONNECT_STATE_PARKING,
+    CONNECT_STATE_SLOTS, CONNECT_WANTED_MAX_ENTRIES, ConnectKey, Connector, UDP_CONNECT_MAX_ENTRIES, mapped,
 };
 
 use crate::kernel::{field, read};
@@ -57,16 +64,33 @@ use crate::kernel::{field, read};
 #[map]
 static CONNECT_DESTS: LpmTrie<Addr16, u32> = LpmTrie::with_max_entries(CONNECT_DESTS_MAX_ENTRIES, 0);
 
-/// A connect in flight: the socket's cookie, and who made it.
-#[repr(C)]
-pub struct Parked {
-    cookie: u64,
-    who: Connector,
+/// Connects in flight to a watched prefix, by their socket's cookie, while parking is on. A
+/// hash map: its update publishes the element only once the value is written, so a reader on
+/// another CPU finds a complete record on any architecture. Full (that many connects in flight
+/// at once) means the next ones go unparked.
+#[map]
+static CONNECT_PARKED: HashMap<u64, Connector> = HashMap::with_max_entries(CONNECT_PARKED_MAX_ENTRIES, 0);
+
+/// [`CONNECT_STATE_PARKING`]: 1 once a wanted close ran in a softirq (set here, never cleared).
+#[map]
+static CONNECT_STATE: Array<u64> = Array::with_max_entries(CONNECT_STATE_SLOTS, 0);
+
+/// Per-CPU counts of wanted closes: with no owner and nothing parked, and from a parked record.
+#[map]
+static CONNECT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CONNECT_STAT_SLOTS, 0);
+
+#[inline(always)]
+fn state(slot: u32) -> u64 {
+    CONNECT_STATE.get_ptr(slot).map_or(0, |p| unsafe { core::ptr::read_volatile(p) })
 }
 
-/// Connects in flight to a watched prefix, in slot [`slot_of`] of their socket's cookie.
-#[map]
-static CONNECT_PARKED: Array<Parked> = Array::with_max_entries(CONNECT_PARKED_SLOTS, 0);
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(v) = CONNECT_STATS.get_ptr_mut(slot) {
+        // Per-CPU slot, and the same program never nests on one CPU: no atomics needed.
+        unsafe { *v += 1 };
+    }
+}
 
 /// The socket's cookie: unique for the kernel's lifetime, and a number (the verifier allows no
 /// arithmetic on the socket pointer itself).
@@ -74,12 +98,6 @@ static CONNECT_PARKED: Array<Parked> = Array::with_max_entries(CONNECT_PARKED_SL
 fn cookie_of(sk: u64) -> u64 {
     // SAFETY: `sk` is the tracepoint's BTF-typed socket, the argument this helper takes.
     unsafe { bpf_get_socket_cookie(sk as *mut c_void) }
-}
-
-/// Fibonacci hashing of a socket cookie onto the slots (a power of two).
-#[inline(always)]
-fn slot_of(cookie: u64) -> u32 {
-    (cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - CONNECT_PARKED_SLOTS.trailing_zeros())) as u32
 }
 
 /// Connects that ended in SYN_SENT -> CLOSE, by 4-tuple. Read by userspace.
@@ -175,6 +193,9 @@ static OFF_SK_NET: Global<u32> = Global::new(0);
 /// `inet_sock.inet_sport` (an inet_sock starts with its sock, so the same pointer).
 #[unsafe(no_mangle)]
 static OFF_INET_SPORT: Global<u32> = Global::new(0);
+/// `sock.sk_lock.owned`: set while a task holds the socket (`lock_sock`).
+#[unsafe(no_mangle)]
+static OFF_SK_LOCK_OWNED: Global<u32> = Global::new(0);
 /// `net.net_cookie` and `net.ns.inum` (the same values as `kernel.rs` uses).
 #[unsafe(no_mangle)]
 static OFF_CONN_NET_COOKIE: Global<u32> = Global::new(0);
@@ -199,10 +220,26 @@ fn daddr(sk: u64, family: u16) -> Option<[u8; 16]> {
     }
 }
 
-/// CLOSE -> SYN_SENT, in the connecting task.
+/// The current task, as the connector of `sk` (its namespace is the socket's).
+#[inline(always)]
+fn current_connector(sk: u64) -> Connector {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let net: u64 = field(sk, OFF_SK_NET.load());
+    // Every field set here (no `..Default::default()`: that is a memset call).
+    Connector {
+        netns_cookie: if net != 0 { field(net, OFF_CONN_NET_COOKIE.load()) } else { 0 },
+        netns_ino: if net != 0 { field(net, OFF_CONN_NET_NS_INUM.load()) } else { 0 },
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
+
+/// CLOSE -> SYN_SENT, in the connecting task: parked only once parking is on.
 #[inline(always)]
 pub fn started(sk: u64) {
-    if sk == 0 {
+    if sk == 0 || state(CONNECT_STATE_PARKING) == 0 {
         return;
     }
     let family: u16 = field(sk, OFF_SK_FAMILY.load());
@@ -210,27 +247,20 @@ pub fn started(sk: u64) {
     if CONNECT_DESTS.get(Key::new(128, dst)).is_none() {
         return;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let net: u64 = field(sk, OFF_SK_NET.load());
-    // Every field set here (no `..Default::default()`: that is a memset call per connect).
-    let who = Connector {
-        netns_cookie: if net != 0 { field(net, OFF_CONN_NET_COOKIE.load()) } else { 0 },
-        netns_ino: if net != 0 { field(net, OFF_CONN_NET_NS_INUM.load()) } else { 0 },
-        tgid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        _pad: 0,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
-    let cookie = cookie_of(sk);
-    if let Some(p) = CONNECT_PARKED.get_ptr_mut(slot_of(cookie)) {
-        // The owner last, so a reader that finds it finds the record complete (stores are not
-        // reordered with other stores on x86; elsewhere this is best effort).
-        unsafe {
-            (*p).cookie = 0;
-            (*p).who = who;
-            core::ptr::write_volatile(&raw mut (*p).cookie, cookie);
-        }
+    let who = current_connector(sk);
+    let _ = CONNECT_PARKED.insert(&cookie_of(sk), &who, BPF_ANY as u64);
+}
+
+/// The parked record of `sk`, taken out, when parking is on.
+#[inline(always)]
+fn take_parked(sk: u64) -> Option<Connector> {
+    if state(CONNECT_STATE_PARKING) == 0 {
+        return None;
     }
+    let cookie = cookie_of(sk);
+    let who = unsafe { CONNECT_PARKED.get(&cookie) }.copied()?;
+    let _ = CONNECT_PARKED.remove(&cookie);
+    Some(who)
 }
 
 /// SYN_SENT -> CLOSE: the tuple is complete now.
@@ -239,17 +269,7 @@ pub fn closed(sk: u64) {
     if sk == 0 {
         return;
     }
-    let cookie = cookie_of(sk);
-    let Some(p) = CONNECT_PARKED.get_ptr_mut(slot_of(cookie)) else { return };
-    // Read the record between two checks of its owner: another connect may take the slot.
-    if unsafe { core::ptr::read_volatile(&raw const (*p).cookie) } != cookie {
-        return;
-    }
-    let who = unsafe { (*p).who };
-    if unsafe { core::ptr::read_volatile(&raw const (*p).cookie) } != cookie {
-        return;
-    }
-    unsafe { (*p).cookie = 0 };
+    let parked = take_parked(sk);
     let family: u16 = field(sk, OFF_SK_FAMILY.load());
     let Some(target_addr) = daddr(sk, family) else { return };
     let client_addr = if family == AF_INET as u16 {
@@ -272,6 +292,21 @@ pub fn closed(sk: u64) {
     if refused_netns == WANTED_BY_SEVERAL {
         return;
     }
+    // Owned: the current task holds the socket (it is processing the reset from the socket's
+    // backlog at `release_sock`), so it is the connector. Not owned: a softirq, whose current
+    // task is unrelated.
+    let who = if field::<u32>(sk, OFF_SK_LOCK_OWNED.load()) != 0 {
+        current_connector(sk)
+    } else if let Some(who) = parked {
+        bump(CONNECT_STAT_FROM_PARKED);
+        who
+    } else {
+        bump(CONNECT_STAT_UNATTRIBUTED);
+        if let Some(p) = CONNECT_STATE.get_ptr_mut(CONNECT_STATE_PARKING) {
+            unsafe { core::ptr::write_volatile(p, 1) };
+        }
+        return;
+    };
     let key = ConnectKey {
         refused_netns_cookie: refused_netns,
         client_addr,
@@ -283,17 +318,11 @@ pub fn closed(sk: u64) {
     let _ = CONNECTORS.insert(&key, &who, 0);
 }
 
-/// SYN_SENT -> ESTABLISHED: the connect succeeded, nothing to attribute; free the slot.
+/// SYN_SENT -> ESTABLISHED: the connect succeeded, nothing to attribute; free its parking.
 #[inline(always)]
 pub fn established(sk: u64) {
-    if sk == 0 {
-        return;
-    }
-    let cookie = cookie_of(sk);
-    if let Some(p) = CONNECT_PARKED.get_ptr_mut(slot_of(cookie))
-        && unsafe { (*p).cookie } == cookie
-    {
-        unsafe { (*p).cookie = 0 };
+    if sk != 0 && state(CONNECT_STATE_PARKING) != 0 {
+        let _ = CONNECT_PARKED.remove(&cookie_of(sk));
     }
 }
 

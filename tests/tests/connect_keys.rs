@@ -24,6 +24,14 @@ macro_rules! for_each_hook {
 
 for_each_hook!(same_tuple_in_two_namespaces_names_each_its_own_connector);
 
+/// The connect tracker itself is the same under every hook: one is enough here.
+#[test]
+fn a_reset_that_reaches_its_socket_in_a_softirq_turns_on_parking() {
+    if root_or_skip() {
+        reset_in_a_softirq_turns_on_parking(Hook::TcpSendReset)
+    }
+}
+
 mod pending {
     use super::*;
 
@@ -204,6 +212,91 @@ fn syn_sent(router: &Netns) -> bool {
     })
 }
 
+/// Drops the resets coming into `ns` (its own namespace, gone with it) while the guard lives.
+struct DropResets<'a>(&'a Netns);
+
+impl<'a> DropResets<'a> {
+    const RULE: [&'static str; 8] = ["INPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"];
+
+    fn iptables(ns: &Netns, op: &str) {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "iptables", op])
+            .args(Self::RULE)
+            .status()
+            .expect("run iptables");
+        assert!(ok.success(), "iptables {op} in {}", ns.name);
+    }
+
+    fn new(ns: &'a Netns) -> Self {
+        Self::iptables(ns, "-A");
+        DropResets(ns)
+    }
+}
+
+impl Drop for DropResets<'_> {
+    fn drop(&mut self) {
+        Self::iptables(self.0, "-D");
+    }
+}
+
+/// A connector whose reset reaches its socket in a softirq (not in its own `connect()`) cannot be
+/// named from the task the close runs in. Here the first reset is dropped, so the connector waits
+/// in SYN_SENT, and its retransmitted SYN (sent by a timer, in a softirq) is refused and reset
+/// there. The first such close goes unattributed, is counted and said, and turns on parking: the
+/// next connector, made to wait the same way, is named from the record made at its `connect()`.
+fn reset_in_a_softirq_turns_on_parking(hook: Hook) {
+    const SECOND_PORT: u16 = PORT + 1;
+    let host = Netns::new("nskeys-h");
+    let (br, net) = network(&host);
+    let _server = Listener::start(&net.container.name, "127.0.0.1", PORT, &[]);
+    let _second = Listener::start(&net.container.name, "127.0.0.1", SECOND_PORT, &[]);
+    let mut bt = Bindtrace::start(&host, hook, &["-i", &br, "--no-docker", "--fold-window", FOLD_WINDOW]);
+    let watching = format!("watching {} (", net.container_veth);
+    assert!(bt.wait_stderr(&watching, LINE_WAIT), "never watched {}:\n{}", net.container_veth, bt.stderr());
+    let ino = net.container.inode();
+    let on =
+        |port: u16| move |l: &Value| l["event"] == "refused" && l["netns"] == ino && l["target_port"] == port;
+    let refused_late = |port: u16| -> u32 {
+        let script = format!(
+            "import socket\n\
+             s = socket.socket()\n\
+             try:\n    s.connect(('{TARGET}', {port}))\n    print('connected')\n\
+             except ConnectionRefusedError:\n    print('refused')\n"
+        );
+        let dropping = DropResets::new(&net.router);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &net.router.name, "python3", "-c", &script])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the client");
+        bt.expect_line("the refusal's line", LINE_WAIT, on(port));
+        drop(dropping);
+        wait_refused(child, &net.router)
+    };
+    let first = refused_late(PORT);
+    let second = refused_late(SECOND_PORT);
+    // Each retransmitted SYN was refused within the fold window: its folded line, written at the
+    // exit flush at the latest, comes after its connector closed.
+    bt.stop();
+    let lines = bt.lines();
+    let named = |port: u16| -> Vec<u64> {
+        lines.iter().filter(|l| on(port)(l)).filter_map(|l| l["client_process"]["pid"].as_u64()).collect()
+    };
+    assert_eq!(named(PORT), Vec::<u64>::new(), "nothing to name the first connector by");
+    let second_named = named(SECOND_PORT);
+    assert!(
+        !second_named.is_empty() && second_named.iter().all(|&p| p == u64::from(second)),
+        "the second connector ({second}; the first was {first}) is named from its parked record: {:?}",
+        lines.iter().filter(|l| on(SECOND_PORT)(l)).map(brief).collect::<Vec<_>>()
+    );
+    let stderr = bt.stderr();
+    assert!(
+        stderr.contains("1 sampled refusals since start had their reset reach the connecting socket outside"),
+        "the unattributed refusal is said:\n{stderr}"
+    );
+}
+
 /// Both networks refuse the same 4-tuple while neither connector has its reset yet (each router
 /// drops incoming resets until both refusals are made): the kernel cannot tell which connector's
 /// close belongs to which refusal. Neither line may name the other network's client; the folded
@@ -214,18 +307,7 @@ fn refusals_pending_in_two_namespaces_name_no_other_connector(hook: Hook) {
     let (br2, two) = network(&host);
     let _server1 = Listener::start(&one.container.name, "127.0.0.1", PORT, &[]);
     let _server2 = Listener::start(&two.container.name, "127.0.0.1", PORT, &[]);
-    // In the routers' own namespaces, gone with them.
-    let drop_resets = ["INPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"];
-    let iptables = |ns: &Netns, op: &str| {
-        let ok = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "iptables", op])
-            .args(drop_resets)
-            .status()
-            .expect("run iptables");
-        assert!(ok.success(), "iptables {op} in {}", ns.name);
-    };
-    iptables(&one.router, "-A");
-    iptables(&two.router, "-A");
+    let drops = (DropResets::new(&one.router), DropResets::new(&two.router));
     let bt =
         Bindtrace::start(&host, hook, &["-i", &br1, "-i", &br2, "--no-docker", "--fold-window", FOLD_WINDOW]);
     for n in [&one, &two] {
@@ -243,8 +325,7 @@ fn refusals_pending_in_two_namespaces_name_no_other_connector(hook: Hook) {
     let line2 = bt.expect_line("the second network's line", LINE_WAIT, of(ino2));
     assert!(syn_sent(&one.router) && syn_sent(&two.router), "both connects still wait for their reset");
     // The resets go through now: each connector's next SYN is refused and it closes.
-    iptables(&one.router, "-D");
-    iptables(&two.router, "-D");
+    drop(drops);
     let (first, second) = (wait_refused(first, &one.router), wait_refused(second, &two.router));
     let closed_at = bt.lines().len();
     // The retransmitted SYNs were refused too, within the fold window: each network gets a

@@ -6,12 +6,14 @@ use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 use aya::{
     Ebpf,
     maps::{
-        HashMap, MapData,
+        Array, HashMap, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{BtfTracePoint, FExit},
 };
-use bindtrace_common::{Addr16, ConnectKey, Connector};
+use bindtrace_common::{
+    Addr16, CONNECT_STAT_FROM_PARKED, CONNECT_STAT_UNATTRIBUTED, CONNECT_STATE_PARKING, ConnectKey, Connector,
+};
 
 use crate::{
     kernel::clock::monotonic_ns,
@@ -24,7 +26,8 @@ const TRACEPOINT: &str = "inet_sock_set_state";
 const UDP_PROGRAMS: [(&str, &str); 2] =
     [("fx_udp4_connect", "__ip4_datagram_connect"), ("fx_udp6_connect", "__ip6_datagram_connect")];
 
-/// Who made a connection, as the kernel recorded it when the socket entered SYN_SENT.
+/// Who made a connection, as the kernel recorded it when the reset reached its socket (or, once
+/// parking is on, when the socket entered SYN_SENT).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ConnectorInfo {
     /// Process id in the initial pid namespace.
@@ -50,6 +53,46 @@ pub(crate) struct ConnectTracker {
     installed: BTreeSet<Prefix>,
     /// None where the UDP recorders could not be attached (said once at start-up).
     udp: Option<UdpConnects>,
+    /// Whether parking is on (`CONNECT_STATE`), and the per-CPU counts of wanted closes.
+    state: Array<MapData, u64>,
+    stats: PerCpuArray<MapData, u64>,
+    /// Refusals whose connector went unrecorded, as last said.
+    unattributed_said: u64,
+}
+
+/// What the connect tracker's kernel side counted (see `bindtrace-ebpf/src/connect.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct ConnectStats {
+    /// Connects are parked as they start: a reset once reached its socket outside the
+    /// connecting task.
+    pub(crate) parking: bool,
+    /// Sampled refusals whose reset reached the socket in a softirq with nothing parked.
+    pub(crate) unattributed: u64,
+    /// Sampled refusals attributed from a parked record.
+    pub(crate) from_parked: u64,
+}
+
+impl ConnectStats {
+    /// The warning for refusals gone unattributed since `said` (None when there are none).
+    pub(crate) fn warning(&self, said: u64) -> Option<String> {
+        (self.unattributed > said).then(|| {
+            format!(
+                "{} sampled refusals since start had their reset reach the connecting socket outside \
+                 the connecting task (receive packet steering, or a softirq deferred to ksoftirqd), so \
+                 their lines do not name the connecting process; {}",
+                self.unattributed,
+                if self.parking {
+                    format!(
+                        "connects to the watched bridges are recorded as they start since the first of them \
+                         ({} refusals attributed from those records so far)",
+                        self.from_parked
+                    )
+                } else {
+                    "recording connects as they start could not be switched on".to_owned()
+                },
+            )
+        })
+    }
 }
 
 /// The kernel's record of UDP sockets connected to the watched prefixes: a handle the
@@ -248,6 +291,8 @@ impl ConnectTracker {
         program.attach().with_context(|| format!("attaching tp_btf/{TRACEPOINT}"))?;
         let dests = ebpf.take_map("CONNECT_DESTS").context("no map CONNECT_DESTS")?;
         let connectors = ebpf.take_map("CONNECTORS").context("no map CONNECTORS")?;
+        let state = ebpf.take_map("CONNECT_STATE").context("no map CONNECT_STATE")?;
+        let stats = ebpf.take_map("CONNECT_STATS").context("no map CONNECT_STATS")?;
         let (udp, recorders) = attach_udp(ebpf, btf);
         // Which recorder runs is a detail (debug); that none does is worth a warning.
         match recorders.describe() {
@@ -259,7 +304,30 @@ impl ConnectTracker {
             connectors: HashMap::try_from(connectors)?,
             installed: BTreeSet::new(),
             udp,
+            state: Array::try_from(state)?,
+            stats: PerCpuArray::try_from(stats)?,
+            unattributed_said: 0,
         })
+    }
+
+    /// The kernel side's counts, read now.
+    pub(crate) fn stats(&self) -> ConnectStats {
+        let sum = |slot: u32| self.stats.get(&slot, 0).map(|v| v.iter().copied().sum::<u64>()).unwrap_or(0);
+        ConnectStats {
+            parking: self.state.get(&CONNECT_STATE_PARKING, 0).is_ok_and(|v| v != 0),
+            unattributed: sum(CONNECT_STAT_UNATTRIBUTED),
+            from_parked: sum(CONNECT_STAT_FROM_PARKED),
+        }
+    }
+
+    /// Warns when refusals went unattributed since the last call (said when it grows, with the
+    /// total: never once per refusal).
+    pub(crate) fn warn_unattributed(&mut self) {
+        let stats = self.stats();
+        if let Some(line) = stats.warning(self.unattributed_said) {
+            log::warn!("{line}");
+            self.unattributed_said = stats.unattributed;
+        }
     }
 
     /// The UDP connect record, for the enrichment worker (None where it is not attached).
@@ -309,6 +377,16 @@ mod tests {
         let info = ConnectorInfo::from(c);
         assert_eq!(info.comm, "docker-proxy");
         assert_eq!(info.pid, 7);
+    }
+
+    /// Refusals gone unattributed are said when their total grows, never again for the same.
+    #[test]
+    fn unattributed_refusals_are_said_when_they_grow() {
+        let stats = ConnectStats { parking: true, unattributed: 1, from_parked: 0 };
+        let line = stats.warning(0).expect("one unattributed");
+        assert!(line.starts_with("1 sampled refusals") && line.contains("receive packet steering"), "{line}");
+        assert_eq!(stats.warning(1), None);
+        assert_eq!(ConnectStats::default().warning(0), None);
     }
 
     /// Start-up says which recorder runs, and warns only when none does.

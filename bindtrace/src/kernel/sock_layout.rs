@@ -16,6 +16,8 @@ pub(crate) struct SockLayout {
     pub(crate) net: u32,
     /// `inet_sock.inet_sport`.
     pub(crate) inet_sport: u32,
+    /// `sock.sk_lock.owned`: whether a task holds the socket.
+    pub(crate) lock_owned: u32,
 }
 
 fn optional(r: Result<u32, BtfError>) -> Result<Option<u32>, BtfError> {
@@ -38,6 +40,7 @@ impl SockLayout {
             v6_rcv_saddr: optional(btf.member_offset(&format!("{common}.skc_v6_rcv_saddr"), 16))?,
             net: btf.member_offset(&format!("{common}.skc_net.net"), 8)?,
             inet_sport: btf.member_offset("inet_sock.inet_sport", 2)?,
+            lock_owned: btf.member_offset("sock.sk_lock.owned", 4)?,
         })
     }
 
@@ -54,6 +57,7 @@ impl SockLayout {
             ("OFF_SK_V6_RCV_SADDR", self.v6_rcv_saddr.unwrap_or(0)),
             ("OFF_SK_NET", self.net),
             ("OFF_INET_SPORT", self.inet_sport),
+            ("OFF_SK_LOCK_OWNED", self.lock_owned),
             ("OFF_CONN_NET_COOKIE", net_cookie),
             ("OFF_CONN_NET_NS_INUM", net_ns_inum),
             ("CONNECT_V6", u32::from(v6)),
@@ -72,6 +76,7 @@ impl SockLayout {
             v6_rcv_saddr: None,
             net: 0,
             inet_sport: 0,
+            lock_owned: 0,
         };
         zero.globals(0, 0)
     }
@@ -85,8 +90,9 @@ mod tests {
         kernel::layout::KernelLayout,
     };
 
-    /// Expected values are pahole's on each fixture (`pahole -F btf -C sock_common`, `-C inet_sock`).
-    fn expect(inet_sport: u32) -> SockLayout {
+    /// Expected values are pahole's on each fixture (`pahole -F btf -C sock_common`, `-C
+    /// inet_sock`, `-C sock` plus `-C socket_lock_t`).
+    fn expect(inet_sport: u32, lock_owned: u32) -> SockLayout {
         SockLayout {
             family: 16,
             daddr: 0,
@@ -96,19 +102,20 @@ mod tests {
             v6_rcv_saddr: Some(72),
             net: 48,
             inet_sport,
+            lock_owned,
         }
     }
 
     #[test]
     fn layouts_match_pahole() {
-        assert_eq!(SockLayout::resolve(fixture(V6_18)).unwrap(), expect(814));
-        assert_eq!(SockLayout::resolve(fixture(V6_1)).unwrap(), expect(804));
-        assert_eq!(SockLayout::resolve(fixture(V5_10)).unwrap(), expect(784));
+        assert_eq!(SockLayout::resolve(fixture(V6_18)).unwrap(), expect(814, 324));
+        assert_eq!(SockLayout::resolve(fixture(V6_1)).unwrap(), expect(804, 156));
+        assert_eq!(SockLayout::resolve(fixture(V5_10)).unwrap(), expect(784, 140));
     }
 
     #[test]
     fn globals_cover_every_offset() {
-        let l = expect(814);
+        let l = expect(814, 324);
         let k = KernelLayout::resolve(fixture(V6_18)).unwrap();
         let g = l.globals(k.net_cookie, k.net_ns_inum);
         assert!(g.contains(&("OFF_INET_SPORT", 814)));
