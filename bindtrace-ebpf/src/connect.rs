@@ -58,7 +58,10 @@ use bindtrace_common::{
     CONNECT_STATE_SLOTS, CONNECT_WANTED_MAX_ENTRIES, ConnectKey, Connector, UDP_CONNECT_MAX_ENTRIES, mapped,
 };
 
-use crate::kernel::{field, read};
+use crate::{
+    kernel::{field, read},
+    refusal::bump,
+};
 
 /// Address prefixes of the watched bridges (IPv4 stored IPv4-mapped). Kept by userspace.
 #[map]
@@ -82,14 +85,6 @@ static CONNECT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CONNECT_S
 #[inline(always)]
 fn state(slot: u32) -> u64 {
     CONNECT_STATE.get_ptr(slot).map_or(0, |p| unsafe { core::ptr::read_volatile(p) })
-}
-
-#[inline(always)]
-fn bump(slot: u32) {
-    if let Some(v) = CONNECT_STATS.get_ptr_mut(slot) {
-        // Per-CPU slot, and the same program never nests on one CPU: no atomics needed.
-        unsafe { *v += 1 };
-    }
 }
 
 /// The socket's cookie: unique for the kernel's lifetime, and a number (the verifier allows no
@@ -298,10 +293,10 @@ pub fn closed(sk: u64) {
     let who = if field::<u32>(sk, OFF_SK_LOCK_OWNED.load()) != 0 {
         current_connector(sk)
     } else if let Some(who) = parked {
-        bump(CONNECT_STAT_FROM_PARKED);
+        bump(&CONNECT_STATS, CONNECT_STAT_FROM_PARKED);
         who
     } else {
-        bump(CONNECT_STAT_UNATTRIBUTED);
+        bump(&CONNECT_STATS, CONNECT_STAT_UNATTRIBUTED);
         if let Some(p) = CONNECT_STATE.get_ptr_mut(CONNECT_STATE_PARKING) {
             unsafe { core::ptr::write_volatile(p, 1) };
         }

@@ -56,9 +56,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[unsafe(no_mangle)]
 static FOLD_WINDOW_NS: Global<u64> = Global::new(1_000_000_000);
 
+/// Adds one to `slot` of a per-CPU counter array (`STATS` here, the connect tracker's own).
 #[inline(always)]
-fn bump(slot: u32) {
-    if let Some(v) = STATS.get_ptr_mut(slot) {
+pub fn bump(counters: &PerCpuArray<u64>, slot: u32) {
+    if let Some(v) = counters.get_ptr_mut(slot) {
         // Per-CPU slot, and the same program never nests on one CPU: no atomics needed.
         unsafe { *v += 1 };
     }
@@ -153,7 +154,7 @@ pub fn record<C: aya_ebpf::EbpfContext>(
         Counted::Keyed(send) => (send, 0),
         Counted::Overflow => {
             // No log here: one line per refusal would flood the log. The slot is the report.
-            bump(STAT_COUNT_OVERFLOW);
+            bump(&STATS, STAT_COUNT_OVERFLOW);
             (overflow_sample_due(&key, now), EVENT_OVERFLOW)
         }
     };
@@ -184,7 +185,7 @@ pub fn record<C: aya_ebpf::EbpfContext>(
 #[inline(always)]
 fn emit(now: u64, hook: u8, flags: u8, ingress: &Ingress, bridge: BridgeId, seg: &Segment) {
     let Some(mut entry) = EVENTS.reserve::<RefusalEvent>(0) else {
-        bump(STAT_RINGBUF_LOST);
+        bump(&STATS, STAT_RINGBUF_LOST);
         return;
     };
     entry.write(RefusalEvent {
