@@ -6,14 +6,12 @@ use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, MapData, PerCpuArray,
+        HashMap, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{BtfTracePoint, FExit},
 };
-use bindtrace_common::{
-    Addr16, CONNECT_STAT_FROM_PARKED, CONNECT_STAT_UNATTRIBUTED, CONNECT_STATE_PARKING, ConnectKey, Connector,
-};
+use bindtrace_common::{Addr16, CONNECT_STAT_FROM_PARKED, CONNECT_STAT_UNATTRIBUTED, ConnectKey, Connector};
 
 use crate::{
     kernel::clock::monotonic_ns,
@@ -53,8 +51,7 @@ pub(crate) struct ConnectTracker {
     installed: BTreeSet<Prefix>,
     /// None where the UDP recorders could not be attached (said once at start-up).
     udp: Option<UdpConnects>,
-    /// Whether parking is on (`CONNECT_STATE`), and the per-CPU counts of wanted closes.
-    state: Array<MapData, u64>,
+    /// The per-CPU counts of wanted closes (`CONNECT_STATS`).
     stats: PerCpuArray<MapData, u64>,
     /// Refusals whose connector went unrecorded, as last said.
     unattributed_said: u64,
@@ -63,10 +60,8 @@ pub(crate) struct ConnectTracker {
 /// What the connect tracker's kernel side counted (see `bindtrace-ebpf/src/connect.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct ConnectStats {
-    /// Connects are parked as they start: a reset once reached its socket outside the
-    /// connecting task.
-    pub(crate) parking: bool,
-    /// Sampled refusals whose reset reached the socket in a softirq with nothing parked.
+    /// Sampled refusals whose reset reached the socket in a softirq with nothing parked. The
+    /// first of them switched parking on, in the same kernel path that counts it.
     pub(crate) unattributed: u64,
     /// Sampled refusals attributed from a parked record.
     pub(crate) from_parked: u64,
@@ -79,17 +74,10 @@ impl ConnectStats {
             format!(
                 "{} sampled refusals since start had their reset reach the connecting socket outside \
                  the connecting task (receive packet steering, or a softirq deferred to ksoftirqd), so \
-                 their lines do not name the connecting process; {}",
-                self.unattributed,
-                if self.parking {
-                    format!(
-                        "connects to the watched bridges are recorded as they start since the first of them \
-                         ({} refusals attributed from those records so far)",
-                        self.from_parked
-                    )
-                } else {
-                    "recording connects as they start could not be switched on".to_owned()
-                },
+                 their lines do not name the connecting process; connects to the watched bridges are \
+                 recorded as they start since the first of them ({} refusals attributed from those \
+                 records so far)",
+                self.unattributed, self.from_parked,
             )
         })
     }
@@ -291,7 +279,6 @@ impl ConnectTracker {
         program.attach().with_context(|| format!("attaching tp_btf/{TRACEPOINT}"))?;
         let dests = ebpf.take_map("CONNECT_DESTS").context("no map CONNECT_DESTS")?;
         let connectors = ebpf.take_map("CONNECTORS").context("no map CONNECTORS")?;
-        let state = ebpf.take_map("CONNECT_STATE").context("no map CONNECT_STATE")?;
         let stats = ebpf.take_map("CONNECT_STATS").context("no map CONNECT_STATS")?;
         let (udp, recorders) = attach_udp(ebpf, btf);
         // Which recorder runs is a detail (debug); that none does is worth a warning.
@@ -304,7 +291,6 @@ impl ConnectTracker {
             connectors: HashMap::try_from(connectors)?,
             installed: BTreeSet::new(),
             udp,
-            state: Array::try_from(state)?,
             stats: PerCpuArray::try_from(stats)?,
             unattributed_said: 0,
         })
@@ -314,7 +300,6 @@ impl ConnectTracker {
     pub(crate) fn stats(&self) -> ConnectStats {
         let sum = |slot: u32| self.stats.get(&slot, 0).map(|v| v.iter().copied().sum::<u64>()).unwrap_or(0);
         ConnectStats {
-            parking: self.state.get(&CONNECT_STATE_PARKING, 0).is_ok_and(|v| v != 0),
             unattributed: sum(CONNECT_STAT_UNATTRIBUTED),
             from_parked: sum(CONNECT_STAT_FROM_PARKED),
         }
@@ -382,7 +367,7 @@ mod tests {
     /// Refusals gone unattributed are said when their total grows, never again for the same.
     #[test]
     fn unattributed_refusals_are_said_when_they_grow() {
-        let stats = ConnectStats { parking: true, unattributed: 1, from_parked: 0 };
+        let stats = ConnectStats { unattributed: 1, from_parked: 0 };
         let line = stats.warning(0).expect("one unattributed");
         assert!(line.starts_with("1 sampled refusals") && line.contains("receive packet steering"), "{line}");
         assert_eq!(stats.warning(1), None);
