@@ -76,6 +76,10 @@ pub(crate) struct Counts {
     grace: GracePeriod,
     /// Keys in the kernel maps when they were last walked (a flip or a full read).
     kernel_keys: usize,
+    /// Whether the map the hooks left may still hold keys (a delete failed while draining
+    /// it). While it holds none, a key's total is one lookup, not two: at 100 000 new keys a
+    /// second the lookups are most of the loop's syscalls.
+    inactive_holds_keys: bool,
 }
 
 impl Counts {
@@ -92,6 +96,7 @@ impl Counts {
             drained: HashMap::new(),
             grace: GracePeriod::probe(),
             kernel_keys: 0,
+            inactive_holds_keys: false,
         })
     }
 
@@ -106,8 +111,13 @@ impl Counts {
 
     /// The key's exact total since start (or since it was last forgotten).
     pub(crate) fn total(&self, key: &CountKey) -> u64 {
+        let inactive = self.inactive_holds_keys.then(|| &self.maps[1 - self.active]);
         self.drained.get(key).copied().unwrap_or(0)
-            + self.maps.iter().filter_map(|m| Self::in_map(m, key)).sum::<u64>()
+            + [Some(&self.maps[self.active]), inactive]
+                .into_iter()
+                .flatten()
+                .filter_map(|m| Self::in_map(m, key))
+                .sum::<u64>()
     }
 
     /// Whether a kernel map holds the key (a refusal since the last flip).
@@ -150,7 +160,11 @@ impl Counts {
         let old = self.active;
         self.active = next;
         let keys: Vec<CountKey> = self.maps[old].keys().filter_map(Result::ok).collect();
+        let listed = keys.len();
         let moved = self.drain(old, keys);
+        // No hook writes the old map any more; it is empty unless a delete failed (or a key
+        // could not be listed: then its next walk says so).
+        self.inactive_holds_keys = moved.keys < listed || self.maps[old].keys().next().is_some();
         self.kernel_keys = self.maps[next].keys().count();
         Ok(moved)
     }
@@ -171,7 +185,11 @@ impl Counts {
                     gone.contains(&ScopeKey { netns_cookie: k.netns_cookie, ifindex: k.ifindex, _pad: 0 })
                 })
                 .collect();
+            let listed = keys.len();
             let part = self.drain(m, keys);
+            if m != self.active && part.keys < listed {
+                self.inactive_holds_keys = true;
+            }
             moved.keys += part.keys;
             moved.refusals += part.refusals;
         }
