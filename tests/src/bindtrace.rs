@@ -57,6 +57,11 @@ pub fn with_churn_log(cmd: &mut Command) {
 
 #[derive(Default)]
 struct Shared {
+    /// The stdout lines as read. The reader only stamps and stores them: parsing into
+    /// [`Value`]s is left to whoever asks ([`Shared::lines`]), so a harness measuring how fast
+    /// lines come does not spend the CPU it shares with bindtrace on JSON trees meanwhile.
+    raw: Vec<String>,
+    /// The first `lines.len()` of `raw`, parsed.
     lines: Vec<Value>,
     /// CLOCK_MONOTONIC when each stdout line was read (the clock of the lines' `ktime_ns`).
     lines_read_ns: Vec<u64>,
@@ -64,6 +69,18 @@ struct Shared {
     stderr_read_ns: Vec<u64>,
     ready: bool,
     exited: bool,
+}
+
+impl Shared {
+    /// Every stdout line so far, parsed (those not parsed yet are, now).
+    fn lines(&mut self) -> &[Value] {
+        for line in &self.raw[self.lines.len()..] {
+            let value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("bindtrace wrote a line that is not JSON ({e}): {line}"));
+            self.lines.push(value);
+        }
+        &self.lines
+    }
 }
 
 pub struct Bindtrace {
@@ -110,7 +127,7 @@ impl Bindtrace {
 
     /// Waits for a line matching `pred`; false on timeout (for callers that report, not panic).
     pub fn has_line_within(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> bool {
-        self.wait_until(timeout, |s| s.lines.iter().any(&pred))
+        self.wait_until(timeout, |s| s.lines().iter().any(&pred))
     }
 
     /// Starts it without waiting (for tests of start-up errors).
@@ -136,11 +153,9 @@ impl Bindtrace {
         let out_reader = std::thread::spawn(move || {
             for line in stdout.lines().map_while(Result::ok) {
                 let read_ns = monotonic_ns();
-                let value: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("bindtrace wrote a line that is not JSON ({e}): {line}"));
                 let (m, cv) = &*s1;
                 let mut g = m.lock().unwrap();
-                g.lines.push(value);
+                g.raw.push(line);
                 g.lines_read_ns.push(read_ns);
                 drop(g);
                 cv.notify_all();
@@ -166,12 +181,12 @@ impl Bindtrace {
         Bindtrace { child: Some(child), shared, readers: vec![out_reader, err_reader] }
     }
 
-    fn wait_until(&self, timeout: Duration, mut done: impl FnMut(&Shared) -> bool) -> bool {
+    fn wait_until(&self, timeout: Duration, mut done: impl FnMut(&mut Shared) -> bool) -> bool {
         let (m, cv) = &*self.shared;
         let deadline = Instant::now() + timeout;
         let mut g = m.lock().unwrap();
         loop {
-            if done(&g) {
+            if done(&mut g) {
                 return true;
             }
             let now = Instant::now();
@@ -190,7 +205,7 @@ impl Bindtrace {
     pub fn expect_line(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         let mut found = None;
         self.wait_until(timeout, |s| {
-            found = s.lines.iter().find(|l| pred(l)).cloned();
+            found = s.lines().iter().find(|l| pred(l)).cloned();
             found.is_some()
         });
         found.unwrap_or_else(|| {
@@ -234,19 +249,22 @@ impl Bindtrace {
     }
 
     pub fn lines(&self) -> Vec<Value> {
-        self.shared.0.lock().unwrap().lines.clone()
+        self.shared.0.lock().unwrap().lines().to_vec()
     }
 
     /// Takes the lines read so far, leaving none (a long run keeps its memory bounded so).
     pub fn take_lines(&self) -> Vec<Value> {
         let mut g = self.shared.0.lock().unwrap();
+        g.lines();
         g.lines_read_ns.clear();
+        g.raw.clear();
         std::mem::take(&mut g.lines)
     }
 
     /// Every stdout line with the CLOCK_MONOTONIC time it was read.
     pub fn stamped_lines(&self) -> Vec<(u64, Value)> {
-        let g = self.shared.0.lock().unwrap();
+        let mut g = self.shared.0.lock().unwrap();
+        g.lines();
         g.lines_read_ns.iter().copied().zip(g.lines.iter().cloned()).collect()
     }
 
@@ -254,9 +272,15 @@ impl Bindtrace {
     /// waits for lines takes only the new ones, rather than copying every line so far while
     /// the reader thread waits on the lock (and bindtrace, once the pipe is full, on it).
     pub fn stamped_lines_from(&self, from: usize) -> Vec<(u64, Value)> {
-        let g = self.shared.0.lock().unwrap();
+        let mut g = self.shared.0.lock().unwrap();
+        g.lines();
         let from = from.min(g.lines.len());
         g.lines_read_ns[from..].iter().copied().zip(g.lines[from..].iter().cloned()).collect()
+    }
+
+    /// How many stdout lines have been read so far (none parsed: cheap to ask often).
+    pub fn lines_read(&self) -> usize {
+        self.shared.0.lock().unwrap().raw.len()
     }
 
     /// Every stderr line with the CLOCK_MONOTONIC time it was read.
