@@ -257,6 +257,13 @@ fn auto(report: &mut Report, best: Option<Hook>) {
         }) {
             println!("@@ UDP_CONNECTORS {}", udp.split_once("] ").map_or(udp, |x| x.1));
         }
+        // Whether the connect tracker attached here, and its parking (said, not checked).
+        for l in stderr
+            .lines()
+            .filter(|l| l.contains("tp_btf/tcp_receive_reset") || l.contains("connect tracker: no parking"))
+        {
+            println!("@@ CONNECT_TRACKER {}", l.split_once("] ").map_or(l, |x| x.1));
+        }
         let best = best.expect("at least one hook is supported");
         let chose = format!("(hook {}: BTF: ", best.arg());
         let line = stderr.lines().find(|l| l.contains("(hook ")).unwrap_or("");
