@@ -156,6 +156,10 @@ pub struct RefusalEvent {
 /// [`RefusalEvent::flags`]: the refusal found the count map full, so it has no count of its own
 /// (it is in `STATS[STAT_COUNT_OVERFLOW]`).
 pub const EVENT_OVERFLOW: u8 = 1;
+/// [`RefusalEvent::flags`]: not a refusal but a signal from the connect tracker: a refused
+/// connect's reset was processed outside its connecting task while parking is off, so userspace
+/// should turn parking on. Every other field is zero.
+pub const EVENT_CONNECT_UNATTRIBUTED: u8 = 2;
 
 /// What the tc hook knows about a port, under its [`TcPortKey`] (the host-side veth, or a
 /// namespace's `lo`, where the classifier is attached) in the `TC_PORTS` map: the container side
@@ -201,7 +205,8 @@ pub const CONNECT_MAX_ENTRIES: u32 = 8_192;
 /// Capacity of the connect tracker's parking map (used once parking is on): connects to the
 /// watched prefixes in flight at once.
 pub const CONNECT_PARKED_MAX_ENTRIES: u32 = 4_096;
-/// `CONNECT_STATE` slots: parking on (1) or off (0), set by the kernel side.
+/// `CONNECT_STATE` slots: parking on (1) or off (0), set by userspace once the state-change
+/// program that parks is attached.
 pub const CONNECT_STATE_PARKING: u32 = 0;
 pub const CONNECT_STATE_SLOTS: u32 = 1;
 /// `CONNECT_STATS` slots (per CPU): wanted closes in a softirq with nothing parked (their

@@ -3,26 +3,28 @@
 //! A refusal seen inside the container names only the SYN's source address, and both Docker's
 //! userland proxy and any host process dialing the container IP come from the bridge's gateway
 //! address. By the time userspace looks, the connecting socket is gone. So the connecting side
-//! is recorded in the kernel, from `sock:inet_sock_set_state`, when the reset reaches the
-//! connecting socket and moves it from SYN_SENT to CLOSE: the 4-tuple is complete then, and the
-//! record goes to `CONNECTORS` under that tuple and the refused namespace, where userspace finds
-//! it from the refusal's own tuple and namespace. Who it names depends on where that state
-//! change runs (see `docs/attribution.md`):
+//! is recorded in the kernel, from `tcp:tcp_receive_reset`, when the reset reaches the
+//! connecting socket in SYN_SENT: the 4-tuple is complete then, and the record goes to
+//! `CONNECTORS` under that tuple and the refused namespace, where userspace finds it from the
+//! refusal's own tuple and namespace. That tracepoint fires only for resets a socket receives,
+//! so connections that succeed cost nothing here. Who the record names depends on where the
+//! reset is processed (see `docs/attribution.md`):
 //! - Usually in the connecting task itself. A veth queues the SYN on the sending CPU, and the
 //!   softirq that refuses it runs when the sender re-enables bottom halves inside its own
 //!   `connect()`; the reset comes back the same way, finds the socket locked by that
 //!   `connect()` (`sk_lock.owned`), waits in its backlog and is processed by the owner at
-//!   `release_sock`. So SYN_SENT -> CLOSE with the socket owned is proof that the current task
+//!   `release_sock`. So a reset in SYN_SENT with the socket owned is proof that the current task
 //!   holds the socket: it is the connector (or a thread of it), on every architecture, with no
 //!   ordering between CPUs to rely on. That costs nothing per connect.
 //! - Otherwise in a softirq on behalf of nobody in particular: receive packet steering sent the
 //!   SYN to another CPU, the backlog was deferred to ksoftirqd, or a non-blocking connect had
 //!   returned before the reset came. The current task is then whoever was interrupted, and is
-//!   not recorded. The first such close switches the tracker to parking (`CONNECT_STATE`): from
-//!   then on CLOSE -> SYN_SENT, which runs in the connecting task (`connect()`), parks the task
-//!   under the socket's cookie when the destination is in a watched bridge's prefix, and a close
-//!   in a softirq takes the parked record. The refusal that revealed it loses its `via` (counted
-//!   in `CONNECT_STATS`); the ones after it are attributed as before.
+//!   not recorded; the refusal loses its `via` and is counted in `CONNECT_STATS`. Userspace
+//!   then attaches `inet_sock_set_state` and turns parking on (`CONNECT_STATE`): from then on
+//!   CLOSE -> SYN_SENT, which runs in the connecting task (`connect()`), parks the task under
+//!   the socket's cookie when the destination is in a watched bridge's prefix, and SYN_SENT ->
+//!   CLOSE after a reset in a softirq takes the parked record. That program runs on every TCP
+//!   state change of the host, so it is attached only where it is needed.
 //!
 //! A refused flood is one connect after another to the same port, but userspace only ever asks
 //! about the refusals it got a sample of (`refusal::emit`). The refusal hooks run before the
@@ -39,9 +41,10 @@
 //! marks the digest [`WANTED_BY_SEVERAL`] and neither connector is recorded (their `via` is
 //! missing, never another network's).
 //!
-//! This runs for every TCP state change on the host, so it keeps to plain loads through the
-//! BTF-typed `sk` (see `kernel::field`); only the IPv6 addresses and `inet_sport` (beyond
-//! `struct sock`'s BTF type) are copied by helper, and only for a wanted close.
+//! Both run for every reset (and, parking, every TCP state change) on the host, so they keep to
+//! plain loads through the BTF-typed `sk` (see `kernel::field`); only the IPv6 addresses and
+//! `inet_sport` (beyond `struct sock`'s BTF type) are copied by helper, and only for a connect
+//! that was refused.
 //!
 //! Struct offsets come from BTF through the loader, like everything in `kernel.rs`.
 use aya_ebpf::{
@@ -55,12 +58,13 @@ use aya_ebpf::{
 use bindtrace_common::{
     AF_INET, AF_INET6, Addr16, CONNECT_DESTS_MAX_ENTRIES, CONNECT_MAX_ENTRIES, CONNECT_PARKED_MAX_ENTRIES,
     CONNECT_STAT_FROM_PARKED, CONNECT_STAT_SLOTS, CONNECT_STAT_UNATTRIBUTED, CONNECT_STATE_PARKING,
-    CONNECT_STATE_SLOTS, CONNECT_WANTED_MAX_ENTRIES, ConnectKey, Connector, UDP_CONNECT_MAX_ENTRIES, mapped,
+    CONNECT_STATE_SLOTS, CONNECT_WANTED_MAX_ENTRIES, ConnectKey, Connector, TCP_SYN_SENT,
+    UDP_CONNECT_MAX_ENTRIES, mapped,
 };
 
 use crate::{
     kernel::{field, read},
-    refusal::bump,
+    refusal::{bump, signal_unattributed},
 };
 
 /// Address prefixes of the watched bridges (IPv4 stored IPv4-mapped). Kept by userspace.
@@ -74,11 +78,12 @@ static CONNECT_DESTS: LpmTrie<Addr16, u32> = LpmTrie::with_max_entries(CONNECT_D
 #[map]
 static CONNECT_PARKED: HashMap<u64, Connector> = HashMap::with_max_entries(CONNECT_PARKED_MAX_ENTRIES, 0);
 
-/// [`CONNECT_STATE_PARKING`]: 1 once a wanted close ran in a softirq (set here, never cleared).
+/// [`CONNECT_STATE_PARKING`]: 1 once userspace attached the parking program (never cleared).
 #[map]
 static CONNECT_STATE: Array<u64> = Array::with_max_entries(CONNECT_STATE_SLOTS, 0);
 
-/// Per-CPU counts of wanted closes: with no owner and nothing parked, and from a parked record.
+/// Per-CPU counts of wanted refused connects: with no owner and nothing parked, and from a
+/// parked record.
 #[map]
 static CONNECT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CONNECT_STAT_SLOTS, 0);
 
@@ -95,7 +100,7 @@ fn cookie_of(sk: u64) -> u64 {
     unsafe { bpf_get_socket_cookie(sk as *mut c_void) }
 }
 
-/// Connects that ended in SYN_SENT -> CLOSE, by 4-tuple. Read by userspace.
+/// Refused connects whose connector is known, by 4-tuple. Read by userspace.
 #[map]
 static CONNECTORS: LruHashMap<ConnectKey, Connector> = LruHashMap::with_max_entries(CONNECT_MAX_ENTRIES, 0);
 
@@ -172,6 +177,9 @@ pub fn want(
 // `struct sock` / `struct inet_sock` offsets, from BTF.
 #[unsafe(no_mangle)]
 static OFF_SK_FAMILY: Global<u32> = Global::new(0);
+/// `sock.__sk_common.skc_state` (one byte).
+#[unsafe(no_mangle)]
+static OFF_SK_STATE: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static OFF_SK_DADDR: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
@@ -258,50 +266,32 @@ fn take_parked(sk: u64) -> Option<Connector> {
     Some(who)
 }
 
-/// SYN_SENT -> CLOSE: the tuple is complete now.
+/// A refused connect's 4-tuple, from its socket, and the namespace its refusal wants it for
+/// (the `CONNECT_WANTED` entry, still in place).
+struct Refused {
+    key: ConnectKey,
+    wanted: u64,
+}
+
 #[inline(always)]
-pub fn closed(sk: u64) {
-    if sk == 0 {
-        return;
-    }
-    let parked = take_parked(sk);
+fn refused(sk: u64) -> Option<Refused> {
     let family: u16 = field(sk, OFF_SK_FAMILY.load());
-    let Some(target_addr) = daddr(sk, family) else { return };
+    let target_addr = daddr(sk, family)?;
     let client_addr = if family == AF_INET as u16 {
         let v4: [u8; 4] = field::<u32>(sk, OFF_SK_RCV_SADDR.load()).to_ne_bytes();
         let mut a = [0u8; 16];
         a[..4].copy_from_slice(&v4);
         mapped(AF_INET, &a)
     } else {
-        let Some(a) = read::<[u8; 16]>(sk + OFF_SK_V6_RCV_SADDR.load() as u64) else { return };
-        a
+        read::<[u8; 16]>(sk + OFF_SK_V6_RCV_SADDR.load() as u64)?
     };
-    // Both ports are big-endian on the socket. (skc_num would be host order, but closing has
-    // already released the port and zeroed it; inet_sport keeps it.)
-    let Some(sport) = read::<u16>(sk + OFF_INET_SPORT.load() as u64) else { return };
+    // Both ports are big-endian on the socket. (skc_num would be host order, but closing
+    // releases the port and zeroes it; inet_sport keeps it.)
+    let sport = read::<u16>(sk + OFF_INET_SPORT.load() as u64)?;
     let dport: u16 = field(sk, OFF_SK_DPORT.load());
     let (client_port, target_port) = (u16::from_be(sport), u16::from_be(dport));
     let wanted = want_key(fold_v6(&client_addr), client_port, fold_v6(&target_addr), target_port);
-    let Some(refused_netns) = unsafe { CONNECT_WANTED.get(&wanted) }.copied() else { return };
-    let _ = CONNECT_WANTED.remove(&wanted);
-    if refused_netns == WANTED_BY_SEVERAL {
-        return;
-    }
-    // Owned: the current task holds the socket (it is processing the reset from the socket's
-    // backlog at `release_sock`), so it is the connector. Not owned: a softirq, whose current
-    // task is unrelated.
-    let who = if field::<u32>(sk, OFF_SK_LOCK_OWNED.load()) != 0 {
-        current_connector(sk)
-    } else if let Some(who) = parked {
-        bump(&CONNECT_STATS, CONNECT_STAT_FROM_PARKED);
-        who
-    } else {
-        bump(&CONNECT_STATS, CONNECT_STAT_UNATTRIBUTED);
-        if let Some(p) = CONNECT_STATE.get_ptr_mut(CONNECT_STATE_PARKING) {
-            unsafe { core::ptr::write_volatile(p, 1) };
-        }
-        return;
-    };
+    let refused_netns = unsafe { CONNECT_WANTED.get(&wanted) }.copied()?;
     let key = ConnectKey {
         refused_netns_cookie: refused_netns,
         client_addr,
@@ -310,7 +300,63 @@ pub fn closed(sk: u64) {
         target_port,
         _pad: 0,
     };
-    let _ = CONNECTORS.insert(&key, &who, 0);
+    Some(Refused { key, wanted })
+}
+
+/// Records `who` for a wanted refused connect, and drops the want.
+#[inline(always)]
+fn record(r: &Refused, who: Option<&Connector>) {
+    let _ = CONNECT_WANTED.remove(&r.wanted);
+    match who {
+        // Refusals in several namespaces wanted this digest: none is recorded.
+        _ if r.key.refused_netns_cookie == WANTED_BY_SEVERAL => {}
+        Some(who) => {
+            let _ = CONNECTORS.insert(&r.key, who, 0);
+        }
+        None => bump(&CONNECT_STATS, CONNECT_STAT_UNATTRIBUTED),
+    }
+}
+
+/// Whether the current task holds `sk` (`lock_sock`): it is then processing the socket's
+/// backlog at `release_sock`, and is the connector. Not owned: a softirq, whose current task is
+/// unrelated.
+#[inline(always)]
+fn owned(sk: u64) -> bool {
+    field::<u32>(sk, OFF_SK_LOCK_OWNED.load()) != 0
+}
+
+/// A reset reached `sk` (`tcp:tcp_receive_reset`, before the socket moves to CLOSE).
+#[inline(always)]
+pub fn reset(sk: u64) {
+    if sk == 0 || u32::from(field::<u8>(sk, OFF_SK_STATE.load())) != TCP_SYN_SENT {
+        return;
+    }
+    let Some(r) = refused(sk) else { return };
+    if owned(sk) {
+        record(&r, Some(&current_connector(sk)));
+    } else if state(CONNECT_STATE_PARKING) == 0 {
+        record(&r, None);
+        signal_unattributed();
+    }
+    // Parking: SYN_SENT -> CLOSE, right after this, takes the parked record (`closed`).
+}
+
+/// SYN_SENT -> CLOSE while parking: the parked record is taken out either way; for a reset
+/// processed in a softirq (left by `reset`) it names the connector.
+#[inline(always)]
+pub fn closed(sk: u64) {
+    if sk == 0 {
+        return;
+    }
+    let parked = take_parked(sk);
+    if owned(sk) {
+        return;
+    }
+    let Some(r) = refused(sk) else { return };
+    if parked.is_some() && r.key.refused_netns_cookie != WANTED_BY_SEVERAL {
+        bump(&CONNECT_STATS, CONNECT_STAT_FROM_PARKED);
+    }
+    record(&r, parked.as_ref());
 }
 
 /// SYN_SENT -> ESTABLISHED: the connect succeeded, nothing to attribute; free its parking.

@@ -13,9 +13,10 @@
 //!
 //! The loader attaches exactly one of the three.
 //!
-//! A third program, `tp_btf/inet_sock_set_state` (`connect.rs`), records who connects to the
-//! watched bridges' addresses, so a refusal can say whether docker-proxy, a host process or
-//! another container made the connection. For UDP, which that tracepoint never sees, two fexit
+//! A third program, `tp_btf/tcp_receive_reset` (`connect.rs`), records who made a refused
+//! connection, so a refusal can say whether docker-proxy, a host process or another container
+//! made it (with `tp_btf/inet_sock_set_state` parking connects where the reset is processed in
+//! a softirq). For UDP, which that tracepoint never sees, two fexit
 //! programs (`probes/udp_connect.rs`) record each datagram socket's `connect()` to those
 //! addresses, or where fexit is refused `tp_btf/sock_recv_length` the owner's read of the
 //! refusal, so a datagram docker-proxy forwarded is attributed after its socket is closed.

@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use bindtrace_common::{
-    BRIDGE_LOOPBACK, BridgeId, COUNTS_MAX_ENTRIES, CountKey, CountValue, EVENT_OVERFLOW, GENERATION_SLOTS,
-    IPPROTO_TCP, OVERFLOW_SAMPLE_KEYS, RefusalEvent, SCOPE_MAX_ENTRIES, STAT_COUNT_OVERFLOW,
-    STAT_RINGBUF_LOST, STAT_SLOTS, ScopeKey, is_loopback,
+    BRIDGE_LOOPBACK, BridgeId, COUNTS_MAX_ENTRIES, CountKey, CountValue, EVENT_CONNECT_UNATTRIBUTED,
+    EVENT_OVERFLOW, GENERATION_SLOTS, IPPROTO_TCP, OVERFLOW_SAMPLE_KEYS, RefusalEvent, SCOPE_MAX_ENTRIES,
+    STAT_COUNT_OVERFLOW, STAT_RINGBUF_LOST, STAT_SLOTS, ScopeKey, is_loopback,
 };
 
 use crate::{kernel::Ingress, packet::Segment};
@@ -180,6 +180,31 @@ pub fn record<C: aya_ebpf::EbpfContext>(
             );
         }
     }
+}
+
+/// Tells userspace to turn the connect tracker's parking on ([`EVENT_CONNECT_UNATTRIBUTED`]).
+/// A full ring drops the signal, not a sample: the count it stands for is in `CONNECT_STATS`,
+/// which userspace also reads at its idle pass.
+#[inline(always)]
+pub fn signal_unattributed() {
+    let Some(mut entry) = EVENTS.reserve::<RefusalEvent>(0) else { return };
+    entry.write(RefusalEvent {
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        netns_cookie: 0,
+        netns_ino: 0,
+        ifindex: 0,
+        bridge: 0,
+        client_port: 0,
+        target_port: 0,
+        family: 0,
+        proto: 0,
+        hook: 0,
+        flags: EVENT_CONNECT_UNATTRIBUTED,
+        client_addr: [0; 16],
+        target_addr: [0; 16],
+        _pad1: 0,
+    });
+    entry.submit(0);
 }
 
 #[inline(always)]

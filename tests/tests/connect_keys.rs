@@ -275,6 +275,13 @@ fn reset_in_a_softirq_turns_on_parking(hook: Hook) {
         wait_refused(child, &net.router)
     };
     let first = refused_late(PORT);
+    // The first connect's reset reached its socket in a softirq: bindtrace attaches the parking
+    // program then, before the next connect starts.
+    assert!(
+        bt.wait_stderr("connect tracker: recording connects to the watched bridges as they start", LINE_WAIT),
+        "parking was never turned on:\n{}",
+        bt.stderr()
+    );
     let second = refused_late(SECOND_PORT);
     // Each retransmitted SYN was refused within the fold window: its folded line, written at the
     // exit flush at the latest, comes after its connector closed.

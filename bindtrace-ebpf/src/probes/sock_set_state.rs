@@ -1,10 +1,9 @@
 //! `tp_btf/inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`.
 //!
-//! Not a refusal hook: it records who connects to a watched bridge's prefix (see `connect.rs`),
-//! so a refusal can be attributed to docker-proxy, a host process or another container. It runs
-//! on every TCP state change of the host, so the first tests are on the two state arguments
-//! (registers): only CLOSE -> SYN_SENT (a `connect()`) and SYN_SENT's way out go further. Loaded
-//! next to the refusal hook and optional: without it, bindtrace works, `via` is just less precise.
+//! Not a refusal hook: the connect tracker's parking (see `connect.rs`), attached by userspace
+//! only once a refused connect's reset was processed outside its connecting task. It runs on
+//! every TCP state change of the host, so the first tests are on the two state arguments
+//! (registers): only CLOSE -> SYN_SENT (a `connect()`) and SYN_SENT's way out go further.
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use bindtrace_common::{TCP_CLOSE, TCP_ESTABLISHED, TCP_SYN_SENT};
 

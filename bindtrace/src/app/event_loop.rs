@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use bindtrace_common::EVENT_OVERFLOW;
+use bindtrace_common::{EVENT_CONNECT_UNATTRIBUTED, EVENT_OVERFLOW};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -170,7 +170,12 @@ impl Detector {
         let now = Instant::now();
         let mut lines = Vec::new();
         let mut overflowed = false;
+        let mut unattributed = false;
         for ev in samples {
+            if ev.flags & EVENT_CONNECT_UNATTRIBUTED != 0 {
+                unattributed = true;
+                continue;
+            }
             if ev.flags & EVENT_OVERFLOW != 0 {
                 self.keys.overflow_lines.on_sample(key_of(&ev), ev.ktime_ns);
                 overflowed = true;
@@ -179,6 +184,11 @@ impl Detector {
             lines.extend(self.folder.on_event(ev, total, now));
         }
         self.samples_since_pass = true;
+        if unattributed && let Some(connect) = &mut self.docker.connect {
+            // Parking now, not at the next idle pass: the connects that start meanwhile
+            // would go unattributed too.
+            connect.warn_unattributed(&mut self.loaded.ebpf);
+        }
         if overflowed {
             // The active map is full: make room now rather than at the next idle pass.
             self.sync_keys(now, self.loaded.stats().1);

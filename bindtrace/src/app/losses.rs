@@ -41,7 +41,7 @@ impl Detector {
             self.recursion_reported = misses;
         }
         if let Some(connect) = &mut self.docker.connect {
-            connect.warn_unattributed();
+            connect.warn_unattributed(&mut self.loaded.ebpf);
         }
         // Said when it grows, with the total: never once per refusal or per second.
         if overflow > self.keys.overflow_logged {

@@ -186,7 +186,7 @@ fn attach_connect_tracker(
     };
     match attached {
         Ok(c) => {
-            log::debug!("attached tp_btf/inet_sock_set_state (who connects to the watched bridges)");
+            log::debug!("attached tp_btf/tcp_receive_reset (who made the refused connections)");
             Some(c)
         }
         Err(e) => {

@@ -6,20 +6,26 @@ use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 use aya::{
     Ebpf,
     maps::{
-        HashMap, MapData, PerCpuArray,
+        Array, HashMap, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{BtfTracePoint, FExit},
 };
-use bindtrace_common::{Addr16, CONNECT_STAT_FROM_PARKED, CONNECT_STAT_UNATTRIBUTED, ConnectKey, Connector};
+use bindtrace_common::{
+    Addr16, CONNECT_STAT_FROM_PARKED, CONNECT_STAT_UNATTRIBUTED, CONNECT_STATE_PARKING, ConnectKey, Connector,
+};
 
 use crate::{
     kernel::clock::monotonic_ns,
     netns::prefixes::{Prefix, addr16, show_prefix},
 };
 
-const PROGRAM: &str = "bt_sock_set_state";
-const TRACEPOINT: &str = "inet_sock_set_state";
+/// The tracker: a reset reaching a connecting socket.
+const PROGRAM: &str = "bt_receive_reset";
+const TRACEPOINT: &str = "tcp_receive_reset";
+/// Parking: every TCP state change, attached only once a reset was processed in a softirq.
+const PARKING_PROGRAM: &str = "bt_sock_set_state";
+const PARKING_TRACEPOINT: &str = "inet_sock_set_state";
 /// The UDP connect recorders (`bindtrace-ebpf/src/probes/udp_connect.rs`) and their functions.
 const UDP_PROGRAMS: [(&str, &str); 2] =
     [("fx_udp4_connect", "__ip4_datagram_connect"), ("fx_udp6_connect", "__ip6_datagram_connect")];
@@ -51,17 +57,30 @@ pub(crate) struct ConnectTracker {
     installed: BTreeSet<Prefix>,
     /// None where the UDP recorders could not be attached (said once at start-up).
     udp: Option<UdpConnects>,
-    /// The per-CPU counts of wanted closes (`CONNECT_STATS`).
+    /// The per-CPU counts of wanted refused connects (`CONNECT_STATS`).
     stats: PerCpuArray<MapData, u64>,
+    /// `CONNECT_STATE`: userspace turns parking on there once its program is attached.
+    state: Array<MapData, u64>,
+    parking: Parking,
     /// Refusals whose connector went unrecorded, as last said.
     unattributed_said: u64,
+}
+
+/// The parking program (`inet_sock_set_state`): verified at start, attached when needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Parking {
+    Loaded,
+    On,
+    /// It could not be loaded or attached, and why (5.10's verifier refuses that tracepoint's
+    /// `const struct sock *` argument).
+    Unavailable(String),
 }
 
 /// What the connect tracker's kernel side counted (see `bindtrace-ebpf/src/connect.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct ConnectStats {
     /// Sampled refusals whose reset reached the socket in a softirq with nothing parked. The
-    /// first of them switched parking on, in the same kernel path that counts it.
+    /// first of them has userspace switch parking on.
     pub(crate) unattributed: u64,
     /// Sampled refusals attributed from a parked record.
     pub(crate) from_parked: u64,
@@ -69,15 +88,22 @@ pub(crate) struct ConnectStats {
 
 impl ConnectStats {
     /// The warning for refusals gone unattributed since `said` (None when there are none).
-    pub(crate) fn warning(&self, said: u64) -> Option<String> {
+    /// `parking`: None when it is on, else why it is unavailable.
+    pub(crate) fn warning(&self, said: u64, parking: Option<&str>) -> Option<String> {
+        let remedy = match parking {
+            None => format!(
+                "connects to the watched bridges are recorded as they start since the first of them \
+                 ({} refusals attributed from those records so far)",
+                self.from_parked
+            ),
+            Some(why) => format!("recording connects as they start is unavailable here ({why})"),
+        };
         (self.unattributed > said).then(|| {
             format!(
                 "{} sampled refusals since start had their reset reach the connecting socket outside \
                  the connecting task (receive packet steering, or a softirq deferred to ksoftirqd), so \
-                 their lines do not name the connecting process; connects to the watched bridges are \
-                 recorded as they start since the first of them ({} refusals attributed from those \
-                 records so far)",
-                self.unattributed, self.from_parked,
+                 their lines do not name the connecting process; {remedy}",
+                self.unattributed,
             )
         })
     }
@@ -152,7 +178,7 @@ const UDP_READ_PROGRAM: (&str, &str) = ("bt_sock_recv_length", "sock_recv_length
 
 /// What the tracker's programs attach to, for the BTF their loads are given
 /// ([`crate::kernel::btf::ProgramTypes::aya_btf`]).
-pub(crate) const TRACEPOINTS: [&str; 2] = [TRACEPOINT, UDP_READ_PROGRAM.1];
+pub(crate) const TRACEPOINTS: [&str; 3] = [TRACEPOINT, PARKING_TRACEPOINT, UDP_READ_PROGRAM.1];
 pub(crate) const FUNCTIONS: [&str; 2] = [UDP_PROGRAMS[0].1, UDP_PROGRAMS[1].1];
 
 /// Which of the UDP recorders are attached, for the start-up message.
@@ -191,6 +217,18 @@ impl UdpRecorders {
 /// "Verifier output: " even then), for a start-up line every user reads.
 fn brief(e: &str) -> &str {
     e.trim_end().strip_suffix("Verifier output:").map_or(e, |s| s.trim_end().trim_end_matches('.'))
+}
+
+/// A load error with only the verifier's first line (its reason; the rest is the program), for
+/// a reason said in one line.
+fn gist(e: &str) -> String {
+    match e.split_once("Verifier output:") {
+        Some((head, log)) => match log.lines().map(str::trim).find(|l| !l.is_empty()) {
+            Some(first) => format!("{}: {first}", head.trim_end().trim_end_matches('.')),
+            None => brief(e).to_owned(),
+        },
+        None => e.to_owned(),
+    }
 }
 
 /// Loads and attaches the UDP recorders: the fexit pair (both or none: whatever was attached is
@@ -267,8 +305,9 @@ fn unload(ebpf: &mut Ebpf, name: &str) {
 }
 
 impl ConnectTracker {
-    /// Loads and attaches `tp_btf/inet_sock_set_state` from the already loaded object (whose
-    /// globals were set from [`crate::kernel::sock_layout::SockLayout`]) and takes its maps.
+    /// Loads and attaches `tp_btf/tcp_receive_reset` from the already loaded object (whose
+    /// globals were set from [`crate::kernel::sock_layout::SockLayout`]), loads the parking
+    /// program without attaching it (the BTF it needs is not kept), and takes their maps.
     pub(crate) fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<ConnectTracker> {
         use anyhow::Context as _;
         let program: &mut BtfTracePoint = ebpf
@@ -277,9 +316,27 @@ impl ConnectTracker {
             .try_into()?;
         program.load(TRACEPOINT, btf).with_context(|| format!("loading tp_btf/{TRACEPOINT}"))?;
         program.attach().with_context(|| format!("attaching tp_btf/{TRACEPOINT}"))?;
+        let parking = (|| -> anyhow::Result<()> {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(PARKING_PROGRAM)
+                .with_context(|| format!("the eBPF object has no program {PARKING_PROGRAM}"))?
+                .try_into()?;
+            program
+                .load(PARKING_TRACEPOINT, btf)
+                .with_context(|| format!("loading tp_btf/{PARKING_TRACEPOINT}"))
+        })();
+        let parking = match parking {
+            Ok(()) => Parking::Loaded,
+            Err(e) => {
+                let why = gist(&format!("{e:#}"));
+                log::debug!("connect tracker: no parking ({why})");
+                Parking::Unavailable(why)
+            }
+        };
         let dests = ebpf.take_map("CONNECT_DESTS").context("no map CONNECT_DESTS")?;
         let connectors = ebpf.take_map("CONNECTORS").context("no map CONNECTORS")?;
         let stats = ebpf.take_map("CONNECT_STATS").context("no map CONNECT_STATS")?;
+        let state = ebpf.take_map("CONNECT_STATE").context("no map CONNECT_STATE")?;
         let (udp, recorders) = attach_udp(ebpf, btf);
         // Which recorder runs is a detail (debug); that none does is worth a warning.
         match recorders.describe() {
@@ -292,8 +349,46 @@ impl ConnectTracker {
             installed: BTreeSet::new(),
             udp,
             stats: PerCpuArray::try_from(stats)?,
+            state: Array::try_from(state)?,
+            parking,
             unattributed_said: 0,
         })
+    }
+
+    /// Attaches the parking program and tells the kernel side to defer softirq resets to it.
+    /// In that order: a refusal deferred before the program ran would go uncounted.
+    fn start_parking(&mut self, ebpf: &mut Ebpf) {
+        if self.parking != Parking::Loaded {
+            return;
+        }
+        let attached = (|| -> anyhow::Result<()> {
+            use anyhow::Context as _;
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(PARKING_PROGRAM)
+                .with_context(|| format!("the eBPF object has no program {PARKING_PROGRAM}"))?
+                .try_into()?;
+            program.attach().with_context(|| format!("attaching tp_btf/{PARKING_TRACEPOINT}"))?;
+            self.state.set(CONNECT_STATE_PARKING, 1, 0).context("turning parking on")?;
+            Ok(())
+        })();
+        self.parking = match attached {
+            Ok(()) => {
+                log::info!(
+                    "connect tracker: recording connects to the watched bridges as they start \
+                     (tp_btf/{PARKING_TRACEPOINT}), for resets processed outside the connecting task"
+                );
+                Parking::On
+            }
+            Err(e) => {
+                if let Some(p) = ebpf.program_mut(PARKING_PROGRAM)
+                    && let Ok(p) = <&mut BtfTracePoint>::try_from(p)
+                    && let Err(e) = p.unload()
+                {
+                    log::warn!("detaching {PARKING_PROGRAM} after a failed start: {e}");
+                }
+                Parking::Unavailable(format!("{e:#}"))
+            }
+        };
     }
 
     /// The kernel side's counts, read now.
@@ -306,10 +401,17 @@ impl ConnectTracker {
     }
 
     /// Warns when refusals went unattributed since the last call (said when it grows, with the
-    /// total: never once per refusal).
-    pub(crate) fn warn_unattributed(&mut self) {
+    /// total: never once per refusal), parking from the first of them on.
+    pub(crate) fn warn_unattributed(&mut self, ebpf: &mut Ebpf) {
         let stats = self.stats();
-        if let Some(line) = stats.warning(self.unattributed_said) {
+        if stats.unattributed > 0 {
+            self.start_parking(ebpf);
+        }
+        let why = match &self.parking {
+            Parking::Unavailable(why) => Some(why.as_str()),
+            Parking::Loaded | Parking::On => None,
+        };
+        if let Some(line) = stats.warning(self.unattributed_said, why) {
             log::warn!("{line}");
             self.unattributed_said = stats.unattributed;
         }
@@ -368,10 +470,26 @@ mod tests {
     #[test]
     fn unattributed_refusals_are_said_when_they_grow() {
         let stats = ConnectStats { unattributed: 1, from_parked: 0 };
-        let line = stats.warning(0).expect("one unattributed");
+        let line = stats.warning(0, None).expect("one unattributed");
         assert!(line.starts_with("1 sampled refusals") && line.contains("receive packet steering"), "{line}");
-        assert_eq!(stats.warning(1), None);
-        assert_eq!(ConnectStats::default().warning(0), None);
+        assert!(line.contains("recorded as they start"), "{line}");
+        assert_eq!(stats.warning(1, None), None);
+        assert_eq!(ConnectStats::default().warning(0, None), None);
+        // Where parking cannot load, the line says so instead of promising it.
+        let line = stats.warning(0, Some("loading tp_btf/inet_sock_set_state: invalid argument")).unwrap();
+        assert!(line.contains("unavailable here (loading tp_btf/inet_sock_set_state"), "{line}");
+    }
+
+    #[test]
+    fn a_load_error_is_said_with_the_verifiers_reason_only() {
+        let e = "loading tp_btf/inet_sock_set_state: the BPF_PROG_LOAD syscall returned Invalid argument \
+                 (os error 22). Verifier output: arg#0 type is not a struct\nUnrecognized arg#0 type PTR\n0: (79) r2";
+        assert_eq!(
+            gist(e),
+            "loading tp_btf/inet_sock_set_state: the BPF_PROG_LOAD syscall returned Invalid argument (os error 22): \
+             arg#0 type is not a struct"
+        );
+        assert_eq!(gist("no such program"), "no such program");
     }
 
     /// Start-up says which recorder runs, and warns only when none does.

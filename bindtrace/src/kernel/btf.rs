@@ -956,7 +956,7 @@ pub(crate) mod tests {
     fn program_btf_gives_aya_the_ids_of_its_full_parse() {
         use aya_obj::btf::BtfKind;
         let typedefs: Vec<String> =
-            ["tcp_send_reset", "kfree_skb", "inet_sock_set_state", "sock_recv_length"]
+            ["tcp_send_reset", "kfree_skb", "inet_sock_set_state", "tcp_receive_reset", "sock_recv_length"]
                 .iter()
                 .map(|tp| format!("btf_trace_{tp}"))
                 .collect();

@@ -6,6 +6,8 @@ use crate::kernel::btf::{Btf, BtfError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SockLayout {
     pub(crate) family: u32,
+    /// `sock.__sk_common.skc_state` (one byte).
+    pub(crate) state: u32,
     pub(crate) daddr: u32,
     pub(crate) rcv_saddr: u32,
     pub(crate) dport: u32,
@@ -33,6 +35,7 @@ impl SockLayout {
         let common = "sock.__sk_common";
         Ok(SockLayout {
             family: btf.member_offset(&format!("{common}.skc_family"), 2)?,
+            state: btf.member_offset(&format!("{common}.skc_state"), 1)?,
             daddr: btf.member_offset(&format!("{common}.skc_daddr"), 4)?,
             rcv_saddr: btf.member_offset(&format!("{common}.skc_rcv_saddr"), 4)?,
             dport: btf.member_offset(&format!("{common}.skc_dport"), 2)?,
@@ -50,6 +53,7 @@ impl SockLayout {
         let v6 = self.v6_daddr.is_some() && self.v6_rcv_saddr.is_some();
         vec![
             ("OFF_SK_FAMILY", self.family),
+            ("OFF_SK_STATE", self.state),
             ("OFF_SK_DADDR", self.daddr),
             ("OFF_SK_RCV_SADDR", self.rcv_saddr),
             ("OFF_SK_DPORT", self.dport),
@@ -69,6 +73,7 @@ impl SockLayout {
     pub(crate) fn unresolved_globals() -> Vec<(&'static str, u32)> {
         let zero = SockLayout {
             family: 0,
+            state: 0,
             daddr: 0,
             rcv_saddr: 0,
             dport: 0,
@@ -95,6 +100,7 @@ mod tests {
     fn expect(inet_sport: u32, lock_owned: u32) -> SockLayout {
         SockLayout {
             family: 16,
+            state: 18,
             daddr: 0,
             rcv_saddr: 4,
             dport: 12,

@@ -199,12 +199,9 @@ impl Report {
             }
             // bindtrace as users run it includes the connect tracker: measure it, or fail.
             if matches!(b.config, Config::Bindtrace(_))
-                && !b.progs.iter().any(|p| p.name.contains("sock_set") && p.runs > 0)
+                && !b.progs.iter().any(|p| p.name.contains("receive_re") && p.runs > 0)
             {
-                f.push(format!(
-                    "{}: the connect tracker (inet_sock_set_state) did not run",
-                    b.config.label()
-                ));
+                f.push(format!("{}: the connect tracker (tcp_receive_reset) did not run", b.config.label()));
             }
         }
         self.ordinary_failures(&mut f);
@@ -249,9 +246,10 @@ impl Report {
                     b.counted
                 ));
             }
-            if !b.progs.iter().any(|p| p.name.contains("sock_set") && p.runs > 0) {
+            // Connections that succeed receive no reset: the tracker is loaded, and idle.
+            if !b.progs.iter().any(|p| p.name.contains("receive_re")) {
                 f.push(format!(
-                    "ordinary traffic (bpf_stats), {}: the connect tracker (inet_sock_set_state) did not run",
+                    "ordinary traffic (bpf_stats), {}: the connect tracker (tcp_receive_reset) is not loaded",
                     b.hook.arg()
                 ));
             }
@@ -726,8 +724,10 @@ impl Report {
         let _ = writeln!(
             s,
             "Kernel time during one-connection-per-request traffic (kernel.bpf_stats_enabled, dedicated runs): \
-             the connect tracker (`bt_sock_set_state`, on `inet_sock_set_state`) runs on every state change of \
-             every TCP socket, client and server, of connections that no watched workload refuses.\n"
+             each of bindtrace's programs that ran, with its runs per request. The connect tracker \
+             (`bt_receive_reset`, on `tcp_receive_reset`) runs only for resets a socket receives, and its \
+             parking (`bt_sock_set_state`, every TCP state change) is loaded but not attached unless a reset \
+             was processed outside its connecting task: neither appears when the server refuses nothing.\n"
         );
         let _ = writeln!(
             s,
