@@ -208,7 +208,10 @@ pub const CONNECT_PARKED_MAX_ENTRIES: u32 = 4_096;
 /// `CONNECT_STATE` slots: parking on (1) or off (0), set by userspace once the state-change
 /// program that parks is attached.
 pub const CONNECT_STATE_PARKING: u32 = 0;
-pub const CONNECT_STATE_SLOTS: u32 = 1;
+/// `CONNECT_STATE` slot: 1 once the kernel side has asked userspace for parking (one signal
+/// per run, not one per refusal: a burst of them would crowd the samples out of the ring).
+pub const CONNECT_STATE_SIGNALLED: u32 = 1;
+pub const CONNECT_STATE_SLOTS: u32 = 2;
 /// `CONNECT_STATS` slots (per CPU): wanted closes in a softirq with nothing parked (their
 /// refusal's `via` is not recorded), and wanted closes attributed from a parked record.
 pub const CONNECT_STAT_UNATTRIBUTED: u32 = 0;

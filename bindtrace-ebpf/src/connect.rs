@@ -58,8 +58,8 @@ use aya_ebpf::{
 use bindtrace_common::{
     AF_INET, AF_INET6, Addr16, CONNECT_DESTS_MAX_ENTRIES, CONNECT_MAX_ENTRIES, CONNECT_PARKED_MAX_ENTRIES,
     CONNECT_STAT_FROM_PARKED, CONNECT_STAT_SLOTS, CONNECT_STAT_UNATTRIBUTED, CONNECT_STATE_PARKING,
-    CONNECT_STATE_SLOTS, CONNECT_WANTED_MAX_ENTRIES, ConnectKey, Connector, TCP_SYN_SENT,
-    UDP_CONNECT_MAX_ENTRIES, mapped,
+    CONNECT_STATE_SIGNALLED, CONNECT_STATE_SLOTS, CONNECT_WANTED_MAX_ENTRIES, ConnectKey, Connector,
+    TCP_SYN_SENT, UDP_CONNECT_MAX_ENTRIES, mapped,
 };
 
 use crate::{
@@ -78,7 +78,8 @@ static CONNECT_DESTS: LpmTrie<Addr16, u32> = LpmTrie::with_max_entries(CONNECT_D
 #[map]
 static CONNECT_PARKED: HashMap<u64, Connector> = HashMap::with_max_entries(CONNECT_PARKED_MAX_ENTRIES, 0);
 
-/// [`CONNECT_STATE_PARKING`]: 1 once userspace attached the parking program (never cleared).
+/// [`CONNECT_STATE_PARKING`]: 1 once userspace attached the parking program (never cleared);
+/// [`CONNECT_STATE_SIGNALLED`]: 1 once this side asked for it.
 #[map]
 static CONNECT_STATE: Array<u64> = Array::with_max_entries(CONNECT_STATE_SLOTS, 0);
 
@@ -336,7 +337,13 @@ pub fn reset(sk: u64) {
         record(&r, Some(&current_connector(sk)));
     } else if state(CONNECT_STATE_PARKING) == 0 {
         record(&r, None);
-        signal_unattributed();
+        // Two CPUs may both see 0 and signal: harmless, userspace attaches once.
+        if state(CONNECT_STATE_SIGNALLED) == 0 {
+            if let Some(p) = CONNECT_STATE.get_ptr_mut(CONNECT_STATE_SIGNALLED) {
+                unsafe { core::ptr::write_volatile(p, 1) };
+            }
+            signal_unattributed();
+        }
     }
     // Parking: SYN_SENT -> CLOSE, right after this, takes the parked record (`closed`).
 }
