@@ -231,6 +231,16 @@ impl<'a> DropResets<'a> {
         Self::iptables(ns, "-A");
         DropResets(ns)
     }
+
+    /// The rule's packet counter as iptables lists it, for a failure message: whether the
+    /// resets it was there for were dropped.
+    fn counters(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0.name, "iptables", "-L", "INPUT", "-v", "-n", "-x"])
+            .output()
+            .expect("run iptables -L");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl Drop for DropResets<'_> {
@@ -256,7 +266,7 @@ fn reset_in_a_softirq_turns_on_parking(hook: Hook) {
     let ino = net.container.inode();
     let on =
         |port: u16| move |l: &Value| l["event"] == "refused" && l["netns"] == ino && l["target_port"] == port;
-    let refused_late = |port: u16| -> u32 {
+    let refused_late = |port: u16| -> (u32, String) {
         let script = format!(
             "import socket\n\
              s = socket.socket()\n\
@@ -271,10 +281,11 @@ fn reset_in_a_softirq_turns_on_parking(hook: Hook) {
             .spawn()
             .expect("start the client");
         bt.expect_line("the refusal's line", LINE_WAIT, on(port));
+        let dropped = dropping.counters();
         drop(dropping);
-        wait_refused(child, &net.router)
+        (wait_refused(child, &net.router), dropped)
     };
-    let first = refused_late(PORT);
+    let (first, _) = refused_late(PORT);
     // The first connect's reset reached its socket in a softirq: bindtrace attaches the parking
     // program then, before the next connect starts.
     assert!(
@@ -282,7 +293,7 @@ fn reset_in_a_softirq_turns_on_parking(hook: Hook) {
         "parking was never turned on:\n{}",
         bt.stderr()
     );
-    let second = refused_late(SECOND_PORT);
+    let (second, second_drops) = refused_late(SECOND_PORT);
     // Each retransmitted SYN was refused within the fold window: its folded line, written at the
     // exit flush at the latest, comes after its connector closed.
     bt.stop();
@@ -294,8 +305,10 @@ fn reset_in_a_softirq_turns_on_parking(hook: Hook) {
     let second_named = named(SECOND_PORT);
     assert!(
         !second_named.is_empty() && second_named.iter().all(|&p| p == u64::from(second)),
-        "the second connector ({second}; the first was {first}) is named from its parked record: {:?}",
-        lines.iter().filter(|l| on(SECOND_PORT)(l)).map(brief).collect::<Vec<_>>()
+        "the second connector ({second}; the first was {first}) is named from its parked record: {:?}\n\
+         the router's reset drops while it waited:\n{second_drops}\nstderr:\n{}",
+        lines.iter().filter(|l| on(SECOND_PORT)(l)).map(brief).collect::<Vec<_>>(),
+        bt.stderr()
     );
     let stderr = bt.stderr();
     assert!(
