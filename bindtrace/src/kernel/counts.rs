@@ -76,9 +76,9 @@ pub(crate) struct Counts {
     grace: GracePeriod,
     /// Keys in the kernel maps when they were last walked (a flip or a full read).
     kernel_keys: usize,
-    /// Whether the map the hooks left may still hold keys (a delete failed while draining
-    /// it). While it holds none, a key's total is one lookup, not two: at 100 000 new keys a
-    /// second the lookups are most of the loop's syscalls.
+    /// Whether the map the hooks left may still hold keys (not drained yet, or a delete failed
+    /// while draining it). While it holds none, a key's total is one lookup, not two: at
+    /// 100 000 new keys a second the lookups are most of the loop's syscalls.
     inactive_holds_keys: bool,
 }
 
@@ -156,15 +156,15 @@ impl Counts {
         }
         let next = 1 - self.active;
         self.generation.set(0, next as u32, 0).map_err(std::io::Error::other)?;
-        self.grace.wait()?;
+        // The hooks count into `next` from now on, whether or not the wait below succeeds; the
+        // old map holds its keys until it is drained, so totals read it too until then.
         let old = self.active;
         self.active = next;
+        self.inactive_holds_keys = true;
+        self.grace.wait()?;
         let keys: Vec<CountKey> = self.maps[old].keys().filter_map(Result::ok).collect();
-        let listed = keys.len();
         let moved = self.drain(old, keys);
-        // No hook writes the old map any more; it is empty unless a delete failed (or a key
-        // could not be listed: then its next walk says so).
-        self.inactive_holds_keys = moved.keys < listed || self.maps[old].keys().next().is_some();
+        self.inactive_holds_keys = self.inactive_has_keys();
         self.kernel_keys = self.maps[next].keys().count();
         Ok(moved)
     }
@@ -185,16 +185,19 @@ impl Counts {
                     gone.contains(&ScopeKey { netns_cookie: k.netns_cookie, ifindex: k.ifindex, _pad: 0 })
                 })
                 .collect();
-            let listed = keys.len();
             let part = self.drain(m, keys);
-            if m != self.active && part.keys < listed {
-                self.inactive_holds_keys = true;
-            }
             moved.keys += part.keys;
             moved.refusals += part.refusals;
         }
         self.kernel_keys = self.kernel_keys.saturating_sub(moved.keys);
+        self.inactive_holds_keys = self.inactive_has_keys();
         Ok(moved)
+    }
+
+    /// Whether the map the hooks do not count into holds any key (after a drain: only if a
+    /// delete failed). One lookup, made after each flip or retire.
+    fn inactive_has_keys(&self) -> bool {
+        self.maps[1 - self.active].keys().next().is_some()
     }
 
     /// Moves `keys` of map `m` into `drained`. Only for keys no hook can be writing.
