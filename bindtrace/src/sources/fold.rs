@@ -95,19 +95,7 @@ impl Folder {
         if state.in_window(self.window, now) || total <= state.reported {
             return None;
         }
-        let line = Self::take_line(key, state, total, now);
-        self.closing.push(Reverse((now + self.window, key)));
-        Some(line)
-    }
-
-    /// The caller pushes the line's window onto `closing` (the borrow of `state` forbids it here).
-    fn take_line(key: CountKey, state: &mut KeyState, total: u64, now: Instant) -> Line {
-        let line = Line { key, count: Some(total - state.reported), sample: state.sample };
-        state.reported = total;
-        state.last_line = Some(now);
-        state.last_active = Some(now);
-        state.settled = false;
-        line
+        Some(take_line(&mut self.closing, self.window, key, state, total, now))
     }
 
     /// Keys whose window has closed and whose count has not been read since: each needs one
@@ -135,9 +123,7 @@ impl Folder {
     pub(crate) fn on_key_total(&mut self, key: CountKey, total: u64, now: Instant) -> Option<Line> {
         let state = self.keys.get_mut(&key)?;
         if total > state.reported && !state.in_window(self.window, now) {
-            let line = Self::take_line(key, state, total, now);
-            self.closing.push(Reverse((now + self.window, key)));
-            return Some(line);
+            return Some(take_line(&mut self.closing, self.window, key, state, total, now));
         }
         state.settled = true;
         None
@@ -165,8 +151,7 @@ impl Folder {
             if state.in_window(self.window, now) && !final_flush {
                 continue;
             }
-            lines.push(Self::take_line(*key, state, total, now));
-            self.closing.push(Reverse((now + self.window, *key)));
+            lines.push(take_line(&mut self.closing, self.window, *key, state, total, now));
         }
         lines.sort_by_key(|l| l.key);
         lines
@@ -215,6 +200,25 @@ impl Folder {
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.closing.peek().map(|Reverse((at, _))| *at)
     }
+}
+
+/// A line for what `state` counted since its last one, and the window it opens (a free
+/// function: the callers hold `state` borrowed from the folder's keys, `closing` beside it).
+fn take_line(
+    closing: &mut BinaryHeap<Reverse<(Instant, CountKey)>>,
+    window: Duration,
+    key: CountKey,
+    state: &mut KeyState,
+    total: u64,
+    now: Instant,
+) -> Line {
+    let line = Line { key, count: Some(total - state.reported), sample: state.sample };
+    state.reported = total;
+    state.last_line = Some(now);
+    state.last_active = Some(now);
+    state.settled = false;
+    closing.push(Reverse((now + window, key)));
+    line
 }
 
 #[cfg(test)]
