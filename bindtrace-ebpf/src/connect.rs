@@ -304,17 +304,22 @@ fn refused(sk: u64) -> Option<Refused> {
     Some(Refused { key, wanted })
 }
 
-/// Records `who` for a wanted refused connect, and drops the want.
+/// Records `who` for a wanted refused connect, and drops the want. Whether a connector was
+/// recorded.
 #[inline(always)]
-fn record(r: &Refused, who: Option<&Connector>) {
+fn record(r: &Refused, who: Option<&Connector>) -> bool {
     let _ = CONNECT_WANTED.remove(&r.wanted);
     match who {
         // Refusals in several namespaces wanted this digest: none is recorded.
-        _ if r.key.refused_netns_cookie == WANTED_BY_SEVERAL => {}
+        _ if r.key.refused_netns_cookie == WANTED_BY_SEVERAL => false,
         Some(who) => {
             let _ = CONNECTORS.insert(&r.key, who, 0);
+            true
         }
-        None => bump(&CONNECT_STATS, CONNECT_STAT_UNATTRIBUTED),
+        None => {
+            bump(&CONNECT_STATS, CONNECT_STAT_UNATTRIBUTED);
+            false
+        }
     }
 }
 
@@ -360,10 +365,9 @@ pub fn closed(sk: u64) {
         return;
     }
     let Some(r) = refused(sk) else { return };
-    if parked.is_some() && r.key.refused_netns_cookie != WANTED_BY_SEVERAL {
+    if record(&r, parked.as_ref()) {
         bump(&CONNECT_STATS, CONNECT_STAT_FROM_PARKED);
     }
-    record(&r, parked.as_ref());
 }
 
 /// SYN_SENT -> ESTABLISHED: the connect succeeded, nothing to attribute; free its parking.

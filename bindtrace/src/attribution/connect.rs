@@ -90,15 +90,15 @@ impl ConnectStats {
     /// The warning for refusals gone unattributed since `said` (None when there are none).
     /// `parking`: None when it is on, else why it is unavailable.
     pub(crate) fn warning(&self, said: u64, parking: Option<&str>) -> Option<String> {
-        let remedy = match parking {
-            None => format!(
-                "connects to the watched bridges are recorded as they start since the first of them \
-                 ({} refusals attributed from those records so far)",
-                self.from_parked
-            ),
-            Some(why) => format!("recording connects as they start is unavailable here ({why})"),
-        };
         (self.unattributed > said).then(|| {
+            let remedy = match parking {
+                None => format!(
+                    "connects to the watched bridges are recorded as they start since the first of them \
+                     ({} refusals attributed from those records so far)",
+                    self.from_parked
+                ),
+                Some(why) => format!("recording connects as they start is unavailable here ({why})"),
+            };
             format!(
                 "{} sampled refusals since start had their reset reach the connecting socket outside \
                  the connecting task (receive packet steering, or a softirq deferred to ksoftirqd), so \
@@ -219,6 +219,15 @@ fn brief(e: &str) -> &str {
     e.trim_end().strip_suffix("Verifier output:").map_or(e, |s| s.trim_end().trim_end_matches('.'))
 }
 
+/// The BTF tracepoint program `name` of the object.
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut BtfTracePoint> {
+    use anyhow::Context as _;
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))?
+        .try_into()?)
+}
+
 /// A load error with only the verifier's first line (its reason; the rest is the program), for
 /// a reason said in one line.
 fn gist(e: &str) -> String {
@@ -310,21 +319,12 @@ impl ConnectTracker {
     /// program without attaching it (the BTF it needs is not kept), and takes their maps.
     pub(crate) fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<ConnectTracker> {
         use anyhow::Context as _;
-        let program: &mut BtfTracePoint = ebpf
-            .program_mut(PROGRAM)
-            .with_context(|| format!("the eBPF object has no program {PROGRAM}"))?
-            .try_into()?;
+        let program = tracepoint(ebpf, PROGRAM)?;
         program.load(TRACEPOINT, btf).with_context(|| format!("loading tp_btf/{TRACEPOINT}"))?;
         program.attach().with_context(|| format!("attaching tp_btf/{TRACEPOINT}"))?;
-        let parking = (|| -> anyhow::Result<()> {
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(PARKING_PROGRAM)
-                .with_context(|| format!("the eBPF object has no program {PARKING_PROGRAM}"))?
-                .try_into()?;
-            program
-                .load(PARKING_TRACEPOINT, btf)
-                .with_context(|| format!("loading tp_btf/{PARKING_TRACEPOINT}"))
-        })();
+        let parking = tracepoint(ebpf, PARKING_PROGRAM).and_then(|p| {
+            p.load(PARKING_TRACEPOINT, btf).with_context(|| format!("loading tp_btf/{PARKING_TRACEPOINT}"))
+        });
         let parking = match parking {
             Ok(()) => Parking::Loaded,
             Err(e) => {
@@ -363,10 +363,7 @@ impl ConnectTracker {
         }
         let attached = (|| -> anyhow::Result<()> {
             use anyhow::Context as _;
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(PARKING_PROGRAM)
-                .with_context(|| format!("the eBPF object has no program {PARKING_PROGRAM}"))?
-                .try_into()?;
+            let program = tracepoint(ebpf, PARKING_PROGRAM)?;
             program.attach().with_context(|| format!("attaching tp_btf/{PARKING_TRACEPOINT}"))?;
             self.state.set(CONNECT_STATE_PARKING, 1, 0).context("turning parking on")?;
             Ok(())
@@ -380,13 +377,8 @@ impl ConnectTracker {
                 Parking::On
             }
             Err(e) => {
-                if let Some(p) = ebpf.program_mut(PARKING_PROGRAM)
-                    && let Ok(p) = <&mut BtfTracePoint>::try_from(p)
-                    && let Err(e) = p.unload()
-                {
-                    log::warn!("detaching {PARKING_PROGRAM} after a failed start: {e}");
-                }
-                Parking::Unavailable(format!("{e:#}"))
+                unload(ebpf, PARKING_PROGRAM);
+                Parking::Unavailable(gist(&format!("{e:#}")))
             }
         };
     }
