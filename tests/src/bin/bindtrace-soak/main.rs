@@ -297,7 +297,7 @@ impl Soak {
 
     fn namespace_comes_and_goes(&mut self) -> Result<(), String> {
         let n = self.bridge.namespace();
-        self.watched(&n.host_veth)?;
+        self.watched(&n.host_veth, n.inode())?;
         let _server = Listener::start(&n.ns.name, "127.0.0.1", 8080, &[]);
         load::refused_once(n.addr, 8080);
         self.expected_lines += 1;
@@ -307,15 +307,18 @@ impl Soak {
     }
 
     fn refuse_container(&mut self, c: &Ctr) -> Result<(), String> {
-        self.watched(&c.host_veth)?;
+        self.watched(&c.host_veth, c.inode)?;
         load::refused_once(c.ip, 8000);
         self.expected_lines += 1;
         self.line_of(c.inode, 8000)
     }
 
-    /// Refusals count from the moment bindtrace watches the port's interface.
-    fn watched(&self, veth: &str) -> Result<(), String> {
-        if self.bt.wait_stderr(&format!("watching {veth} ("), WAIT) {
+    /// Refusals count from the moment bindtrace watches the port's interface in its namespace.
+    /// The namespace is part of the line waited for: while the peer is being moved, the veth is
+    /// briefly watched with its peer still in the root namespace, and a refusal made then would
+    /// be outside the scope that follows.
+    fn watched(&self, veth: &str, inode: u64) -> Result<(), String> {
+        if self.bt.wait_stderr(&format!("watching {veth} (netns {inode}, "), WAIT) {
             Ok(())
         } else {
             Err(format!("{veth} was never watched:\n{}", tail(&self.bt.stderr())))
